@@ -1,0 +1,144 @@
+"""What every adapter provides: injection into a frozen model, and which parameters train and travel.
+
+An adapter replaces selected ``nn.Linear`` modules of a model by adapter modules, freezes the
+rest of the model, and declares, by parameter-name suffix, which of its parameters are trained
+and which are sent to the server (peft's ``adapter_layer_names`` plays the same role). Task heads
+(a classifier) are trained and sent like adapter weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedsim.errors import ConfigError
+
+
+@dataclass
+class AdapterSpec:
+    """The result of applying an adapter to a model: full parameter names, in model order.
+
+    ``trained`` have ``requires_grad=True``; ``sent`` is what a client sends and the server
+    aggregates (a subset of ``trained``, or equal to it).
+    """
+
+    trained: list[str]
+    sent: list[str]
+    adapted_modules: list[str] = field(default_factory=list)
+
+    def sent_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        return {name: params[name] for name in self.sent}
+
+    def trained_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        params = dict(model.named_parameters())
+        return [params[name] for name in self.trained]
+
+    def num_trained(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in self.trained_parameters(model))
+
+
+class Adapter:
+    """Base class of adapter configs (one per method, built from ``conf/adapter/*.yaml``).
+
+    Subclasses implement :meth:`make_module` and set ``trained_suffixes`` / ``sent_suffixes``.
+    """
+
+    name = "adapter"
+    #: parameter-name suffixes (after the adapted module's name) that are trained
+    trained_suffixes: tuple[str, ...] = ()
+    #: those that are sent to the server; ``None`` means the same as trained
+    sent_suffixes: tuple[str, ...] | None = None
+
+    def __init__(self, target_modules: Sequence[str] | str | None = None) -> None:
+        if target_modules is not None and not isinstance(target_modules, (str, Sequence)):
+            raise ConfigError(
+                "adapter.target_modules", target_modules, "must be a list of module names or a regex"
+            )
+        self.target_modules = target_modules
+
+    def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
+        raise NotImplementedError
+
+    def apply(
+        self,
+        model: nn.Module,
+        *,
+        default_targets: Sequence[str],
+        head_modules: Sequence[str],
+        seed: int,
+    ) -> AdapterSpec:
+        """Freeze ``model``, replace the targeted linear layers in place, unfreeze heads."""
+        targets = self.target_modules if self.target_modules is not None else list(default_targets)
+        names = matching_linear_modules(model, targets)
+        if not names:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise ConfigError(
+                "adapter.target_modules",
+                targets,
+                f"matches no nn.Linear of the model; its linear layers are {linears}",
+            )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(int(seed))
+        for name in names:
+            parent, child = _parent(model, name)
+            setattr(parent, child, self.make_module(getattr(parent, child), generator))
+        heads = []
+        for head in head_modules:
+            module = model.get_submodule(head)
+            for p in module.parameters():
+                p.requires_grad_(True)
+            heads.append(head)
+        trained, sent = [], []
+        sent_suffixes = self.sent_suffixes if self.sent_suffixes is not None else self.trained_suffixes
+        for pname, param in model.named_parameters():
+            owner = _owner(pname, names)
+            if owner is not None:
+                suffix = pname[len(owner) + 1 :]
+                if suffix in self.trained_suffixes:
+                    param.requires_grad_(True)
+                    trained.append(pname)
+                if suffix in sent_suffixes:
+                    sent.append(pname)
+            elif any(pname.startswith(h + ".") for h in heads):
+                trained.append(pname)
+                sent.append(pname)
+        return AdapterSpec(trained=trained, sent=sent, adapted_modules=names)
+
+
+def matching_linear_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
+    """Names of the ``nn.Linear`` modules selected by ``targets``.
+
+    A list selects modules whose name equals an entry or ends with ``"." + entry`` (as peft's
+    ``target_modules``); a string is a regular expression that must match the full name.
+    """
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            out.append(name)
+    return out
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    if "." in name:
+        parent_name, child = name.rsplit(".", 1)
+        return model.get_submodule(parent_name), child
+    return model, name
+
+
+def _owner(pname: str, modules: Sequence[str]) -> str | None:
+    for m in modules:
+        if pname.startswith(m + "."):
+            return m
+    return None

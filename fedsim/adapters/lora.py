@@ -1,0 +1,82 @@
+"""LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+``y = W0 x + s B A x`` with ``s = alpha / r``; ``A`` (r x n) is initialised like a linear layer
+(Kaiming-uniform), ``B`` (m x r) to zero, so the adapted model equals the base at start. ``A`` and
+``B`` are ``nn.Linear`` modules so that Opacus can compute per-sample gradients for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedsim.adapters.base import Adapter
+from fedsim.errors import ConfigError
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``s * B A``."""
+
+    def __init__(
+        self, base: nn.Linear, r: int, alpha: float, dropout: float, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        kw = {"bias": False, "dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Linear(base.in_features, r, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, **kw)
+        with torch.no_grad():
+            a = torch.empty_like(self.lora_A.weight, device="cpu")
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to the effective weight, ``s B A`` (m x n)."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+
+class LoRA(Adapter):
+    """LoRA adapter config.
+
+    Parameters
+    ----------
+    r : int
+        Rank of the update (> 0).
+    alpha : float
+        Scale numerator; the update is multiplied by ``alpha / r``.
+    dropout : float
+        Dropout on the adapter's input, in [0, 1).
+    target_modules : list of str, or str, optional
+        Linear layers to adapt (suffix names, or a full-name regex); default: the task's.
+    """
+
+    name = "lora"
+    trained_suffixes = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] | str | None = None,
+    ) -> None:
+        super().__init__(target_modules)
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ConfigError("adapter.r", r, "must be an integer >= 1")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+            raise ConfigError("adapter.alpha", alpha, "must be a number > 0")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError("adapter.dropout", dropout, "must be a number in [0, 1)")
+        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+
+    def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
+        return LoRALinear(base, self.r, self.alpha, self.dropout, generator)

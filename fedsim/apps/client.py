@@ -1,0 +1,144 @@
+"""fedsim's Flower ClientApp: ``query``, ``train`` and ``evaluate`` handlers.
+
+A process that runs clients (the main process for the inline engine, each Ray actor for the ray
+engine) keeps one :class:`ClientRuntime`: the run's components, one model whose frozen base all
+its clients share, and the clients' data. Everything a client must remember between rounds
+(its step count, optimizer state if kept, strategy state) lives in its ``Context.state``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim import keys
+from fedsim.build import Components, build_components
+from fedsim.records import array_record, numpy_dict
+from fedsim.training import (
+    client_generator,
+    evaluate,
+    load_optimizer_state,
+    optimizer_state_arrays,
+    train_local,
+)
+
+
+class ClientRuntime:
+    """Per-process client machinery for one run configuration."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.c: Components = build_components(cfg)
+        threads = getattr(self.c.engine, "num_threads", None)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model, self.spec = self.c.model()
+        self.trained = self.spec.trained_parameters(self.model)
+
+    def _client(self, context: Context) -> int:
+        return int(context.node_config[keys.PARTITION_ID])
+
+    def train(self, msg: Message, context: Context) -> Message:
+        c, sim = self.c, self.c.sim
+        client = self._client(context)
+        server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
+        data = c.data.client(client)
+        state = context.state
+        c.strategy.client_receive(self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), state)
+
+        info = state.get(keys.STATE_CLIENT, ConfigRecord({"steps": 0}))
+        optimizer = c.make_optimizer(self.trained, lr=sim["lr"])
+        if sim["keep_optimizer_state"] and keys.STATE_OPTIMIZER in state:
+            load_optimizer_state(optimizer, numpy_dict(state[keys.STATE_OPTIMIZER]))
+        generator = client_generator(sim["seed"], server_round, client)
+        torch.manual_seed(generator.initial_seed() + 1)  # dropout and other global-RNG draws
+        result = train_local(
+            self.model,
+            c.task,
+            data.train,
+            optimizer,
+            steps=sim["local_steps"],
+            batch_size=sim["batch_size"],
+            lr=sim["lr"],
+            schedule=c.schedule,
+            start_step=int(info["steps"]),
+            total_steps=c.total_local_steps,
+            generator=generator,
+        )
+        state[keys.STATE_CLIENT] = ConfigRecord({"steps": int(info["steps"]) + result.steps})
+        if sim["keep_optimizer_state"]:
+            state[keys.STATE_OPTIMIZER] = array_record(optimizer_state_arrays(optimizer))
+
+        arrays = c.strategy.client_send(self.model, self.spec, state)
+        metrics = MetricRecord({keys.NUM_EXAMPLES: data.num_train, keys.TRAIN_LOSS: result.loss})
+        content = RecordDict({keys.ARRAYS: array_record(arrays), keys.METRICS: metrics})
+        return Message(content, reply_to=msg)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        client = self._client(context)
+        data = self.c.data.client(client)
+        self.c.strategy.client_receive(
+            self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), context.state
+        )
+        if data.num_test:
+            res = evaluate(self.model, self.c.task, data.test)
+            values = {keys.NUM_EXAMPLES: res.num_examples, keys.EVAL_LOSS: res.loss,
+                      keys.EVAL_ACCURACY: res.accuracy}
+        else:
+            values = {keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: 0.0, keys.EVAL_ACCURACY: 0.0}
+        return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
+
+
+_RUNTIMES: OrderedDict[str, ClientRuntime] = OrderedDict()
+_MAX_RUNTIMES = 2
+
+
+def runtime_for(cfg: dict[str, Any]) -> ClientRuntime:
+    """The process's runtime for ``cfg`` (a small cache: sweeps run configs one after another)."""
+    key = json.dumps(cfg, sort_keys=True)
+    rt = _RUNTIMES.get(key)
+    if rt is None:
+        rt = ClientRuntime(cfg)
+        _RUNTIMES[key] = rt
+        while len(_RUNTIMES) > _MAX_RUNTIMES:
+            _RUNTIMES.popitem(last=False)
+    else:
+        _RUNTIMES.move_to_end(key)
+    return rt
+
+
+def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp for ``cfg``; with ``None`` the config comes from the run_config (``flwr run``)."""
+    app = ClientApp()
+
+    def rt(context: Context) -> ClientRuntime:
+        if cfg is not None:
+            return runtime_for(cfg)
+        from fedsim.flwr_run import config_from_run_config
+
+        return runtime_for(config_from_run_config(context.run_config)[0])
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        # Answered without building anything: the server maps partition ids to node ids.
+        client = int(context.node_config[keys.PARTITION_ID])
+        info = ConfigRecord({keys.PARTITION_ID: client})
+        return Message(RecordDict({keys.CONFIG: info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return rt(context).train(msg, context)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return rt(context).evaluate(msg, context)
+
+    return app
+
+
+#: the ClientApp that ``flwr run .`` loads (pyproject ``[tool.flwr.app.components]``)
+app = make_client_app()

@@ -1,0 +1,264 @@
+"""fedsim's Flower ServerApp: the round loop around a strategy, with fedsim's bookkeeping.
+
+Each round: the strategy's ``configure_train`` picks the clients and builds the messages; the
+grid delivers them (whatever the engine); replies are screened (no reply, an error, malformed
+or non-finite arrays: counted as failed, with the reason); the strategy aggregates the good ones;
+the global model is evaluated on the server's test set and on the clients' local test splits;
+one line goes to ``metrics.jsonl``. Bytes are measured from the messages' payloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+import traceback
+from typing import Any
+
+import flwr
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+import fedsim
+from fedsim import keys
+from fedsim.build import build_components
+from fedsim.config import RunSpec
+from fedsim.progress import RoundPrinter, human_bytes
+from fedsim.records import array_record, messages_payload, numpy_dict
+from fedsim.results import ResultsWriter
+from fedsim.strategy import StrategyContext
+from fedsim.training import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class FederatedRun:
+    """One simulation, driven from the ServerApp's ``main``."""
+
+    def __init__(self, spec: RunSpec, grid: Grid) -> None:
+        self.spec, self.grid = spec, grid
+        self.c = build_components(spec.cfg)
+        self.sim = self.c.sim
+        self.model, self.adapter_spec = self.c.model()
+        self.strategy = self.c.strategy
+        self.writer = ResultsWriter(spec.output_dir)
+        self.printer = RoundPrinter(self.sim["rounds"], quiet=spec.quiet)
+        self.test_set = self.c.task.test_set()
+
+    # ------------------------------------------------------------------ set-up
+    def discover_nodes(self) -> dict[int, int]:
+        """Ask every node for its partition id; returns partition id -> node id."""
+        nodes = sorted(self.grid.get_node_ids())
+        msgs = [
+            Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=n,
+                    message_type=MessageType.QUERY, group_id="0")
+            for n in nodes
+        ]
+        node_of: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(msgs):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+            node_of[int(reply.content[keys.CONFIG][keys.PARTITION_ID])] = reply.metadata.src_node_id
+        n = self.sim["num_clients"]
+        if sorted(node_of) != list(range(n)):
+            raise RuntimeError(
+                f"the federation has partition ids {sorted(node_of)[:10]}... ({len(node_of)} nodes); "
+                f"sim.num_clients={n} needs exactly the ids 0..{n - 1}"
+            )
+        return node_of
+
+    # ------------------------------------------------------------------ one round
+    def screen(
+        self, sent: list[Message], replies: list[Message], node_client: dict[int, int]
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
+        """Split replies into good ones (sorted by client) and failures with their reasons."""
+        by_id = {m.metadata.reply_to_message_id: m for m in replies}
+        good, failures = [], []
+        for msg in sent:
+            client = node_client[msg.metadata.dst_node_id]
+            reply = by_id.get(msg.metadata.message_id)
+            if reply is None:
+                reason = "no reply"
+            elif reply.has_error():
+                reason = (reply.error.reason or f"error code {reply.error.code}").strip().splitlines()[-1]
+            else:
+                reason = self.reject_reason(reply)
+            if reason is None:
+                good.append((client, reply))
+            else:
+                failures.append({"client": client, "reason": reason})
+        good.sort(key=lambda cr: cr[0])
+        return [r for _, r in good], failures
+
+    def reject_reason(self, reply: Message) -> str | None:
+        content = reply.content
+        if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
+            return "malformed reply: missing arrays or metrics"
+        if keys.NUM_EXAMPLES not in content[keys.METRICS]:
+            return f"malformed reply: no {keys.NUM_EXAMPLES}"
+        expected = self.strategy.current
+        got = content[keys.ARRAYS]
+        if set(got.keys()) != set(expected):
+            return "malformed reply: unexpected array names"
+        for name, arr in got.items():
+            if tuple(arr.shape) != tuple(expected[name].shape):
+                return f"malformed reply: {name} has shape {tuple(arr.shape)}, expected {expected[name].shape}"
+            if not np.all(np.isfinite(arr.numpy())):
+                return f"non-finite values in {name}"
+        return None
+
+    def evaluate_global(self, server_round: int, arrays) -> dict[str, Any]:
+        self.strategy.load_global(self.model, numpy_dict(arrays))
+        res = evaluate(self.model, self.c.task, self.test_set)
+        out: dict[str, Any] = {keys.EVAL_LOSS: res.loss, keys.EVAL_ACCURACY: res.accuracy}
+        msgs = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
+        fed = None
+        if msgs:
+            fed = self.strategy.aggregate_evaluate(server_round, list(self.grid.send_and_receive(msgs)))
+        fed = dict(fed) if fed is not None else {}
+        out["eval_loss_client_mean"] = fed.get("eval_loss_client_mean")
+        out["eval_accuracy_client_mean"] = fed.get("eval_accuracy_client_mean")
+        out["eval_accuracy_client_min"] = fed.get("eval_accuracy_client_min")
+        out["clients_evaluated"] = int(fed.get("clients_evaluated", 0))
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        sim = self.sim
+        self.writer.write_config(self.spec.cfg)
+        self.printer.header(
+            " ".join(f"{k}={v}" for k, v in self.spec.choices.items() if k in
+                     ("task", "adapter", "strategy", "partition", "engine"))
+            + f"  clients {sim['clients_per_round']}/{sim['num_clients']}  rounds {sim['rounds']}"
+            + f"  -> {self.spec.output_dir}"
+        )
+        totals = {"bytes_up": 0, "bytes_down": 0, "numel_up": 0, "numel_down": 0, "replies": 0, "sent": 0}
+        last: dict[str, Any] = {}
+        try:
+            node_of = self.discover_nodes()
+            node_client = {node: client for client, node in node_of.items()}
+            self.strategy.bind(StrategyContext(self.c.sampler(), node_of, self.adapter_spec, sim["seed"]))
+            self.strategy.summary()
+            arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
+            self.strategy.current = numpy_dict(arrays)
+
+            t0 = time.perf_counter()
+            last = {"round": 0, keys.TRAIN_LOSS: None, **self.evaluate_global(0, arrays),
+                    "bytes_up": 0, "bytes_down": 0, "clients_sampled": 0, "clients_ok": 0,
+                    "clients_failed": 0, "failures": [], "round_time_s": time.perf_counter() - t0}
+            last["eval_time_s"] = last["round_time_s"]
+            self.writer.append_round(last)
+            self.printer.round(last)
+
+            for server_round in range(1, sim["rounds"] + 1):
+                t0 = time.perf_counter()
+                sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
+                bytes_down, numel_down = messages_payload(sent)
+                replies = list(self.grid.send_and_receive(sent))
+                good, failures = self.screen(sent, replies, node_client)
+                bytes_up, numel_up = messages_payload(r for r in replies if not r.has_error())
+                train_loss = None
+                if len(good) >= sim["min_clients"]:
+                    new_arrays, train_metrics = self.strategy.aggregate_train(server_round, good)
+                    if new_arrays is not None:
+                        arrays = new_arrays
+                    if train_metrics is not None:
+                        train_loss = train_metrics.get(keys.TRAIN_LOSS)
+                    skipped = False
+                else:
+                    skipped = True
+                t_eval = time.perf_counter()
+                record = {"round": server_round, keys.TRAIN_LOSS: train_loss,
+                          **self.evaluate_global(server_round, arrays),
+                          "bytes_up": bytes_up, "bytes_down": bytes_down,
+                          "clients_sampled": len(sent), "clients_ok": len(good),
+                          "clients_failed": len(failures), "failures": failures,
+                          "round_skipped": skipped}
+                now = time.perf_counter()
+                record["round_time_s"] = now - t0
+                record["eval_time_s"] = now - t_eval
+                self.writer.append_round(record)
+                self.printer.round(record)
+                last = record
+                totals["bytes_up"] += bytes_up
+                totals["bytes_down"] += bytes_down
+                totals["numel_up"] += numel_up
+                totals["numel_down"] += numel_down
+                totals["replies"] += sum(1 for r in replies if not r.has_error())
+                totals["sent"] += len(sent)
+            summary = self.summary(last, totals, time.perf_counter() - t_start, status="ok")
+        except Exception as exc:
+            summary = self.summary(last, totals, time.perf_counter() - t_start, status="failed",
+                                   error=f"{type(exc).__name__}: {exc}")
+            self.writer.write_summary(summary)
+            self.writer.close()
+            log.debug("run failed:\n%s", traceback.format_exc())
+            raise
+        self.writer.write_summary(summary)
+        self.writer.close()
+        self.printer.line(
+            f"done in {summary['wall_time_s']:.1f} s: accuracy {summary['final_eval_accuracy']:.4f}, "
+            f"up {human_bytes(summary['bytes_up_total'])}, down {human_bytes(summary['bytes_down_total'])}"
+        )
+        return summary
+
+    def summary(self, last: dict[str, Any], totals: dict[str, int], wall: float, status: str,
+                error: str | None = None) -> dict[str, Any]:
+        sim, ch = self.sim, self.spec.choices
+        out = {
+            "status": status,
+            "task": ch.get("task"),
+            "strategy": ch.get("strategy"),
+            "adapter": ch.get("adapter"),
+            "partition": ch.get("partition"),
+            "engine": ch.get("engine"),
+            "compressor": ch.get("compressor"),
+            "feedback": ch.get("feedback"),
+            "privacy": ch.get("privacy"),
+            "rounds": sim["rounds"],
+            "rounds_completed": last.get("round", 0),
+            "num_clients": sim["num_clients"],
+            "clients_per_round": sim["clients_per_round"],
+            "final_eval_loss": last.get(keys.EVAL_LOSS),
+            "final_eval_accuracy": last.get(keys.EVAL_ACCURACY),
+            "final_eval_accuracy_client_mean": last.get("eval_accuracy_client_mean"),
+            "final_eval_accuracy_client_min": last.get("eval_accuracy_client_min"),
+            "bytes_up_total": totals["bytes_up"],
+            "bytes_down_total": totals["bytes_down"],
+            "params_sent_per_client": {
+                "up": totals["numel_up"] / totals["replies"] if totals["replies"] else 0,
+                "down": totals["numel_down"] / totals["sent"] if totals["sent"] else 0,
+            },
+            "trainable_params": self.adapter_spec.num_trained(self.model),
+            "wall_time_s": wall,
+            "seed": sim["seed"],
+            "versions": {"fedsim": fedsim.__version__, "flwr": flwr.__version__,
+                         "torch": torch.__version__, "python": platform.python_version()},
+        }
+        if error is not None:
+            out["error"] = error
+        return out
+
+
+def make_server_app(spec: RunSpec | None = None) -> ServerApp:
+    """A ServerApp for ``spec``; with ``None`` the config comes from the run_config (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        run_spec = spec
+        if run_spec is None:
+            from fedsim.flwr_run import spec_from_run_config
+
+            run_spec = spec_from_run_config(context.run_config)
+        FederatedRun(run_spec, grid).run()
+
+    return app
+
+
+#: the ServerApp that ``flwr run .`` loads (pyproject ``[tool.flwr.app.components]``)
+app = make_server_app()

@@ -1,0 +1,140 @@
+"""Every object of a run is built here, from the config, through ``_target_``."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from hydra.utils import get_object, instantiate
+from torch import nn
+
+from fedsim.adapters.base import Adapter, AdapterSpec
+from fedsim.data import FederatedData
+from fedsim.errors import ConfigError
+from fedsim.strategy import AdapterStrategy, ClientSampler
+from fedsim.tasks.base import Task
+from fedsim.training import Schedule
+
+# group -> the base class an option's _target_ must produce (None: any callable)
+GROUP_TYPES: dict[str, type | None] = {
+    "task": Task,
+    "adapter": Adapter,
+    "strategy": AdapterStrategy,
+    "partition": None,
+    "engine": None,
+    "optimizer": None,
+    "schedule": Schedule,
+}
+
+
+def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
+    """Instantiate one config group's ``_target_``, turning every failure into a ConfigError."""
+    from hydra.errors import InstantiationException
+
+    target = node.get("_target_")
+    try:
+        obj = get_object(target)
+    except Exception as e:
+        raise ConfigError(f"{group}._target_", target, f"cannot be imported ({e})") from None
+    params = _accepted(obj)
+    if params is not None:
+        for key in node:
+            if not key.startswith("_") and key not in params:
+                allowed = ", ".join(sorted(params)) or "(none)"
+                raise ConfigError(f"{group}.{key}", node[key], f"unknown key; allowed: {allowed}")
+    try:
+        built = instantiate(node, **extra, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(group, _short(node), f"rejected by {target}: {cause}") from None
+        raise ConfigError(group, _short(node), str(e).splitlines()[0]) from None
+    except ConfigError:
+        raise
+    expected = GROUP_TYPES.get(group)
+    if expected is not None and not isinstance(built, expected):
+        raise ConfigError(
+            f"{group}._target_", target, f"must build a {expected.__module__}.{expected.__name__}"
+        )
+    return built
+
+
+def _accepted(obj: Any) -> set[str] | None:
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {name for name, p in sig.parameters.items() if p.kind is not p.VAR_POSITIONAL}
+
+
+def _short(node: dict[str, Any]) -> str:
+    return node.get("_target_", "?")
+
+
+@dataclass
+class Components:
+    """The built objects of a run."""
+
+    cfg: dict[str, Any]
+    task: Task
+    adapter: Adapter
+    strategy: AdapterStrategy
+    data: FederatedData
+    make_optimizer: Callable[..., torch.optim.Optimizer]
+    schedule: Schedule
+    engine: Any
+
+    @property
+    def sim(self) -> dict[str, Any]:
+        return self.cfg["sim"]
+
+    def model(self) -> tuple[nn.Module, AdapterSpec]:
+        """The task's pretrained model with the adapter applied (identical on every call)."""
+        model = self.task.build_model()
+        spec = self.adapter.apply(
+            model,
+            default_targets=self.task.default_target_modules,
+            head_modules=self.task.head_modules,
+            seed=self.sim["seed"],
+        )
+        return model, spec
+
+    def sampler(self) -> ClientSampler:
+        e = self.sim["eval_clients"]
+        return ClientSampler(
+            self.sim["num_clients"],
+            self.sim["clients_per_round"],
+            self.sim["seed"],
+            eval_clients=None if e == "all" else int(e),
+        )
+
+    @property
+    def total_local_steps(self) -> int:
+        return self.sim["rounds"] * self.sim["local_steps"]
+
+
+def build_components(cfg: dict[str, Any]) -> Components:
+    task = build("task", cfg["task"])
+    adapter = build("adapter", cfg["adapter"])
+    strategy = build("strategy", cfg["strategy"])
+    partitioner = build("partition", cfg["partition"])
+    data = FederatedData(task, partitioner, cfg["sim"]["client_test_fraction"], cfg["sim"]["seed"])
+    make_optimizer = build("optimizer", cfg["optimizer"])
+    _check_optimizer(make_optimizer, cfg)
+    schedule = build("schedule", cfg["schedule"])
+    engine = build("engine", cfg["engine"])
+    return Components(cfg, task, adapter, strategy, data, make_optimizer, schedule, engine)
+
+
+def _check_optimizer(make_optimizer: Callable[..., Any], cfg: dict[str, Any]) -> None:
+    probe = [nn.Parameter(torch.zeros(1))]
+    try:
+        make_optimizer(probe, lr=cfg["sim"]["lr"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError("optimizer", cfg["optimizer"].get("_target_"), f"rejected its settings: {e}") from None

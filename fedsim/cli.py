@@ -1,0 +1,114 @@
+"""The ``fedsim`` command (also ``python -m fedsim``): a Hydra app with validation up front.
+
+Every job's configuration is composed, validated and built before Hydra starts, so a bad
+override costs one line on stderr and exit status 2, with no traceback and nothing written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.config import RunSpec, check, compose, expand_sweep, to_container
+from fedsim.errors import ConfigCompositionError, ConfigError
+from fedsim.results import METRICS_FILE
+
+# Hydra flags after which fedsim only passes through (they print, they do not run).
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion",
+               "-sc", "--version"}
+_VALUE_FLAGS = {"--config-name": "name", "-cn": "name", "--config-dir": "dir", "-cd": "dir",
+                "--config-path": "path", "-cp": "path", "--package": "package", "-p": "package",
+                "--experimental-rerun": "rerun"}
+
+
+def _parse(argv: list[str]) -> tuple[list[str], dict[str, str], bool, bool]:
+    overrides, flags, multirun, info = [], {}, False, False
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif name in _VALUE_FLAGS:
+            flags[_VALUE_FLAGS[name]] = value if eq else next(it, "")
+        elif name in _INFO_FLAGS:
+            info = True
+            if name in ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc") and not eq:
+                pass
+        elif arg.startswith("-"):
+            info = True  # something Hydra knows and fedsim does not: let Hydra handle it
+        else:
+            overrides.append(arg)
+    return overrides, flags, multirun, info
+
+
+def prevalidate(argv: list[str]) -> int:
+    """Compose, validate and build every job of the command line; returns the number of jobs."""
+    overrides, flags, multirun, info = _parse(argv)
+    if info or "path" in flags or "rerun" in flags:
+        return 0
+    jobs = expand_sweep(overrides) if multirun else [overrides]
+    for index, job in enumerate(jobs):
+        cfg, _ = compose(job, config_name=flags.get("name", "config"), config_dir=flags.get("dir"))
+        check(cfg)
+        _check_output_dir(job, flags, multirun, index)
+    return len(jobs)
+
+
+def _check_output_dir(job: list[str], flags: dict[str, str], multirun: bool, index: int) -> None:
+    """Refuse a fixed output folder that already holds a run (nothing written is overwritten)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if not any(o.split("=", 1)[0] == key for o in job):
+        return  # the default folders are time-stamped to the microsecond
+    overrides = list(job)
+    if flags.get("dir"):
+        overrides.append(f"hydra.searchpath=[file://{Path(flags['dir']).resolve()}]")
+    with initialize_config_module("fedsim.conf", version_base="1.3"):
+        hcfg = hydra_compose(flags.get("name", "config"), overrides=overrides, return_hydra_config=True)
+        folder = Path(str(OmegaConf.select(hcfg, key)))
+    if multirun:
+        folder = folder / str(index)
+    if (folder / METRICS_FILE).exists():
+        raise ConfigError(key, str(folder.parent if multirun else folder),
+                          f"already holds a run ({folder / METRICS_FILE}); choose another folder")
+
+
+@hydra.main(config_path="pkg://fedsim.conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedsim.build import build_components
+
+    hc = HydraConfig.get()
+    plain = to_container(cfg)
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+    out = Path(hc.runtime.output_dir)
+    try:
+        check(plain)
+        if (out / METRICS_FILE).exists():
+            raise ConfigError("hydra.run.dir", str(out), "already holds a run; choose another folder")
+    except (ConfigError, ConfigCompositionError) as e:
+        print(f"fedsim: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    spec = RunSpec(cfg=plain, choices=choices, output_dir=out, quiet=bool(plain.get("quiet")))
+    build_components(plain).engine.run(spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        prevalidate(argv)
+    except (ConfigError, ConfigCompositionError) as e:
+        print(f"fedsim: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0] if sys.argv else "fedsim", *argv]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Composing and validating run configurations, before anything runs.
+
+Hydra's own error path prints a traceback-like report and exits with status 1, after it has
+created the output folder. fedsim composes every job's configuration first (expanding a
+``--multirun`` sweep into its jobs), validates it and builds its components; any problem is one
+line naming the key, the value and what is allowed, and the command exits with status 2 having
+written nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.errors import ConfigCompositionError, ConfigError
+
+CONFIG_MODULE = "fedsim.conf"
+CONFIG_NAME = "config"
+
+#: groups that exist so later features slot in; ``none`` is their only option for now
+RESERVED_GROUPS = ("compressor", "feedback", "privacy", "faults")
+
+SIM_KEYS = {
+    "num_clients",
+    "clients_per_round",
+    "min_clients",
+    "rounds",
+    "local_steps",
+    "batch_size",
+    "lr",
+    "seed",
+    "keep_optimizer_state",
+    "eval_clients",
+    "client_test_fraction",
+}
+TOP_KEYS = {
+    "task",
+    "adapter",
+    "strategy",
+    "partition",
+    "engine",
+    "optimizer",
+    "schedule",
+    *RESERVED_GROUPS,
+    "sim",
+    "quiet",
+}
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs: the resolved config, the chosen options, where to write."""
+
+    cfg: dict[str, Any]
+    choices: dict[str, str]
+    output_dir: Path
+    quiet: bool = False
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def compose(
+    overrides: Sequence[str],
+    config_name: str = CONFIG_NAME,
+    config_dir: str | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Compose the config as ``fedsim`` would; returns (resolved config, chosen options)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+
+    overrides = list(overrides)
+    if config_dir is not None:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    was_initialized = GlobalHydra.instance().is_initialized()
+    if was_initialized:  # e.g. called from inside a Hydra job; restore nothing, compose fresh
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            try:
+                cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+            except MissingConfigException as e:
+                raise ConfigCompositionError(_missing_option(e, overrides)) from None
+            except OverrideParseException as e:
+                raise ConfigCompositionError(_one_line(str(e))) from None
+            except HydraException as e:
+                raise ConfigCompositionError(_one_line(str(e))) from None
+            choices = {
+                k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+                if not k.startswith("hydra/")
+            }
+            with_hydra = cfg
+            cfg = OmegaConf.masked_copy(with_hydra, [k for k in with_hydra if k != "hydra"])
+            return to_container(cfg), choices
+    except ConfigError:
+        raise
+    except Exception as e:  # interpolation errors and the like, surfaced by to_container
+        if isinstance(e, ConfigCompositionError):
+            raise
+        raise ConfigCompositionError(_one_line(str(e))) from None
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """A resolved plain-dict copy of a config."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception as e:
+        raise ConfigCompositionError(_one_line(str(e))) from None
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """The override lists of the jobs a ``--multirun`` would launch (cartesian product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as e:
+        raise ConfigCompositionError(_one_line(str(e))) from None
+    axes = []
+    for o in parsed:
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def _missing_option(e: Exception, overrides: Sequence[str]) -> str:
+    missing = getattr(e, "missing_cfg_file", "") or ""
+    options = getattr(e, "options", None)
+    group = missing.rsplit("/", 1)[0] if "/" in missing else missing
+    value = missing.rsplit("/", 1)[-1]
+    for o in overrides:
+        if o.lstrip("+~").split("=", 1)[0] == group:
+            value = o.split("=", 1)[1] if "=" in o else value
+    if options:
+        return f"{group}={value}: unknown option; allowed: {', '.join(sorted(options))}"
+    return f"{missing}: config not found"
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        if ln.startswith(("Config search path", "provider=", "full_key", "object_type")):
+            break
+        keep.append(ln)
+    return " ".join(keep) if keep else text.strip()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check the values fedsim itself interprets; component values are checked when built."""
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(key, cfg[key], f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    sim = cfg.get("sim")
+    if not isinstance(sim, dict):
+        raise ConfigError("sim", sim, "must be a mapping")
+    unknown = set(sim) - SIM_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"sim.{key}", sim[key], f"unknown key; allowed: {', '.join(sorted(SIM_KEYS))}")
+    missing = SIM_KEYS - set(sim)
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"sim.{key}", None, "is required")
+
+    n = sim["num_clients"]
+    if not _is_int(n) or n < 1:
+        raise ConfigError("sim.num_clients", n, "must be an integer >= 1")
+    k = sim["clients_per_round"]
+    if not _is_int(k) or not 1 <= k <= n:
+        raise ConfigError(
+            "sim.clients_per_round", k, f"must be an integer from 1 to sim.num_clients ({n})"
+        )
+    m = sim["min_clients"]
+    if not _is_int(m) or not 1 <= m <= k:
+        raise ConfigError(
+            "sim.min_clients", m, f"must be an integer from 1 to sim.clients_per_round ({k})"
+        )
+    for key in ("rounds", "local_steps", "batch_size"):
+        if not _is_int(sim[key]) or sim[key] < 1:
+            raise ConfigError(f"sim.{key}", sim[key], "must be an integer >= 1")
+    if not _is_number(sim["lr"]) or not sim["lr"] > 0:
+        raise ConfigError("sim.lr", sim["lr"], "must be a number > 0")
+    if not _is_int(sim["seed"]) or sim["seed"] < 0:
+        raise ConfigError("sim.seed", sim["seed"], "must be an integer >= 0")
+    if not isinstance(sim["keep_optimizer_state"], bool):
+        raise ConfigError("sim.keep_optimizer_state", sim["keep_optimizer_state"], "must be true or false")
+    e = sim["eval_clients"]
+    if not (e == "all" or (_is_int(e) and 0 <= e <= n)):
+        raise ConfigError("sim.eval_clients", e, f"must be 'all' or an integer from 0 to sim.num_clients ({n})")
+    f = sim["client_test_fraction"]
+    if not _is_number(f) or not 0 <= f < 1:
+        raise ConfigError("sim.client_test_fraction", f, "must be a number in [0, 1)")
+    if not isinstance(cfg.get("quiet", False), bool):
+        raise ConfigError("quiet", cfg.get("quiet"), "must be true or false")
+
+    for group in ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule"):
+        node = cfg.get(group)
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(group, node, "must be a config with a _target_ (pick one from conf/" + group + ")")
+    for group in RESERVED_GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, dict) or node.get("name") != "none":
+            raise ConfigError(group, node, "only 'none' is available in this version")
+    parts = cfg["partition"].get("num_partitions")
+    if parts != n:
+        raise ConfigError("partition.num_partitions", parts, f"must equal sim.num_clients ({n})")
+
+
+def check(cfg: dict[str, Any]) -> None:
+    """Validate and build every component once (cheap: nothing is trained or loaded)."""
+    from fedsim.build import build_components
+
+    validate(cfg)
+    build_components(cfg)

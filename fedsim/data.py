@@ -1,0 +1,79 @@
+"""Splitting a task's client pool among clients, with flwr-datasets partitioners.
+
+The pool's labels become an in-memory ``datasets.Dataset`` (an ``idx`` column and the label);
+the configured partitioner (``conf/partition``) assigns rows to clients; each client's rows are
+then split, with a seeded permutation, into a local train and a local test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import Dataset
+
+from fedsim.errors import ConfigError
+from fedsim.tasks.base import Batch, Task
+
+
+@dataclass
+class ClientData:
+    train: Batch
+    test: Batch
+
+    @property
+    def num_train(self) -> int:
+        return len(next(iter(self.train.values())))
+
+    @property
+    def num_test(self) -> int:
+        return len(next(iter(self.test.values()))) if self.test else 0
+
+
+class FederatedData:
+    """Client partitions of a task, computed on first use and cached.
+
+    Parameters
+    ----------
+    task : Task
+    partitioner : flwr_datasets.partitioner.Partitioner
+        With ``num_partitions`` equal to the number of clients.
+    test_fraction : float
+        Share of each client's examples held out as its local test split.
+    seed : int
+        Seed of the train/test split.
+    """
+
+    def __init__(self, task: Task, partitioner, test_fraction: float, seed: int) -> None:
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not (
+            0 <= test_fraction < 1
+        ):
+            raise ConfigError("sim.client_test_fraction", test_fraction, "must be a number in [0, 1)")
+        self.task, self.partitioner = task, partitioner
+        self.test_fraction, self.seed = float(test_fraction), int(seed)
+        self._ready = False
+        self._cache: dict[int, ClientData] = {}
+
+    def _setup(self) -> None:
+        if not self._ready:
+            labels = self.task.pool_labels()
+            ds = Dataset.from_dict({"idx": np.arange(len(labels)), self.task.label_key: labels})
+            self.partitioner.dataset = ds
+            self._ready = True
+
+    def indices(self, client: int) -> np.ndarray:
+        self._setup()
+        return np.asarray(self.partitioner.load_partition(client)["idx"], dtype=np.int64)
+
+    def client(self, client: int) -> ClientData:
+        if client not in self._cache:
+            idx = self.indices(client)
+            perm = np.random.default_rng([self.seed, 7, client]).permutation(len(idx))
+            n_test = int(round(self.test_fraction * len(idx)))
+            if len(idx) >= 2 and self.test_fraction > 0:
+                n_test = min(max(n_test, 1), len(idx) - 1)
+            test_idx, train_idx = idx[perm[:n_test]], idx[perm[n_test:]]
+            train = self.task.pool_examples(train_idx, client)
+            test = self.task.pool_examples(test_idx, client) if n_test else {}
+            self._cache[client] = ClientData(train=train, test=test)
+        return self._cache[client]

@@ -1,0 +1,6 @@
+"""Engines run the same ServerApp and ClientApp in different ways (config group ``engine``)."""
+
+from fedsim.engines.inline import InlineEngine, InlineGrid
+from fedsim.engines.ray import RayEngine
+
+__all__ = ["InlineEngine", "InlineGrid", "RayEngine"]

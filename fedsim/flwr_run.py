@@ -1,0 +1,35 @@
+"""Glue for ``flwr run .``: the apps read fedsim's Hydra overrides from Flower's run_config.
+
+``pyproject.toml``'s ``[tool.flwr.app.config]`` holds ``overrides`` (a string of Hydra overrides,
+as on fedsim's command line) and ``output-dir``; change them with
+``flwr run . --run-config "overrides='sim.rounds=3 strategy=fedavg'"``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fedsim import keys
+from fedsim.config import RunSpec, check, compose
+
+
+@lru_cache(maxsize=4)
+def _compose(overrides: str) -> tuple[dict[str, Any], dict[str, str]]:
+    return compose(shlex.split(overrides))
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    return _compose(str(run_config.get(keys.RUN_OVERRIDES, "")))
+
+
+def spec_from_run_config(run_config: dict[str, Any]) -> RunSpec:
+    cfg, choices = config_from_run_config(run_config)
+    check(cfg)
+    out = str(run_config.get(keys.RUN_OUTPUT_DIR, "") or "")
+    if not out:
+        out = f"results/flwr-run/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    return RunSpec(cfg=cfg, choices=choices, output_dir=Path(out).resolve(), quiet=bool(cfg.get("quiet")))

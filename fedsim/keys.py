@@ -1,0 +1,26 @@
+"""Names shared by the ServerApp, the ClientApp and the results files, defined once."""
+
+# Records inside a Message's RecordDict.
+ARRAYS = "arrays"  # ArrayRecord: the adapter payload
+CONFIG = "config"  # ConfigRecord: round number and instructions
+METRICS = "metrics"  # MetricRecord: client-side metrics
+
+# Keys inside those records.
+SERVER_ROUND = "server-round"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+LOCAL_STEPS = "local_steps"
+
+# Flower's node_config keys (the simulation engines set them on every node).
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+# Records that persist in a client's Context.state across rounds.
+STATE_CLIENT = "fedsim.client"  # ConfigRecord: the client's global step count
+STATE_OPTIMIZER = "fedsim.optimizer"  # ArrayRecord: optimizer state when it is kept
+
+# run_config keys understood by the apps when they are started by `flwr run`.
+RUN_OVERRIDES = "overrides"
+RUN_OUTPUT_DIR = "output-dir"

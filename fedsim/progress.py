@@ -1,0 +1,48 @@
+"""One line per round on the terminal (rich), or nothing with ``quiet=true``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class RoundPrinter:
+    def __init__(self, rounds: int, quiet: bool = False) -> None:
+        self.rounds, self.quiet = rounds, quiet
+        self.console = Console(highlight=False, soft_wrap=True)
+
+    def header(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[bold]fedsim[/bold] {text}")
+
+    def round(self, r: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        width = len(str(self.rounds))
+        self.console.print(
+            f"round {r['round']:>{width}}/{self.rounds}"
+            f"  loss {_fmt(r.get('train_loss'), '.4f')}"
+            f"  acc {_fmt(r.get('eval_accuracy'), '.4f')}"
+            f" (clients {_fmt(r.get('eval_accuracy_client_mean'), '.3f')}"
+            f", min {_fmt(r.get('eval_accuracy_client_min'), '.3f')})"
+            f"  up {human_bytes(r['bytes_up'])}  down {human_bytes(r['bytes_down'])}"
+            f"  ok {r['clients_ok']}/{r['clients_ok'] + r['clients_failed']}"
+            f"  {r['round_time_s']:.2f} s"
+        )
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)

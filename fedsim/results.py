@@ -1,0 +1,77 @@
+"""The results contract (docs/results.md): config.yaml, metrics.jsonl, summary.json.
+
+``metrics.jsonl`` gets one line per round, flushed and synced when the round ends;
+``config.yaml`` and ``summary.json`` are written to a temporary name and renamed, so a killed run
+never leaves a half-written file. Non-finite floats are written as ``null`` (JSON has no NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _clean(value.item())
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResultsWriter:
+    """Writes one run's files into ``out_dir``."""
+
+    def __init__(self, out_dir: Path | str) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = None
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        write_atomic(self.out_dir / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        if self._metrics is None:
+            self._metrics = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
+        self._metrics.write(json.dumps(_clean(record)) + "\n")
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_atomic(self.out_dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2) + "\n")
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def read_metrics(path: Path | str) -> list[dict[str, Any]]:
+    """The rounds of a ``metrics.jsonl`` (or of the run folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

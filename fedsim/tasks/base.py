@@ -1,0 +1,46 @@
+"""What a task provides: a frozen "pretrained" model with a head, and labelled examples.
+
+A task owns the model architecture and the data; fedsim's :class:`~fedsim.data.FederatedData`
+splits the task's client pool among clients with a flwr-datasets partitioner, and every batch
+is a dict of tensors with the label under ``label_key``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+class Task(ABC):
+    """Base class of tasks (built from ``conf/task/*.yaml``)."""
+
+    name = "task"
+    label_key = "label"
+    #: modules that are trained and sent like adapters (the task head)
+    head_modules: tuple[str, ...] = ()
+    #: linear layers adapted when ``adapter.target_modules`` is not set
+    default_target_modules: tuple[str, ...] = ()
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The pretrained base with a freshly initialised head; identical on every call."""
+
+    @abstractmethod
+    def pool_labels(self) -> np.ndarray:
+        """Labels of the examples that are split among clients (for label-based partitioners)."""
+
+    @abstractmethod
+    def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
+        """Examples of the client pool at ``indices``, as seen by ``client``."""
+
+    @abstractmethod
+    def test_set(self) -> Batch:
+        """The held-out global test set the server evaluates on."""
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["x"])

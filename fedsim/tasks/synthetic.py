@@ -1,0 +1,182 @@
+"""A tiny, deterministic stand-in for fine-tuning a pretrained model.
+
+Inputs are Gaussian, ``x = U m_y + noise``: the class signal lives in a ``signal_dim``-dimensional
+subspace ``U`` of the input space, with class means ``m_k`` drawn ``separation`` apart. The
+"pretrained" base is a small MLP with seeded weights whose first layer all but erases that
+subspace (``W0 <- W0 (I - (1 - leak) U U^T)``): features learnt for another task. A fresh head on
+the frozen base cannot recover the classes (about chance level); a low-rank update of the first
+layer can (rank ``signal_dim`` suffices). That is the situation low-rank adapters are made for,
+in a network small enough for 10 clients x 5 rounds to run in seconds.
+
+Clients differ through the partitioner (label skew, ``conf/partition``) and, optionally,
+through a per-client input offset (``client_shift``, feature skew: client ``i`` sees
+``x + delta_i`` with the label of ``x``). The server's global test set has no offset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim.errors import ConfigError
+from fedsim.tasks.base import Batch, Task
+
+
+class Block(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.fc(x))
+
+
+class SyntheticNet(nn.Module):
+    """``num_layers`` blocks (``blocks.i.fc``, GELU), then ``classifier``."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, num_layers: int, num_classes: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * num_layers
+        self.blocks = nn.ModuleList(Block(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.classifier = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(x)
+
+
+def _init_linear(layer: nn.Linear, g: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` initialisation, drawn from ``g``."""
+    with torch.no_grad():
+        w = torch.empty_like(layer.weight)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+        layer.weight.copy_(w)
+        bound = 1 / math.sqrt(layer.in_features)
+        layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=g))
+
+
+def _check_int(key: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"task.{key}", value, f"must be an integer >= {low}")
+
+
+class SyntheticTask(Task):
+    """Synthetic classification with a frozen MLP base (see the module docstring).
+
+    Parameters
+    ----------
+    num_clients : int
+        Number of clients; the client pool holds ``num_clients * examples_per_client`` examples.
+    num_classes, input_dim, hidden_dim, num_layers : int
+        Shape of the network.
+    signal_dim : int
+        Dimension of the class-signal subspace (<= input_dim).
+    separation : float
+        Scale of the class means inside that subspace (noise has unit variance).
+    leak : float
+        Share of the signal the pretrained first layer lets through, in [0, 1].
+    examples_per_client, test_examples : int
+        Pool size per client; size of the server's global test set.
+    client_shift : float
+        Standard deviation of each client's input offset (0: none).
+    seed : int
+        Seed of the base weights, the subspace, the class means and the data.
+    """
+
+    name = "synthetic"
+    head_modules = ("classifier",)
+    default_target_modules = ("fc",)
+
+    def __init__(
+        self,
+        num_clients: int,
+        num_classes: int = 10,
+        input_dim: int = 32,
+        hidden_dim: int = 128,
+        num_layers: int = 3,
+        signal_dim: int = 4,
+        separation: float = 3.0,
+        leak: float = 0.05,
+        examples_per_client: int = 256,
+        test_examples: int = 2000,
+        client_shift: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        _check_int("num_clients", num_clients, 1)
+        _check_int("num_classes", num_classes, 2)
+        _check_int("input_dim", input_dim, 1)
+        _check_int("hidden_dim", hidden_dim, 1)
+        _check_int("num_layers", num_layers, 1)
+        _check_int("examples_per_client", examples_per_client, 1)
+        _check_int("test_examples", test_examples, 1)
+        _check_int("seed", seed, 0)
+        _check_int("signal_dim", signal_dim, 1)
+        if signal_dim > input_dim:
+            raise ConfigError("task.signal_dim", signal_dim, f"must be <= task.input_dim ({input_dim})")
+        for key, value in [("separation", separation), ("client_shift", client_shift)]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"task.{key}", value, "must be a number >= 0")
+        if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not 0 <= leak <= 1:
+            raise ConfigError("task.leak", leak, "must be a number in [0, 1]")
+        self.num_clients, self.num_classes = num_clients, num_classes
+        self.input_dim, self.hidden_dim, self.num_layers = input_dim, hidden_dim, num_layers
+        self.signal_dim, self.separation, self.leak = signal_dim, float(separation), float(leak)
+        self.examples_per_client, self.test_examples = examples_per_client, test_examples
+        self.client_shift, self.seed = float(client_shift), seed
+        self._data: tuple[torch.Tensor, ...] | None = None
+
+    def _generator(self, stream: int) -> torch.Generator:
+        mixed = np.random.SeedSequence([self.seed, stream]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(mixed))
+
+    def _subspace(self) -> torch.Tensor:
+        basis = torch.randn(self.input_dim, self.signal_dim, generator=self._generator(1))
+        return torch.linalg.qr(basis)[0]  # input_dim x signal_dim, orthonormal columns
+
+    def build_model(self) -> nn.Module:
+        net = SyntheticNet(self.input_dim, self.hidden_dim, self.num_layers, self.num_classes)
+        g = self._generator(0)
+        for module in net.modules():
+            if isinstance(module, nn.Linear):
+                _init_linear(module, g)
+        u = self._subspace()
+        damp = torch.eye(self.input_dim) - (1.0 - self.leak) * (u @ u.T)
+        with torch.no_grad():
+            first = net.blocks[0].fc
+            first.weight.copy_(first.weight @ damp)
+        return net
+
+    def _generate(self) -> tuple[torch.Tensor, ...]:
+        if self._data is None:
+            g = self._generator(2)
+            n_pool = self.examples_per_client * self.num_clients
+            n = n_pool + self.test_examples
+            means = self.separation * torch.randn(self.num_classes, self.signal_dim, generator=g)
+            y = torch.randint(0, self.num_classes, (n,), generator=g)
+            x = torch.randn(n, self.input_dim, generator=g) + means[y] @ self._subspace().T
+            self._data = (x[:n_pool], y[:n_pool], x[n_pool:], y[n_pool:])
+        return self._data
+
+    def pool_labels(self) -> np.ndarray:
+        return self._generate()[1].numpy()
+
+    def client_offset(self, client: int) -> torch.Tensor:
+        g = self._generator(1_000_000 + client)
+        return self.client_shift * torch.randn(self.input_dim, generator=g)
+
+    def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
+        x, y = self._generate()[:2]
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        xs = x[idx]
+        if self.client_shift:
+            xs = xs + self.client_offset(client)
+        return {"x": xs, self.label_key: y[idx]}
+
+    def test_set(self) -> Batch:
+        x, y = self._generate()[2:]
+        return {"x": x, self.label_key: y}

@@ -1,0 +1,186 @@
+"""Client-side training and evaluation: the loop every engine runs for one client.
+
+Determinism: every random choice (batch order, dropout) comes from generators seeded by
+``(run seed, round, client)``, so a client's work is the same whichever engine, process or
+order runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim.errors import ConfigError
+from fedsim.tasks.base import Batch, Task
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class Schedule:
+    """Learning-rate factor as a function of the client's global step count.
+
+    ``total_steps`` is the most local steps a client can take in the run (rounds x local
+    steps); a client that is sampled less often never reaches the end of the schedule.
+    """
+
+    def __init__(self, warmup_steps: int = 0) -> None:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ConfigError("schedule.warmup_steps", warmup_steps, "must be an integer >= 0")
+        self.warmup_steps = warmup_steps
+
+    def factor(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        span = max(total_steps - self.warmup_steps, 1)
+        return self.decay(min((step - self.warmup_steps) / span, 1.0))
+
+    def decay(self, progress: float) -> float:
+        return 1.0
+
+
+class ConstantSchedule(Schedule):
+    """Constant learning rate (after an optional linear warm-up)."""
+
+
+class LinearSchedule(Schedule):
+    """Linear decay from the learning rate to ``final_factor`` times it, after warm-up."""
+
+    def __init__(self, warmup_steps: int = 0, final_factor: float = 0.0) -> None:
+        super().__init__(warmup_steps)
+        if not isinstance(final_factor, (int, float)) or not 0 <= final_factor <= 1:
+            raise ConfigError("schedule.final_factor", final_factor, "must be a number in [0, 1]")
+        self.final_factor = float(final_factor)
+
+    def decay(self, progress: float) -> float:
+        return 1.0 - (1.0 - self.final_factor) * progress
+
+
+class CosineSchedule(Schedule):
+    """Cosine decay from the learning rate to ``final_factor`` times it, after warm-up."""
+
+    def __init__(self, warmup_steps: int = 0, final_factor: float = 0.0) -> None:
+        super().__init__(warmup_steps)
+        if not isinstance(final_factor, (int, float)) or not 0 <= final_factor <= 1:
+            raise ConfigError("schedule.final_factor", final_factor, "must be a number in [0, 1]")
+        self.final_factor = float(final_factor)
+
+    def decay(self, progress: float) -> float:
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final_factor + (1.0 - self.final_factor) * cos
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def client_generator(seed: int, server_round: int, client: int) -> torch.Generator:
+    """The generator of one client's work in one round."""
+    mixed = np.random.SeedSequence([seed, server_round, client]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(mixed))
+
+
+def batches(data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    """Endless mini-batches: shuffled passes over the data, without replacement within a pass."""
+    n = len(next(iter(data.values())))
+    if n == 0:
+        raise ValueError("cannot train on an empty partition")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            yield {k: v[idx] for k, v in data.items()}
+
+
+@dataclass
+class LocalResult:
+    loss: float  # mean training loss over the local steps
+    steps: int
+
+
+def train_local(
+    model: nn.Module,
+    task: Task,
+    data: Batch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    schedule: Schedule,
+    start_step: int,
+    total_steps: int,
+    generator: torch.Generator,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> LocalResult:
+    """Run ``steps`` optimizer steps of ``model`` on ``data`` (cross-entropy by default)."""
+    model.train()
+    stream = batches(data, batch_size, generator)
+    total = 0.0
+    for i in range(steps):
+        batch = next(stream)
+        factor = schedule.factor(start_step + i, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(task.logits(model, batch), batch[task.label_key])
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+    return LocalResult(loss=total / max(steps, 1), steps=steps)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, data: Batch, batch_size: int = 1024) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    was_training = model.training
+    model.eval()
+    labels = data[task.label_key]
+    n = len(labels)
+    loss_sum, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in data.items()}
+        logits = task.logits(model, batch)
+        y = batch[task.label_key]
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == y).sum())
+    model.train(was_training)
+    if n == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+    return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=n)
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_state_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """An optimizer's per-parameter state as flat named arrays (``"<param index>/<key>"``)."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{index}/{key}"] = value.detach().cpu().numpy().copy()
+            elif value is not None:
+                out[f"{index}/{key}"] = np.asarray(value)
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
+    """Inverse of :func:`optimizer_state_arrays`, for an optimizer over the same parameters."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in arrays.items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = torch.from_numpy(np.array(value))
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})

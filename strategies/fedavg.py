@@ -1,0 +1,21 @@
+"""FedAvg on LoRA, a.k.a. FedIT (Zhang et al., 2024, https://arxiv.org/abs/2305.05644).
+
+Each adapter matrix is averaged separately, weighted by the clients' numbers of examples:
+``A = sum_i p_i A_i``, ``B = sum_i p_i B_i`` (task heads likewise). Not exact: the product of
+the means is not the mean of the products ``B_i A_i`` (REFERENCE section 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedsim.strategy import AdapterStrategy, ClientUpdate, weighted_mean
+
+
+class FedAvg(AdapterStrategy):
+    """Average every sent array with weights ``p_i`` (see :meth:`AdapterStrategy.weights`)."""
+
+    def aggregate(
+        self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
+        return weighted_mean([u.arrays for u in updates], self.weights(updates))
