@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.data import FederatedData
-from fedsim.errors import ConfigError
+from fedsim.errors import ComponentError, ConfigError
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
 from fedsim.training import Schedule
@@ -35,9 +36,16 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
 
     target = node.get("_target_")
     try:
-        obj = get_object(target)
+        hydra_log = logging.getLogger("hydra.utils")
+        level = hydra_log.level
+        hydra_log.setLevel(logging.CRITICAL)  # get_object logs the error too; report it once
+        try:
+            obj = get_object(target)
+        finally:
+            hydra_log.setLevel(level)
     except Exception as e:
-        raise ConfigError(f"{group}._target_", target, f"cannot be imported ({e})") from None
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"{group}._target_", target, f"cannot be imported: {reason}") from None
     params = _accepted(obj)
     if params is not None:
         for key in node:
@@ -51,8 +59,8 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
         if isinstance(cause, ConfigError):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
-            raise ConfigError(group, _short(node), f"rejected by {target}: {cause}") from None
-        raise ConfigError(group, _short(node), str(e).splitlines()[0]) from None
+            raise ComponentError(group, str(target), _first_sentence(str(cause))) from None
+        raise ComponentError(group, str(target), str(e).splitlines()[0]) from None
     except ConfigError:
         raise
     expected = GROUP_TYPES.get(group)
@@ -73,8 +81,10 @@ def _accepted(obj: Any) -> set[str] | None:
     return {name for name, p in sig.parameters.items() if p.kind is not p.VAR_POSITIONAL}
 
 
-def _short(node: dict[str, Any]) -> str:
-    return node.get("_target_", "?")
+def _first_sentence(text: str) -> str:
+    line = " ".join(text.split())
+    cut = line.find(". ")
+    return line[: cut + 1] if 0 < cut < len(line) - 2 else line
 
 
 @dataclass
@@ -137,4 +147,4 @@ def _check_optimizer(make_optimizer: Callable[..., Any], cfg: dict[str, Any]) ->
     try:
         make_optimizer(probe, lr=cfg["sim"]["lr"])
     except (ValueError, TypeError) as e:
-        raise ConfigError("optimizer", cfg["optimizer"].get("_target_"), f"rejected its settings: {e}") from None
+        raise ComponentError("optimizer", str(cfg["optimizer"].get("_target_")), str(e)) from None

@@ -82,21 +82,18 @@ def _check_output_dir(job: list[str], flags: dict[str, str], multirun: bool, ind
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fedsim.build import build_components
+    from fedsim.api import run_spec
 
     hc = HydraConfig.get()
     plain = to_container(cfg)
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
-    out = Path(hc.runtime.output_dir)
+    spec = RunSpec(cfg=plain, choices=choices, output_dir=Path(hc.runtime.output_dir),
+                   quiet=bool(plain.get("quiet")))
     try:
-        check(plain)
-        if (out / METRICS_FILE).exists():
-            raise ConfigError("hydra.run.dir", str(out), "already holds a run; choose another folder")
-    except (ConfigError, ConfigCompositionError) as e:
+        run_spec(spec)
+    except (ConfigError, ConfigCompositionError) as e:  # already caught up front, normally
         print(f"fedsim: error: {e}", file=sys.stderr)
         sys.exit(2)
-    spec = RunSpec(cfg=plain, choices=choices, output_dir=out, quiet=bool(plain.get("quiet")))
-    build_components(plain).engine.run(spec)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,7 +91,10 @@ def compose(
             except OverrideParseException as e:
                 raise ConfigCompositionError(_one_line(str(e))) from None
             except HydraException as e:
-                raise ConfigCompositionError(_one_line(str(e))) from None
+                text = str(e)
+                if text.startswith("Could not override '"):
+                    raise ConfigCompositionError(_unknown_key(text, overrides, config_name)) from None
+                raise ConfigCompositionError(_one_line(text)) from None
             choices = {
                 k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
                 if not k.startswith("hydra/")
@@ -145,6 +148,29 @@ def _missing_option(e: Exception, overrides: Sequence[str]) -> str:
     if options:
         return f"{group}={value}: unknown option; allowed: {', '.join(sorted(options))}"
     return f"{missing}: config not found"
+
+
+def _unknown_key(text: str, overrides: Sequence[str], config_name: str) -> str:
+    """Hydra's "Could not override 'a.b'" as "a.b=value: unknown key; allowed: ..."."""
+    from hydra import compose as hydra_compose
+
+    key = text.split("'")[1]
+    value, rest = "", []
+    for o in overrides:
+        if o.split("=", 1)[0] == key:
+            value = o.split("=", 1)[1] if "=" in o else ""
+        else:
+            rest.append(o)
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    try:
+        base = hydra_compose(config_name, overrides=rest)
+        node = OmegaConf.select(base, parent) if parent else base
+        allowed = sorted(k for k in node.keys() if not str(k).startswith("_")) if node is not None else []
+    except Exception:
+        return _one_line(text)
+    where = f" in {parent}" if parent else ""
+    shown = value if value else "''"
+    return f"{key}={shown}: unknown key{where}; allowed: {', '.join(map(str, allowed))}"
 
 
 def _one_line(text: str) -> str:
@@ -231,8 +257,8 @@ def validate(cfg: dict[str, Any]) -> None:
 
 
 def check(cfg: dict[str, Any]) -> None:
-    """Validate and build every component once (cheap: nothing is trained or loaded)."""
+    """Validate, build every component and the adapted model once (nothing is trained)."""
     from fedsim.build import build_components
 
     validate(cfg)
-    build_components(cfg)
+    build_components(cfg).model()

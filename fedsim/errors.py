@@ -13,6 +13,14 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={_show(value)}: {allowed}")
 
 
+class ComponentError(ConfigError):
+    """A library class (a partitioner, an optimizer) refused the settings of a config group."""
+
+    def __init__(self, group: str, target: str, reason: str) -> None:
+        self.key, self.value, self.allowed = group, target, reason
+        ValueError.__init__(self, f"{group} ({target}) rejected its settings: {reason}")
+
+
 class ConfigCompositionError(ValueError):
     """Hydra could not compose the configuration (unknown option, bad override syntax)."""
 

@@ -39,6 +39,23 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
+    # Model code often reads these from its linear layers (dtype checks, fast paths).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
     def delta_weight(self) -> torch.Tensor:
         """The update to the effective weight, ``s B A`` (m x n)."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)

@@ -109,6 +109,9 @@ class FederatedRun:
                 return f"non-finite values in {name}"
         return None
 
+    def _client_of_reply(self, reply: Message) -> int:
+        return self.strategy.context.client_of[reply.metadata.src_node_id]
+
     def evaluate_global(self, server_round: int, arrays) -> dict[str, Any]:
         self.strategy.load_global(self.model, numpy_dict(arrays))
         res = evaluate(self.model, self.c.task, self.test_set)
@@ -116,7 +119,8 @@ class FederatedRun:
         msgs = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
         fed = None
         if msgs:
-            fed = self.strategy.aggregate_evaluate(server_round, list(self.grid.send_and_receive(msgs)))
+            replies = sorted(self.grid.send_and_receive(msgs), key=self._client_of_reply)
+            fed = self.strategy.aggregate_evaluate(server_round, replies)
         fed = dict(fed) if fed is not None else {}
         out["eval_loss_client_mean"] = fed.get("eval_loss_client_mean")
         out["eval_accuracy_client_mean"] = fed.get("eval_accuracy_client_mean")

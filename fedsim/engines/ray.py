@@ -62,6 +62,8 @@ class RayEngine:
         from fedsim.apps import make_client_app, make_server_app
 
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        logging.getLogger("flwr").setLevel(logging.WARNING)
         try:
             run_simulation(
                 server_app=make_server_app(spec),

@@ -1,0 +1,80 @@
+"""The same federated training as fedsim's FedAvg run, as a plain PyTorch loop in one process.
+
+Same clients (fedsim's sampler), same data, batches, seeds, optimizer, schedule, aggregation
+(weighted mean in float64, cast back) and evaluation (server test set and every client's local
+test split), but no Flower: no messages, records, copies or grid. It is the floor the engines
+are measured against (``benchmarks/overhead.py``), and tests/test_reference_loop.py checks that
+the inline engine reproduces its numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from fedsim.build import build_components
+from fedsim.training import client_generator, evaluate, train_local
+
+
+def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run ``cfg`` (a composed fedsim config using FedAvg) directly; one record per round."""
+    c = build_components(cfg)
+    sim = c.sim
+    torch.set_num_threads(int(getattr(c.engine, "num_threads", 1)))
+    model, spec = c.model()
+    sent = spec.sent_state(model)  # name -> live parameter
+    trained = spec.trained_parameters(model)
+    sampler = c.sampler()
+    test_set = c.task.test_set()
+    steps_done: dict[int, int] = {}
+    global_state = {n: p.detach().clone() for n, p in sent.items()}
+
+    def load(state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in sent.items():
+                p.copy_(state[n])
+
+    def eval_round(server_round: int) -> dict[str, Any]:
+        load(global_state)
+        res = evaluate(model, c.task, test_set)
+        accs = []
+        for client in sampler.evaluate_clients(server_round):
+            data = c.data.client(client)
+            if data.num_test:
+                accs.append(evaluate(model, c.task, data.test).accuracy)
+        return {"eval_loss": res.loss, "eval_accuracy": res.accuracy,
+                "eval_accuracy_client_mean": sum(accs) / len(accs) if accs else None,
+                "eval_accuracy_client_min": min(accs) if accs else None}
+
+    records = [{"round": 0, "train_loss": None, **eval_round(0), "round_time_s": 0.0}]
+    for server_round in range(1, sim["rounds"] + 1):
+        t0 = time.perf_counter()
+        states, sizes, losses = [], [], []
+        for client in sampler.train_clients(server_round):
+            data = c.data.client(client)
+            load(global_state)
+            optimizer = c.make_optimizer(trained, lr=sim["lr"])
+            generator = client_generator(sim["seed"], server_round, client)
+            torch.manual_seed(generator.initial_seed() + 1)
+            res = train_local(model, c.task, data.train, optimizer, steps=sim["local_steps"],
+                              batch_size=sim["batch_size"], lr=sim["lr"], schedule=c.schedule,
+                              start_step=steps_done.get(client, 0),
+                              total_steps=c.total_local_steps, generator=generator)
+            steps_done[client] = steps_done.get(client, 0) + res.steps
+            states.append({n: p.detach().clone() for n, p in sent.items()})
+            sizes.append(data.num_train)
+            losses.append(res.loss)
+        total = float(sum(sizes))
+        weights = [s / total for s in sizes]
+        global_state = {
+            n: sum(w * st[n].double() for w, st in zip(weights, states)).to(global_state[n].dtype)
+            for n in global_state
+        }
+        record = {"round": server_round,
+                  "train_loss": sum(w * l for w, l in zip(weights, losses)),
+                  **eval_round(server_round)}
+        record["round_time_s"] = time.perf_counter() - t0
+        records.append(record)
+    return records

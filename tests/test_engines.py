@@ -1,0 +1,22 @@
+"""The same 2-round configuration on the inline and the ray engine gives the same metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import strip_timings, tiny
+
+
+@pytest.mark.ray
+def test_inline_and_ray_agree(run_tiny):
+    _, inline, _ = run_tiny(base=tiny("sim.clients_per_round=3"))
+    _, ray_rows, _ = run_tiny(base=tiny("sim.clients_per_round=3", "engine=ray", "engine.num_cpus=2"))
+    a, b = strip_timings(inline), strip_timings(ray_rows)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], float):
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-6), key
+            else:
+                assert x[key] == y[key], key

@@ -1,0 +1,117 @@
+"""LoRA: unchanged outputs at initialisation, the exact forward, and only adapters train."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedsim.adapters import LoRA, LoRALinear, matching_linear_modules
+from fedsim.errors import ConfigError
+from fedsim.tasks import SyntheticTask
+
+
+def _model_and_spec(r=4, alpha=8.0, dropout=0.0, targets=None):
+    task = SyntheticTask(num_clients=2, hidden_dim=16, examples_per_client=8, test_examples=8)
+    model = task.build_model()
+    spec = LoRA(r=r, alpha=alpha, dropout=dropout, target_modules=targets).apply(
+        model, default_targets=task.default_target_modules, head_modules=task.head_modules, seed=0
+    )
+    return task, model, spec
+
+
+def test_output_unchanged_at_init():
+    task = SyntheticTask(num_clients=2, hidden_dim=16, examples_per_client=8, test_examples=8)
+    base = task.build_model()
+    _, adapted, _ = _model_and_spec()
+    x = torch.randn(5, task.input_dim)
+    assert torch.equal(base(x), adapted(x))
+
+
+def test_output_unchanged_on_a_plain_torch_model():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(layer, nn.Linear(16, 3))
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    before = model(x)
+    spec = LoRA(r=2, target_modules=["linear1", "linear2"]).apply(
+        model, default_targets=(), head_modules=("1",), seed=0)
+    assert spec.adapted_modules == ["0.linear1", "0.linear2"]
+    # Before adaptation PyTorch takes its fused inference path (no parameter requires grad),
+    # after it the regular one: equal up to float32 rounding.
+    assert torch.allclose(before, model(x), atol=1e-6, rtol=0)
+
+
+def test_forward_matches_the_equation_in_numpy():
+    """y = W0 x + b + (alpha / r) B A x, computed independently in float64 numpy."""
+    g = torch.Generator().manual_seed(1)
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, r=3, alpha=9.0, dropout=0.0, generator=g)
+    with torch.no_grad():  # give B non-zero values so the update term is exercised
+        layer.lora_B.weight.copy_(torch.randn(5, 3, generator=g))
+    x = torch.randn(4, 6, generator=g)
+    w0 = base.weight.detach().double().numpy()
+    b0 = base.bias.detach().double().numpy()
+    a = layer.lora_A.weight.detach().double().numpy()
+    b = layer.lora_B.weight.detach().double().numpy()
+    expected = x.double().numpy() @ (w0 + (9.0 / 3) * b @ a).T + b0
+    np.testing.assert_allclose(layer(x).detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.delta_weight().detach().double().numpy(), 3.0 * b @ a,
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_only_adapter_and_head_weights_train():
+    task, model, spec = _model_and_spec()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == set(spec.trained) == set(spec.sent)
+    assert all(("lora_A" in n or "lora_B" in n or n.startswith("classifier.")) for n in names)
+    assert spec.adapted_modules == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(spec.trained_parameters(model), lr=0.1)
+    x = torch.randn(16, task.input_dim)
+    y = torch.randint(0, task.num_classes, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    params = dict(model.named_parameters())
+    for n, v in frozen.items():
+        assert torch.equal(params[n], v), f"frozen parameter {n} changed"
+    changed = [n for n, v in trained.items() if not torch.equal(params[n], v)]
+    assert set(changed) == set(trained)  # B moves at step 1, then A
+    # rank r=4 on 32->16, 16->16, 16->16 plus a 16->10 head
+    assert spec.num_trained(model) == 4 * (32 + 16) + 4 * (16 + 16) * 2 + 16 * 10 + 10
+
+
+def test_target_selection_by_suffix_and_regex():
+    task = SyntheticTask(num_clients=2, hidden_dim=16, examples_per_client=8, test_examples=8)
+    model = task.build_model()
+    assert matching_linear_modules(model, ["fc"]) == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
+    assert matching_linear_modules(model, r"blocks\.[12]\.fc") == ["blocks.1.fc", "blocks.2.fc"]
+    assert matching_linear_modules(model, ["blocks.0.fc"]) == ["blocks.0.fc"]
+    assert matching_linear_modules(model, ["c"]) == []  # whole name components only
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"r": 0}, "adapter.r"), ({"r": -2}, "adapter.r"), ({"r": 2.5}, "adapter.r"),
+    ({"alpha": 0}, "adapter.alpha"), ({"dropout": 1.0}, "adapter.dropout"),
+])
+def test_bad_lora_settings_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError) as err:
+        LoRA(**kwargs)
+    assert err.value.key == key
+
+
+def test_targets_that_match_nothing_are_a_config_error():
+    with pytest.raises(ConfigError, match="matches no nn.Linear"):
+        _model_and_spec(targets=["nothing"])
+
+
+def test_dropout_is_only_active_in_training():
+    _, model, _ = _model_and_spec(dropout=0.5)
+    x = torch.randn(4, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
