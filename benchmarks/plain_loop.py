@@ -44,9 +44,12 @@ def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             data = c.data.client(client)
             if data.num_test:
                 accs.append(evaluate(model, c.task, data.test).accuracy)
-        return {"eval_loss": res.loss, "eval_accuracy": res.accuracy,
-                "eval_accuracy_client_mean": sum(accs) / len(accs) if accs else None,
-                "eval_accuracy_client_min": min(accs) if accs else None}
+        return {
+            "eval_loss": res.loss,
+            "eval_accuracy": res.accuracy,
+            "eval_accuracy_client_mean": sum(accs) / len(accs) if accs else None,
+            "eval_accuracy_client_min": min(accs) if accs else None,
+        }
 
     records = [{"round": 0, "train_loss": None, **eval_round(0), "round_time_s": 0.0}]
     for server_round in range(1, sim["rounds"] + 1):
@@ -58,10 +61,19 @@ def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             optimizer = c.make_optimizer(trained, lr=sim["lr"])
             generator = client_generator(sim["seed"], server_round, client)
             torch.manual_seed(generator.initial_seed() + 1)
-            res = train_local(model, c.task, data.train, optimizer, steps=sim["local_steps"],
-                              batch_size=sim["batch_size"], lr=sim["lr"], schedule=c.schedule,
-                              start_step=steps_done.get(client, 0),
-                              total_steps=c.total_local_steps, generator=generator)
+            res = train_local(
+                model,
+                c.task,
+                data.train,
+                optimizer,
+                steps=sim["local_steps"],
+                batch_size=sim["batch_size"],
+                lr=sim["lr"],
+                schedule=c.schedule,
+                start_step=steps_done.get(client, 0),
+                total_steps=c.total_local_steps,
+                generator=generator,
+            )
             steps_done[client] = steps_done.get(client, 0) + res.steps
             states.append({n: p.detach().clone() for n, p in sent.items()})
             sizes.append(data.num_train)
@@ -72,9 +84,11 @@ def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             n: sum(w * st[n].double() for w, st in zip(weights, states)).to(global_state[n].dtype)
             for n in global_state
         }
-        record = {"round": server_round,
-                  "train_loss": sum(w * l for w, l in zip(weights, losses)),
-                  **eval_round(server_round)}
+        record = {
+            "round": server_round,
+            "train_loss": sum(w * loss for w, loss in zip(weights, losses)),
+            **eval_round(server_round),
+        }
         record["round_time_s"] = time.perf_counter() - t0
         records.append(record)
     return records

@@ -22,7 +22,9 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
     if (spec.output_dir / METRICS_FILE).exists():
         from fedsim.errors import ConfigError
 
-        raise ConfigError("output_dir", str(spec.output_dir), "already holds a run; choose another folder")
+        raise ConfigError(
+            "output_dir", str(spec.output_dir), "already holds a run; choose another folder"
+        )
     build_components(spec.cfg).engine.run(spec)
     return json.loads((spec.output_dir / SUMMARY_FILE).read_text())
 

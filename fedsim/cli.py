@@ -12,16 +12,42 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fedsim.config import RunSpec, check, compose, expand_sweep, to_container
+from fedsim.config import (
+    RunSpec,
+    check,
+    compose,
+    config_search_path,
+    expand_sweep,
+    initialize_config_source,
+    to_container,
+)
 from fedsim.errors import ConfigCompositionError, ConfigError
 from fedsim.results import METRICS_FILE
 
 # Hydra flags after which fedsim only passes through (they print, they do not run).
-_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion",
-               "-sc", "--version"}
-_VALUE_FLAGS = {"--config-name": "name", "-cn": "name", "--config-dir": "dir", "-cd": "dir",
-                "--config-path": "path", "-cp": "path", "--package": "package", "-p": "package",
-                "--experimental-rerun": "rerun"}
+_INFO_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--shell-completion",
+    "-sc",
+    "--version",
+}
+_VALUE_FLAGS = {
+    "--config-name": "name",
+    "-cn": "name",
+    "--config-dir": "dir",
+    "-cd": "dir",
+    "--config-path": "path",
+    "-cp": "path",
+    "--package": "package",
+    "-p": "package",
+    "--experimental-rerun": "rerun",
+}
 
 
 def _parse(argv: list[str]) -> tuple[list[str], dict[str, str], bool, bool]:
@@ -60,7 +86,6 @@ def prevalidate(argv: list[str]) -> int:
 def _check_output_dir(job: list[str], flags: dict[str, str], multirun: bool, index: int) -> None:
     """Refuse a fixed output folder that already holds a run (nothing written is overwritten)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if not any(o.split("=", 1)[0] == key for o in job):
@@ -68,17 +93,21 @@ def _check_output_dir(job: list[str], flags: dict[str, str], multirun: bool, ind
     overrides = list(job)
     if flags.get("dir"):
         overrides.append(f"hydra.searchpath=[file://{Path(flags['dir']).resolve()}]")
-    with initialize_config_module("fedsim.conf", version_base="1.3"):
-        hcfg = hydra_compose(flags.get("name", "config"), overrides=overrides, return_hydra_config=True)
+    with initialize_config_source():
+        hcfg = hydra_compose(
+            flags.get("name", "config"), overrides=overrides, return_hydra_config=True
+        )
         folder = Path(str(OmegaConf.select(hcfg, key)))
     if multirun:
         folder = folder / str(index)
     if (folder / METRICS_FILE).exists():
-        raise ConfigError(key, str(folder.parent if multirun else folder),
-                          f"already holds a run ({folder / METRICS_FILE}); choose another folder")
+        raise ConfigError(
+            key,
+            str(folder.parent if multirun else folder),
+            f"already holds a run ({folder / METRICS_FILE}); choose another folder",
+        )
 
 
-@hydra.main(config_path="pkg://fedsim.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -87,8 +116,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     plain = to_container(cfg)
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
-    spec = RunSpec(cfg=plain, choices=choices, output_dir=Path(hc.runtime.output_dir),
-                   quiet=bool(plain.get("quiet")))
+    spec = RunSpec(
+        cfg=plain,
+        choices=choices,
+        output_dir=Path(hc.runtime.output_dir),
+        quiet=bool(plain.get("quiet")),
+    )
     try:
         run_spec(spec)
     except (ConfigError, ConfigCompositionError) as e:  # already caught up front, normally
@@ -104,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fedsim: error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0] if sys.argv else "fedsim", *argv]
-    _hydra_main()
+    hydra.main(config_path=config_search_path(), config_name="config", version_base="1.3")(
+        _hydra_main
+    )()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,35 @@ class RunSpec:
 # ----------------------------------------------------------------------------- composition
 
 
+def config_search_path() -> str:
+    """Where the configs are: the ``fedsim.conf`` package, or ``conf/`` beside the package.
+
+    An install maps the repository's ``conf/`` to ``fedsim.conf``; a bare copy of the source
+    tree (such as the app bundle ``flwr run`` unpacks) has only ``conf/`` next to ``fedsim/``.
+    """
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(CONFIG_MODULE) is not None:
+            return f"pkg://{CONFIG_MODULE}"
+    except ModuleNotFoundError:
+        pass
+    beside = Path(__file__).resolve().parent.parent / "conf"
+    if (beside / f"{CONFIG_NAME}.yaml").exists():
+        return f"file://{beside}"
+    raise ConfigCompositionError(f"cannot find fedsim's configs ({CONFIG_MODULE} or {beside})")
+
+
+def initialize_config_source():
+    """A Hydra compose context over :func:`config_search_path`."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    source = config_search_path()
+    if source.startswith("pkg://"):
+        return initialize_config_module(CONFIG_MODULE, version_base="1.3")
+    return initialize_config_dir(source[len("file://") :], version_base="1.3")
+
+
 def compose(
     overrides: Sequence[str],
     config_name: str = CONFIG_NAME,
@@ -72,18 +101,16 @@ def compose(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Compose the config as ``fedsim`` would; returns (resolved config, chosen options)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
     overrides = list(overrides)
     if config_dir is not None:
         overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
-    was_initialized = GlobalHydra.instance().is_initialized()
-    if was_initialized:  # e.g. called from inside a Hydra job; restore nothing, compose fresh
+    if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra job
         GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        with initialize_config_source():
             try:
                 cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
             except MissingConfigException as e:
@@ -93,10 +120,13 @@ def compose(
             except HydraException as e:
                 text = str(e)
                 if text.startswith("Could not override '"):
-                    raise ConfigCompositionError(_unknown_key(text, overrides, config_name)) from None
+                    raise ConfigCompositionError(
+                        _unknown_key(text, overrides, config_name)
+                    ) from None
                 raise ConfigCompositionError(_one_line(text)) from None
             choices = {
-                k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+                k: v
+                for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
                 if not k.startswith("hydra/")
             }
             with_hydra = cfg
@@ -165,7 +195,9 @@ def _unknown_key(text: str, overrides: Sequence[str], config_name: str) -> str:
     try:
         base = hydra_compose(config_name, overrides=rest)
         node = OmegaConf.select(base, parent) if parent else base
-        allowed = sorted(k for k in node.keys() if not str(k).startswith("_")) if node is not None else []
+        allowed = (
+            sorted(k for k in node.keys() if not str(k).startswith("_")) if node is not None else []
+        )
     except Exception:
         return _one_line(text)
     where = f" in {parent}" if parent else ""
@@ -199,14 +231,18 @@ def validate(cfg: dict[str, Any]) -> None:
     unknown = set(cfg) - TOP_KEYS
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(key, cfg[key], f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}")
+        raise ConfigError(
+            key, cfg[key], f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}"
+        )
     sim = cfg.get("sim")
     if not isinstance(sim, dict):
         raise ConfigError("sim", sim, "must be a mapping")
     unknown = set(sim) - SIM_KEYS
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(f"sim.{key}", sim[key], f"unknown key; allowed: {', '.join(sorted(SIM_KEYS))}")
+        raise ConfigError(
+            f"sim.{key}", sim[key], f"unknown key; allowed: {', '.join(sorted(SIM_KEYS))}"
+        )
     missing = SIM_KEYS - set(sim)
     if missing:
         key = sorted(missing)[0]
@@ -233,10 +269,14 @@ def validate(cfg: dict[str, Any]) -> None:
     if not _is_int(sim["seed"]) or sim["seed"] < 0:
         raise ConfigError("sim.seed", sim["seed"], "must be an integer >= 0")
     if not isinstance(sim["keep_optimizer_state"], bool):
-        raise ConfigError("sim.keep_optimizer_state", sim["keep_optimizer_state"], "must be true or false")
+        raise ConfigError(
+            "sim.keep_optimizer_state", sim["keep_optimizer_state"], "must be true or false"
+        )
     e = sim["eval_clients"]
     if not (e == "all" or (_is_int(e) and 0 <= e <= n)):
-        raise ConfigError("sim.eval_clients", e, f"must be 'all' or an integer from 0 to sim.num_clients ({n})")
+        raise ConfigError(
+            "sim.eval_clients", e, f"must be 'all' or an integer from 0 to sim.num_clients ({n})"
+        )
     f = sim["client_test_fraction"]
     if not _is_number(f) or not 0 <= f < 1:
         raise ConfigError("sim.client_test_fraction", f, "must be a number in [0, 1)")
@@ -246,7 +286,9 @@ def validate(cfg: dict[str, Any]) -> None:
     for group in ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule"):
         node = cfg.get(group)
         if not isinstance(node, dict) or "_target_" not in node:
-            raise ConfigError(group, node, "must be a config with a _target_ (pick one from conf/" + group + ")")
+            raise ConfigError(
+                group, node, "must be a config with a _target_ (pick one from conf/" + group + ")"
+            )
     for group in RESERVED_GROUPS:
         node = cfg.get(group)
         if not isinstance(node, dict) or node.get("name") != "none":

@@ -45,10 +45,14 @@ class FederatedData:
     """
 
     def __init__(self, task: Task, partitioner, test_fraction: float, seed: int) -> None:
-        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not (
-            0 <= test_fraction < 1
+        if (
+            isinstance(test_fraction, bool)
+            or not isinstance(test_fraction, (int, float))
+            or not (0 <= test_fraction < 1)
         ):
-            raise ConfigError("sim.client_test_fraction", test_fraction, "must be a number in [0, 1)")
+            raise ConfigError(
+                "sim.client_test_fraction", test_fraction, "must be a number in [0, 1)"
+            )
         self.task, self.partitioner = task, partitioner
         self.test_fraction, self.seed = float(test_fraction), int(seed)
         self._ready = False

@@ -32,4 +32,7 @@ def spec_from_run_config(run_config: dict[str, Any]) -> RunSpec:
     out = str(run_config.get(keys.RUN_OUTPUT_DIR, "") or "")
     if not out:
         out = f"results/flwr-run/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    return RunSpec(cfg=cfg, choices=choices, output_dir=Path(out).resolve(), quiet=bool(cfg.get("quiet")))
+    choices = {**choices, "engine": "flwr-run"}  # Flower's runtime delivers the messages
+    return RunSpec(
+        cfg=cfg, choices=choices, output_dir=Path(out).resolve(), quiet=bool(cfg.get("quiet"))
+    )

@@ -189,7 +189,12 @@ class AdapterStrategy(Strategy):
     ) -> list[Message]:
         node_of = self.context.node_of
         return [
-            Message(record, dst_node_id=node_of[c], message_type=message_type, group_id=str(server_round))
+            Message(
+                record,
+                dst_node_id=node_of[c],
+                message_type=message_type,
+                group_id=str(server_round),
+            )
             for c in clients
         ]
 

@@ -17,8 +17,19 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((ROOT / "conf" / g).glob(
 
 
 def test_every_group_has_options():
-    assert set(GROUPS) >= {"task", "adapter", "strategy", "partition", "engine", "optimizer",
-                           "schedule", "compressor", "feedback", "privacy", "faults"}
+    assert set(GROUPS) >= {
+        "task",
+        "adapter",
+        "strategy",
+        "partition",
+        "engine",
+        "optimizer",
+        "schedule",
+        "compressor",
+        "feedback",
+        "privacy",
+        "faults",
+    }
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -44,7 +55,10 @@ BAD = [
     (["strategy=nope"], "strategy=nope: unknown option"),
     (["sim.num_clients=0"], "sim.num_clients=0: must be an integer >= 1"),
     (["sim.num_clients=-5"], "sim.num_clients=-5"),
-    (["sim.clients_per_round=11"], "sim.clients_per_round=11: must be an integer from 1 to sim.num_clients (10)"),
+    (
+        ["sim.clients_per_round=11"],
+        "sim.clients_per_round=11: must be an integer from 1 to sim.num_clients (10)",
+    ),
     (["sim.clients_per_round=0"], "sim.clients_per_round=0"),
     (["sim.min_clients=20"], "sim.min_clients=20"),
     (["adapter.r=0"], "adapter.r=0: must be an integer >= 1"),
@@ -64,7 +78,10 @@ BAD = [
     (["strategy.weighted=maybe"], "strategy.weighted=maybe"),
     (["partition.alpha=0"], "partition (flwr_datasets.partitioner.DirichletPartitioner) rejected"),
     (["optimizer.weight_decay=-1"], "optimizer (torch.optim.AdamW) rejected"),
-    (["optimizer._target_=torch.optim.Nope"], "optimizer._target_=torch.optim.Nope: cannot be imported"),
+    (
+        ["optimizer._target_=torch.optim.Nope"],
+        "optimizer._target_=torch.optim.Nope: cannot be imported",
+    ),
     (["engine=ray", "engine.num_cpus=0"], "engine.num_cpus=0"),
     (["schedule=cosine", "schedule.final_factor=3"], "schedule.final_factor=3"),
     (["task.hidden_dim=0"], "task.hidden_dim=0"),
@@ -108,8 +125,13 @@ def test_an_existing_run_folder_is_never_overwritten(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["engine=nope"], ["sim.clients_per_round=50"]])
 def test_command_line_exit_status_and_no_traceback(args, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedsim", *args, f"hydra.run.dir={tmp_path / 'r'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", *args, f"hydra.run.dir={tmp_path / 'r'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -119,5 +141,8 @@ def test_command_line_exit_status_and_no_traceback(args, tmp_path):
 def test_packaged_config_matches_the_repository():
     import fedsim.conf
 
-    assert Path(fedsim.conf.__file__).parent.resolve() == (ROOT / "conf").resolve() or (
-        Path(fedsim.conf.__file__).parent / "config.yaml").read_text() == (ROOT / "conf" / "config.yaml").read_text()
+    assert (
+        Path(fedsim.conf.__file__).parent.resolve() == (ROOT / "conf").resolve()
+        or (Path(fedsim.conf.__file__).parent / "config.yaml").read_text()
+        == (ROOT / "conf" / "config.yaml").read_text()
+    )

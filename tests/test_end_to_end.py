@@ -9,12 +9,33 @@ import yaml
 
 from tests.conftest import TINY, strip_timings, tiny
 
-ROUND_KEYS = {"round", "train_loss", "eval_loss", "eval_accuracy", "eval_accuracy_client_mean",
-              "eval_accuracy_client_min", "bytes_up", "bytes_down", "clients_ok",
-              "clients_failed", "round_time_s"}
-SUMMARY_KEYS = {"strategy", "adapter", "rounds", "final_eval_loss", "final_eval_accuracy",
-                "bytes_up_total", "bytes_down_total", "params_sent_per_client",
-                "trainable_params", "wall_time_s", "seed", "status"}
+ROUND_KEYS = {
+    "round",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "eval_accuracy_client_mean",
+    "eval_accuracy_client_min",
+    "bytes_up",
+    "bytes_down",
+    "clients_ok",
+    "clients_failed",
+    "round_time_s",
+}
+SUMMARY_KEYS = {
+    "strategy",
+    "adapter",
+    "rounds",
+    "final_eval_loss",
+    "final_eval_accuracy",
+    "bytes_up_total",
+    "bytes_down_total",
+    "params_sent_per_client",
+    "trainable_params",
+    "wall_time_s",
+    "seed",
+    "status",
+}
 
 
 def test_results_contract_and_learning(run_tiny):
@@ -48,7 +69,9 @@ def test_bytes_are_exactly_the_adapter_payload(run_tiny):
 
 
 def test_partial_participation_bytes_and_sampling(run_tiny):
-    summary, rows, _ = run_tiny("sim.num_clients=8", "sim.clients_per_round=3", "sim.eval_clients=2")
+    summary, rows, _ = run_tiny(
+        "sim.num_clients=8", "sim.clients_per_round=3", "sim.eval_clients=2"
+    )
     for row in rows[1:]:
         assert row["clients_sampled"] == 3 and row["clients_ok"] == 3
         assert row["clients_evaluated"] == 2
@@ -64,7 +87,7 @@ def test_same_seed_gives_bit_identical_metrics(run_tiny):
 
 
 def test_inline_engine_matches_a_plain_pytorch_loop(run_tiny):
-    """The whole Flower path (messages, copies, sampling, records) computes what a direct loop does."""
+    """The Flower path (messages, copies, sampling, records) computes what a direct loop does."""
     from benchmarks.plain_loop import plain_fedavg
     from fedsim.config import compose
 
@@ -75,7 +98,9 @@ def test_inline_engine_matches_a_plain_pytorch_loop(run_tiny):
     for got, want in zip(rows, ref):
         assert got["eval_accuracy"] == want["eval_accuracy"]
         assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
-        assert got["eval_accuracy_client_mean"] == pytest.approx(want["eval_accuracy_client_mean"], rel=1e-9)
+        assert got["eval_accuracy_client_mean"] == pytest.approx(
+            want["eval_accuracy_client_mean"], rel=1e-9
+        )
         if want["train_loss"] is not None:
             assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6)
 
@@ -89,13 +114,15 @@ def test_optimizer_state_kept_across_rounds_changes_training(run_tiny):
 
 def test_client_context_state_persists_across_rounds():
     """Each node's Context.state carries its step count and (optionally) optimizer state."""
-    from fedsim import keys
-    from fedsim.config import RunSpec, check, compose
-    from fedsim.engines.inline import InlineGrid
-    from fedsim.apps import make_client_app, make_server_app
-    from flwr.app import Context, RecordDict
     import tempfile
     from pathlib import Path
+
+    from flwr.app import Context, RecordDict
+
+    from fedsim import keys
+    from fedsim.apps import make_client_app, make_server_app
+    from fedsim.config import RunSpec, check, compose
+    from fedsim.engines.inline import InlineGrid
 
     cfg, choices = compose(tiny("sim.rounds=3", "sim.keep_optimizer_state=true"))
     check(cfg)
@@ -110,9 +137,14 @@ def test_client_context_state_persists_across_rounds():
         assert any(k.endswith("/exp_avg") for k in opt.keys())
 
 
-@pytest.mark.parametrize("extra", [["schedule=cosine", "schedule.warmup_steps=2"],
-                                   ["optimizer=sgd", "sim.lr=0.1"],
-                                   ["partition=iid", "task.client_shift=1.0"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["schedule=cosine", "schedule.warmup_steps=2"],
+        ["optimizer=sgd", "sim.lr=0.1"],
+        ["partition=iid", "task.client_shift=1.0"],
+    ],
+)
 def test_options_run_end_to_end(run_tiny, extra):
     summary, rows, _ = run_tiny(*extra)
     assert summary["status"] == "ok" and len(rows) == 3

@@ -10,7 +10,9 @@ from tests.conftest import strip_timings, tiny
 @pytest.mark.ray
 def test_inline_and_ray_agree(run_tiny):
     _, inline, _ = run_tiny(base=tiny("sim.clients_per_round=3"))
-    _, ray_rows, _ = run_tiny(base=tiny("sim.clients_per_round=3", "engine=ray", "engine.num_cpus=2"))
+    _, ray_rows, _ = run_tiny(
+        base=tiny("sim.clients_per_round=3", "engine=ray", "engine.num_cpus=2")
+    )
     a, b = strip_timings(inline), strip_timings(ray_rows)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):

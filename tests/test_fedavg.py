@@ -23,10 +23,12 @@ def make_strategy(weighted=True):
 
 
 def mock_reply(instruction: Message, arrays: dict, num_examples: int, loss: float) -> Message:
-    content = RecordDict({
-        keys.ARRAYS: array_record(arrays),
-        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples, keys.TRAIN_LOSS: loss}),
-    })
+    content = RecordDict(
+        {
+            keys.ARRAYS: array_record(arrays),
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples, keys.TRAIN_LOSS: loss}),
+        }
+    )
     return Message(content, reply_to=instruction)
 
 
@@ -48,12 +50,20 @@ def test_weighted_average_by_hand(rounds_messages):
     assert [m.metadata.message_type for m in msgs] == [MessageType.TRAIN] * 3
     for i, m in enumerate(msgs):
         m.metadata.__dict__["_message_id"] = f"id{i}"
-    a = [np.array([[1, 2], [3, 4]], np.float32), np.array([[5, 6], [7, 8]], np.float32),
-         np.array([[0, 0], [1, 1]], np.float32)]
-    b = [np.array([1, 1, 1], np.float32), np.array([2, 0, 2], np.float32),
-         np.array([0, 10, 0], np.float32)]
-    replies = [mock_reply(m, {"a": a[i], "b": b[i]}, n, loss)
-               for i, (m, n, loss) in enumerate(zip(msgs, [10, 30, 60], [1.0, 2.0, 0.5]))]
+    a = [
+        np.array([[1, 2], [3, 4]], np.float32),
+        np.array([[5, 6], [7, 8]], np.float32),
+        np.array([[0, 0], [1, 1]], np.float32),
+    ]
+    b = [
+        np.array([1, 1, 1], np.float32),
+        np.array([2, 0, 2], np.float32),
+        np.array([0, 10, 0], np.float32),
+    ]
+    replies = [
+        mock_reply(m, {"a": a[i], "b": b[i]}, n, loss)
+        for i, (m, n, loss) in enumerate(zip(msgs, [10, 30, 60], [1.0, 2.0, 0.5]))
+    ]
     # Execute
     arrays, metrics = strategy.aggregate_train(1, replies)
     got = numpy_dict(arrays)
@@ -66,8 +76,10 @@ def test_weighted_average_by_hand(rounds_messages):
 
 def test_unweighted_average_by_hand():
     strategy = make_strategy(weighted=False)
-    updates = [ClientUpdate(0, {"a": np.array([3.0], np.float32)}, 1, {}),
-               ClientUpdate(1, {"a": np.array([6.0], np.float32)}, 1000, {})]
+    updates = [
+        ClientUpdate(0, {"a": np.array([3.0], np.float32)}, 1, {}),
+        ClientUpdate(1, {"a": np.array([6.0], np.float32)}, 1000, {}),
+    ]
     assert strategy.aggregate(1, {}, updates)["a"] == pytest.approx([4.5])
 
 
@@ -77,7 +89,9 @@ def test_error_replies_are_skipped(rounds_messages):
     strategy, msgs = rounds_messages
     for i, m in enumerate(msgs):
         m.metadata.__dict__["_message_id"] = f"id{i}"
-    good = mock_reply(msgs[0], {"a": np.ones((2, 2), np.float32), "b": np.ones(3, np.float32)}, 5, 1.0)
+    good = mock_reply(
+        msgs[0], {"a": np.ones((2, 2), np.float32), "b": np.ones(3, np.float32)}, 5, 1.0
+    )
     bad = Message(Error(code=2, reason="boom"), reply_to=msgs[1])
     arrays, _ = strategy.aggregate_train(1, [good, bad])
     np.testing.assert_array_equal(numpy_dict(arrays)["a"], np.ones((2, 2)))

@@ -22,17 +22,26 @@ def _app():
         context.state["calls"] = ConfigRecord({"n": int(calls["n"]) + 1})
         arrays = numpy_dict(msg.content[keys.ARRAYS])
         arrays["w"] += 1  # mutate the received copy
-        out = RecordDict({keys.ARRAYS: array_record(arrays),
-                          keys.CONFIG: ConfigRecord({"calls": int(calls["n"]) + 1,
-                                                     "pid": context.node_config[keys.PARTITION_ID]})})
+        out = RecordDict(
+            {
+                keys.ARRAYS: array_record(arrays),
+                keys.CONFIG: ConfigRecord(
+                    {"calls": int(calls["n"]) + 1, "pid": context.node_config[keys.PARTITION_ID]}
+                ),
+            }
+        )
         return Message(out, reply_to=msg)
 
     return app
 
 
 def _send(grid, node, crash=False):
-    content = RecordDict({keys.ARRAYS: array_record({"w": np.zeros(2, np.float32)}),
-                          keys.CONFIG: ConfigRecord({"crash": crash})})
+    content = RecordDict(
+        {
+            keys.ARRAYS: array_record({"w": np.zeros(2, np.float32)}),
+            keys.CONFIG: ConfigRecord({"crash": crash}),
+        }
+    )
     msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
     return content, list(grid.send_and_receive([msg]))[0]
 

@@ -37,7 +37,8 @@ def test_output_unchanged_on_a_plain_torch_model():
     x = torch.randn(2, 5, 16)
     before = model(x)
     spec = LoRA(r=2, target_modules=["linear1", "linear2"]).apply(
-        model, default_targets=(), head_modules=("1",), seed=0)
+        model, default_targets=(), head_modules=("1",), seed=0
+    )
     assert spec.adapted_modules == ["0.linear1", "0.linear2"]
     # Before adaptation PyTorch takes its fused inference path (no parameter requires grad),
     # after it the regular one: equal up to float32 rounding.
@@ -58,8 +59,9 @@ def test_forward_matches_the_equation_in_numpy():
     b = layer.lora_B.weight.detach().double().numpy()
     expected = x.double().numpy() @ (w0 + (9.0 / 3) * b @ a).T + b0
     np.testing.assert_allclose(layer(x).detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layer.delta_weight().detach().double().numpy(), 3.0 * b @ a,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        layer.delta_weight().detach().double().numpy(), 3.0 * b @ a, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_only_adapter_and_head_weights_train():
@@ -95,10 +97,16 @@ def test_target_selection_by_suffix_and_regex():
     assert matching_linear_modules(model, ["c"]) == []  # whole name components only
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"r": 0}, "adapter.r"), ({"r": -2}, "adapter.r"), ({"r": 2.5}, "adapter.r"),
-    ({"alpha": 0}, "adapter.alpha"), ({"dropout": 1.0}, "adapter.dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"r": 0}, "adapter.r"),
+        ({"r": -2}, "adapter.r"),
+        ({"r": 2.5}, "adapter.r"),
+        ({"alpha": 0}, "adapter.alpha"),
+        ({"dropout": 1.0}, "adapter.dropout"),
+    ],
+)
 def test_bad_lora_settings_name_the_key(kwargs, key):
     with pytest.raises(ConfigError) as err:
         LoRA(**kwargs)

@@ -61,7 +61,9 @@ def test_client_shift_offsets_inputs_per_client_and_not_the_test_set():
         diff = shifted.data.client(client).train["x"] - base.data.client(client).train["x"]
         assert np.allclose(diff.numpy(), diff[0].numpy())  # the same offset for every example
         assert float(diff[0].norm()) > 1.0
-        assert (shifted.data.client(client).train["label"] == base.data.client(client).train["label"]).all()
+        assert (
+            shifted.data.client(client).train["label"] == base.data.client(client).train["label"]
+        ).all()
     off0 = shifted.task.client_offset(0)
     off1 = shifted.task.client_offset(1)
     assert not np.allclose(off0.numpy(), off1.numpy())

@@ -55,10 +55,13 @@ def test_client_generators_differ_by_round_and_client():
     assert client_generator(5, 1, 2).initial_seed() == client_generator(5, 1, 2).initial_seed()
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: torch.optim.AdamW(p, lr=0.1),
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.AdamW(p, lr=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    ],
+)
 def test_optimizer_state_round_trip(make):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(3, 2))

@@ -1,4 +1,4 @@
-"""What every adapter provides: injection into a frozen model, and which parameters train and travel.
+"""What every adapter provides: injection into a frozen model; which parameters train and travel.
 
 An adapter replaces selected ``nn.Linear`` modules of a model by adapter modules, freezes the
 rest of the model, and declares, by parameter-name suffix, which of its parameters are trained
@@ -57,7 +57,9 @@ class Adapter:
     def __init__(self, target_modules: Sequence[str] | str | None = None) -> None:
         if target_modules is not None and not isinstance(target_modules, (str, Sequence)):
             raise ConfigError(
-                "adapter.target_modules", target_modules, "must be a list of module names or a regex"
+                "adapter.target_modules",
+                target_modules,
+                "must be a list of module names or a regex",
             )
         self.target_modules = target_modules
 
@@ -95,7 +97,9 @@ class Adapter:
                 p.requires_grad_(True)
             heads.append(head)
         trained, sent = [], []
-        sent_suffixes = self.sent_suffixes if self.sent_suffixes is not None else self.trained_suffixes
+        sent_suffixes = (
+            self.sent_suffixes if self.sent_suffixes is not None else self.trained_suffixes
+        )
         for pname, param in model.named_parameters():
             owner = _owner(pname, names)
             if owner is not None:

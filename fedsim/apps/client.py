@@ -48,7 +48,9 @@ class ClientRuntime:
         server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
         data = c.data.client(client)
         state = context.state
-        c.strategy.client_receive(self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), state)
+        c.strategy.client_receive(
+            self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), state
+        )
 
         info = state.get(keys.STATE_CLIENT, ConfigRecord({"steps": 0}))
         optimizer = c.make_optimizer(self.trained, lr=sim["lr"])
@@ -86,8 +88,11 @@ class ClientRuntime:
         )
         if data.num_test:
             res = evaluate(self.model, self.c.task, data.test)
-            values = {keys.NUM_EXAMPLES: res.num_examples, keys.EVAL_LOSS: res.loss,
-                      keys.EVAL_ACCURACY: res.accuracy}
+            values = {
+                keys.NUM_EXAMPLES: res.num_examples,
+                keys.EVAL_LOSS: res.loss,
+                keys.EVAL_ACCURACY: res.accuracy,
+            }
         else:
             values = {keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: 0.0, keys.EVAL_ACCURACY: 0.0}
         return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
@@ -112,7 +117,7 @@ def runtime_for(cfg: dict[str, Any]) -> ClientRuntime:
 
 
 def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp for ``cfg``; with ``None`` the config comes from the run_config (``flwr run``)."""
+    """A ClientApp for ``cfg``; ``None``: the config comes from the run_config (``flwr run``)."""
     app = ClientApp()
 
     def rt(context: Context) -> ClientRuntime:

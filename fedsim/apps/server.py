@@ -52,19 +52,26 @@ class FederatedRun:
         """Ask every node for its partition id; returns partition id -> node id."""
         nodes = sorted(self.grid.get_node_ids())
         msgs = [
-            Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=n,
-                    message_type=MessageType.QUERY, group_id="0")
+            Message(
+                RecordDict({keys.CONFIG: ConfigRecord()}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+                group_id="0",
+            )
             for n in nodes
         ]
         node_of: dict[int, int] = {}
         for reply in self.grid.send_and_receive(msgs):
             if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+                raise RuntimeError(
+                    f"node {reply.metadata.src_node_id} failed: {reply.error.reason}"
+                )
             node_of[int(reply.content[keys.CONFIG][keys.PARTITION_ID])] = reply.metadata.src_node_id
         n = self.sim["num_clients"]
         if sorted(node_of) != list(range(n)):
             raise RuntimeError(
-                f"the federation has partition ids {sorted(node_of)[:10]}... ({len(node_of)} nodes); "
+                f"the federation has {len(node_of)} nodes with partition ids "
+                f"{sorted(node_of)[:10]}...; "
                 f"sim.num_clients={n} needs exactly the ids 0..{n - 1}"
             )
         return node_of
@@ -82,7 +89,11 @@ class FederatedRun:
             if reply is None:
                 reason = "no reply"
             elif reply.has_error():
-                reason = (reply.error.reason or f"error code {reply.error.code}").strip().splitlines()[-1]
+                reason = (
+                    (reply.error.reason or f"error code {reply.error.code}")
+                    .strip()
+                    .splitlines()[-1]
+                )
             else:
                 reason = self.reject_reason(reply)
             if reason is None:
@@ -104,7 +115,8 @@ class FederatedRun:
             return "malformed reply: unexpected array names"
         for name, arr in got.items():
             if tuple(arr.shape) != tuple(expected[name].shape):
-                return f"malformed reply: {name} has shape {tuple(arr.shape)}, expected {expected[name].shape}"
+                shape, want = tuple(arr.shape), expected[name].shape
+                return f"malformed reply: {name} has shape {shape}, expected {want}"
             if not np.all(np.isfinite(arr.numpy())):
                 return f"non-finite values in {name}"
         return None
@@ -116,7 +128,9 @@ class FederatedRun:
         self.strategy.load_global(self.model, numpy_dict(arrays))
         res = evaluate(self.model, self.c.task, self.test_set)
         out: dict[str, Any] = {keys.EVAL_LOSS: res.loss, keys.EVAL_ACCURACY: res.accuracy}
-        msgs = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
+        msgs = list(
+            self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
+        )
         fed = None
         if msgs:
             replies = sorted(self.grid.send_and_receive(msgs), key=self._client_of_reply)
@@ -134,32 +148,55 @@ class FederatedRun:
         sim = self.sim
         self.writer.write_config(self.spec.cfg)
         self.printer.header(
-            " ".join(f"{k}={v}" for k, v in self.spec.choices.items() if k in
-                     ("task", "adapter", "strategy", "partition", "engine"))
+            " ".join(
+                f"{k}={v}"
+                for k, v in self.spec.choices.items()
+                if k in ("task", "adapter", "strategy", "partition", "engine")
+            )
             + f"  clients {sim['clients_per_round']}/{sim['num_clients']}  rounds {sim['rounds']}"
             + f"  -> {self.spec.output_dir}"
         )
-        totals = {"bytes_up": 0, "bytes_down": 0, "numel_up": 0, "numel_down": 0, "replies": 0, "sent": 0}
+        totals = {
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "numel_up": 0,
+            "numel_down": 0,
+            "replies": 0,
+            "sent": 0,
+        }
         last: dict[str, Any] = {}
         try:
             node_of = self.discover_nodes()
             node_client = {node: client for client, node in node_of.items()}
-            self.strategy.bind(StrategyContext(self.c.sampler(), node_of, self.adapter_spec, sim["seed"]))
+            self.strategy.bind(
+                StrategyContext(self.c.sampler(), node_of, self.adapter_spec, sim["seed"])
+            )
             self.strategy.summary()
             arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
             self.strategy.current = numpy_dict(arrays)
 
             t0 = time.perf_counter()
-            last = {"round": 0, keys.TRAIN_LOSS: None, **self.evaluate_global(0, arrays),
-                    "bytes_up": 0, "bytes_down": 0, "clients_sampled": 0, "clients_ok": 0,
-                    "clients_failed": 0, "failures": [], "round_time_s": time.perf_counter() - t0}
+            last = {
+                "round": 0,
+                keys.TRAIN_LOSS: None,
+                **self.evaluate_global(0, arrays),
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "clients_sampled": 0,
+                "clients_ok": 0,
+                "clients_failed": 0,
+                "failures": [],
+                "round_time_s": time.perf_counter() - t0,
+            }
             last["eval_time_s"] = last["round_time_s"]
             self.writer.append_round(last)
             self.printer.round(last)
 
             for server_round in range(1, sim["rounds"] + 1):
                 t0 = time.perf_counter()
-                sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
+                sent = list(
+                    self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
+                )
                 bytes_down, numel_down = messages_payload(sent)
                 replies = list(self.grid.send_and_receive(sent))
                 good, failures = self.screen(sent, replies, node_client)
@@ -175,12 +212,18 @@ class FederatedRun:
                 else:
                     skipped = True
                 t_eval = time.perf_counter()
-                record = {"round": server_round, keys.TRAIN_LOSS: train_loss,
-                          **self.evaluate_global(server_round, arrays),
-                          "bytes_up": bytes_up, "bytes_down": bytes_down,
-                          "clients_sampled": len(sent), "clients_ok": len(good),
-                          "clients_failed": len(failures), "failures": failures,
-                          "round_skipped": skipped}
+                record = {
+                    "round": server_round,
+                    keys.TRAIN_LOSS: train_loss,
+                    **self.evaluate_global(server_round, arrays),
+                    "bytes_up": bytes_up,
+                    "bytes_down": bytes_down,
+                    "clients_sampled": len(sent),
+                    "clients_ok": len(good),
+                    "clients_failed": len(failures),
+                    "failures": failures,
+                    "round_skipped": skipped,
+                }
                 now = time.perf_counter()
                 record["round_time_s"] = now - t0
                 record["eval_time_s"] = now - t_eval
@@ -195,8 +238,13 @@ class FederatedRun:
                 totals["sent"] += len(sent)
             summary = self.summary(last, totals, time.perf_counter() - t_start, status="ok")
         except Exception as exc:
-            summary = self.summary(last, totals, time.perf_counter() - t_start, status="failed",
-                                   error=f"{type(exc).__name__}: {exc}")
+            summary = self.summary(
+                last,
+                totals,
+                time.perf_counter() - t_start,
+                status="failed",
+                error=f"{type(exc).__name__}: {exc}",
+            )
             self.writer.write_summary(summary)
             self.writer.close()
             log.debug("run failed:\n%s", traceback.format_exc())
@@ -204,13 +252,21 @@ class FederatedRun:
         self.writer.write_summary(summary)
         self.writer.close()
         self.printer.line(
-            f"done in {summary['wall_time_s']:.1f} s: accuracy {summary['final_eval_accuracy']:.4f}, "
-            f"up {human_bytes(summary['bytes_up_total'])}, down {human_bytes(summary['bytes_down_total'])}"
+            f"done in {summary['wall_time_s']:.1f} s: "
+            f"accuracy {summary['final_eval_accuracy']:.4f}, "
+            f"up {human_bytes(summary['bytes_up_total'])}, "
+            f"down {human_bytes(summary['bytes_down_total'])}"
         )
         return summary
 
-    def summary(self, last: dict[str, Any], totals: dict[str, int], wall: float, status: str,
-                error: str | None = None) -> dict[str, Any]:
+    def summary(
+        self,
+        last: dict[str, Any],
+        totals: dict[str, int],
+        wall: float,
+        status: str,
+        error: str | None = None,
+    ) -> dict[str, Any]:
         sim, ch = self.sim, self.spec.choices
         out = {
             "status": status,
@@ -239,8 +295,12 @@ class FederatedRun:
             "trainable_params": self.adapter_spec.num_trained(self.model),
             "wall_time_s": wall,
             "seed": sim["seed"],
-            "versions": {"fedsim": fedsim.__version__, "flwr": flwr.__version__,
-                         "torch": torch.__version__, "python": platform.python_version()},
+            "versions": {
+                "fedsim": fedsim.__version__,
+                "flwr": flwr.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
         }
         if error is not None:
             out["error"] = error
@@ -248,7 +308,7 @@ class FederatedRun:
 
 
 def make_server_app(spec: RunSpec | None = None) -> ServerApp:
-    """A ServerApp for ``spec``; with ``None`` the config comes from the run_config (``flwr run``)."""
+    """A ServerApp for ``spec``; ``None``: the config comes from the run_config (``flwr run``)."""
     app = ServerApp()
 
     @app.main()

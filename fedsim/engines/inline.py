@@ -34,7 +34,9 @@ class InlineGrid(Grid):
     created when a node first receives a message and persist for the whole run.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, seed: int = 0, run_id: int = 1) -> None:
+    def __init__(
+        self, client_app: ClientApp, num_nodes: int, seed: int = 0, run_id: int = 1
+    ) -> None:
         self.client_app = client_app
         rng = np.random.default_rng([seed, 99])
         ids: set[int] = set()
@@ -60,8 +62,14 @@ class InlineGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -87,18 +95,26 @@ class InlineGrid(Grid):
                 out.append(self._replies.pop(msg_id))
         return out
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
     # -------------------------------------------------------------- delivery
     def context(self, node_id: int) -> Context:
         ctx = self._contexts.get(node_id)
         if ctx is None:
-            config = {keys.PARTITION_ID: self._partition_of[node_id],
-                      keys.NUM_PARTITIONS: self._num_nodes}
-            ctx = Context(run_id=self._run.run_id, node_id=node_id, node_config=config,
-                          state=RecordDict(), run_config={})
+            config = {
+                keys.PARTITION_ID: self._partition_of[node_id],
+                keys.NUM_PARTITIONS: self._num_nodes,
+            }
+            ctx = Context(
+                run_id=self._run.run_id,
+                node_id=node_id,
+                node_config=config,
+                state=RecordDict(),
+                run_config={},
+            )
             self._contexts[node_id] = ctx
         return ctx
 
@@ -107,8 +123,9 @@ class InlineGrid(Grid):
         try:
             reply = self.client_app(msg, self.context(msg.metadata.dst_node_id))
         except Exception as exc:  # a client crash becomes an error reply, as in Flower
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                          reason=f"{type(exc).__name__}: {exc}")
+            error = Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"
+            )
             reply = Message(error, reply_to=msg)
         reply.metadata.__dict__["_message_id"] = f"r{msg_id}"
         self._replies[msg_id] = copy.deepcopy(reply)  # what the server receives
@@ -138,8 +155,14 @@ class InlineEngine:
         from fedsim.apps import make_client_app, make_server_app
 
         torch.set_num_threads(self.num_threads)
-        grid = InlineGrid(make_client_app(spec.cfg), spec.cfg["sim"]["num_clients"],
-                          seed=spec.cfg["sim"]["seed"])
-        context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
-                          state=RecordDict(), run_config={})
+        grid = InlineGrid(
+            make_client_app(spec.cfg), spec.cfg["sim"]["num_clients"], seed=spec.cfg["sim"]["seed"]
+        )
+        context = Context(
+            run_id=grid.run.run_id,
+            node_id=SUPERLINK_NODE_ID,
+            node_config={},
+            state=RecordDict(),
+            run_config={},
+        )
         make_server_app(spec)(grid, context)

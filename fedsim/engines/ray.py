@@ -28,31 +28,46 @@ class RayEngine:
         num_gpus_per_client: float = 0.0,
         num_threads: int = 1,
     ) -> None:
-        if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1):
+        if num_cpus is not None and (
+            isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1
+        ):
             raise ConfigError("engine.num_cpus", num_cpus, "must be null (all) or an integer >= 1")
         if num_gpus is not None and (not isinstance(num_gpus, (int, float)) or num_gpus < 0):
             raise ConfigError("engine.num_gpus", num_gpus, "must be null (all) or a number >= 0")
         if not isinstance(num_cpus_per_client, (int, float)) or num_cpus_per_client <= 0:
-            raise ConfigError("engine.num_cpus_per_client", num_cpus_per_client, "must be a number > 0")
+            raise ConfigError(
+                "engine.num_cpus_per_client", num_cpus_per_client, "must be a number > 0"
+            )
         if not isinstance(num_gpus_per_client, (int, float)) or num_gpus_per_client < 0:
-            raise ConfigError("engine.num_gpus_per_client", num_gpus_per_client, "must be a number >= 0")
+            raise ConfigError(
+                "engine.num_gpus_per_client", num_gpus_per_client, "must be a number >= 0"
+            )
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
             raise ConfigError("engine.num_threads", num_threads, "must be an integer >= 1")
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
-        self.num_cpus_per_client, self.num_gpus_per_client = num_cpus_per_client, num_gpus_per_client
+        self.num_cpus_per_client, self.num_gpus_per_client = (
+            num_cpus_per_client,
+            num_gpus_per_client,
+        )
         self.num_threads = num_threads
 
     def backend_config(self) -> dict:
-        init_args = {"address": "local", "include_dashboard": False,
-                     "logging_level": logging.ERROR, "log_to_driver": False}
+        init_args = {
+            "address": "local",
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        }
         if self.num_cpus is not None:
             init_args["num_cpus"] = self.num_cpus
         if self.num_gpus is not None:
             init_args["num_gpus"] = self.num_gpus
         return {
             "init_args": init_args,
-            "client_resources": {"num_cpus": self.num_cpus_per_client,
-                                 "num_gpus": self.num_gpus_per_client},
+            "client_resources": {
+                "num_cpus": self.num_cpus_per_client,
+                "num_gpus": self.num_gpus_per_client,
+            },
         }
 
     def run(self, spec: RunSpec) -> None:

@@ -117,7 +117,9 @@ class SyntheticTask(Task):
         _check_int("seed", seed, 0)
         _check_int("signal_dim", signal_dim, 1)
         if signal_dim > input_dim:
-            raise ConfigError("task.signal_dim", signal_dim, f"must be <= task.input_dim ({input_dim})")
+            raise ConfigError(
+                "task.signal_dim", signal_dim, f"must be <= task.input_dim ({input_dim})"
+            )
         for key, value in [("separation", separation), ("client_shift", client_shift)]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"task.{key}", value, "must be a number >= 0")
