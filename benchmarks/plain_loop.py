@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fedsim.build import build_components
-from fedsim.training import client_generator, evaluate, train_local
+from fedsim.training import client_generator, evaluate, seed_torch, train_local
 
 
 def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -60,7 +60,7 @@ def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             load(global_state)
             optimizer = c.make_optimizer(trained, lr=sim["lr"])
             generator = client_generator(sim["seed"], server_round, client)
-            torch.manual_seed(generator.initial_seed() + 1)
+            seed_torch(generator.initial_seed() + 1)
             res = train_local(
                 model,
                 c.task,

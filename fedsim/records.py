@@ -7,54 +7,128 @@ computed from shape and dtype, never from ``len(array.data)``.
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 
+def _c_order(value: np.ndarray) -> np.ndarray:
+    arr = np.asarray(value)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")  # keeps 0-d arrays 0-d
+
+
 def to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Detach a tensor to a contiguous numpy array (copying, so later training cannot alias it)."""
+    """Detach a tensor to a C-ordered numpy array (a copy, so later training cannot alias it)."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy().copy()
-    return np.ascontiguousarray(value)
+    return _c_order(value)
+
+
+@lru_cache(maxsize=4096)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    buffer = io.BytesIO()
+    empty = np.zeros(shape, dtype=np.dtype(dtype))
+    np.save(buffer, empty, allow_pickle=False)
+    data = buffer.getvalue()
+    return data[: len(data) - empty.nbytes]
+
+
+def to_array(value: torch.Tensor | np.ndarray) -> Array:
+    """A Flower Array holding a copy of ``value``.
+
+    Byte for byte what ``Array(ndarray)`` stores (``np.save`` output), but the ``.npy`` header
+    is cached per dtype and shape instead of formatted for every array (2x faster).
+    """
+    arr = _c_order(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
+    if arr.dtype.hasobject or arr.dtype.fields is not None:
+        return Array(arr.copy())
+    data = _npy_header(arr.dtype.str, tuple(arr.shape)) + arr.tobytes()
+    return Array(_dtype_name(arr.dtype), tuple(arr.shape), "numpy.ndarray", data)
+
+
+@lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)  # what Flower records; str(dtype) costs microseconds every time
 
 
 def array_record(arrays: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     """Build an ArrayRecord, keeping the given key order."""
-    return ArrayRecord({name: Array(to_numpy(value)) for name, value in arrays.items()})
+    record = ArrayRecord()  # filled item by item: ArrayRecord(dict) re-creates every Array
+    for name, value in arrays.items():
+        record[name] = to_array(value)
+    return record
+
+
+def array_numpy(array: Array, copy: bool = True) -> np.ndarray:
+    """A writable numpy copy of a Flower Array (a read-only view with ``copy=False``).
+
+    Equal to ``array.numpy()``, which runs ``np.load`` and parses the ``.npy`` header on every
+    call (about 4x slower; hundreds of calls a round). When the blob starts with exactly the
+    header ``np.save`` writes for a C-order array of the recorded dtype and shape, the values
+    are read straight after it; anything else goes through ``array.numpy()``.
+    """
+    if array.stype == "numpy.ndarray":
+        shape = tuple(array.shape)
+        dtype = _dtype(array.dtype)
+        header = _npy_header(dtype.str, shape)  # exactly what np.save writes for a C array
+        data = array.data
+        if data.startswith(header) and len(data) == len(header) + math.prod(shape) * dtype.itemsize:
+            flat = np.frombuffer(data, dtype=dtype, offset=len(header))
+            view = flat.reshape(shape)
+            return view.copy() if copy else view
+    return array.numpy()
 
 
 def numpy_dict(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The arrays of a record as numpy arrays, in record order."""
-    return {name: array.numpy() for name, array in record.items()}
+    return {name: array_numpy(array) for name, array in record.items()}
+
+
+@lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(name)
+
+
+@lru_cache(maxsize=64)
+def _itemsize(dtype: str) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def array_numel(array: Array) -> int:
+    return math.prod(array.shape)
 
 
 def array_nbytes(array: Array) -> int:
     """Payload bytes of one Array: number of values times the dtype's size."""
-    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+    return math.prod(array.shape) * _itemsize(array.dtype)
 
 
-def array_numel(array: Array) -> int:
-    return int(np.prod(array.shape, dtype=np.int64))
+def payload(content: RecordDict) -> tuple[int, int]:
+    """(bytes, values) of all arrays a message carries.
 
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of all arrays a message carries (configs and metrics are control data, not counted)."""
-    return sum(array_nbytes(a) for rec in content.array_records.values() for a in rec.values())
-
-
-def payload_numel(content: RecordDict) -> int:
-    """Number of values (parameters) a message carries."""
-    return sum(array_numel(a) for rec in content.array_records.values() for a in rec.values())
+    Configs and metrics are control data and are not counted (REFERENCE section 3).
+    """
+    nbytes = numel = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            for array in record.values():
+                n = math.prod(array.shape)
+                numel += n
+                nbytes += n * _itemsize(array.dtype)
+    return nbytes, numel
 
 
 def messages_payload(messages: Iterable[Message]) -> tuple[int, int]:
-    """(bytes, values) summed over messages that carry content."""
+    """(bytes, values) summed over the messages that carry content."""
     nbytes = numel = 0
     for msg in messages:
         if msg.has_content():
-            nbytes += payload_bytes(msg.content)
-            numel += payload_numel(msg.content)
+            b, n = payload(msg.content)
+            nbytes += b
+            numel += n
     return nbytes, numel

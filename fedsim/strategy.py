@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -102,16 +101,6 @@ def weighted_mean(
     return out
 
 
-def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Copy named arrays into the model's parameters (names must exist, shapes must match)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in arrays.items():
-            if name not in params:
-                raise KeyError(f"the model has no parameter named {name!r}")
-            params[name].copy_(torch.from_numpy(np.asarray(value)))
-
-
 class AdapterStrategy(Strategy):
     """Base class of fedsim strategies. Subclasses implement :meth:`aggregate`.
 
@@ -147,7 +136,7 @@ class AdapterStrategy(Strategy):
         self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], state: RecordDict
     ) -> None:
         """Load what the server sent into the client's model (default: all of it)."""
-        load_arrays(model, arrays)
+        spec.load(model, arrays)
 
     def client_send(self, model: nn.Module, spec: AdapterSpec, state: RecordDict) -> dict:
         """What the client sends back after training (default: the adapter's sent parameters)."""
@@ -158,9 +147,11 @@ class AdapterStrategy(Strategy):
         """The global arrays before round 1 (default: the sent parameters at initialisation)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in spec.sent_state(model).items()}
 
-    def load_global(self, model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    def load_global(
+        self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray]
+    ) -> None:
         """Make the server's model the global model (for server-side evaluation)."""
-        load_arrays(model, arrays)
+        spec.load(model, arrays)
 
     def aggregate(
         self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]

@@ -9,9 +9,10 @@ and which are sent to the server (peft's ``adapter_layer_names`` plays the same 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,23 +24,45 @@ class AdapterSpec:
     """The result of applying an adapter to a model: full parameter names, in model order.
 
     ``trained`` have ``requires_grad=True``; ``sent`` is what a client sends and the server
-    aggregates (a subset of ``trained``, or equal to it).
+    aggregates (a subset of ``trained``, or equal to it). The spec keeps its model's
+    name-to-parameter map, so the per-round loads and reads need no walk over the modules.
     """
 
     trained: list[str]
     sent: list[str]
     adapted_modules: list[str] = field(default_factory=list)
+    _model: nn.Module | None = field(default=None, repr=False, compare=False)
+    _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False, compare=False)
+
+    def bind(self, model: nn.Module) -> AdapterSpec:
+        """Remember ``model``'s parameters (its structure must not change afterwards)."""
+        self._model, self._params = model, dict(model.named_parameters())
+        return self
+
+    def parameters_of(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        if self._model is model:
+            return self._params
+        return dict(model.named_parameters())
 
     def sent_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        params = dict(model.named_parameters())
+        params = self.parameters_of(model)
         return {name: params[name] for name in self.sent}
 
     def trained_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        params = dict(model.named_parameters())
+        params = self.parameters_of(model)
         return [params[name] for name in self.trained]
 
     def num_trained(self, model: nn.Module) -> int:
         return sum(p.numel() for p in self.trained_parameters(model))
+
+    def load(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+        """Copy named arrays into the model's parameters (names must exist, shapes must match)."""
+        params = self.parameters_of(model)
+        with torch.no_grad():
+            for name, value in arrays.items():
+                if name not in params:
+                    raise KeyError(f"the model has no parameter named {name!r}")
+                params[name].copy_(torch.from_numpy(np.asarray(value)))
 
 
 class Adapter:
@@ -112,7 +135,7 @@ class Adapter:
             elif any(pname.startswith(h + ".") for h in heads):
                 trained.append(pname)
                 sent.append(pname)
-        return AdapterSpec(trained=trained, sent=sent, adapted_modules=names)
+        return AdapterSpec(trained=trained, sent=sent, adapted_modules=names).bind(model)
 
 
 def matching_linear_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:

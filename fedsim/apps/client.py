@@ -24,6 +24,7 @@ from fedsim.training import (
     evaluate,
     load_optimizer_state,
     optimizer_state_arrays,
+    seed_torch,
     train_local,
 )
 
@@ -57,7 +58,7 @@ class ClientRuntime:
         if sim["keep_optimizer_state"] and keys.STATE_OPTIMIZER in state:
             load_optimizer_state(optimizer, numpy_dict(state[keys.STATE_OPTIMIZER]))
         generator = client_generator(sim["seed"], server_round, client)
-        torch.manual_seed(generator.initial_seed() + 1)  # dropout and other global-RNG draws
+        seed_torch(generator.initial_seed() + 1)  # dropout and other global-RNG draws
         result = train_local(
             self.model,
             c.task,

@@ -26,7 +26,7 @@ from fedsim import keys
 from fedsim.build import build_components
 from fedsim.config import RunSpec
 from fedsim.progress import RoundPrinter, human_bytes
-from fedsim.records import array_record, messages_payload, numpy_dict
+from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict
 from fedsim.results import ResultsWriter
 from fedsim.strategy import StrategyContext
 from fedsim.training import evaluate
@@ -117,7 +117,7 @@ class FederatedRun:
             if tuple(arr.shape) != tuple(expected[name].shape):
                 shape, want = tuple(arr.shape), expected[name].shape
                 return f"malformed reply: {name} has shape {shape}, expected {want}"
-            if not np.all(np.isfinite(arr.numpy())):
+            if not np.all(np.isfinite(array_numpy(arr, copy=False))):
                 return f"non-finite values in {name}"
         return None
 
@@ -125,7 +125,7 @@ class FederatedRun:
         return self.strategy.context.client_of[reply.metadata.src_node_id]
 
     def evaluate_global(self, server_round: int, arrays) -> dict[str, Any]:
-        self.strategy.load_global(self.model, numpy_dict(arrays))
+        self.strategy.load_global(self.model, self.adapter_spec, numpy_dict(arrays))
         res = evaluate(self.model, self.c.task, self.test_set)
         out: dict[str, Any] = {keys.EVAL_LOSS: res.loss, keys.EVAL_ACCURACY: res.accuracy}
         msgs = list(

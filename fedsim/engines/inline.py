@@ -3,8 +3,8 @@
 Flower's simulation engine starts Ray (15-47 s here) and routes every message through actors;
 for LoRA-sized rounds that costs more than the training. This Grid hands each message straight
 to the ClientApp, with one persistent ``Context`` per simulated node, and runs the very same
-ServerApp, ClientApp and strategies. Messages are deep-copied in both directions, as a transport
-would copy them, so neither side can alias the other's arrays.
+ServerApp, ClientApp and strategies. Messages are copied in both directions, as a transport
+would copy them (:func:`transport_copy`), so neither side can alias the other's records.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
@@ -23,6 +23,29 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim import keys
 from fedsim.config import RunSpec
+
+
+def transport_copy(msg: Message) -> Message:
+    """What the receiving side of a transport gets: new records, new Arrays, new metadata.
+
+    Each Array's payload is an immutable ``bytes`` object, so the copy shares it instead of
+    duplicating it; everything mutable is new. (``copy.deepcopy`` gives the same result at
+    1.5x the cost, in a path every message takes.)
+    """
+    metadata = copy.copy(msg.metadata)
+    if msg.has_error():
+        return Message(copy.copy(msg.error), metadata=metadata)
+    content = RecordDict()
+    for key, record in msg.content.items():
+        new = type(record)()
+        if isinstance(record, ArrayRecord):
+            for name, array in record.items():
+                new[name] = copy.copy(array)
+        else:  # ConfigRecord / MetricRecord: scalars, bytes, strings, or lists of them
+            for name, value in record.items():
+                new[name] = list(value) if isinstance(value, list) else value
+        content[key] = new
+    return Message(content=content, metadata=metadata)
 
 
 class InlineGrid(Grid):
@@ -82,7 +105,7 @@ class InlineGrid(Grid):
                 raise ValueError(f"unknown destination node {msg.metadata.dst_node_id}")
             msg_id = f"m{next(self._counter)}"
             msg.metadata.__dict__["_message_id"] = msg_id
-            self._pending[msg_id] = copy.deepcopy(msg)  # what the client receives
+            self._pending[msg_id] = transport_copy(msg)  # what the client receives
             ids.append(msg_id)
         return ids
 
@@ -128,7 +151,7 @@ class InlineGrid(Grid):
             )
             reply = Message(error, reply_to=msg)
         reply.metadata.__dict__["_message_id"] = f"r{msg_id}"
-        self._replies[msg_id] = copy.deepcopy(reply)  # what the server receives
+        self._replies[msg_id] = transport_copy(reply)  # what the server receives
 
 
 class InlineEngine:
