@@ -1,0 +1,35 @@
+# fedsim: two commands on a fresh machine.
+#   make demo   install into .venv, then run a simulation (the embedded default config)
+#   make test   install into .venv, then run the test suite
+# TORCH picks the PyTorch requirement installed first: torch==2.13.0 is a CPU wheel on the
+# project's build machines; elsewhere `make demo TORCH=torch` takes your platform's build.
+
+VENV   ?= .venv
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: demo test lint bench install
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/fedsim
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check fedsim strategies tests benchmarks
+	$(VENV)/bin/ruff format --check fedsim strategies tests benchmarks
+
+bench: install
+	$(PY) benchmarks/overhead.py
