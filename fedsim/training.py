@@ -48,27 +48,25 @@ class ConstantSchedule(Schedule):
     """Constant learning rate (after an optional linear warm-up)."""
 
 
-class LinearSchedule(Schedule):
-    """Linear decay from the learning rate to ``final_factor`` times it, after warm-up."""
+class _DecaySchedule(Schedule):
+    """Decays from the learning rate to ``final_factor`` times it, after warm-up."""
 
     def __init__(self, warmup_steps: int = 0, final_factor: float = 0.0) -> None:
         super().__init__(warmup_steps)
         if not isinstance(final_factor, (int, float)) or not 0 <= final_factor <= 1:
             raise ConfigError("schedule.final_factor", final_factor, "must be a number in [0, 1]")
         self.final_factor = float(final_factor)
+
+
+class LinearSchedule(_DecaySchedule):
+    """Linear decay from the learning rate to ``final_factor`` times it, after warm-up."""
 
     def decay(self, progress: float) -> float:
         return 1.0 - (1.0 - self.final_factor) * progress
 
 
-class CosineSchedule(Schedule):
+class CosineSchedule(_DecaySchedule):
     """Cosine decay from the learning rate to ``final_factor`` times it, after warm-up."""
-
-    def __init__(self, warmup_steps: int = 0, final_factor: float = 0.0) -> None:
-        super().__init__(warmup_steps)
-        if not isinstance(final_factor, (int, float)) or not 0 <= final_factor <= 1:
-            raise ConfigError("schedule.final_factor", final_factor, "must be a number in [0, 1]")
-        self.final_factor = float(final_factor)
 
     def decay(self, progress: float) -> float:
         cos = 0.5 * (1.0 + math.cos(math.pi * progress))
