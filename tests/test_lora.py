@@ -45,6 +45,33 @@ def test_output_unchanged_on_a_plain_torch_model():
     assert torch.allclose(before, model(x), atol=1e-6, rtol=0)
 
 
+def test_hugging_face_model_unchanged_at_init_and_only_adapters_train():
+    """A tiny, randomly initialised BERT (nothing from a hub): LoRA on query/value + head."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(input_ids=ids).logits
+    spec = LoRA(r=2, target_modules=["query", "value"]).apply(
+        model, default_targets=(), head_modules=("classifier",), seed=0
+    )
+    assert torch.equal(before, model(input_ids=ids).logits)
+    assert len(spec.adapted_modules) == 4  # 2 layers x (query, value)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(spec.trained)
+    assert all("lora_" in n or n.startswith("classifier.") for n in trained)
+    assert spec.num_trained(model) == 4 * 2 * (16 + 16) + 16 * 3 + 3
+
+
 def test_forward_matches_the_equation_in_numpy():
     """y = W0 x + b + (alpha / r) B A x, computed independently in float64 numpy."""
     g = torch.Generator().manual_seed(1)

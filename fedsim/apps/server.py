@@ -173,7 +173,6 @@ class FederatedRun:
             )
             self.strategy.summary()
             arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
-            self.strategy.current = numpy_dict(arrays)
 
             t0 = time.perf_counter()
             last = {
@@ -186,6 +185,7 @@ class FederatedRun:
                 "clients_ok": 0,
                 "clients_failed": 0,
                 "failures": [],
+                "round_skipped": False,
                 "round_time_s": time.perf_counter() - t0,
             }
             last["eval_time_s"] = last["round_time_s"]
