@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from fedsim.apps.server import RunFailed
 from fedsim.config import (
     RunSpec,
     check,
@@ -127,6 +128,24 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (ConfigError, ConfigCompositionError) as e:  # already caught up front, normally
         print(f"fedsim: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        failed = _run_failed(e)
+        if failed is None:
+            raise  # a bug: Hydra prints the traceback
+        print(
+            f"fedsim: run failed: {failed} (see {spec.output_dir / 'summary.json'})",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def _run_failed(exc: BaseException) -> RunFailed | None:
+    """The RunFailed behind ``exc`` (the ray engine re-raises it wrapped), if any."""
+    while exc is not None:
+        if isinstance(exc, RunFailed):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

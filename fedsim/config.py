@@ -303,4 +303,6 @@ def check(cfg: dict[str, Any]) -> None:
     from fedsim.build import build_components
 
     validate(cfg)
-    build_components(cfg).model()
+    components = build_components(cfg)
+    components.model()
+    components.data.check(cfg["sim"]["num_clients"])

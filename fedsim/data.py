@@ -7,12 +7,13 @@ then split, with a seeded permutation, into a local train and a local test split
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from datasets import Dataset
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ComponentError, ConfigError
 from fedsim.tasks.base import Batch, Task
 
 
@@ -68,6 +69,34 @@ class FederatedData:
     def indices(self, client: int) -> np.ndarray:
         self._setup()
         return np.asarray(self.partitioner.load_partition(client)["idx"], dtype=np.int64)
+
+    def check(self, num_clients: int) -> None:
+        """Partition now and make sure every client gets examples (a ConfigError otherwise).
+
+        flwr-datasets partitioners compute all partitions on first use; settings they cannot
+        satisfy (more classes per client than the task has, a minimum partition size too large)
+        fail there, which would otherwise be inside every client, every round.
+        """
+        name = type(self.partitioner).__name__
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                sizes = [len(self.indices(client)) for client in range(num_clients)]
+            except (ValueError, KeyError, IndexError) as e:
+                notes = {str(w.message).splitlines()[0] for w in caught}
+                reason = " ".join(str(e).split())
+                if notes:
+                    reason += " (" + "; ".join(sorted(notes)) + ")"
+                reason = reason if len(reason) <= 400 else reason[:397] + "..."
+                raise ComponentError("partition", name, reason) from None
+        empty = [client for client, size in enumerate(sizes) if size < 2]
+        if empty:
+            raise ComponentError(
+                "partition",
+                name,
+                f"clients {empty[:10]} get fewer than 2 examples (a train and a test example); "
+                "use fewer clients, more examples per client, or another partitioner",
+            )
 
     def client(self, client: int) -> ClientData:
         if client not in self._cache:

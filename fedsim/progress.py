@@ -43,6 +43,10 @@ class RoundPrinter:
             f"  {r['round_time_s']:.2f} s"
         )
 
+    def warning(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[yellow]warning:[/yellow] {text}")
+
     def line(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text)

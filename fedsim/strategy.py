@@ -159,6 +159,26 @@ class AdapterStrategy(Strategy):
         """The new global arrays from the current ones and the round's client updates."""
         raise NotImplementedError
 
+    def check_aggregate(self, new: Mapping[str, np.ndarray]) -> None:
+        """The global arrays keep their names, shapes and dtypes from round to round."""
+        name = type(self).__name__
+        if set(new) != set(self.current):
+            missing, extra = (
+                sorted(set(self.current) - set(new)),
+                sorted(set(new) - set(self.current)),
+            )
+            raise ValueError(
+                f"{name}.aggregate returned other array names than the global arrays "
+                f"(missing {missing[:5]}, unexpected {extra[:5]})"
+            )
+        for key, value in new.items():
+            want = self.current[key]
+            if np.shape(value) != want.shape or np.asarray(value).dtype != want.dtype:
+                raise ValueError(
+                    f"{name}.aggregate returned {key} as {np.asarray(value).dtype}"
+                    f"{list(np.shape(value))}; the global array is {want.dtype}{list(want.shape)}"
+                )
+
     def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
         """``p_i``: by number of examples if ``weighted``, else uniform."""
         if self.weighted:
@@ -222,6 +242,7 @@ class AdapterStrategy(Strategy):
         if not updates:
             return None, None
         new = self.aggregate(server_round, self.current, updates)
+        self.check_aggregate(new)
         w = self.weights(updates)
         metrics = MetricRecord()
         for key in updates[0].metrics:

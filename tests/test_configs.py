@@ -88,6 +88,15 @@ BAD = [
     (["task.signal_dim=64"], "task.signal_dim=64"),
     (["sim.rounds=1,2"], "Ambiguous value for argument 'sim.rounds=1,2'"),
     (["sim.rounds="], "sim.rounds"),
+    (
+        ["partition=pathological", "partition.num_classes_per_partition=20"],
+        "partition (PathologicalPartitioner) rejected its settings",
+    ),
+    (["partition.min_partition_size=300"], "partition (DirichletPartitioner) rejected"),
+    (
+        ["partition=iid", "sim.num_clients=300", "task.examples_per_client=1"],
+        "get fewer than 2 examples",
+    ),
 ]
 
 

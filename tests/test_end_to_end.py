@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import TINY, strip_timings, tiny
+from tests.conftest import strip_timings, tiny
 
 ROUND_KEYS = {
     "round",
@@ -150,22 +150,45 @@ def test_options_run_end_to_end(run_tiny, extra):
     assert summary["status"] == "ok" and len(rows) == 3
 
 
-def test_min_clients_not_met_keeps_the_model(run_tiny, monkeypatch):
-    """A round with fewer good replies than sim.min_clients keeps the previous global model."""
+def _failing_clients(monkeypatch, should_fail):
     from fedsim.apps import client as client_mod
 
     original = client_mod.ClientRuntime.train
 
     def flaky(self, msg, context):
-        if int(context.node_config["partition-id"]) != 0:
+        client = int(context.node_config["partition-id"])
+        server_round = int(msg.content["config"]["server-round"])
+        if should_fail(client, server_round):
             raise RuntimeError("injected failure")
         return original(self, msg, context)
 
     monkeypatch.setattr(client_mod.ClientRuntime, "train", flaky)
-    _, rows, _ = run_tiny("sim.min_clients=2")
-    for row in rows[1:]:
-        assert row["clients_ok"] == 1 and row["clients_failed"] == 3
-        assert row["round_skipped"] is True
-        assert {f["reason"] for f in row["failures"]} == {"RuntimeError: injected failure"}
-        assert row["eval_accuracy"] == rows[0]["eval_accuracy"]
-    assert TINY  # the tiny base config was used
+
+
+def test_min_clients_not_met_keeps_the_model(run_tiny, monkeypatch):
+    """Round 1 has one good reply (< sim.min_clients=2): skipped, the model is kept."""
+    _failing_clients(monkeypatch, lambda client, rnd: rnd == 1 and client != 0)
+    summary, rows, _ = run_tiny("sim.min_clients=2")
+    first = rows[1]
+    assert first["clients_ok"] == 1 and first["clients_failed"] == 3
+    assert first["round_skipped"] is True and first["train_loss"] is None
+    assert {f["reason"] for f in first["failures"]} == {"RuntimeError: injected failure"}
+    assert sorted(f["client"] for f in first["failures"]) == [1, 2, 3]
+    assert first["eval_accuracy"] == rows[0]["eval_accuracy"]  # the global model was kept
+    assert rows[2]["round_skipped"] is False and rows[2]["clients_ok"] == 4
+    assert summary["status"] == "ok"
+    assert summary["rounds_skipped"] == 1 and summary["clients_failed_total"] == 3
+
+
+def test_a_run_where_every_round_is_skipped_fails(tmp_path, monkeypatch):
+    import json
+
+    from fedsim.api import run
+    from fedsim.apps.server import RunFailed
+
+    _failing_clients(monkeypatch, lambda client, rnd: True)
+    with pytest.raises(RunFailed, match="every round was skipped"):
+        run(tiny(), output_dir=tmp_path / "r")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "injected failure" in summary["error"]
+    assert summary["rounds_skipped"] == 2

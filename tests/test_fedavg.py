@@ -112,3 +112,23 @@ def test_sampler_is_seeded_and_samples_without_replacement():
     assert ClientSampler(100, 10, seed=4).train_clients(1) != s.train_clients(1)
     assert ClientSampler(5, 5, seed=0).train_clients(7) == [0, 1, 2, 3, 4]
     assert ClientSampler(5, 5, seed=0, eval_clients=0).evaluate_clients(1) == []
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda out: {k: v for k, v in out.items() if k != "b"}, "other array names"),
+        (lambda out: {**out, "a": out["a"].astype(np.float64)}, "as float64"),
+        (lambda out: {**out, "a": out["a"].reshape(-1)}, "float32\\[4\\]"),
+    ],
+)
+def test_an_aggregate_that_changes_the_global_arrays_is_an_error(rounds_messages, mutate, message):
+    strategy, msgs = rounds_messages
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"id{i}"
+    arrays = {"a": np.ones((2, 2), np.float32), "b": np.ones(3, np.float32)}
+    reply = mock_reply(msgs[0], arrays, 5, 1.0)
+    original = FedAvg.aggregate
+    strategy.aggregate = lambda r, cur, ups: mutate(original(strategy, r, cur, ups))
+    with pytest.raises(ValueError, match=message):
+        strategy.aggregate_train(1, [reply])

@@ -18,7 +18,7 @@ from typing import Any
 import flwr
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 import fedsim
@@ -34,6 +34,10 @@ from fedsim.training import evaluate
 log = logging.getLogger(__name__)
 
 
+class RunFailed(RuntimeError):
+    """The run ended without a usable result (its summary.json says why)."""
+
+
 class FederatedRun:
     """One simulation, driven from the ServerApp's ``main``."""
 
@@ -46,6 +50,18 @@ class FederatedRun:
         self.writer = ResultsWriter(spec.output_dir)
         self.printer = RoundPrinter(self.sim["rounds"], quiet=spec.quiet)
         self.test_set = self.c.task.test_set()
+        self.node_client: dict[int, int] = {}
+        self.last: dict[str, Any] = {}  # the latest line of metrics.jsonl
+        self.totals = {
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "numel_up": 0,
+            "numel_down": 0,
+            "replies": 0,
+            "sent": 0,
+            "rounds_skipped": 0,
+            "clients_failed": 0,
+        }
 
     # ------------------------------------------------------------------ set-up
     def discover_nodes(self) -> dict[int, int]:
@@ -78,13 +94,13 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ one round
     def screen(
-        self, sent: list[Message], replies: list[Message], node_client: dict[int, int]
+        self, sent: list[Message], replies: list[Message]
     ) -> tuple[list[Message], list[dict[str, Any]]]:
         """Split replies into good ones (sorted by client) and failures with their reasons."""
         by_id = {m.metadata.reply_to_message_id: m for m in replies}
         good, failures = [], []
         for msg in sent:
-            client = node_client[msg.metadata.dst_node_id]
+            client = self.node_client[msg.metadata.dst_node_id]
             reply = by_id.get(msg.metadata.message_id)
             if reply is None:
                 reason = "no reply"
@@ -143,42 +159,85 @@ class FederatedRun:
         return out
 
     # ------------------------------------------------------------------ the run
+    def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+        """One training round; returns the new global arrays and the round's bookkeeping."""
+        sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
+        bytes_down, numel_down = messages_payload(sent)
+        replies = list(self.grid.send_and_receive(sent))
+        good, failures = self.screen(sent, replies)
+        bytes_up, numel_up = messages_payload(replies)
+        train_loss, skipped = None, len(good) < self.sim["min_clients"]
+        if not skipped:
+            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, good)
+            if new_arrays is not None:
+                arrays = new_arrays
+            if train_metrics is not None:
+                train_loss = train_metrics.get(keys.TRAIN_LOSS)
+        self.totals["numel_up"] += numel_up
+        self.totals["numel_down"] += numel_down
+        self.totals["replies"] += sum(1 for r in replies if r.has_content())
+        self.totals["sent"] += len(sent)
+        return arrays, {
+            keys.TRAIN_LOSS: train_loss,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "clients_sampled": len(sent),
+            "clients_ok": len(good),
+            "clients_failed": len(failures),
+            "failures": failures,
+            "round_skipped": skipped,
+        }
+
+    def record_round(self, server_round: int, arrays: ArrayRecord, train: dict, t0: float) -> None:
+        """Evaluate, then write and print the round's line of metrics.jsonl."""
+        t_eval = time.perf_counter()
+        record = {
+            "round": server_round,
+            keys.TRAIN_LOSS: train[keys.TRAIN_LOSS],
+            **self.evaluate_global(server_round, arrays),
+            **train,
+        }
+        now = time.perf_counter()
+        record["round_time_s"] = now - t0
+        record["eval_time_s"] = now - t_eval
+        self.writer.append_round(record)
+        self.printer.round(record)
+        if record["failures"]:
+            first = record["failures"][0]
+            message = (
+                f"round {server_round}: {len(record['failures'])} client(s) failed, "
+                f"e.g. client {first['client']}: {first['reason']}"
+            )
+            if record["round_skipped"]:
+                message += f"; fewer than sim.min_clients={self.sim['min_clients']} good "
+                message += "replies, the global model was kept"
+            self.printer.warning(message)
+        self.totals["rounds_skipped"] += int(record["round_skipped"])
+        self.totals["clients_failed"] += record["clients_failed"]
+        self.totals["bytes_up"] += record["bytes_up"]
+        self.totals["bytes_down"] += record["bytes_down"]
+        self.last = record
+
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         sim = self.sim
         self.writer.write_config(self.spec.cfg)
+        shown = ("task", "adapter", "strategy", "partition", "engine")
         self.printer.header(
-            " ".join(
-                f"{k}={v}"
-                for k, v in self.spec.choices.items()
-                if k in ("task", "adapter", "strategy", "partition", "engine")
-            )
+            " ".join(f"{k}={v}" for k, v in self.spec.choices.items() if k in shown)
             + f"  clients {sim['clients_per_round']}/{sim['num_clients']}  rounds {sim['rounds']}"
             + f"  -> {self.spec.output_dir}"
         )
-        totals = {
-            "bytes_up": 0,
-            "bytes_down": 0,
-            "numel_up": 0,
-            "numel_down": 0,
-            "replies": 0,
-            "sent": 0,
-        }
-        last: dict[str, Any] = {}
         try:
             node_of = self.discover_nodes()
-            node_client = {node: client for client, node in node_of.items()}
+            self.node_client = {node: client for client, node in node_of.items()}
             self.strategy.bind(
                 StrategyContext(self.c.sampler(), node_of, self.adapter_spec, sim["seed"])
             )
             self.strategy.summary()
             arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
-
-            t0 = time.perf_counter()
-            last = {
-                "round": 0,
+            nothing_sent = {
                 keys.TRAIN_LOSS: None,
-                **self.evaluate_global(0, arrays),
                 "bytes_up": 0,
                 "bytes_down": 0,
                 "clients_sampled": 0,
@@ -186,69 +245,31 @@ class FederatedRun:
                 "clients_failed": 0,
                 "failures": [],
                 "round_skipped": False,
-                "round_time_s": time.perf_counter() - t0,
             }
-            last["eval_time_s"] = last["round_time_s"]
-            self.writer.append_round(last)
-            self.printer.round(last)
-
+            self.record_round(0, arrays, nothing_sent, time.perf_counter())
             for server_round in range(1, sim["rounds"] + 1):
                 t0 = time.perf_counter()
-                sent = list(
-                    self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
-                )
-                bytes_down, numel_down = messages_payload(sent)
-                replies = list(self.grid.send_and_receive(sent))
-                good, failures = self.screen(sent, replies, node_client)
-                bytes_up, numel_up = messages_payload(r for r in replies if not r.has_error())
-                train_loss = None
-                if len(good) >= sim["min_clients"]:
-                    new_arrays, train_metrics = self.strategy.aggregate_train(server_round, good)
-                    if new_arrays is not None:
-                        arrays = new_arrays
-                    if train_metrics is not None:
-                        train_loss = train_metrics.get(keys.TRAIN_LOSS)
-                    skipped = False
-                else:
-                    skipped = True
-                t_eval = time.perf_counter()
-                record = {
-                    "round": server_round,
-                    keys.TRAIN_LOSS: train_loss,
-                    **self.evaluate_global(server_round, arrays),
-                    "bytes_up": bytes_up,
-                    "bytes_down": bytes_down,
-                    "clients_sampled": len(sent),
-                    "clients_ok": len(good),
-                    "clients_failed": len(failures),
-                    "failures": failures,
-                    "round_skipped": skipped,
-                }
-                now = time.perf_counter()
-                record["round_time_s"] = now - t0
-                record["eval_time_s"] = now - t_eval
-                self.writer.append_round(record)
-                self.printer.round(record)
-                last = record
-                totals["bytes_up"] += bytes_up
-                totals["bytes_down"] += bytes_down
-                totals["numel_up"] += numel_up
-                totals["numel_down"] += numel_down
-                totals["replies"] += sum(1 for r in replies if not r.has_error())
-                totals["sent"] += len(sent)
-            summary = self.summary(last, totals, time.perf_counter() - t_start, status="ok")
+                arrays, train = self.train_round(server_round, arrays)
+                self.record_round(server_round, arrays, train, t0)
         except Exception as exc:
             summary = self.summary(
-                last,
-                totals,
-                time.perf_counter() - t_start,
-                status="failed",
-                error=f"{type(exc).__name__}: {exc}",
+                time.perf_counter() - t_start, status="failed", error=f"{type(exc).__name__}: {exc}"
             )
             self.writer.write_summary(summary)
             self.writer.close()
             log.debug("run failed:\n%s", traceback.format_exc())
             raise
+        if sim["rounds"] and self.totals["rounds_skipped"] == sim["rounds"]:
+            first = self.last["failures"][0]["reason"] if self.last["failures"] else "?"
+            error = (
+                f"every round was skipped: no round had sim.min_clients="
+                f"{sim['min_clients']} good replies (last failure: {first})"
+            )
+            summary = self.summary(time.perf_counter() - t_start, status="failed", error=error)
+            self.writer.write_summary(summary)
+            self.writer.close()
+            raise RunFailed(error)
+        summary = self.summary(time.perf_counter() - t_start, status="ok")
         self.writer.write_summary(summary)
         self.writer.close()
         self.printer.line(
@@ -259,14 +280,8 @@ class FederatedRun:
         )
         return summary
 
-    def summary(
-        self,
-        last: dict[str, Any],
-        totals: dict[str, int],
-        wall: float,
-        status: str,
-        error: str | None = None,
-    ) -> dict[str, Any]:
+    def summary(self, wall: float, status: str, error: str | None = None) -> dict[str, Any]:
+        last, totals = self.last, self.totals
         sim, ch = self.sim, self.spec.choices
         out = {
             "status": status,
@@ -278,8 +293,11 @@ class FederatedRun:
             "compressor": ch.get("compressor"),
             "feedback": ch.get("feedback"),
             "privacy": ch.get("privacy"),
+            "faults": ch.get("faults"),
             "rounds": sim["rounds"],
             "rounds_completed": last.get("round", 0),
+            "rounds_skipped": totals["rounds_skipped"],
+            "clients_failed_total": totals["clients_failed"],
             "num_clients": sim["num_clients"],
             "clients_per_round": sim["clients_per_round"],
             "final_eval_loss": last.get(keys.EVAL_LOSS),
