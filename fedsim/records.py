@@ -1,6 +1,6 @@
 """Converting between torch/numpy tensors and Flower records, and measuring payloads.
 
-Payload size follows REFERENCE section 3: every value at its dtype's size, no serialisation
+Payload size follows docs/results.md ("What bytes count"): every value at its dtype's size, no serialisation
 framing. Flower stores each Array as a ``.npy`` blob whose header is framing, so sizes are
 computed from shape and dtype, never from ``len(array.data)``.
 """
@@ -111,7 +111,7 @@ def array_nbytes(array: Array) -> int:
 def payload(content: RecordDict) -> tuple[int, int]:
     """(bytes, values) of all arrays a message carries.
 
-    Configs and metrics are control data and are not counted (REFERENCE section 3).
+    Configs and metrics are control data and are not counted (docs/results.md).
     """
     nbytes = numel = 0
     for record in content.values():

@@ -2,7 +2,8 @@
 
 Each adapter matrix is averaged separately, weighted by the clients' numbers of examples:
 ``A = sum_i p_i A_i``, ``B = sum_i p_i B_i`` (task heads likewise). Not exact: the product of
-the means is not the mean of the products ``B_i A_i`` (REFERENCE section 2).
+the means is not the mean of the products, ``mean(B_i) mean(A_i) != mean(B_i A_i)``, so the
+global update differs from the mean of the clients' updates ``s B_i A_i``.
 """
 
 from __future__ import annotations

@@ -9,11 +9,18 @@ from setuptools import find_packages
 from tests.conftest import ROOT
 
 
-def test_every_package_is_listed():
+def test_every_package_and_config_group_is_listed():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(project["tool"]["setuptools"]["packages"])
-    found = {p for p in find_packages(str(ROOT), include=["fedsim*", "strategies*"])}
-    assert found | {"fedsim.conf"} == listed
+    found = set(find_packages(str(ROOT), include=["fedsim*", "strategies*"]))
+    groups = {
+        f"fedsim.conf.{d.name}"
+        for d in (ROOT / "conf").iterdir()
+        if d.is_dir() and not d.name.startswith("__")
+    }
+    assert found | {"fedsim.conf"} | groups == listed
+    data = project["tool"]["setuptools"]["package-data"]
+    assert all(data.get(g) == ["*.yaml"] for g in groups | {"fedsim.conf"})
 
 
 def test_console_script_and_flower_components():

@@ -78,7 +78,9 @@ class RayEngine:
 
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.WARNING)
+        flwr_log.addFilter(_drop_run_simulation_notice)
         try:
             run_simulation(
                 server_app=make_server_app(spec),
@@ -87,5 +89,11 @@ class RayEngine:
                 backend_config=self.backend_config(),
             )
         finally:
+            flwr_log.removeFilter(_drop_run_simulation_notice)
             if ray.is_initialized():
                 ray.shutdown()
+
+
+def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:
+    """fedsim calls ``run_simulation`` on purpose (it is Flower's Ray engine); skip its notice."""
+    return "run_simulation` function is deprecated" not in record.getMessage()
