@@ -1,8 +1,8 @@
 """Converting between torch/numpy tensors and Flower records, and measuring payloads.
 
-Payload size follows docs/results.md ("What bytes count"): every value at its dtype's size, no serialisation
-framing. Flower stores each Array as a ``.npy`` blob whose header is framing, so sizes are
-computed from shape and dtype, never from ``len(array.data)``.
+Payload size follows docs/results.md ("What bytes count"): every value at its dtype's size,
+no serialisation framing. Flower stores each Array as a ``.npy`` blob whose header is framing,
+so sizes are computed from shape and dtype, never from ``len(array.data)``.
 """
 
 from __future__ import annotations
