@@ -3,7 +3,7 @@
 Same clients (fedsim's sampler), same data, batches, seeds, optimizer, schedule, aggregation
 (weighted mean in float64, cast back) and evaluation (server test set and every client's local
 test split), but no Flower: no messages, records, copies or grid. It is the floor the engines
-are measured against (``benchmarks/overhead.py``), and tests/test_reference_loop.py checks that
+are measured against (``benchmarks/overhead.py``), and tests/test_end_to_end.py checks that
 the inline engine reproduces its numbers.
 """
 
@@ -23,7 +23,8 @@ def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     c = build_components(cfg)
     sim = c.sim
     torch.set_num_threads(int(getattr(c.engine, "num_threads", 1)))
-    model, spec = c.model()
+    device = c.device
+    model, spec = c.model(device)
     sent = spec.sent_state(model)  # name -> live parameter
     trained = spec.trained_parameters(model)
     sampler = c.sampler()
@@ -38,12 +39,12 @@ def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
     def eval_round(server_round: int) -> dict[str, Any]:
         load(global_state)
-        res = evaluate(model, c.task, test_set)
+        res = evaluate(model, c.task, test_set, device=device)
         accs = []
         for client in sampler.evaluate_clients(server_round):
             data = c.data.client(client)
             if data.num_test:
-                accs.append(evaluate(model, c.task, data.test).accuracy)
+                accs.append(evaluate(model, c.task, data.test, device=device).accuracy)
         return {
             "eval_loss": res.loss,
             "eval_accuracy": res.accuracy,
@@ -73,6 +74,7 @@ def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 start_step=steps_done.get(client, 0),
                 total_steps=c.total_local_steps,
                 generator=generator,
+                device=device,
             )
             steps_done[client] = steps_done.get(client, 0) + res.steps
             states.append({n: p.detach().clone() for n, p in sent.items()})

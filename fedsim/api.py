@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,15 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
 
 def run(
     overrides: Sequence[str] = (),
-    output_dir: str | Path = "results/api-run",
+    output_dir: str | Path | None = None,
     quiet: bool = True,
     config_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Compose the config from ``overrides`` (as on the command line) and run it."""
+    """Compose the config from ``overrides`` (as on the command line) and run it.
+
+    ``output_dir`` must not hold a run yet; by default ``results/api/<date>/<time>``.
+    """
+    if output_dir is None:
+        output_dir = f"results/api/{datetime.now().strftime('%Y-%m-%d/%H-%M-%S-%f')}"
     cfg, choices = compose(list(overrides), config_dir=config_dir)
     return run_spec(RunSpec(cfg=cfg, choices=choices, output_dir=Path(output_dir), quiet=quiet))

@@ -110,9 +110,17 @@ class Components:
     def sim(self) -> dict[str, Any]:
         return self.cfg["sim"]
 
-    def model(self) -> tuple[nn.Module, AdapterSpec]:
+    @property
+    def device(self) -> torch.device:
+        from fedsim.training import resolve_device
+
+        return resolve_device(self.sim["device"])
+
+    def model(self, device: torch.device | None = None) -> tuple[nn.Module, AdapterSpec]:
         """The task's pretrained model with the adapter applied (identical on every call)."""
         model = self.task.build_model()
+        if device is not None:
+            model.to(device)
         spec = self.adapter.apply(
             model,
             default_targets=self.task.default_target_modules,
@@ -152,5 +160,6 @@ def _check_optimizer(make_optimizer: Callable[..., Any], cfg: dict[str, Any]) ->
     probe = [nn.Parameter(torch.zeros(1))]
     try:
         make_optimizer(probe, lr=cfg["sim"]["lr"])
-    except (ValueError, TypeError) as e:
-        raise ComponentError("optimizer", str(cfg["optimizer"].get("_target_")), str(e)) from None
+    except Exception as e:  # the optimizer's own checks: ValueError, IndexError (betas=[0.9]), ...
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ComponentError("optimizer", str(cfg["optimizer"].get("_target_")), reason) from None

@@ -6,20 +6,20 @@ override costs one line on stderr and exit status 2, with no traceback and nothi
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedsim.apps.server import RunFailed
 from fedsim.config import (
     RunSpec,
     check,
-    compose,
+    compose_job,
     config_search_path,
     expand_sweep,
-    initialize_config_source,
     to_container,
 )
 from fedsim.errors import ConfigCompositionError, ConfigError
@@ -62,8 +62,6 @@ def _parse(argv: list[str]) -> tuple[list[str], dict[str, str], bool, bool]:
             flags[_VALUE_FLAGS[name]] = value if eq else next(it, "")
         elif name in _INFO_FLAGS:
             info = True
-            if name in ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc") and not eq:
-                pass
         elif arg.startswith("-"):
             info = True  # something Hydra knows and fedsim does not: let Hydra handle it
         else:
@@ -74,39 +72,64 @@ def _parse(argv: list[str]) -> tuple[list[str], dict[str, str], bool, bool]:
 def prevalidate(argv: list[str]) -> int:
     """Compose, validate and build every job of the command line; returns the number of jobs."""
     overrides, flags, multirun, info = _parse(argv)
-    if info or "path" in flags or "rerun" in flags:
+    if info or "rerun" in flags:
         return 0
-    jobs = expand_sweep(overrides) if multirun else [overrides]
+    where = {
+        "config_name": flags.get("name", "config"),
+        "config_dir": flags.get("dir"),
+        "config_path": _config_path(flags.get("path")),
+    }
+    jobs = [overrides]
+    if multirun:
+        fixed = [o for o in overrides if not _is_sweep(o)]
+        jobs = expand_sweep(overrides, compose_job(fixed, **where).sweeper_params)
     for index, job in enumerate(jobs):
-        cfg, _ = compose(job, config_name=flags.get("name", "config"), config_dir=flags.get("dir"))
-        check(cfg)
-        _check_output_dir(job, flags, multirun, index)
+        composed = compose_job(job, **where)
+        check(composed.cfg)
+        if multirun:
+            _check_output_dir("hydra.sweep.dir", Path(composed.sweep_dir) / str(index), job)
+        else:
+            _check_output_dir("hydra.run.dir", Path(composed.run_dir), job)
     return len(jobs)
 
 
-def _check_output_dir(job: list[str], flags: dict[str, str], multirun: bool, index: int) -> None:
-    """Refuse a fixed output folder that already holds a run (nothing written is overwritten)."""
-    from hydra import compose as hydra_compose
+def _is_sweep(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except Exception:
+        return False
+
+
+def _config_path(path: str | None) -> str | None:
+    """``--config-path`` as Hydra reads it: absolute, or relative to fedsim's command module."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p if p.is_absolute() else (Path(__file__).parent / p).resolve())
+
+
+def _check_output_dir(key: str, folder: Path, job: list[str]) -> None:
+    """A fixed output folder must be usable and must not hold a run already.
+
+    The default folders are time-stamped to the microsecond; a folder named on the command
+    line may already hold a finished run, which fedsim never overwrites.
+    """
     if not any(o.split("=", 1)[0] == key for o in job):
-        return  # the default folders are time-stamped to the microsecond
-    overrides = list(job)
-    if flags.get("dir"):
-        overrides.append(f"hydra.searchpath=[file://{Path(flags['dir']).resolve()}]")
-    with initialize_config_source():
-        hcfg = hydra_compose(
-            flags.get("name", "config"), overrides=overrides, return_hydra_config=True
-        )
-        folder = Path(str(OmegaConf.select(hcfg, key)))
-    if multirun:
-        folder = folder / str(index)
+        return
+    shown = str(folder.parent if key == "hydra.sweep.dir" else folder)
     if (folder / METRICS_FILE).exists():
         raise ConfigError(
-            key,
-            str(folder.parent if multirun else folder),
-            f"already holds a run ({folder / METRICS_FILE}); choose another folder",
+            key, shown, f"already holds a run ({folder / METRICS_FILE}); choose another folder"
         )
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, shown, f"cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, shown, f"cannot be created: {existing} is not writable")
 
 
 def _hydra_main(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ written nothing.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim.errors import ConfigCompositionError, ConfigError
+from fedsim.validate import boolean, integer, number
 
 CONFIG_MODULE = "fedsim.conf"
 CONFIG_NAME = "config"
@@ -26,6 +28,8 @@ CONFIG_NAME = "config"
 RESERVED_GROUPS = ("compressor", "feedback", "privacy", "faults")
 
 SIM_KEYS = {
+    "device",
+    "round_timeout",
     "num_clients",
     "clients_per_round",
     "min_clients",
@@ -94,25 +98,57 @@ def initialize_config_source():
     return initialize_config_dir(source[len("file://") :], version_base="1.3")
 
 
+@dataclass
+class Composed:
+    """A composed job: its resolved config, chosen options, and the Hydra settings fedsim reads."""
+
+    cfg: dict[str, Any]
+    choices: dict[str, str]
+    run_dir: str  # hydra.run.dir, resolved
+    sweep_dir: str  # hydra.sweep.dir, resolved
+    sweeper_params: dict[str, str]  # hydra.sweeper.params: key -> sweep string
+
+
 def compose(
     overrides: Sequence[str],
     config_name: str = CONFIG_NAME,
     config_dir: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Compose the config as ``fedsim`` would; returns (resolved config, chosen options)."""
+    job = compose_job(overrides, config_name, config_dir)
+    return job.cfg, job.choices
+
+
+def compose_job(
+    overrides: Sequence[str],
+    config_name: str = CONFIG_NAME,
+    config_dir: str | None = None,
+    config_path: str | None = None,
+) -> Composed:
+    """Compose one job. ``config_dir`` is added to the search path (``--config-dir``);
+    ``config_path`` replaces fedsim's configs as the primary source (``--config-path``)."""
     from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
     overrides = list(overrides)
+    for flag, folder in (("--config-dir", config_dir), ("--config-path", config_path)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(flag, folder, "is not a folder")
     if config_dir is not None:
         overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
     if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra job
         GlobalHydra.instance().clear()
+    source = (
+        initialize_config_dir(str(Path(config_path).resolve()), version_base="1.3")
+        if config_path is not None
+        else initialize_config_source()
+    )
     try:
-        with initialize_config_source():
+        with source:
             try:
-                cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+                full = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
             except MissingConfigException as e:
                 raise ConfigCompositionError(_missing_option(e, overrides)) from None
             except OverrideParseException as e:
@@ -124,20 +160,27 @@ def compose(
                         _unknown_key(text, overrides, config_name)
                     ) from None
                 raise ConfigCompositionError(_one_line(text)) from None
+            hydra_node = full.hydra
             choices = {
                 k: v
-                for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+                for k, v in OmegaConf.to_container(hydra_node.runtime.choices).items()
                 if not k.startswith("hydra/")
             }
-            with_hydra = cfg
-            cfg = OmegaConf.masked_copy(with_hydra, [k for k in with_hydra if k != "hydra"])
-            return to_container(cfg), choices
+            cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+            params = OmegaConf.select(hydra_node, "sweeper.params", default=None)
+            return Composed(
+                cfg=to_container(cfg),
+                choices=choices,
+                run_dir=str(OmegaConf.select(hydra_node, "run.dir")),
+                sweep_dir=str(OmegaConf.select(hydra_node, "sweep.dir")),
+                sweeper_params={str(k): str(v) for k, v in (params or {}).items()},
+            )
     except ConfigError:
         raise
-    except Exception as e:  # interpolation errors and the like, surfaced by to_container
+    except Exception as e:  # interpolation errors and the like
         if isinstance(e, ConfigCompositionError):
             raise
-        raise ConfigCompositionError(_one_line(str(e))) from None
+        raise ConfigCompositionError(_with_key(e)) from None
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -145,16 +188,37 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except Exception as e:
-        raise ConfigCompositionError(_one_line(str(e))) from None
+        raise ConfigCompositionError(_with_key(e)) from None
 
 
-def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
-    """The override lists of the jobs a ``--multirun`` would launch (cartesian product)."""
+def _with_key(e: Exception) -> str:
+    """An OmegaConf error on one line, led by the key it concerns when it knows it."""
+    text, key, cause = _one_line(str(e)), None, e
+    while cause is not None and not key:
+        key = getattr(cause, "full_key", None)
+        for line in str(cause).splitlines():  # some errors carry it only in their text
+            if not key and line.strip().startswith("full_key:"):
+                key = line.split(":", 1)[1].strip()
+        cause = cause.__cause__ or cause.__context__
+    return f"{key}: {text}" if key and not text.startswith(f"{key}:") else text
+
+
+def expand_sweep(
+    overrides: Sequence[str], sweeper_params: dict[str, str] | None = None
+) -> list[list[str]]:
+    """The override lists of the jobs a ``--multirun`` would launch (cartesian product).
+
+    ``sweeper_params`` (``hydra.sweeper.params`` of the config, ``key: "v1,v2"``) come first;
+    a key given on the command line replaces the config's sweep of it.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        given = {o.get_key_element() for o in parser.parse_overrides(list(overrides))}
+        from_config = [f"{k}={v}" for k, v in (sweeper_params or {}).items() if k not in given]
+        parsed = parser.parse_overrides([*from_config, *overrides])
     except OverrideParseException as e:
         raise ConfigCompositionError(_one_line(str(e))) from None
     axes = []
@@ -218,14 +282,6 @@ def _one_line(text: str) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def validate(cfg: dict[str, Any]) -> None:
     """Check the values fedsim itself interprets; component values are checked when built."""
     unknown = set(cfg) - TOP_KEYS
@@ -248,40 +304,31 @@ def validate(cfg: dict[str, Any]) -> None:
         key = sorted(missing)[0]
         raise ConfigError(f"sim.{key}", None, "is required")
 
-    n = sim["num_clients"]
-    if not _is_int(n) or n < 1:
-        raise ConfigError("sim.num_clients", n, "must be an integer >= 1")
-    k = sim["clients_per_round"]
-    if not _is_int(k) or not 1 <= k <= n:
-        raise ConfigError(
-            "sim.clients_per_round", k, f"must be an integer from 1 to sim.num_clients ({n})"
-        )
-    m = sim["min_clients"]
-    if not _is_int(m) or not 1 <= m <= k:
-        raise ConfigError(
-            "sim.min_clients", m, f"must be an integer from 1 to sim.clients_per_round ({k})"
-        )
+    n = integer("sim.num_clients", sim["num_clients"], low=1)
+    k = integer("sim.clients_per_round", sim["clients_per_round"], 1, n, "sim.num_clients")
+    integer("sim.min_clients", sim["min_clients"], 1, k, "sim.clients_per_round")
     for key in ("rounds", "local_steps", "batch_size"):
-        if not _is_int(sim[key]) or sim[key] < 1:
-            raise ConfigError(f"sim.{key}", sim[key], "must be an integer >= 1")
-    if not _is_number(sim["lr"]) or not sim["lr"] > 0:
-        raise ConfigError("sim.lr", sim["lr"], "must be a number > 0")
-    if not _is_int(sim["seed"]) or sim["seed"] < 0:
-        raise ConfigError("sim.seed", sim["seed"], "must be an integer >= 0")
-    if not isinstance(sim["keep_optimizer_state"], bool):
-        raise ConfigError(
-            "sim.keep_optimizer_state", sim["keep_optimizer_state"], "must be true or false"
-        )
+        integer(f"sim.{key}", sim[key], low=1)
+    number("sim.lr", sim["lr"], low=0, low_open=True)
+    integer("sim.seed", sim["seed"], low=0)
+    boolean("sim.keep_optimizer_state", sim["keep_optimizer_state"])
     e = sim["eval_clients"]
-    if not (e == "all" or (_is_int(e) and 0 <= e <= n)):
-        raise ConfigError(
-            "sim.eval_clients", e, f"must be 'all' or an integer from 0 to sim.num_clients ({n})"
-        )
-    f = sim["client_test_fraction"]
-    if not _is_number(f) or not 0 <= f < 1:
-        raise ConfigError("sim.client_test_fraction", f, "must be a number in [0, 1)")
-    if not isinstance(cfg.get("quiet", False), bool):
-        raise ConfigError("quiet", cfg.get("quiet"), "must be true or false")
+    if e != "all":
+        try:
+            integer("sim.eval_clients", e, 0, n, "sim.num_clients")
+        except ConfigError:
+            raise ConfigError(
+                "sim.eval_clients",
+                e,
+                f"must be 'all' or an integer from 0 to sim.num_clients ({n})",
+            ) from None
+    number("sim.client_test_fraction", sim["client_test_fraction"], 0, 1, high_open=True)
+    if sim["round_timeout"] is not None:
+        number("sim.round_timeout", sim["round_timeout"], low=0, low_open=True)
+    device = sim["device"]
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise ConfigError("sim.device", device, "must be cpu, cuda, cuda:<index> or auto")
+    boolean("quiet", cfg.get("quiet", False))
 
     for group in ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule"):
         node = cfg.get(group)
@@ -306,3 +353,8 @@ def check(cfg: dict[str, Any]) -> None:
     components = build_components(cfg)
     components.model()
     components.data.check(cfg["sim"]["num_clients"])
+    if hasattr(components.engine, "check"):
+        components.engine.check(cfg["sim"])
+    from fedsim.training import resolve_device
+
+    resolve_device(cfg["sim"]["device"])

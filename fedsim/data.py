@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset
 
-from fedsim.errors import ComponentError, ConfigError
+from fedsim.errors import ComponentError
 from fedsim.tasks.base import Batch, Task
 
 
@@ -46,14 +46,6 @@ class FederatedData:
     """
 
     def __init__(self, task: Task, partitioner, test_fraction: float, seed: int) -> None:
-        if (
-            isinstance(test_fraction, bool)
-            or not isinstance(test_fraction, (int, float))
-            or not (0 <= test_fraction < 1)
-        ):
-            raise ConfigError(
-                "sim.client_test_fraction", test_fraction, "must be a number in [0, 1)"
-            )
         self.task, self.partitioner = task, partitioner
         self.test_fraction, self.seed = float(test_fraction), int(seed)
         self._ready = False

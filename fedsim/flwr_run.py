@@ -8,13 +8,15 @@ as on fedsim's command line) and ``output-dir``; change them with
 from __future__ import annotations
 
 import shlex
-import time
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from fedsim import keys
 from fedsim.config import RunSpec, check, compose
+from fedsim.errors import ConfigError
+from fedsim.results import METRICS_FILE
 
 
 @lru_cache(maxsize=4)
@@ -31,7 +33,9 @@ def spec_from_run_config(run_config: dict[str, Any]) -> RunSpec:
     check(cfg)
     out = str(run_config.get(keys.RUN_OUTPUT_DIR, "") or "")
     if not out:
-        out = f"results/flwr-run/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        out = f"results/flwr-run/{datetime.now().strftime('%Y-%m-%d_%H-%M-%S-%f')}"
+    if (Path(out) / METRICS_FILE).exists():
+        raise ConfigError("output-dir", out, "already holds a run; choose another folder")
     choices = {**choices, "engine": "flwr-run"}  # Flower's runtime delivers the messages
     return RunSpec(
         cfg=cfg, choices=choices, output_dir=Path(out).resolve(), quiet=bool(cfg.get("quiet"))

@@ -22,13 +22,6 @@ def _c_order(value: np.ndarray) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")  # keeps 0-d arrays 0-d
 
 
-def to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Detach a tensor to a C-ordered numpy array (a copy, so later training cannot alias it)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy().copy()
-    return _c_order(value)
-
-
 @lru_cache(maxsize=4096)
 def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
@@ -97,15 +90,6 @@ def _dtype(name: str) -> np.dtype:
 @lru_cache(maxsize=64)
 def _itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
-
-
-def array_numel(array: Array) -> int:
-    return math.prod(array.shape)
-
-
-def array_nbytes(array: Array) -> int:
-    """Payload bytes of one Array: number of values times the dtype's size."""
-    return math.prod(array.shape) * _itemsize(array.dtype)
 
 
 def payload(content: RecordDict) -> tuple[int, int]:

@@ -54,7 +54,8 @@ class ResultsWriter:
 
     def append_round(self, record: dict[str, Any]) -> None:
         if self._metrics is None:
-            self._metrics = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
+            # "x": a run never appends to, or overwrites, another run's metrics
+            self._metrics = open(self.out_dir / METRICS_FILE, "x", encoding="utf-8")
         self._metrics.write(json.dumps(_clean(record)) + "\n")
         self._metrics.flush()
         os.fsync(self._metrics.fileno())

@@ -27,7 +27,8 @@ from torch import nn
 
 from fedsim import keys
 from fedsim.adapters.base import AdapterSpec
-from fedsim.records import array_record, numpy_dict
+from fedsim.records import array_numpy, array_record, numpy_dict
+from fedsim.validate import boolean
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,7 @@ class AdapterStrategy(Strategy):
     """
 
     def __init__(self, weighted: bool = True) -> None:
-        if not isinstance(weighted, bool):
-            from fedsim.errors import ConfigError
-
-            raise ConfigError("strategy.weighted", weighted, "must be true or false")
-        self.weighted = weighted
+        self.weighted = boolean("strategy.weighted", weighted)
         self.ctx: StrategyContext | None = None
         self.current: dict[str, np.ndarray] = {}
 
@@ -142,6 +139,17 @@ class AdapterStrategy(Strategy):
         """What the client sends back after training (default: the adapter's sent parameters)."""
         return spec.sent_state(model)
 
+    def client_evaluate(
+        self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], state: RecordDict
+    ) -> None:
+        """Prepare the client's model to evaluate the global model (default: load the arrays).
+
+        Federated evaluation measures the global model on each client's local test split; it
+        is not part of the training protocol and its traffic is not counted, so this hook must
+        not change ``state`` (a personalised strategy may read it).
+        """
+        spec.load(model, arrays)
+
     # ------------------------------------------------------------------ server half
     def initial_arrays(self, model: nn.Module, spec: AdapterSpec) -> dict[str, np.ndarray]:
         """The global arrays before round 1 (default: the sent parameters at initialisation)."""
@@ -158,6 +166,25 @@ class AdapterStrategy(Strategy):
     ) -> dict[str, np.ndarray]:
         """The new global arrays from the current ones and the round's client updates."""
         raise NotImplementedError
+
+    def check_reply(self, arrays: ArrayRecord) -> str | None:
+        """Why a client's reply cannot be aggregated, or None if it can.
+
+        Called by the server on every reply before :meth:`aggregate`; rejected replies count as
+        failed clients. Default: the same names and shapes as the global arrays, finite values.
+        A strategy whose clients send something else (a subset, a compressed payload)
+        overrides this together with :meth:`client_send` and :meth:`aggregate`.
+        """
+        expected = self.current
+        if set(arrays.keys()) != set(expected):
+            return "malformed reply: unexpected array names"
+        for name, arr in arrays.items():
+            if tuple(arr.shape) != expected[name].shape:
+                shape, want = tuple(arr.shape), expected[name].shape
+                return f"malformed reply: {name} has shape {shape}, expected {want}"
+            if not np.all(np.isfinite(array_numpy(arr, copy=False))):
+                return f"non-finite values in {name}"
+        return None
 
     def check_aggregate(self, new: Mapping[str, np.ndarray]) -> None:
         """The global arrays keep their names, shapes and dtypes from round to round."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from fedsim.errors import ConfigError
 from fedsim.tasks.base import Batch, Task
+from fedsim.validate import integer, number
 
 # ----------------------------------------------------------------------------- schedules
 
@@ -30,9 +31,7 @@ class Schedule:
     """
 
     def __init__(self, warmup_steps: int = 0) -> None:
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ConfigError("schedule.warmup_steps", warmup_steps, "must be an integer >= 0")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = integer("schedule.warmup_steps", warmup_steps, low=0)
 
     def factor(self, step: int, total_steps: int) -> float:
         if step < self.warmup_steps:
@@ -53,9 +52,7 @@ class _DecaySchedule(Schedule):
 
     def __init__(self, warmup_steps: int = 0, final_factor: float = 0.0) -> None:
         super().__init__(warmup_steps)
-        if not isinstance(final_factor, (int, float)) or not 0 <= final_factor <= 1:
-            raise ConfigError("schedule.final_factor", final_factor, "must be a number in [0, 1]")
-        self.final_factor = float(final_factor)
+        self.final_factor = number("schedule.final_factor", final_factor, 0, 1)
 
 
 class LinearSchedule(_DecaySchedule):
@@ -80,6 +77,27 @@ def client_generator(seed: int, server_round: int, client: int) -> torch.Generat
     """The generator of one client's work in one round."""
     mixed = np.random.SeedSequence([seed, server_round, client]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(mixed))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``sim.device`` as a torch device: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("sim.device", name, "CUDA is not available here; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                "sim.device", name, f"this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    return device
+
+
+def to_device(batch: Batch, device: torch.device | None) -> Batch:
+    if device is None or device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def seed_torch(seed: int) -> None:
@@ -126,13 +144,17 @@ def train_local(
     total_steps: int,
     generator: torch.Generator,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    device: torch.device | None = None,
 ) -> LocalResult:
-    """Run ``steps`` optimizer steps of ``model`` on ``data`` (cross-entropy by default)."""
+    """Run ``steps`` optimizer steps of ``model`` on ``data`` (cross-entropy by default).
+
+    ``data`` stays where it is (the CPU); each batch moves to ``device``, the model's device.
+    """
     model.train()
     stream = batches(data, batch_size, generator)
     total = 0.0
     for i in range(steps):
-        batch = next(stream)
+        batch = to_device(next(stream), device)
         factor = schedule.factor(start_step + i, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
@@ -152,7 +174,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, data: Batch, batch_size: int = 1024) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    data: Batch,
+    batch_size: int = 1024,
+    device: torch.device | None = None,
+) -> EvalResult:
     """Mean cross-entropy and accuracy of ``model`` on ``data``."""
     was_training = model.training
     model.eval()
@@ -160,7 +188,7 @@ def evaluate(model: nn.Module, task: Task, data: Batch, batch_size: int = 1024) 
     n = len(labels)
     loss_sum, correct = 0.0, 0
     for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in data.items()}
+        batch = to_device({k: v[start : start + batch_size] for k, v in data.items()}, device)
         logits = task.logits(model, batch)
         y = batch[task.label_key]
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))

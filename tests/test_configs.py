@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -67,7 +66,19 @@ BAD = [
     (["adapter.dropout=1.5"], "adapter.dropout=1.5"),
     (["adapter.target_modules=[nope]"], "adapter.target_modules"),
     (["sim.rounds=0"], "sim.rounds=0"),
-    (["sim.lr=-0.1"], "sim.lr=-0.1: must be a number > 0"),
+    (["sim.lr=-0.1"], "sim.lr=-0.1: must be a finite number > 0"),
+    (["sim.lr=inf"], "sim.lr=inf: must be a finite number > 0"),
+    (["sim.lr=nan"], "sim.lr=nan"),
+    (["adapter.alpha=nan"], "adapter.alpha=nan"),
+    (["task.separation=inf"], "task.separation=inf"),
+    (["task.client_shift=nan"], "task.client_shift=nan"),
+    (["adapter.target_modules=[1,2]"], "adapter.target_modules=[1, 2]: must be a list"),
+    (["adapter.target_modules='[('"], "is not a valid regex"),
+    (["adapter.target_modules=[classifier]"], "part of the task head"),
+    (["optimizer.betas=[0.9]"], "optimizer (torch.optim.AdamW) rejected its settings"),
+    (["sim.device=tpu"], "sim.device=tpu: must be cpu, cuda"),
+    (["sim.round_timeout=0"], "sim.round_timeout=0"),
+    (["hydra.run.dir=${oops}"], "hydra.run.dir"),
     (["sim.lr=fast"], "sim.lr=fast"),
     (["sim.batch_size=0"], "sim.batch_size=0"),
     (["sim.eval_clients=some"], "sim.eval_clients=some"),
@@ -103,8 +114,11 @@ BAD = [
 @pytest.mark.parametrize("overrides, expected", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_input_is_one_line_exit_2_nothing_written(overrides, expected, tmp_path, capsys):
     out = tmp_path / "run"
+    run_dir = (
+        [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={out}"]
+    )
     with pytest.raises(SystemExit) as exit_info:
-        main([*overrides, f"hydra.run.dir={out}"])
+        main([*overrides, *run_dir])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -119,6 +133,74 @@ def test_bad_value_in_one_sweep_job_stops_the_sweep_before_any_job(tmp_path, cap
     assert exit_info.value.code == 2
     assert "sim.num_clients=0" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["sim.device=cuda"], "sim.device=cuda: CUDA is not available here"),
+        (["engine=ray", "engine.num_gpus_per_client=1"], "engine.num_gpus_per_client=1"),
+        (
+            ["engine=ray", "engine.num_cpus=1", "engine.num_cpus_per_client=2"],
+            "engine.num_cpus_per_client=2",
+        ),
+    ],
+)
+def test_resources_the_machine_lacks_are_config_errors(overrides, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*overrides, f"hydra.run.dir={tmp_path / 'r'}"])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unusable_folders_and_paths_are_config_errors(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        ([f"hydra.run.dir={a_file}/run"], f"cannot be created: {a_file} is a file"),
+        ([f"hydra.run.dir={a_file}"], "is a file"),
+        (["--config-dir", str(tmp_path / "nope")], "--config-dir="),
+        (["-cp", str(tmp_path / "nope")], "--config-path="),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        assert expected in capsys.readouterr().err, argv
+
+
+def test_config_path_and_sweeper_params_are_validated_too(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["-cp", str(ROOT / "conf"), "sim.num_clients=0", f"hydra.run.dir={tmp_path / 'a'}"])
+    assert "sim.num_clients=0" in capsys.readouterr().err
+    presets = tmp_path / "presets" / "sweep"
+    presets.mkdir(parents=True)
+    (presets / "bad.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      sim.num_clients: 5,0\n"
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "-m",
+                "--config-dir",
+                str(tmp_path / "presets"),
+                "+sweep=bad",
+                f"hydra.sweep.dir={tmp_path / 'b'}",
+            ]
+        )
+    assert "sim.num_clients=0" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_sweeper_params_from_the_config_expand_into_jobs():
+    assert expand_sweep(["adapter.r=2,4"], {"sim.seed": "0,1", "adapter.r": "8,16"}) == [
+        ["sim.seed=0", "adapter.r=2"],
+        ["sim.seed=0", "adapter.r=4"],
+        ["sim.seed=1", "adapter.r=2"],
+        ["sim.seed=1", "adapter.r=4"],
+    ]
 
 
 def test_an_existing_run_folder_is_never_overwritten(tmp_path, capsys):
@@ -145,13 +227,3 @@ def test_command_line_exit_status_and_no_traceback(args, tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
-
-
-def test_packaged_config_matches_the_repository():
-    import fedsim.conf
-
-    assert (
-        Path(fedsim.conf.__file__).parent.resolve() == (ROOT / "conf").resolve()
-        or (Path(fedsim.conf.__file__).parent / "config.yaml").read_text()
-        == (ROOT / "conf" / "config.yaml").read_text()
-    )

@@ -72,10 +72,11 @@ def test_partial_participation_bytes_and_sampling(run_tiny):
     summary, rows, _ = run_tiny(
         "sim.num_clients=8", "sim.clients_per_round=3", "sim.eval_clients=2"
     )
+    per_client = 3 * 8 * (32 + 32) + 32 * 10 + 10  # LoRA r=8 on three 32x32 layers + head
     for row in rows[1:]:
         assert row["clients_sampled"] == 3 and row["clients_ok"] == 3
         assert row["clients_evaluated"] == 2
-        assert row["bytes_up"] == 3 * summary["params_sent_per_client"]["up"] * 4
+        assert row["bytes_up"] == row["bytes_down"] == 3 * per_client * 4
 
 
 def test_same_seed_gives_bit_identical_metrics(run_tiny):
@@ -86,15 +87,26 @@ def test_same_seed_gives_bit_identical_metrics(run_tiny):
     assert strip_timings(a) != strip_timings(c)
 
 
-def test_inline_engine_matches_a_plain_pytorch_loop(run_tiny):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        # a decaying schedule with partial participation: each client's schedule must continue
+        # from its own step count, kept in its Context.state across the rounds it missed
+        ["schedule=cosine", "schedule.warmup_steps=2", "sim.rounds=5", "sim.clients_per_round=3"],
+    ],
+    ids=["constant", "cosine-partial"],
+)
+def test_inline_engine_matches_a_plain_pytorch_loop(run_tiny, extra):
     """The Flower path (messages, copies, sampling, records) computes what a direct loop does."""
     from benchmarks.plain_loop import plain_fedavg
     from fedsim.config import compose
 
-    overrides = tiny("sim.num_clients=6", "sim.clients_per_round=4", "sim.rounds=3")
+    overrides = tiny("sim.num_clients=6", "sim.clients_per_round=4", "sim.rounds=3", *extra)
     _, rows, _ = run_tiny(base=overrides)
     cfg, _ = compose(overrides)
     ref = plain_fedavg(cfg)
+    assert len(rows) == len(ref) == cfg["sim"]["rounds"] + 1
     for got, want in zip(rows, ref):
         assert got["eval_accuracy"] == want["eval_accuracy"]
         assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
@@ -192,3 +204,18 @@ def test_a_run_where_every_round_is_skipped_fails(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and "injected failure" in summary["error"]
     assert summary["rounds_skipped"] == 2
+
+
+def test_no_path_appends_to_a_finished_run(tmp_path):
+    from fedsim.errors import ConfigError
+    from fedsim.flwr_run import spec_from_run_config
+    from fedsim.results import ResultsWriter
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "metrics.jsonl").write_text('{"round": 0}\n')
+    with pytest.raises(ConfigError, match="already holds a run"):
+        spec_from_run_config({"overrides": "sim.rounds=1", "output-dir": str(done)})
+    with pytest.raises(FileExistsError):
+        ResultsWriter(done).append_round({"round": 0})
+    assert (done / "metrics.jsonl").read_text() == '{"round": 0}\n'

@@ -146,7 +146,13 @@ def test_targets_that_match_nothing_are_a_config_error():
 
 
 def test_dropout_is_only_active_in_training():
-    _, model, _ = _model_and_spec(dropout=0.5)
+    _, model, spec = _model_and_spec(dropout=0.5)
+    with torch.no_grad():  # non-zero B, so the adapter branch (where dropout sits) contributes
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.normal_()
     x = torch.randn(4, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))
     model.eval()
     assert torch.equal(model(x), model(x))

@@ -34,7 +34,26 @@ def test_seed_changes_a_dirichlet_partition():
     assert any(len(x) != len(y) or not np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_dirichlet_gives_label_skew_and_pathological_two_classes():
+def test_dirichlet_gives_label_skew():
+    """With alpha=0.1 clients' label distributions differ far more than under iid."""
+    import numpy as np
+
+    def spread(partition):
+        cfg, _ = compose(tiny(partition, "sim.num_clients=5", "task.examples_per_client=200"))
+        c = build_components(cfg)
+        shares = []
+        for i in range(5):
+            labels = np.concatenate(
+                [c.data.client(i).train["label"].numpy(), c.data.client(i).test["label"].numpy()]
+            )
+            shares.append(np.bincount(labels, minlength=10) / len(labels))
+        return float(np.max(np.std(np.array(shares), axis=0)))
+
+    skewed = spread("partition.alpha=0.1")
+    assert skewed > 0.1 and skewed > 3 * spread("partition=iid")
+
+
+def test_pathological_gives_two_classes_per_client():
     cfg, _ = compose(tiny("partition=pathological", "sim.num_clients=5"))
     c = build_components(cfg)
     for i in range(5):

@@ -78,12 +78,25 @@ class Adapter:
     sent_suffixes: tuple[str, ...] | None = None
 
     def __init__(self, target_modules: Sequence[str] | str | None = None) -> None:
-        if target_modules is not None and not isinstance(target_modules, (str, Sequence)):
+        if target_modules is not None and not (
+            isinstance(target_modules, str)
+            or (
+                isinstance(target_modules, Sequence)
+                and all(isinstance(t, str) and t for t in target_modules)
+            )
+        ):
             raise ConfigError(
                 "adapter.target_modules",
                 target_modules,
                 "must be a list of module names or a regex",
             )
+        if isinstance(target_modules, str):
+            try:
+                re.compile(target_modules)
+            except re.error as e:
+                raise ConfigError(
+                    "adapter.target_modules", target_modules, f"is not a valid regex ({e})"
+                ) from None
         self.target_modules = target_modules
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
@@ -106,6 +119,14 @@ class Adapter:
                 "adapter.target_modules",
                 targets,
                 f"matches no nn.Linear of the model; its linear layers are {linears}",
+            )
+        in_head = [n for n in names if any(n == h or n.startswith(h + ".") for h in head_modules)]
+        if in_head:
+            raise ConfigError(
+                "adapter.target_modules",
+                targets,
+                f"selects {in_head}, part of the task head {list(head_modules)}, which is trained "
+                "and sent in full; adapt other layers",
             )
         for p in model.parameters():
             p.requires_grad_(False)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedsim.adapters.base import Adapter
-from fedsim.errors import ConfigError
+from fedsim.validate import integer, number
 
 
 class LoRALinear(nn.Module):
@@ -87,13 +87,9 @@ class LoRA(Adapter):
         target_modules: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__(target_modules)
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ConfigError("adapter.r", r, "must be an integer >= 1")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-            raise ConfigError("adapter.alpha", alpha, "must be a number > 0")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ConfigError("adapter.dropout", dropout, "must be a number in [0, 1)")
-        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+        self.r = integer("adapter.r", r, low=1)
+        self.alpha = number("adapter.alpha", alpha, low=0, low_open=True)
+        self.dropout = number("adapter.dropout", dropout, 0, 1, high_open=True)
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         return LoRALinear(base, self.r, self.alpha, self.dropout, generator)

@@ -37,7 +37,8 @@ class ClientRuntime:
         threads = getattr(self.c.engine, "num_threads", None)
         if threads:
             torch.set_num_threads(int(threads))
-        self.model, self.spec = self.c.model()
+        self.device = self.c.device
+        self.model, self.spec = self.c.model(self.device)
         self.trained = self.spec.trained_parameters(self.model)
 
     def _client(self, context: Context) -> int:
@@ -71,6 +72,7 @@ class ClientRuntime:
             start_step=int(info["steps"]),
             total_steps=c.total_local_steps,
             generator=generator,
+            device=self.device,
         )
         state[keys.STATE_CLIENT] = ConfigRecord({"steps": int(info["steps"]) + result.steps})
         if sim["keep_optimizer_state"]:
@@ -84,11 +86,11 @@ class ClientRuntime:
     def evaluate(self, msg: Message, context: Context) -> Message:
         client = self._client(context)
         data = self.c.data.client(client)
-        self.c.strategy.client_receive(
+        self.c.strategy.client_evaluate(
             self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), context.state
         )
         if data.num_test:
-            res = evaluate(self.model, self.c.task, data.test)
+            res = evaluate(self.model, self.c.task, data.test, device=self.device)
             values = {
                 keys.NUM_EXAMPLES: res.num_examples,
                 keys.EVAL_LOSS: res.loss,

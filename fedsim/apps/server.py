@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 import time
 import traceback
 from typing import Any
 
 import flwr
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -26,7 +26,7 @@ from fedsim import keys
 from fedsim.build import build_components
 from fedsim.config import RunSpec
 from fedsim.progress import RoundPrinter, human_bytes
-from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict
+from fedsim.records import array_record, messages_payload, numpy_dict
 from fedsim.results import ResultsWriter
 from fedsim.strategy import StrategyContext
 from fedsim.training import evaluate
@@ -41,11 +41,12 @@ class RunFailed(RuntimeError):
 class FederatedRun:
     """One simulation, driven from the ServerApp's ``main``."""
 
-    def __init__(self, spec: RunSpec, grid: Grid) -> None:
-        self.spec, self.grid = spec, grid
+    def __init__(self, spec: RunSpec, grid: Grid, abort: threading.Event | None = None) -> None:
+        self.spec, self.grid, self.abort = spec, grid, abort
         self.c = build_components(spec.cfg)
         self.sim = self.c.sim
-        self.model, self.adapter_spec = self.c.model()
+        self.device = self.c.device
+        self.model, self.adapter_spec = self.c.model(self.device)
         self.strategy = self.c.strategy
         self.writer = ResultsWriter(spec.output_dir)
         self.printer = RoundPrinter(self.sim["rounds"], quiet=spec.quiet)
@@ -77,7 +78,7 @@ class FederatedRun:
             for n in nodes
         ]
         node_of: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(msgs):
+        for reply in self.exchange(msgs):
             if reply.has_error():
                 raise RuntimeError(
                     f"node {reply.metadata.src_node_id} failed: {reply.error.reason}"
@@ -92,6 +93,33 @@ class FederatedRun:
             )
         return node_of
 
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        """Send messages; collect replies until all are in, time is up, or the engine stops.
+
+        Flower's ``send_and_receive`` with no timeout waits forever for a reply that never comes
+        (a lost client, an engine that died); this pushes once and pulls until
+        ``sim.round_timeout`` (if set) or until the engine signals that it stopped.
+        """
+        if not messages:
+            return []
+        pending = set(self.grid.push_messages(messages))
+        timeout = self.sim["round_timeout"]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        wait = 0.001
+        while True:
+            for reply in self.grid.pull_messages(sorted(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if not pending:
+                return replies
+            if self.abort is not None and self.abort.is_set():
+                raise RunFailed("the engine stopped while clients were still working")
+            if deadline is not None and time.monotonic() >= deadline:
+                return replies
+            time.sleep(wait)
+            wait = min(wait * 2, 0.05)
+
     # ------------------------------------------------------------------ one round
     def screen(
         self, sent: list[Message], replies: list[Message]
@@ -103,7 +131,7 @@ class FederatedRun:
             client = self.node_client[msg.metadata.dst_node_id]
             reply = by_id.get(msg.metadata.message_id)
             if reply is None:
-                reason = "no reply"
+                reason = f"no reply within sim.round_timeout={self.sim['round_timeout']} s"
             elif reply.has_error():
                 reason = (
                     (reply.error.reason or f"error code {reply.error.code}")
@@ -125,31 +153,21 @@ class FederatedRun:
             return "malformed reply: missing arrays or metrics"
         if keys.NUM_EXAMPLES not in content[keys.METRICS]:
             return f"malformed reply: no {keys.NUM_EXAMPLES}"
-        expected = self.strategy.current
-        got = content[keys.ARRAYS]
-        if set(got.keys()) != set(expected):
-            return "malformed reply: unexpected array names"
-        for name, arr in got.items():
-            if tuple(arr.shape) != tuple(expected[name].shape):
-                shape, want = tuple(arr.shape), expected[name].shape
-                return f"malformed reply: {name} has shape {shape}, expected {want}"
-            if not np.all(np.isfinite(array_numpy(arr, copy=False))):
-                return f"non-finite values in {name}"
-        return None
+        return self.strategy.check_reply(content[keys.ARRAYS])
 
     def _client_of_reply(self, reply: Message) -> int:
         return self.strategy.context.client_of[reply.metadata.src_node_id]
 
     def evaluate_global(self, server_round: int, arrays) -> dict[str, Any]:
         self.strategy.load_global(self.model, self.adapter_spec, numpy_dict(arrays))
-        res = evaluate(self.model, self.c.task, self.test_set)
+        res = evaluate(self.model, self.c.task, self.test_set, device=self.device)
         out: dict[str, Any] = {keys.EVAL_LOSS: res.loss, keys.EVAL_ACCURACY: res.accuracy}
         msgs = list(
             self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
         )
         fed = None
         if msgs:
-            replies = sorted(self.grid.send_and_receive(msgs), key=self._client_of_reply)
+            replies = sorted(self.exchange(msgs), key=self._client_of_reply)
             fed = self.strategy.aggregate_evaluate(server_round, replies)
         fed = dict(fed) if fed is not None else {}
         out["eval_loss_client_mean"] = fed.get("eval_loss_client_mean")
@@ -163,7 +181,7 @@ class FederatedRun:
         """One training round; returns the new global arrays and the round's bookkeeping."""
         sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
         bytes_down, numel_down = messages_payload(sent)
-        replies = list(self.grid.send_and_receive(sent))
+        replies = self.exchange(sent)
         good, failures = self.screen(sent, replies)
         bytes_up, numel_up = messages_payload(replies)
         train_loss, skipped = None, len(good) < self.sim["min_clients"]
@@ -325,7 +343,7 @@ class FederatedRun:
         return out
 
 
-def make_server_app(spec: RunSpec | None = None) -> ServerApp:
+def make_server_app(spec: RunSpec | None = None, abort: threading.Event | None = None) -> ServerApp:
     """A ServerApp for ``spec``; ``None``: the config comes from the run_config (``flwr run``)."""
     app = ServerApp()
 
@@ -337,7 +355,7 @@ def make_server_app(spec: RunSpec | None = None) -> ServerApp:
             from fedsim.flwr_run import spec_from_run_config
 
             run_spec = spec_from_run_config(context.run_config)
-        FederatedRun(run_spec, grid).run()
+        FederatedRun(run_spec, grid, abort).run()
 
     return app
 

@@ -23,6 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim import keys
 from fedsim.config import RunSpec
+from fedsim.validate import integer
 
 
 def transport_copy(msg: Message) -> Message:
@@ -103,8 +104,11 @@ class InlineGrid(Grid):
         for msg in messages:
             if msg.metadata.dst_node_id not in self._partition_of:
                 raise ValueError(f"unknown destination node {msg.metadata.dst_node_id}")
+            md = msg.metadata
+            if md.message_id or md.reply_to_message_id or md.ttl <= 0 or md.delivered_at:
+                raise ValueError(f"Invalid message: {msg}")  # as Flower's grids check
             msg_id = f"m{next(self._counter)}"
-            msg.metadata.__dict__["_message_id"] = msg_id
+            md.__dict__["_message_id"] = msg_id
             self._pending[msg_id] = transport_copy(msg)  # what the client receives
             ids.append(msg_id)
         return ids
@@ -166,11 +170,10 @@ class InlineEngine:
     name = "inline"
 
     def __init__(self, num_threads: int = 1) -> None:
-        from fedsim.errors import ConfigError
+        self.num_threads = integer("engine.num_threads", num_threads, low=1)
 
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ConfigError("engine.num_threads", num_threads, "must be an integer >= 1")
-        self.num_threads = num_threads
+    def check(self, sim: dict) -> None:
+        """Nothing to check against the machine: everything runs in this process."""
 
     def run(self, spec: RunSpec) -> None:
         import torch

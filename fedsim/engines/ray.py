@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from fedsim.config import RunSpec
 from fedsim.errors import ConfigError
+from fedsim.validate import integer, number
 
 
 class RayEngine:
@@ -28,28 +30,43 @@ class RayEngine:
         num_gpus_per_client: float = 0.0,
         num_threads: int = 1,
     ) -> None:
-        if num_cpus is not None and (
-            isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1
-        ):
-            raise ConfigError("engine.num_cpus", num_cpus, "must be null (all) or an integer >= 1")
-        if num_gpus is not None and (not isinstance(num_gpus, (int, float)) or num_gpus < 0):
-            raise ConfigError("engine.num_gpus", num_gpus, "must be null (all) or a number >= 0")
-        if not isinstance(num_cpus_per_client, (int, float)) or num_cpus_per_client <= 0:
-            raise ConfigError(
-                "engine.num_cpus_per_client", num_cpus_per_client, "must be a number > 0"
-            )
-        if not isinstance(num_gpus_per_client, (int, float)) or num_gpus_per_client < 0:
-            raise ConfigError(
-                "engine.num_gpus_per_client", num_gpus_per_client, "must be a number >= 0"
-            )
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ConfigError("engine.num_threads", num_threads, "must be an integer >= 1")
+        if num_cpus is not None:
+            integer("engine.num_cpus", num_cpus, low=1)
+        if num_gpus is not None:
+            number("engine.num_gpus", num_gpus, low=0)
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
-        self.num_cpus_per_client, self.num_gpus_per_client = (
-            num_cpus_per_client,
-            num_gpus_per_client,
+        self.num_cpus_per_client = number(
+            "engine.num_cpus_per_client", num_cpus_per_client, low=0, low_open=True
         )
-        self.num_threads = num_threads
+        self.num_gpus_per_client = number("engine.num_gpus_per_client", num_gpus_per_client, low=0)
+        self.num_threads = integer("engine.num_threads", num_threads, low=1)
+
+    def check(self, sim: dict) -> None:
+        """Resources must fit, or Ray's actor pool is empty and Flower's engine never returns."""
+        import torch
+
+        cpus = self.num_cpus if self.num_cpus is not None else (os.cpu_count() or 1)
+        if self.num_cpus_per_client > cpus:
+            raise ConfigError(
+                "engine.num_cpus_per_client",
+                self.num_cpus_per_client,
+                f"must be at most the CPUs Ray may use ({cpus}; engine.num_cpus)",
+            )
+        if self.num_gpus_per_client > 0:
+            gpus = self.num_gpus if self.num_gpus is not None else torch.cuda.device_count()
+            if self.num_gpus_per_client > gpus:
+                raise ConfigError(
+                    "engine.num_gpus_per_client",
+                    self.num_gpus_per_client,
+                    f"must be at most the GPUs Ray may use ({gpus:g}; engine.num_gpus)",
+                )
+            if sim["device"] == "cpu":
+                raise ConfigError(
+                    "engine.num_gpus_per_client",
+                    self.num_gpus_per_client,
+                    "reserves GPUs, but sim.device=cpu trains on the CPU: set sim.device=cuda "
+                    "(or auto), or 0",
+                )
 
     def backend_config(self) -> dict:
         init_args = {
@@ -81,13 +98,17 @@ class RayEngine:
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.WARNING)
         flwr_log.addFilter(_drop_run_simulation_notice)
+        abort = threading.Event()  # tells the ServerApp thread to stop if the engine dies
         try:
             run_simulation(
-                server_app=make_server_app(spec),
+                server_app=make_server_app(spec, abort),
                 client_app=make_client_app(spec.cfg),
                 num_supernodes=spec.cfg["sim"]["num_clients"],
                 backend_config=self.backend_config(),
             )
+        except BaseException:
+            abort.set()
+            raise
         finally:
             flwr_log.removeFilter(_drop_run_simulation_notice)
             if ray.is_initialized():

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.errors import ConfigError
 from fedsim.tasks.base import Batch, Task
+from fedsim.validate import integer, number
 
 
 class Block(nn.Module):
@@ -58,11 +58,6 @@ def _init_linear(layer: nn.Linear, g: torch.Generator) -> None:
         layer.weight.copy_(w)
         bound = 1 / math.sqrt(layer.in_features)
         layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=g))
-
-
-def _check_int(key: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"task.{key}", value, f"must be an integer >= {low}")
 
 
 class SyntheticTask(Task):
@@ -107,29 +102,18 @@ class SyntheticTask(Task):
         client_shift: float = 0.0,
         seed: int = 0,
     ) -> None:
-        _check_int("num_clients", num_clients, 1)
-        _check_int("num_classes", num_classes, 2)
-        _check_int("input_dim", input_dim, 1)
-        _check_int("hidden_dim", hidden_dim, 1)
-        _check_int("num_layers", num_layers, 1)
-        _check_int("examples_per_client", examples_per_client, 1)
-        _check_int("test_examples", test_examples, 1)
-        _check_int("seed", seed, 0)
-        _check_int("signal_dim", signal_dim, 1)
-        if signal_dim > input_dim:
-            raise ConfigError(
-                "task.signal_dim", signal_dim, f"must be <= task.input_dim ({input_dim})"
-            )
-        for key, value in [("separation", separation), ("client_shift", client_shift)]:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"task.{key}", value, "must be a number >= 0")
-        if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not 0 <= leak <= 1:
-            raise ConfigError("task.leak", leak, "must be a number in [0, 1]")
-        self.num_clients, self.num_classes = num_clients, num_classes
-        self.input_dim, self.hidden_dim, self.num_layers = input_dim, hidden_dim, num_layers
-        self.signal_dim, self.separation, self.leak = signal_dim, float(separation), float(leak)
-        self.examples_per_client, self.test_examples = examples_per_client, test_examples
-        self.client_shift, self.seed = float(client_shift), seed
+        self.num_clients = integer("task.num_clients", num_clients, low=1)
+        self.num_classes = integer("task.num_classes", num_classes, low=2)
+        self.input_dim = integer("task.input_dim", input_dim, low=1)
+        self.hidden_dim = integer("task.hidden_dim", hidden_dim, low=1)
+        self.num_layers = integer("task.num_layers", num_layers, low=1)
+        self.examples_per_client = integer("task.examples_per_client", examples_per_client, low=1)
+        self.test_examples = integer("task.test_examples", test_examples, low=1)
+        self.seed = integer("task.seed", seed, low=0)
+        self.signal_dim = integer("task.signal_dim", signal_dim, 1, input_dim, "task.input_dim")
+        self.separation = number("task.separation", separation, low=0)
+        self.client_shift = number("task.client_shift", client_shift, low=0)
+        self.leak = number("task.leak", leak, 0, 1)
         self._data: tuple[torch.Tensor, ...] | None = None
 
     def _generator(self, stream: int) -> torch.Generator:
