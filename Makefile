@@ -1,8 +1,9 @@
 # fedsim: two commands on a fresh machine.
 #   make demo   install into .venv, then run a simulation (the embedded default config)
 #   make test   install into .venv, then run the test suite
-# TORCH picks the PyTorch requirement installed first: torch==2.13.0 is a CPU wheel on the
-# project's build machines; elsewhere `make demo TORCH=torch` takes your platform's build.
+# TORCH is what pip installs first for PyTorch: torch==2.13.0 is a CPU wheel on the project's
+# build machines. Elsewhere, `make demo TORCH=torch` takes your platform's default build, and
+# `make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"` a CPU-only one.
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -17,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 

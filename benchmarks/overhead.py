@@ -176,7 +176,9 @@ def main() -> None:
     steady_s = {"plain": plain_best, "inline": inline_best}
     if "ray" in cold:
         steady_s["ray"] = cold["ray"]["steady_round_s"]
-    clients = 10
+    from fedsim.config import compose
+
+    clients = compose(overrides)[0]["sim"]["clients_per_round"]
     print(f"workload: synthetic task; {' '.join(overrides)}; torch threads 1 per client")
     print(
         f"{'variant':8} {'round (s)':>10} {'ratio':>7} {'start-up (s)':>13} "

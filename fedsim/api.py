@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedsim.build import build_components
+from fedsim.build import build
 from fedsim.config import RunSpec, check, compose
 from fedsim.results import METRICS_FILE, SUMMARY_FILE
 
@@ -26,7 +26,7 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
         raise ConfigError(
             "output_dir", str(spec.output_dir), "already holds a run; choose another folder"
         )
-    build_components(spec.cfg).engine.run(spec)
+    build("engine", spec.cfg["engine"]).run(spec)
     return json.loads((spec.output_dir / SUMMARY_FILE).read_text())
 
 

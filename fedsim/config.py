@@ -345,10 +345,22 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("partition.num_partitions", parts, f"must equal sim.num_clients ({n})")
 
 
+_CHECKED: set[str] = set()  # configs this process has already checked
+
+
 def check(cfg: dict[str, Any]) -> None:
-    """Validate, build every component and the adapted model once (nothing is trained)."""
+    """Validate, build every component and the adapted model once (nothing is trained).
+
+    A config checked before in this process (the command line checks every job up front, the
+    job checks again) is not rebuilt.
+    """
+    import json
+
     from fedsim.build import build_components
 
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    if key in _CHECKED:
+        return
     validate(cfg)
     components = build_components(cfg)
     components.model()
@@ -358,3 +370,4 @@ def check(cfg: dict[str, Any]) -> None:
     from fedsim.training import resolve_device
 
     resolve_device(cfg["sim"]["device"])
+    _CHECKED.add(key)
