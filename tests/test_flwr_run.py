@@ -48,6 +48,8 @@ def test_flwr_run_matches_the_inline_engine(tmp_path, run_tiny):
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # flwr starts flower-superlink and flwr-simulation by name: the venv's bin must be on PATH
+        "PATH": f"{Path(flwr).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     try:
         proc = subprocess.run(
