@@ -18,7 +18,8 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 
 # Records that persist in a client's Context.state across rounds.
-STATE_CLIENT = "fedsim.client"  # ConfigRecord: the client's global step count
+STATE_CLIENT = "fedsim.client"  # ConfigRecord: the client's global step count...
+STEPS = "steps"  # ...under this key
 STATE_OPTIMIZER = "fedsim.optimizer"  # ArrayRecord: optimizer state when it is kept
 
 # run_config keys understood by the apps when they are started by `flwr run`.

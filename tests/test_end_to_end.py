@@ -144,7 +144,7 @@ def test_client_context_state_persists_across_rounds():
         make_server_app(spec)(grid, Context(1, 1, {}, RecordDict(), {}))
     for node in grid.get_node_ids():
         state = grid.context(node).state
-        assert state[keys.STATE_CLIENT]["steps"] == 3 * 3  # rounds x local steps
+        assert state[keys.STATE_CLIENT][keys.STEPS] == 3 * 3  # rounds x local steps
         opt = state[keys.STATE_OPTIMIZER]
         assert any(k.endswith("/exp_avg") for k in opt.keys())
 

@@ -54,7 +54,7 @@ class ClientRuntime:
             self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), state
         )
 
-        info = state.get(keys.STATE_CLIENT, ConfigRecord({"steps": 0}))
+        info = state.get(keys.STATE_CLIENT, ConfigRecord({keys.STEPS: 0}))
         optimizer = c.make_optimizer(self.trained, lr=sim["lr"])
         if sim["keep_optimizer_state"] and keys.STATE_OPTIMIZER in state:
             load_optimizer_state(optimizer, numpy_dict(state[keys.STATE_OPTIMIZER]))
@@ -69,12 +69,12 @@ class ClientRuntime:
             batch_size=sim["batch_size"],
             lr=sim["lr"],
             schedule=c.schedule,
-            start_step=int(info["steps"]),
+            start_step=int(info[keys.STEPS]),
             total_steps=c.total_local_steps,
             generator=generator,
             device=self.device,
         )
-        state[keys.STATE_CLIENT] = ConfigRecord({"steps": int(info["steps"]) + result.steps})
+        state[keys.STATE_CLIENT] = ConfigRecord({keys.STEPS: int(info[keys.STEPS]) + result.steps})
         if sim["keep_optimizer_state"]:
             state[keys.STATE_OPTIMIZER] = array_record(optimizer_state_arrays(optimizer))
 
