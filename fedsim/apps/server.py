@@ -51,7 +51,6 @@ class FederatedRun:
         self.writer = ResultsWriter(spec.output_dir)
         self.printer = RoundPrinter(self.sim["rounds"], quiet=spec.quiet)
         self.test_set = self.c.task.test_set()
-        self.node_client: dict[int, int] = {}
         self.last: dict[str, Any] = {}  # the latest line of metrics.jsonl
         self.totals = {
             "bytes_up": 0,
@@ -128,7 +127,7 @@ class FederatedRun:
         by_id = {m.metadata.reply_to_message_id: m for m in replies}
         good, failures = [], []
         for msg in sent:
-            client = self.node_client[msg.metadata.dst_node_id]
+            client = self.strategy.context.client_of[msg.metadata.dst_node_id]
             reply = by_id.get(msg.metadata.message_id)
             if reply is None:
                 reason = f"no reply within sim.round_timeout={self.sim['round_timeout']} s"
@@ -248,7 +247,6 @@ class FederatedRun:
         )
         try:
             node_of = self.discover_nodes()
-            self.node_client = {node: client for client, node in node_of.items()}
             self.strategy.bind(
                 StrategyContext(self.c.sampler(), node_of, self.adapter_spec, sim["seed"])
             )
