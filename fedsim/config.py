@@ -28,6 +28,7 @@ CONFIG_NAME = "config"
 RESERVED_GROUPS = ("compressor", "feedback", "privacy", "faults")
 
 SIM_KEYS = {
+    "aggregation_error",
     "device",
     "round_timeout",
     "num_clients",
@@ -312,6 +313,7 @@ def validate(cfg: dict[str, Any]) -> None:
     number("sim.lr", sim["lr"], low=0, low_open=True)
     integer("sim.seed", sim["seed"], low=0)
     boolean("sim.keep_optimizer_state", sim["keep_optimizer_state"])
+    boolean("sim.aggregation_error", sim["aggregation_error"])
     e = sim["eval_clients"]
     if e != "all":
         try:
@@ -363,11 +365,33 @@ def check(cfg: dict[str, Any]) -> None:
         return
     validate(cfg)
     components = build_components(cfg)
+    components.strategy.check_setup(components.adapter, cfg["sim"])
     components.model()
     components.data.check(cfg["sim"]["num_clients"])
+    _check_adapter_init(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     from fedsim.training import resolve_device
 
     resolve_device(cfg["sim"]["device"])
     _CHECKED.add(key)
+
+
+def _check_adapter_init(components) -> None:
+    """An adapter initialised from server data needs a task with enough server examples."""
+    adapter, task = components.adapter, components.task
+    if not adapter.needs_data_init or getattr(adapter, "init_source", None) != "server":
+        return
+    available = task.server_size()
+    if available == 0:
+        raise ConfigError(
+            "adapter.init.source",
+            "server",
+            f"task {task.name} has no server split; use adapter.init.source=clients",
+        )
+    if adapter.init_examples > available:
+        raise ConfigError(
+            "adapter.init.examples",
+            adapter.init_examples,
+            f"must be at most the task's server split ({available} examples)",
+        )

@@ -50,6 +50,7 @@ class FederatedData:
         self.test_fraction, self.seed = float(test_fraction), int(seed)
         self._ready = False
         self._cache: dict[int, ClientData] = {}
+        self._pooled: Batch | None = None
 
     def _setup(self) -> None:
         if not self._ready:
@@ -102,3 +103,12 @@ class FederatedData:
             test = self.task.pool_examples(test_idx, client) if n_test else {}
             self._cache[client] = ClientData(train=train, test=test)
         return self._cache[client]
+
+    def pooled_train(self) -> Batch:
+        """Every client's training split, concatenated in client order (cached)."""
+        import torch
+
+        if self._pooled is None:
+            parts = [self.client(c).train for c in range(self.partitioner.num_partitions)]
+            self._pooled = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self._pooled

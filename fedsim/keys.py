@@ -21,6 +21,15 @@ NUM_PARTITIONS = "num-partitions"
 STATE_CLIENT = "fedsim.client"  # ConfigRecord: the client's global step count...
 STEPS = "steps"  # ...under this key
 STATE_OPTIMIZER = "fedsim.optimizer"  # ArrayRecord: optimizer state when it is kept
+STATE_FROZEN = "fedsim.frozen"  # ArrayRecord: frozen adapter factors the server sent once
+STATE_PERSONAL = "fedsim.personal"  # ArrayRecord: parameters a client keeps to itself
+STATE_BASE = "fedsim.base"  # ArrayRecord: changes folded into the client's frozen base...
+STATE_BASE_VERSION = "fedsim.base-version"  # ConfigRecord: ...up to this round (key VERSION)
+VERSION = "version"
+
+# Message actions beyond Flower's default ones ("train.<action>").
+ACTION_INIT = "init"  # LoRA-SB's set-up round: clients send base-weight gradients
+INIT_EXAMPLES = "init-examples"  # ConfigRecord key: how many examples a client uses for it
 
 # run_config keys understood by the apps when they are started by `flwr run`.
 RUN_OVERRIDES = "overrides"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -26,8 +27,11 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedsim import keys
-from fedsim.adapters.base import AdapterSpec
-from fedsim.records import array_numpy, array_record, numpy_dict
+from fedsim.adapters.base import Adapter, AdapterSpec
+from fedsim.data import FederatedData
+from fedsim.errors import ConfigError
+from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict, to_array
+from fedsim.tasks.base import Batch
 from fedsim.validate import boolean
 
 log = logging.getLogger(__name__)
@@ -71,12 +75,23 @@ class StrategyContext:
 
     sampler: ClientSampler
     node_of: dict[int, int]  # partition id -> Flower node id
-    spec: AdapterSpec  # parameter names trained / sent
+    spec: AdapterSpec  # parameter names trained / sent / frozen, the adapter
     seed: int
+    aggregation_error: bool = True  # compute the per-round exactness diagnostic
     client_of: dict[int, int] = field(init=False)  # node id -> partition id
 
     def __post_init__(self) -> None:
         self.client_of = {node: client for client, node in self.node_of.items()}
+
+
+@dataclass
+class ClientCall:
+    """What a client-side hook knows about the call it serves."""
+
+    client: int  # partition id
+    server_round: int
+    seed: int  # the run's seed
+    state: RecordDict  # the client's Context.state: what it keeps between rounds
 
 
 @dataclass
@@ -92,14 +107,51 @@ class ClientUpdate:
 def weighted_mean(
     arrays: list[Mapping[str, np.ndarray]], weights: list[float] | np.ndarray
 ) -> dict[str, np.ndarray]:
-    """``sum_i w_i * arrays_i`` per key, accumulated in float64, returned in the input dtype."""
+    """``sum_i w_i * arrays_i`` per key, accumulated and returned in float64.
+
+    The base class casts what :meth:`AdapterStrategy.aggregate` returns to the global arrays'
+    dtypes after measuring the aggregation error, so the diagnostic sees the exact mean.
+    """
     out = {}
     for name, first in arrays[0].items():
         acc = np.zeros(first.shape, dtype=np.float64)
         for arr, w in zip(arrays, weights):
             acc += float(w) * arr[name].astype(np.float64, copy=False)
-        out[name] = acc.astype(first.dtype)
+        out[name] = acc
     return out
+
+
+def with_prefix(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {prefix + name: value for name, value in arrays.items()}
+
+
+def split_prefix(
+    prefix: str, arrays: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(arrays without the prefix, the prefixed ones with the prefix removed)``."""
+    plain, tagged = {}, {}
+    for name, value in arrays.items():
+        if name.startswith(prefix):
+            tagged[name[len(prefix) :]] = value
+        else:
+            plain[name] = value
+    return plain, tagged
+
+
+def extend_record(record: ArrayRecord, extra: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """``record`` plus ``extra`` arrays, sharing ``record``'s Array objects (no copy)."""
+    if not extra:
+        return record
+    out = ArrayRecord()
+    for name, array in record.items():
+        out[name] = array
+    for name, value in extra.items():
+        out[name] = to_array(value)
+    return out
+
+
+#: prefix of the frozen adapter parameters in a message (``frozen/<parameter name>``)
+FROZEN = "frozen/"
 
 
 class AdapterStrategy(Strategy):
@@ -112,10 +164,25 @@ class AdapterStrategy(Strategy):
         averaging; otherwise every sampled client counts ``1/k``.
     """
 
+    #: names of the adapters (``conf/adapter``) the strategy works with; ``None``: any
+    adapters: tuple[str, ...] | None = None
+    #: no global model: each client keeps its own (server-side evaluation and the
+    #: aggregation error are null; clients evaluate their personal models)
+    personalised = False
+
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = boolean("strategy.weighted", weighted)
         self.ctx: StrategyContext | None = None
         self.current: dict[str, np.ndarray] = {}
+        #: the server's copy of the frozen adapter parameters (set by :meth:`initial_arrays`)
+        self.frozen: dict[str, np.ndarray] = {}
+        #: clients known to hold the frozen parameters when those come from data
+        self.has_frozen: set[int] = set()
+        #: the change folded into the frozen base in the current round (float64, by module)
+        self.round_fold: dict[str, np.ndarray] = {}
+        #: the aggregation error of the last aggregated round (None: not measured)
+        self.last_aggregation_error: float | None = None
+        self._frozen_record: ArrayRecord | None = None
 
     # ------------------------------------------------------------------ wiring
     def bind(self, ctx: StrategyContext) -> None:
@@ -128,32 +195,84 @@ class AdapterStrategy(Strategy):
             raise RuntimeError(f"{type(self).__name__} is not bound: call bind() first")
         return self.ctx
 
+    def check_setup(self, adapter: Adapter, sim: Mapping[str, Any]) -> None:
+        """Refuse, with a ConfigError, an adapter or settings the strategy cannot work with."""
+        if self.adapters is not None and adapter.name not in self.adapters:
+            needs = " or ".join(self.adapters)
+            raise ConfigError(
+                "adapter",
+                adapter.name,
+                f"strategy {type(self).__name__} needs adapter={needs}",
+            )
+
+    def global_names(self, spec: AdapterSpec) -> list[str]:
+        """The parameters that make up the global arrays (default: everything the adapter sends)."""
+        return list(spec.sent)
+
     # ------------------------------------------------------------------ client half
     def client_receive(
-        self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], state: RecordDict
+        self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], call: ClientCall
     ) -> None:
-        """Load what the server sent into the client's model (default: all of it)."""
-        spec.load(model, arrays)
+        """Load what the server sent into the client's model.
 
-    def client_send(self, model: nn.Module, spec: AdapterSpec, state: RecordDict) -> dict:
+        Default: keep and load the frozen adapter parameters when the server sends them (once,
+        for adapters initialised from data), otherwise load the client's stored copy; then load
+        the global arrays.
+        """
+        plain = self.receive_frozen(model, spec, arrays, call.state)
+        spec.load(model, plain)
+
+    def client_send(self, model: nn.Module, spec: AdapterSpec, call: ClientCall) -> dict:
         """What the client sends back after training (default: the adapter's sent parameters)."""
         return spec.sent_state(model)
 
     def client_evaluate(
-        self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], state: RecordDict
+        self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], call: ClientCall
     ) -> None:
         """Prepare the client's model to evaluate the global model (default: load the arrays).
 
         Federated evaluation measures the global model on each client's local test split; it
         is not part of the training protocol and its traffic is not counted, so this hook must
-        not change ``state`` (a personalised strategy may read it).
+        not change ``call.state`` (a personalised strategy may read it).
         """
-        spec.load(model, arrays)
+        plain, frozen = split_prefix(FROZEN, arrays)
+        spec.load(model, frozen)
+        spec.load(model, plain)
+
+    def client_data(self, data: FederatedData, client: int) -> Batch:
+        """The examples a client trains on (default: its own training split)."""
+        return data.client(client).train
+
+    def client_batch_size(self, batch_size: int) -> int:
+        """The batch size a client trains with (default: ``sim.batch_size``)."""
+        return batch_size
+
+    def receive_frozen(
+        self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], state: RecordDict
+    ) -> dict[str, np.ndarray]:
+        """Store and load frozen adapter parameters sent by the server, or load the stored copy.
+
+        Returns the other arrays. Frozen parameters derived from the seed are already in the
+        model (built identically everywhere) and are never sent.
+        """
+        plain, frozen = split_prefix(FROZEN, arrays)
+        if frozen:
+            state[keys.STATE_FROZEN] = array_record(frozen)
+            spec.load(model, frozen)
+        elif keys.STATE_FROZEN in state:
+            spec.load(model, numpy_dict(state[keys.STATE_FROZEN]))
+        elif spec.adapter is not None and spec.adapter.frozen_source == "data" and spec.frozen:
+            raise RuntimeError("the server has not sent this client its frozen adapter factors")
+        return plain
 
     # ------------------------------------------------------------------ server half
     def initial_arrays(self, model: nn.Module, spec: AdapterSpec) -> dict[str, np.ndarray]:
-        """The global arrays before round 1 (default: the sent parameters at initialisation)."""
-        return {k: v.detach().cpu().numpy().copy() for k, v in spec.sent_state(model).items()}
+        """The global arrays before round 1: the :meth:`global_names` parameters at
+        initialisation. Also records the frozen adapter parameters (:attr:`frozen`)."""
+        self.frozen = spec.frozen_state(model)
+        self._frozen_record = None
+        params = spec.parameters_of(model)
+        return {n: params[n].detach().cpu().numpy().copy() for n in self.global_names(spec)}
 
     def load_global(
         self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray]
@@ -161,13 +280,48 @@ class AdapterStrategy(Strategy):
         """Make the server's model the global model (for server-side evaluation)."""
         spec.load(model, arrays)
 
+    def downlink(self, server_round: int, client: int, arrays: ArrayRecord) -> ArrayRecord:
+        """What ``client`` receives in a training round: the global arrays plus, at its first
+        participation, the frozen adapter parameters when they come from data."""
+        return self._with_frozen(arrays, client not in self.has_frozen)
+
+    def evaluate_downlink(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What a client receives to evaluate the global model (not counted as traffic)."""
+        return self._with_frozen(arrays, True)
+
+    def _with_frozen(self, arrays: ArrayRecord, include: bool) -> ArrayRecord:
+        spec = self.context.spec
+        if not include or spec.adapter is None or spec.adapter.frozen_source != "data":
+            return arrays
+        if not self.frozen:
+            return arrays
+        if self._frozen_record is None:
+            self._frozen_record = array_record(with_prefix(FROZEN, self.frozen))
+        out = ArrayRecord()
+        for record in (arrays, self._frozen_record):
+            for name, array in record.items():
+                out[name] = array
+        return out
+
+    def acknowledge(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """Note what the clients that replied now hold (called after each aggregation)."""
+        self.has_frozen.update(u.client for u in updates)
+
+    def traffic(self, messages: Iterable[Message]) -> tuple[int, int]:
+        """(bytes, values) of the messages' payloads (docs/results.md, "What bytes count")."""
+        return messages_payload(messages)
+
     def aggregate(
         self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
     ) -> dict[str, np.ndarray]:
-        """The new global arrays from the current ones and the round's client updates."""
+        """The new global arrays from the current ones and the round's client updates.
+
+        May return float64 arrays: the aggregation error is measured on what is returned, and
+        the base class then casts each array to the global array's dtype.
+        """
         raise NotImplementedError
 
-    def check_reply(self, arrays: ArrayRecord) -> str | None:
+    def check_reply(self, client: int, arrays: ArrayRecord) -> str | None:
         """Why a client's reply cannot be aggregated, or None if it can.
 
         Called by the server on every reply before :meth:`aggregate`; rejected replies count as
@@ -175,19 +329,10 @@ class AdapterStrategy(Strategy):
         A strategy whose clients send something else (a subset, a compressed payload)
         overrides this together with :meth:`client_send` and :meth:`aggregate`.
         """
-        expected = self.current
-        if set(arrays.keys()) != set(expected):
-            return "malformed reply: unexpected array names"
-        for name, arr in arrays.items():
-            if tuple(arr.shape) != expected[name].shape:
-                shape, want = tuple(arr.shape), expected[name].shape
-                return f"malformed reply: {name} has shape {shape}, expected {want}"
-            if not np.all(np.isfinite(array_numpy(arr, copy=False))):
-                return f"non-finite values in {name}"
-        return None
+        return check_arrays(arrays, {n: v.shape for n, v in self.current.items()})
 
-    def check_aggregate(self, new: Mapping[str, np.ndarray]) -> None:
-        """The global arrays keep their names, shapes and dtypes from round to round."""
+    def check_aggregate(self, new: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global arrays keep their names and shapes; returns them in the global dtypes."""
         name = type(self).__name__
         if set(new) != set(self.current):
             missing, extra = (
@@ -198,13 +343,16 @@ class AdapterStrategy(Strategy):
                 f"{name}.aggregate returned other array names than the global arrays "
                 f"(missing {missing[:5]}, unexpected {extra[:5]})"
             )
+        out = {}
         for key, value in new.items():
-            want = self.current[key]
-            if np.shape(value) != want.shape or np.asarray(value).dtype != want.dtype:
+            want, value = self.current[key], np.asarray(value)
+            if value.shape != want.shape or value.dtype.kind != want.dtype.kind:
                 raise ValueError(
-                    f"{name}.aggregate returned {key} as {np.asarray(value).dtype}"
-                    f"{list(np.shape(value))}; the global array is {want.dtype}{list(want.shape)}"
+                    f"{name}.aggregate returned {key} as {value.dtype}"
+                    f"{list(value.shape)}; the global array is {want.dtype}{list(want.shape)}"
                 )
+            out[key] = value.astype(want.dtype, copy=False)
+        return out
 
     def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
         """``p_i``: by number of examples if ``weighted``, else uniform."""
@@ -212,6 +360,56 @@ class AdapterStrategy(Strategy):
             n = np.array([u.num_examples for u in updates], dtype=np.float64)
             return n / n.sum()
         return np.full(len(updates), 1.0 / len(updates))
+
+    # ------------------------------------------------------------------ exactness diagnostic
+    def effective(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each layer's adapter contribution to its effective weight, and each head parameter,
+        in float64, from arrays by parameter name (the frozen parameters are added)."""
+        spec = self.context.spec
+        full = {**self.frozen, **arrays}
+        out = spec.deltas(full)
+        for name in spec.heads:
+            if name in arrays:
+                out[name] = np.asarray(arrays[name], dtype=np.float64)
+        return out
+
+    def diagnostic_arrays(self, update: ClientUpdate) -> dict[str, np.ndarray]:
+        """The client's uncompressed, un-noised trained arrays (default: what it sent)."""
+        return update.arrays
+
+    def aggregation_error(
+        self,
+        current: Mapping[str, np.ndarray],
+        new: Mapping[str, np.ndarray],
+        updates: list[ClientUpdate],
+    ) -> float | None:
+        """REFERENCE section 3: ``max over layers ||dW_agg - dW*||_F / ||dW*||_F`` in float64.
+
+        ``dW*`` is the ``p``-weighted mean of the clients' changes to the effective weight
+        (:meth:`weights`), ``dW_agg`` the change the server produced: the new global arrays'
+        contribution plus what was folded into the frozen base this round (:attr:`round_fold`).
+        Head parameters count as layers. Layers whose ideal change is exactly zero are left
+        out (no relative error is defined there); None when there is nothing to compare.
+        """
+        if self.personalised:
+            return None
+        p = self.weights(updates)
+        old = self.effective(current)
+        ideal = {k: np.zeros_like(v) for k, v in old.items()}
+        for w, update in zip(p, updates):
+            mine = self.effective(self.diagnostic_arrays(update))
+            for k in ideal:
+                ideal[k] += float(w) * (mine.get(k, old[k]) - old[k])
+        got = self.effective(new)
+        worst = None
+        for k, want in ideal.items():
+            change = got.get(k, old[k]) - old[k] + self.round_fold.get(k, 0.0)
+            norm = float(np.linalg.norm(want))
+            if norm == 0.0:
+                continue
+            err = float(np.linalg.norm(change - want)) / norm
+            worst = err if worst is None else max(worst, err)
+        return worst
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Server state that must survive a round beyond the global arrays (none by default)."""
@@ -222,28 +420,36 @@ class AdapterStrategy(Strategy):
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
     # ------------------------------------------------------------------ Flower Strategy API
-    def _messages(
-        self, clients: Iterable[int], record: RecordDict, message_type: str, server_round: int
-    ) -> list[Message]:
-        node_of = self.context.node_of
-        return [
-            Message(
-                record,
-                dst_node_id=node_of[c],
-                message_type=message_type,
-                group_id=str(server_round),
-            )
-            for c in clients
-        ]
+    def train_clients(self, server_round: int) -> list[int]:
+        """The clients (partition ids) that train in ``server_round`` (default: the sampler's)."""
+        return self.context.sampler.train_clients(server_round)
+
+    def _message(
+        self, client: int, record: RecordDict, message_type: str, server_round: int
+    ) -> Message:
+        return Message(
+            record,
+            dst_node_id=self.context.node_of[client],
+            message_type=message_type,
+            group_id=str(server_round),
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = numpy_dict(arrays)
         config[keys.SERVER_ROUND] = server_round
-        record = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
-        clients = self.context.sampler.train_clients(server_round)
-        return self._messages(clients, record, MessageType.TRAIN, server_round)
+        return [
+            self._message(
+                client,
+                RecordDict(
+                    {keys.ARRAYS: self.downlink(server_round, client, arrays), keys.CONFIG: config}
+                ),
+                MessageType.TRAIN,
+                server_round,
+            )
+            for client in self.train_clients(server_round)
+        ]
 
     def updates_from(self, replies: Iterable[Message]) -> list[ClientUpdate]:
         client_of = self.context.client_of
@@ -265,11 +471,17 @@ class AdapterStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the good replies; measures :attr:`last_aggregation_error` on the way."""
+        self.last_aggregation_error = None
         updates = self.updates_from(replies)
         if not updates:
             return None, None
+        self.round_fold = {}
         new = self.aggregate(server_round, self.current, updates)
-        self.check_aggregate(new)
+        if self.context.aggregation_error:
+            self.last_aggregation_error = self.aggregation_error(self.current, new, updates)
+        new = self.check_aggregate(new)
+        self.acknowledge(server_round, updates)
         w = self.weights(updates)
         metrics = MetricRecord()
         for key in updates[0].metrics:
@@ -280,9 +492,9 @@ class AdapterStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[keys.SERVER_ROUND] = server_round
-        record = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
+        record = RecordDict({keys.ARRAYS: self.evaluate_downlink(arrays), keys.CONFIG: config})
         clients = self.context.sampler.evaluate_clients(server_round)
-        return self._messages(clients, record, MessageType.EVALUATE, server_round)
+        return [self._message(c, record, MessageType.EVALUATE, server_round) for c in clients]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -305,3 +517,67 @@ class AdapterStrategy(Strategy):
 
     def summary(self) -> None:
         log.info("%s(weighted=%s)", type(self).__name__, self.weighted)
+
+
+def check_arrays(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why ``arrays`` do not have exactly the expected names and shapes with finite values."""
+    if set(arrays.keys()) != set(shapes):
+        got = set(arrays.keys())
+        missing, extra = sorted(set(shapes) - got), sorted(got - set(shapes))
+        return f"malformed reply: missing arrays {missing[:3]}, unexpected arrays {extra[:3]}"
+    for name, arr in arrays.items():
+        shape, want = tuple(arr.shape), tuple(shapes[name])
+        if shape != want:
+            return f"malformed reply: {name} has shape {shape}, expected {want}"
+        if not np.all(np.isfinite(array_numpy(arr, copy=False))):
+            return f"non-finite values in {name}"
+    return None
+
+
+class PersonalStrategy(AdapterStrategy):
+    """A strategy whose clients keep some trained parameters to themselves.
+
+    The :meth:`personal_names` parameters never leave the client: they are stored in its
+    ``Context.state`` after training and loaded before training and evaluation; a client that
+    has not trained yet starts from the adapter's initial values. There is no global model, so
+    the server does not evaluate one (:attr:`personalised`); clients evaluate their own.
+    """
+
+    personalised = True
+
+    def __init__(self, weighted: bool = True) -> None:
+        super().__init__(weighted)
+        self._initial: dict[str, np.ndarray] | None = None  # per process, from the fresh model
+
+    def personal_names(self, spec: AdapterSpec) -> list[str]:
+        raise NotImplementedError
+
+    def global_names(self, spec: AdapterSpec) -> list[str]:
+        personal = set(self.personal_names(spec))
+        return [n for n in spec.sent if n not in personal]
+
+    def _load_personal(self, model: nn.Module, spec: AdapterSpec, state: RecordDict) -> None:
+        if self._initial is None:
+            params = spec.parameters_of(model)
+            self._initial = {
+                n: params[n].detach().cpu().numpy().copy() for n in self.personal_names(spec)
+            }
+        if keys.STATE_PERSONAL in state:
+            spec.load(model, numpy_dict(state[keys.STATE_PERSONAL]))
+        else:
+            spec.load(model, self._initial)
+
+    def client_receive(self, model, spec, arrays, call) -> None:
+        super().client_receive(model, spec, arrays, call)
+        self._load_personal(model, spec, call.state)
+
+    def client_send(self, model, spec, call) -> dict:
+        params = spec.parameters_of(model)
+        call.state[keys.STATE_PERSONAL] = array_record(
+            {n: params[n] for n in self.personal_names(spec)}
+        )
+        return {n: params[n] for n in self.global_names(spec)}
+
+    def client_evaluate(self, model, spec, arrays, call) -> None:
+        super().client_evaluate(model, spec, arrays, call)
+        self._load_personal(model, spec, call.state)

@@ -102,6 +102,7 @@ def test_weighted_mean_accumulates_in_float64():
     tiny = np.array([1.0], np.float32)
     out = weighted_mean([{"x": big}, {"x": tiny}, {"x": -big}], [1.0, 1.0, 1.0])
     assert out["x"][0] == 1.0  # float32 accumulation would lose the 1
+    assert out["x"].dtype == np.float64  # cast to the global dtype after the diagnostic
 
 
 def test_sampler_is_seeded_and_samples_without_replacement():
@@ -118,8 +119,8 @@ def test_sampler_is_seeded_and_samples_without_replacement():
     "mutate, message",
     [
         (lambda out: {k: v for k, v in out.items() if k != "b"}, "other array names"),
-        (lambda out: {**out, "a": out["a"].astype(np.float64)}, "as float64"),
-        (lambda out: {**out, "a": out["a"].reshape(-1)}, "float32\\[4\\]"),
+        (lambda out: {**out, "a": out["a"].astype(np.int32)}, "as int32"),
+        (lambda out: {**out, "a": out["a"].reshape(-1)}, "float64\\[4\\]"),
     ],
 )
 def test_an_aggregate_that_changes_the_global_arrays_is_an_error(rounds_messages, mutate, message):

@@ -1,9 +1,13 @@
 """What every adapter provides: injection into a frozen model; which parameters train and travel.
 
 An adapter replaces selected ``nn.Linear`` modules of a model by adapter modules, freezes the
-rest of the model, and declares, by parameter-name suffix, which of its parameters are trained
-and which are sent to the server (peft's ``adapter_layer_names`` plays the same role). Task heads
-(a classifier) are trained and sent like adapter weights.
+rest of the model, and declares, by parameter-name suffix, which of its parameters are trained,
+which are sent to the server, and which are frozen parts of the adapter (peft's
+``adapter_layer_names`` plays the same role). Task heads (a classifier) are trained and sent like
+adapter weights.
+
+Every adapter also states, in numpy, what it adds to a layer's effective weight
+(:meth:`Adapter.layer_delta`), which is how fedsim measures the exactness of aggregation.
 """
 
 from __future__ import annotations
@@ -24,13 +28,22 @@ class AdapterSpec:
     """The result of applying an adapter to a model: full parameter names, in model order.
 
     ``trained`` have ``requires_grad=True``; ``sent`` is what a client sends and the server
-    aggregates (a subset of ``trained``, or equal to it). The spec keeps its model's
-    name-to-parameter map, so the per-round loads and reads need no walk over the modules.
+    aggregates (a subset of ``trained``, or equal to it); ``frozen`` are adapter parameters that
+    are not trained (FFA-LoRA's ``A``, LoRA-SB's ``A`` and ``B``). ``factors`` maps each adapted
+    module to its adapter parameters by suffix, ``heads`` lists the sent parameters that belong
+    to no adapted module (the task head), ``shapes`` the base weight shape ``(m, n)`` of each
+    adapted module. The spec keeps its model's name-to-parameter map, so the per-round loads and
+    reads need no walk over the modules.
     """
 
     trained: list[str]
     sent: list[str]
     adapted_modules: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    factors: dict[str, dict[str, str]] = field(default_factory=dict)
+    heads: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    adapter: Adapter | None = field(default=None, repr=False, compare=False)
     _model: nn.Module | None = field(default=None, repr=False, compare=False)
     _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False, compare=False)
 
@@ -55,6 +68,36 @@ class AdapterSpec:
     def num_trained(self, model: nn.Module) -> int:
         return sum(p.numel() for p in self.trained_parameters(model))
 
+    def frozen_state(self, model: nn.Module) -> dict[str, np.ndarray]:
+        """Copies of the frozen adapter parameters."""
+        params = self.parameters_of(model)
+        return {name: params[name].detach().cpu().numpy().copy() for name in self.frozen}
+
+    def base_weight(self, module: str) -> str:
+        """The full name of an adapted module's frozen base weight ``W0``."""
+        return f"{module}.base.weight"
+
+    def deltas(
+        self, arrays: Mapping[str, np.ndarray], modules: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Each adapted module's contribution to its effective weight, in float64 (m x n).
+
+        ``arrays`` holds adapter parameters by full name; a module whose factors are not all
+        there contributes zero (an adapter that starts from zero, such as FLoRA's re-initialised
+        ones, need not be sent).
+        """
+        if self.adapter is None and self.adapted_modules:
+            raise RuntimeError("this AdapterSpec was not made by Adapter.apply")
+        out = {}
+        for module in self.adapted_modules if modules is None else modules:
+            names = self.factors[module]
+            if all(full in arrays for full in names.values()):
+                factors = {suffix: np.asarray(arrays[full]) for suffix, full in names.items()}
+                out[module] = self.adapter.layer_delta(factors)
+            else:
+                out[module] = np.zeros(self.shapes[module])
+        return out
+
     def load(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         """Copy named arrays into the model's parameters (names must exist, shapes must match)."""
         params = self.parameters_of(model)
@@ -76,6 +119,12 @@ class Adapter:
     trained_suffixes: tuple[str, ...] = ()
     #: those that are sent to the server; ``None`` means the same as trained
     sent_suffixes: tuple[str, ...] | None = None
+    #: adapter parameters that are not trained (but define the adapter's output)
+    frozen_suffixes: tuple[str, ...] = ()
+    #: ``"seed"``: the frozen parameters follow from the run's seed, so the server and every
+    #: client build them identically at no cost; ``"data"``: the server computes them from data
+    #: and must send them to each client once (see :meth:`needs_data_init`)
+    frozen_source = "seed"
 
     def __init__(self, target_modules: Sequence[str] | str | None = None) -> None:
         if target_modules is not None and not (
@@ -101,6 +150,15 @@ class Adapter:
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         raise NotImplementedError
+
+    def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """What the adapter adds to the layer's weight, from its parameters by suffix (float64)."""
+        raise NotImplementedError
+
+    @property
+    def needs_data_init(self) -> bool:
+        """Whether the adapter's initialisation needs gradients on data (LoRA-SB's)."""
+        return False
 
     def apply(
         self,
@@ -140,23 +198,40 @@ class Adapter:
             for p in module.parameters():
                 p.requires_grad_(True)
             heads.append(head)
-        trained, sent = [], []
+        trained, sent, frozen, head_names = [], [], [], []
+        factors: dict[str, dict[str, str]] = {name: {} for name in names}
         sent_suffixes = (
             self.sent_suffixes if self.sent_suffixes is not None else self.trained_suffixes
         )
+        adapter_suffixes = (*self.trained_suffixes, *self.frozen_suffixes)
         for pname, param in model.named_parameters():
             owner = _owner(pname, names)
             if owner is not None:
                 suffix = pname[len(owner) + 1 :]
+                if suffix in adapter_suffixes:
+                    factors[owner][suffix] = pname
                 if suffix in self.trained_suffixes:
                     param.requires_grad_(True)
                     trained.append(pname)
                 if suffix in sent_suffixes:
                     sent.append(pname)
+                if suffix in self.frozen_suffixes:
+                    frozen.append(pname)
             elif any(pname.startswith(h + ".") for h in heads):
                 trained.append(pname)
                 sent.append(pname)
-        return AdapterSpec(trained=trained, sent=sent, adapted_modules=names).bind(model)
+                head_names.append(pname)
+        shapes = {n: tuple(model.get_submodule(n).base.weight.shape) for n in names}
+        return AdapterSpec(
+            trained=trained,
+            sent=sent,
+            adapted_modules=names,
+            frozen=frozen,
+            factors=factors,
+            heads=head_names,
+            shapes=shapes,
+            adapter=self,
+        ).bind(model)
 
 
 def matching_linear_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:

@@ -1,15 +1,20 @@
-"""LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+"""LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) and FFA-LoRA.
 
 ``y = W0 x + s B A x`` with ``s = alpha / r``; ``A`` (r x n) is initialised like a linear layer
 (Kaiming-uniform), ``B`` (m x r) to zero, so the adapted model equals the base at start. ``A`` and
 ``B`` are ``nn.Linear`` modules so that Opacus can compute per-sample gradients for them.
+
+FFA-LoRA (Sun et al., 2024, https://arxiv.org/abs/2403.12313) freezes ``A`` at its random
+initialisation, drawn from the run's seed so that every client and the server hold the same
+``A`` at no communication cost, and trains ``B`` only: averaging ``B`` is then exact.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,3 +98,21 @@ class LoRA(Adapter):
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         return LoRALinear(base, self.r, self.alpha, self.dropout, generator)
+
+    def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``s B A`` with ``s = alpha / r``; ``r`` is read from ``A`` (ranks may differ)."""
+        a = np.asarray(factors["lora_A.weight"], dtype=np.float64)
+        b = np.asarray(factors["lora_B.weight"], dtype=np.float64)
+        return (self.alpha / a.shape[0]) * (b @ a)
+
+
+class FFALoRA(LoRA):
+    """FFA-LoRA adapter config: LoRA with ``A`` frozen (from the run's seed), ``B`` trained.
+
+    Same parameters as :class:`LoRA`. The FFA-LoRA paper notes that a frozen ``A`` calls for a
+    larger ``alpha`` than LoRA's usual setting.
+    """
+
+    name = "ffa"
+    trained_suffixes = ("lora_B.weight",)
+    frozen_suffixes = ("lora_A.weight",)

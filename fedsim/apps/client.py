@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedsim import keys
 from fedsim.build import Components, build_components
 from fedsim.records import array_record, numpy_dict
+from fedsim.strategy import ClientCall
 from fedsim.training import (
     client_generator,
     evaluate,
@@ -44,15 +45,20 @@ class ClientRuntime:
     def _client(self, context: Context) -> int:
         return int(context.node_config[keys.PARTITION_ID])
 
+    def _call(self, msg: Message, context: Context) -> ClientCall:
+        return ClientCall(
+            client=self._client(context),
+            server_round=int(msg.content[keys.CONFIG][keys.SERVER_ROUND]),
+            seed=self.c.sim["seed"],
+            state=context.state,
+        )
+
     def train(self, msg: Message, context: Context) -> Message:
         c, sim = self.c, self.c.sim
-        client = self._client(context)
-        server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
-        data = c.data.client(client)
-        state = context.state
-        c.strategy.client_receive(
-            self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), state
-        )
+        call = self._call(msg, context)
+        client, server_round, state = call.client, call.server_round, call.state
+        c.strategy.client_receive(self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), call)
+        train_data = c.strategy.client_data(c.data, client)
 
         info = state.get(keys.STATE_CLIENT, ConfigRecord({keys.STEPS: 0}))
         optimizer = c.make_optimizer(self.trained, lr=sim["lr"])
@@ -63,10 +69,10 @@ class ClientRuntime:
         result = train_local(
             self.model,
             c.task,
-            data.train,
+            train_data,
             optimizer,
             steps=sim["local_steps"],
-            batch_size=sim["batch_size"],
+            batch_size=c.strategy.client_batch_size(sim["batch_size"]),
             lr=sim["lr"],
             schedule=c.schedule,
             start_step=int(info[keys.STEPS]),
@@ -78,8 +84,25 @@ class ClientRuntime:
         if sim["keep_optimizer_state"]:
             state[keys.STATE_OPTIMIZER] = array_record(optimizer_state_arrays(optimizer))
 
-        arrays = c.strategy.client_send(self.model, self.spec, state)
-        metrics = MetricRecord({keys.NUM_EXAMPLES: data.num_train, keys.TRAIN_LOSS: result.loss})
+        arrays = c.strategy.client_send(self.model, self.spec, call)
+        num_examples = len(train_data[c.task.label_key])
+        metrics = MetricRecord({keys.NUM_EXAMPLES: num_examples, keys.TRAIN_LOSS: result.loss})
+        content = RecordDict({keys.ARRAYS: array_record(arrays), keys.METRICS: metrics})
+        return Message(content, reply_to=msg)
+
+    def init_gradients(self, msg: Message, context: Context) -> Message:
+        """LoRA-SB's set-up round: the base-weight gradients on the client's first examples."""
+        c = self.c
+        client = self._client(context)
+        n = int(msg.content[keys.CONFIG][keys.INIT_EXAMPLES])
+        train = c.data.client(client).train
+        used = {k: v[:n] for k, v in train.items()}
+        model, spec = c.model(self.device)  # as built: the process's model may have trained
+        grads = c.adapter.base_gradients(
+            model, spec, c.task.logits, used, c.task.label_key, self.device
+        )
+        arrays = {spec.base_weight(m): g for m, g in grads.items()}
+        metrics = MetricRecord({keys.NUM_EXAMPLES: len(used[c.task.label_key])})
         content = RecordDict({keys.ARRAYS: array_record(arrays), keys.METRICS: metrics})
         return Message(content, reply_to=msg)
 
@@ -87,7 +110,7 @@ class ClientRuntime:
         client = self._client(context)
         data = self.c.data.client(client)
         self.c.strategy.client_evaluate(
-            self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), context.state
+            self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), self._call(msg, context)
         )
         if data.num_test:
             res = evaluate(self.model, self.c.task, data.test, device=self.device)
@@ -140,6 +163,10 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return rt(context).train(msg, context)
+
+    @app.train(keys.ACTION_INIT)
+    def init_gradients(msg: Message, context: Context) -> Message:
+        return rt(context).init_gradients(msg, context)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -17,6 +17,7 @@ import traceback
 from typing import Any
 
 import flwr
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -28,7 +29,7 @@ from fedsim.config import RunSpec
 from fedsim.progress import RoundPrinter, human_bytes
 from fedsim.records import array_record, messages_payload, numpy_dict
 from fedsim.results import ResultsWriter
-from fedsim.strategy import StrategyContext
+from fedsim.strategy import StrategyContext, check_arrays
 from fedsim.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class FederatedRun:
             "rounds_skipped": 0,
             "clients_failed": 0,
         }
+        self.aggregation_errors: list[float] = []
+        self.adapter_init: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
     def discover_nodes(self) -> dict[int, int]:
@@ -121,9 +124,13 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ one round
     def screen(
-        self, sent: list[Message], replies: list[Message]
+        self, sent: list[Message], replies: list[Message], check=None
     ) -> tuple[list[Message], list[dict[str, Any]]]:
-        """Split replies into good ones (sorted by client) and failures with their reasons."""
+        """Split replies into good ones (sorted by client) and failures with their reasons.
+
+        ``check(reply)`` returns why a reply is refused, or None (default: the strategy's).
+        """
+        check = check or self.reject_reason
         by_id = {m.metadata.reply_to_message_id: m for m in replies}
         good, failures = [], []
         for msg in sent:
@@ -138,7 +145,7 @@ class FederatedRun:
                     .splitlines()[-1]
                 )
             else:
-                reason = self.reject_reason(reply)
+                reason = check(reply)
             if reason is None:
                 good.append((client, reply))
             else:
@@ -152,15 +159,17 @@ class FederatedRun:
             return "malformed reply: missing arrays or metrics"
         if keys.NUM_EXAMPLES not in content[keys.METRICS]:
             return f"malformed reply: no {keys.NUM_EXAMPLES}"
-        return self.strategy.check_reply(content[keys.ARRAYS])
+        return self.strategy.check_reply(self._client_of_reply(reply), content[keys.ARRAYS])
 
     def _client_of_reply(self, reply: Message) -> int:
         return self.strategy.context.client_of[reply.metadata.src_node_id]
 
     def evaluate_global(self, server_round: int, arrays) -> dict[str, Any]:
-        self.strategy.load_global(self.model, self.adapter_spec, numpy_dict(arrays))
-        res = evaluate(self.model, self.c.task, self.test_set, device=self.device)
-        out: dict[str, Any] = {keys.EVAL_LOSS: res.loss, keys.EVAL_ACCURACY: res.accuracy}
+        out: dict[str, Any] = {keys.EVAL_LOSS: None, keys.EVAL_ACCURACY: None}
+        if not self.strategy.personalised:  # else there is no global model to evaluate
+            self.strategy.load_global(self.model, self.adapter_spec, numpy_dict(arrays))
+            res = evaluate(self.model, self.c.task, self.test_set, device=self.device)
+            out = {keys.EVAL_LOSS: res.loss, keys.EVAL_ACCURACY: res.accuracy}
         msgs = list(
             self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
         )
@@ -175,27 +184,112 @@ class FederatedRun:
         out["clients_evaluated"] = int(fed.get("clients_evaluated", 0))
         return out
 
+    def initialize_adapter(self) -> dict[str, Any]:
+        """Data-driven adapter initialisation (LoRA-SB); returns round 0's bookkeeping.
+
+        ``adapter.init.source=server``: on the task's server split, no traffic.
+        ``clients``: a set-up round; the sampled clients send the gradient of each adapted base
+        weight on their first examples (``ceil(init.examples / k)`` each), the server sums them.
+        """
+        adapter, spec, task = self.c.adapter, self.adapter_spec, self.c.task
+        record = {
+            keys.TRAIN_LOSS: None,
+            "aggregation_error": None,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "clients_sampled": 0,
+            "clients_ok": 0,
+            "clients_failed": 0,
+            "failures": [],
+            "round_skipped": False,
+        }
+        if not adapter.needs_data_init:
+            self.adapter_init = {"method": getattr(adapter, "init_method", "default")}
+            return record
+        eta1 = self.sim["lr"] * self.c.schedule.factor(0, self.c.total_local_steps)
+        info: dict[str, Any] = {"method": "gradient", "source": adapter.init_source, "eta1": eta1}
+        if adapter.init_source == "server":
+            data = {k: v[: adapter.init_examples] for k, v in task.server_set().items()}
+            grads = adapter.base_gradients(
+                self.model, spec, task.logits, data, task.label_key, self.device
+            )
+            info["examples"] = len(data[task.label_key])
+            info["data"] = "the task's server split (held out from clients and test set)"
+        else:
+            clients = self.strategy.context.sampler.train_clients(0)
+            per_client = -(-adapter.init_examples // len(clients))
+            config = ConfigRecord({keys.SERVER_ROUND: 0, keys.INIT_EXAMPLES: per_client})
+            sent = [
+                Message(
+                    RecordDict({keys.CONFIG: config}),
+                    dst_node_id=self.strategy.context.node_of[c],
+                    message_type=f"{MessageType.TRAIN}.{keys.ACTION_INIT}",
+                    group_id="0",
+                )
+                for c in clients
+            ]
+            replies = self.exchange(sent)
+            good, failures = self.screen(sent, replies, self.init_reject_reason)
+            if not good:
+                reason = failures[0]["reason"] if failures else "no replies"
+                raise RunFailed(f"LoRA-SB initialisation: no client sent its gradient ({reason})")
+            grads = {m: np.zeros(spec.shapes[m]) for m in spec.adapted_modules}
+            examples = 0
+            for reply in good:
+                got = numpy_dict(reply.content[keys.ARRAYS])
+                for m in spec.adapted_modules:
+                    grads[m] += got[spec.base_weight(m)]
+                examples += int(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
+            record["bytes_up"], numel_up = messages_payload(replies)
+            record["bytes_down"], _ = messages_payload(sent)
+            record.update(
+                clients_sampled=len(sent),
+                clients_ok=len(good),
+                clients_failed=len(failures),
+                failures=failures,
+            )
+            self.totals["numel_up"] += numel_up
+            info["examples"] = examples
+            info["clients"] = sorted(self._client_of_reply(r) for r in good)
+        adapter.initialize(self.model, spec, grads, eta1)
+        self.adapter_init = info
+        return record
+
+    def init_reject_reason(self, reply: Message) -> str | None:
+        """Why a set-up reply is refused: every adapted base weight's gradient, finite."""
+        spec = self.adapter_spec
+        shapes = {spec.base_weight(m): spec.shapes[m] for m in spec.adapted_modules}
+        content = reply.content
+        if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
+            return "malformed reply: missing arrays or metrics"
+        return check_arrays(content[keys.ARRAYS], shapes)
+
     # ------------------------------------------------------------------ the run
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         """One training round; returns the new global arrays and the round's bookkeeping."""
         sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
-        bytes_down, numel_down = messages_payload(sent)
+        bytes_down, numel_down = self.strategy.traffic(sent)
         replies = self.exchange(sent)
         good, failures = self.screen(sent, replies)
-        bytes_up, numel_up = messages_payload(replies)
+        bytes_up, numel_up = self.strategy.traffic(replies)
         train_loss, skipped = None, len(good) < self.sim["min_clients"]
+        error = None
         if not skipped:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, good)
             if new_arrays is not None:
                 arrays = new_arrays
             if train_metrics is not None:
                 train_loss = train_metrics.get(keys.TRAIN_LOSS)
+            error = self.strategy.last_aggregation_error
+            if error is not None:
+                self.aggregation_errors.append(error)
         self.totals["numel_up"] += numel_up
         self.totals["numel_down"] += numel_down
         self.totals["replies"] += sum(1 for r in replies if r.has_content())
         self.totals["sent"] += len(sent)
         return arrays, {
             keys.TRAIN_LOSS: train_loss,
+            "aggregation_error": error,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "clients_sampled": len(sent),
@@ -246,23 +340,21 @@ class FederatedRun:
             + f"  -> {self.spec.output_dir}"
         )
         try:
+            t0 = time.perf_counter()
             node_of = self.discover_nodes()
             self.strategy.bind(
-                StrategyContext(self.c.sampler(), node_of, self.adapter_spec, sim["seed"])
+                StrategyContext(
+                    self.c.sampler(),
+                    node_of,
+                    self.adapter_spec,
+                    sim["seed"],
+                    aggregation_error=sim["aggregation_error"],
+                )
             )
             self.strategy.summary()
+            setup = self.initialize_adapter()
             arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
-            nothing_sent = {
-                keys.TRAIN_LOSS: None,
-                "bytes_up": 0,
-                "bytes_down": 0,
-                "clients_sampled": 0,
-                "clients_ok": 0,
-                "clients_failed": 0,
-                "failures": [],
-                "round_skipped": False,
-            }
-            self.record_round(0, arrays, nothing_sent, time.perf_counter())
+            self.record_round(0, arrays, setup, t0)
             for server_round in range(1, sim["rounds"] + 1):
                 t0 = time.perf_counter()
                 arrays, train = self.train_round(server_round, arrays)
@@ -290,9 +382,19 @@ class FederatedRun:
         self.writer.close()
         self.printer.line(
             f"done in {summary['wall_time_s']:.1f} s: "
-            f"accuracy {summary['final_eval_accuracy']:.4f}, "
-            f"up {human_bytes(summary['bytes_up_total'])}, "
+            + (
+                f"accuracy {summary['final_eval_accuracy']:.4f}, "
+                if summary["final_eval_accuracy"] is not None
+                else f"client accuracy {summary['final_eval_accuracy_client_mean']:.4f} "
+                f"(personal models), "
+            )
+            + f"up {human_bytes(summary['bytes_up_total'])}, "
             f"down {human_bytes(summary['bytes_down_total'])}"
+            + (
+                f", max aggregation error {summary['aggregation_error_max']:.2e}"
+                if summary["aggregation_error_max"] is not None
+                else ""
+            )
         )
         return summary
 
@@ -320,6 +422,8 @@ class FederatedRun:
             "final_eval_accuracy": last.get(keys.EVAL_ACCURACY),
             "final_eval_accuracy_client_mean": last.get("eval_accuracy_client_mean"),
             "final_eval_accuracy_client_min": last.get("eval_accuracy_client_min"),
+            "aggregation_error_max": max(self.aggregation_errors, default=None),
+            "adapter_init": self.adapter_init,
             "bytes_up_total": totals["bytes_up"],
             "bytes_down_total": totals["bytes_down"],
             "params_sent_per_client": {

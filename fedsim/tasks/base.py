@@ -42,5 +42,14 @@ class Task(ABC):
     def test_set(self) -> Batch:
         """The held-out global test set the server evaluates on."""
 
+    def server_size(self) -> int:
+        """How many examples :meth:`server_set` holds (0: the task has no server split)."""
+        return 0
+
+    def server_set(self) -> Batch:
+        """Examples the server holds (a public, held-out split, disjoint from the clients'
+        pool and the test set), e.g. for LoRA-SB's initialisation."""
+        raise NotImplementedError(f"task {self.name} has no server split")
+
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["x"])

@@ -77,6 +77,9 @@ class SyntheticTask(Task):
         Share of the signal the pretrained first layer lets through, in [0, 1].
     examples_per_client, test_examples : int
         Pool size per client; size of the server's global test set.
+    server_examples : int
+        Size of the server's own split (drawn like the test set, disjoint from it), used by
+        LoRA-SB's initialisation with ``adapter.init.source=server``.
     client_shift : float
         Standard deviation of each client's input offset (0: none).
     seed : int
@@ -99,6 +102,7 @@ class SyntheticTask(Task):
         leak: float = 0.05,
         examples_per_client: int = 256,
         test_examples: int = 2000,
+        server_examples: int = 512,
         client_shift: float = 0.0,
         seed: int = 0,
     ) -> None:
@@ -109,6 +113,7 @@ class SyntheticTask(Task):
         self.num_layers = integer("task.num_layers", num_layers, low=1)
         self.examples_per_client = integer("task.examples_per_client", examples_per_client, low=1)
         self.test_examples = integer("task.test_examples", test_examples, low=1)
+        self.server_examples = integer("task.server_examples", server_examples, low=0)
         self.seed = integer("task.seed", seed, low=0)
         self.signal_dim = integer("task.signal_dim", signal_dim, 1, input_dim, "task.input_dim")
         self.separation = number("task.separation", separation, low=0)
@@ -166,3 +171,15 @@ class SyntheticTask(Task):
     def test_set(self) -> Batch:
         x, y = self._generate()[2:]
         return {"x": x, self.label_key: y}
+
+    def server_size(self) -> int:
+        return self.server_examples
+
+    def server_set(self) -> Batch:
+        # Its own stream, so that adding a server split leaves the clients' data unchanged.
+        g = self._generator(3)
+        means = torch.randn(self.num_classes, self.signal_dim, generator=self._generator(2))
+        means = self.separation * means  # the class means of _generate (same stream)
+        y = torch.randint(0, self.num_classes, (self.server_examples,), generator=g)
+        x = torch.randn(self.server_examples, self.input_dim, generator=g)
+        return {"x": x + means[y] @ self._subspace().T, self.label_key: y}

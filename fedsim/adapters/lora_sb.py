@@ -1,0 +1,221 @@
+"""LoRA-SB (Ponkshe et al., 2024, https://arxiv.org/abs/2411.19557), the adapter of Fed-SB.
+
+``y = W0 x + B R A x`` (scale fixed to 1): ``A`` (r x n) and ``B`` (m x r) are frozen, only the
+``r x r`` matrix ``R`` is trained, so averaging ``R`` over clients averages their updates
+exactly (``B mean(R_i) A = mean(B R_i A)``) at ``r^2`` numbers per layer.
+
+Initialisation (``init.method=gradient``, the paper's): accumulate the gradient ``G`` of the
+loss with respect to each adapted base weight on ``init.examples`` examples, approximate the
+first optimizer step as ``dW = -eta1 * sign(G)`` (Adam's first step; ``eta1`` is the learning
+rate of the first step under the client schedule), and set ``B = U_r``, ``R = S_r``,
+``A = V_r^T`` from its truncated SVD: training starts from the best rank-r approximation of
+that step. Where ``G`` comes from is explicit: ``init.source=server`` (the task's held-out
+server split) or ``clients`` (a set-up round in which sampled clients send their gradients).
+``B`` and ``A`` then depend on data, so the server sends them to every client once.
+``init.method=random`` (random orthonormal ``A``, ``B`` from the run's seed, ``R = 0``) is the
+ablation; its ``B`` and ``A`` cost nothing to share.
+
+``A``, ``R`` and ``B`` are three bias-free ``nn.Linear`` modules: Opacus computes per-sample
+gradients for such a chain in all its grad-sample modes (a bare ``nn.Parameter`` in a matmul
+breaks its ``ew`` mode; frozen factors stored as buffers are rejected).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim.adapters.base import Adapter, AdapterSpec
+from fedsim.errors import ConfigError
+from fedsim.validate import integer, number
+
+INIT_METHODS = ("gradient", "random")
+INIT_SOURCES = ("server", "clients")
+
+
+class LoRASBLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ``B R A`` with frozen ``A``, ``B`` and trainable ``R``."""
+
+    def __init__(self, base: nn.Linear, r: int, dropout: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base
+        self.r = r
+        kw = {"bias": False, "dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Linear(base.in_features, r, **kw)
+        self.lora_R = nn.Linear(r, r, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, **kw)
+        with torch.no_grad():
+            a = torch.linalg.qr(torch.randn(base.in_features, r, generator=generator))[0]
+            b = torch.linalg.qr(torch.randn(base.out_features, r, generator=generator))[0]
+            self.lora_A.weight.copy_(a.T)
+            self.lora_B.weight.copy_(b)
+            self.lora_R.weight.zero_()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_R(self.lora_A(self.dropout(x))))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to the effective weight, ``B R A`` (m x n)."""
+        return self.lora_B.weight @ self.lora_R.weight @ self.lora_A.weight
+
+
+def first_step_factors(grad: np.ndarray, eta1: float, r: int) -> tuple[np.ndarray, ...]:
+    """``(B, R, A)`` from the rank-r truncated SVD of ``-eta1 * sign(grad)``, in float64."""
+    step = -float(eta1) * np.sign(np.asarray(grad, dtype=np.float64))
+    u, s, vt = np.linalg.svd(step, full_matrices=False)
+    return u[:, :r], np.diag(s[:r]), vt[:r]
+
+
+class LoRASB(Adapter):
+    """LoRA-SB adapter config (see the module docstring).
+
+    Parameters
+    ----------
+    r : int
+        Rank; ``R`` is ``r x r``. At most ``min(m, n)`` of every adapted layer.
+    dropout : float
+        Dropout on the adapter's input, in [0, 1).
+    target_modules : list of str, or str, optional
+        Linear layers to adapt (suffix names, or a full-name regex); default: the task's.
+    init : dict
+        ``method``: ``gradient`` (LoRA-SB's update approximation) or ``random``;
+        ``source``: ``server`` or ``clients`` (where the gradient examples come from);
+        ``examples``: ``N_init``, examples the gradient is accumulated on (the reference uses
+        50 to 550); ``batch_size``: examples per gradient batch.
+    """
+
+    name = "lora_sb"
+    trained_suffixes = ("lora_R.weight",)
+    frozen_suffixes = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(
+        self,
+        r: int = 8,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] | str | None = None,
+        init: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(target_modules)
+        self.r = integer("adapter.r", r, low=1)
+        self.dropout = number("adapter.dropout", dropout, 0, 1, high_open=True)
+        init = dict(init or {})
+        allowed = {"method", "source", "examples", "batch_size"}
+        for key in init:
+            if key not in allowed:
+                raise ConfigError(
+                    f"adapter.init.{key}", init[key], f"unknown key; allowed: {sorted(allowed)}"
+                )
+        self.init_method = init.get("method", "gradient")
+        if self.init_method not in INIT_METHODS:
+            raise ConfigError("adapter.init.method", self.init_method, f"allowed: {INIT_METHODS}")
+        self.init_source = init.get("source", "server")
+        if self.init_source not in INIT_SOURCES:
+            raise ConfigError("adapter.init.source", self.init_source, f"allowed: {INIT_SOURCES}")
+        self.init_examples = integer("adapter.init.examples", init.get("examples", 256), low=1)
+        self.init_batch_size = integer("adapter.init.batch_size", init.get("batch_size", 32), low=1)
+
+    @property
+    def frozen_source(self) -> str:  # type: ignore[override]
+        return "data" if self.needs_data_init else "seed"
+
+    @property
+    def needs_data_init(self) -> bool:
+        return self.init_method == "gradient"
+
+    def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
+        limit = min(base.in_features, base.out_features)
+        if self.r > limit:
+            raise ConfigError(
+                "adapter.r",
+                self.r,
+                f"must be at most min(m, n) = {limit} for a {base.out_features} x "
+                f"{base.in_features} layer (B and A have orthonormal columns / rows)",
+            )
+        return LoRASBLinear(base, self.r, self.dropout, generator)
+
+    def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``B R A`` in float64."""
+        a, r, b = (
+            np.asarray(factors[k], dtype=np.float64)
+            for k in ("lora_A.weight", "lora_R.weight", "lora_B.weight")
+        )
+        return b @ r @ a
+
+    # ------------------------------------------------------------------ initialisation
+    def base_gradients(
+        self,
+        model: nn.Module,
+        spec: AdapterSpec,
+        logits,
+        data: dict[str, torch.Tensor],
+        label_key: str,
+        device: torch.device | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``G``: the summed gradient of the mean batch loss with respect to each adapted base
+        weight, over ``data`` in batches of ``init.batch_size`` (model in eval mode, no step).
+
+        Returns ``{module name: G}`` (m x n, float32). ``logits(model, batch)`` is the task's.
+        """
+        weights = {m: model.get_submodule(m).base.weight for m in spec.adapted_modules}
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        was_training = model.training
+        model.eval()
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            for w in weights.values():
+                w.requires_grad_(True)
+            n = len(data[label_key])
+            for start in range(0, n, self.init_batch_size):
+                batch = {k: v[start : start + self.init_batch_size] for k, v in data.items()}
+                if device is not None and device.type != "cpu":
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                F.cross_entropy(logits(model, batch), batch[label_key]).backward()
+            return {
+                m: (
+                    w.grad.detach().cpu().numpy().copy()
+                    if w.grad is not None
+                    else np.zeros(tuple(w.shape), dtype=np.float32)
+                )
+                for m, w in weights.items()
+            }
+        finally:
+            for w in weights.values():
+                w.grad = None
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+            model.train(was_training)
+
+    def initialize(
+        self, model: nn.Module, spec: AdapterSpec, grads: Mapping[str, np.ndarray], eta1: float
+    ) -> None:
+        """Set ``B, R, A`` of every adapted layer from its gradient (see the module docstring)."""
+        with torch.no_grad():
+            for module in spec.adapted_modules:
+                layer = model.get_submodule(module)
+                b, r, a = first_step_factors(grads[module], eta1, self.r)
+                for target, value in ((layer.lora_B, b), (layer.lora_R, r), (layer.lora_A, a)):
+                    target.weight.copy_(torch.from_numpy(value).to(target.weight.dtype))

@@ -1,0 +1,160 @@
+"""FLoRA (Wang et al., 2024, https://arxiv.org/abs/2409.05976): stacking, with per-client ranks.
+
+Client ``i`` trains a fresh LoRA adapter of rank ``r_i`` every round (``A`` random from a seed
+of the run, round and client; ``B = 0``) and sends ``B_i``, ``A_i`` (``r_i (m+n)`` per layer).
+The server stacks them, ``B = [B_1 .. B_k]``, ``A = [p_1 s_1 A_1; ..; p_k s_k A_k]``
+(``s_i = alpha / r_i``), and folds ``B A = sum_i p_i s_i B_i A_i`` into the frozen base of every
+client: exact, whatever the ranks. Downlink: the task head and the merges the client lacks,
+as stacked factors (``(sum_j r_j)(m+n)`` each) or dense ``m n``, whichever is smaller (see
+:mod:`fedsim.folding`).
+
+``client_ranks``: each client's rank (at most ``adapter.r``, which sizes the model's adapter;
+a client of lower rank uses its first ``r_i`` rows of ``A`` and columns of ``B`` and keeps the
+rest at zero); the list is repeated over the clients (client ``i`` gets
+``client_ranks[i % len]``); ``null`` gives every client ``adapter.r``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from fedsim.adapters.base import Adapter, AdapterSpec
+from fedsim.errors import ConfigError
+from fedsim.folding import FoldingStrategy
+from fedsim.strategy import ClientCall, ClientUpdate, check_arrays, weighted_mean
+
+A, B = "lora_A.weight", "lora_B.weight"
+
+
+class FLoRA(FoldingStrategy):
+    """Stack the clients' adapters, fold their product into the base, start afresh."""
+
+    adapters = ("lora",)
+
+    def __init__(self, weighted: bool = True, client_ranks: Sequence[int] | None = None) -> None:
+        super().__init__(weighted)
+        if client_ranks is not None:
+            ok = isinstance(client_ranks, Sequence) and not isinstance(client_ranks, str)
+            ok = ok and len(client_ranks) > 0
+            ok = ok and all(isinstance(r, int) and not isinstance(r, bool) for r in client_ranks)
+            if not ok or min(client_ranks) < 1:
+                raise ConfigError(
+                    "strategy.client_ranks", client_ranks, "must be null or a list of ranks >= 1"
+                )
+            client_ranks = [int(r) for r in client_ranks]
+        self.client_ranks = client_ranks
+        self.max_rank: int | None = None
+
+    def check_setup(self, adapter: Adapter, sim: Mapping[str, Any]) -> None:
+        super().check_setup(adapter, sim)
+        ranks = self.client_ranks or []
+        too_big = [r for r in ranks if r > adapter.r]
+        if too_big:
+            raise ConfigError(
+                "strategy.client_ranks",
+                self.client_ranks,
+                f"ranks must be at most adapter.r={adapter.r} (the model's adapter size)",
+            )
+        if len(ranks) > sim["num_clients"]:
+            raise ConfigError(
+                "strategy.client_ranks",
+                self.client_ranks,
+                f"has more entries than sim.num_clients={sim['num_clients']}",
+            )
+
+    def rank(self, client: int, spec: AdapterSpec) -> int:
+        if self.client_ranks is None:
+            return spec.adapter.r
+        return self.client_ranks[client % len(self.client_ranks)]
+
+    # ------------------------------------------------------------------ server half
+    def global_names(self, spec: AdapterSpec) -> list[str]:
+        return list(spec.heads)
+
+    def check_reply(self, client: int, arrays: ArrayRecord) -> str | None:
+        spec = self.context.spec
+        r = self.rank(client, spec)
+        shapes = {h: self.current[h].shape for h in spec.heads}
+        for module, (m, n) in spec.shapes.items():
+            shapes[spec.factors[module][A]] = (r, n)
+            shapes[spec.factors[module][B]] = (m, r)
+        return check_arrays(arrays, shapes)
+
+    def aggregate(
+        self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
+        spec = self.context.spec
+        p = self.weights(updates)
+        heads = weighted_mean([{h: u.arrays[h] for h in spec.heads} for u in updates], p)
+        change, factors = {}, {}
+        alpha = spec.adapter.alpha
+        for module, (m, n) in spec.shapes.items():
+            names = spec.factors[module]
+            bs = [u.arrays[names[B]] for u in updates]
+            as_ = [u.arrays[names[A]] for u in updates]
+            change[module] = sum(
+                float(w) * spec.deltas(u.arrays, [module])[module] for w, u in zip(p, updates)
+            )
+            stacked = sum(a.shape[0] for a in as_)
+            if stacked * (m + n) >= m * n:
+                factors[module] = None
+            else:
+                left = np.concatenate(bs, axis=1)
+                right = np.concatenate(
+                    [
+                        (float(w) * alpha / a.shape[0]) * a.astype(np.float64)
+                        for w, a in zip(p, as_)
+                    ],
+                    axis=0,
+                )
+                factors[module] = (left, right.astype(as_[0].dtype))
+        self.fold_in(server_round, change, factors)
+        return heads
+
+    def load_global(self, model: nn.Module, spec: AdapterSpec, arrays: dict) -> None:
+        super().load_global(model, spec, arrays)
+        self._reset_adapters(model, spec, None)
+
+    # ------------------------------------------------------------------ client half
+    def client_receive(self, model, spec, arrays, call: ClientCall) -> None:
+        super().client_receive(model, spec, arrays, call)
+        self._reset_adapters(model, spec, call)
+
+    def client_send(self, model, spec, call: ClientCall) -> dict:
+        r = self.rank(call.client, spec)
+        params = spec.parameters_of(model)
+        out = {h: params[h] for h in spec.heads}
+        for names in spec.factors.values():
+            out[names[A]] = params[names[A]][:r]
+            out[names[B]] = params[names[B]][:, :r]
+        return out
+
+    def client_evaluate(self, model, spec, arrays, call) -> None:
+        super().client_evaluate(model, spec, arrays, call)
+        self._reset_adapters(model, spec, None)
+
+    def _reset_adapters(self, model: nn.Module, spec: AdapterSpec, call: ClientCall | None) -> None:
+        """``B = 0``; with a call, a fresh ``A`` of the client's rank (the rest zero) and the
+        client's scale ``alpha / r_i``."""
+        r = self.rank(call.client, spec) if call is not None else spec.adapter.r
+        g = None
+        if call is not None:
+            mixed = np.random.SeedSequence([call.seed, call.server_round, call.client, 17])
+            g = torch.Generator().manual_seed(int(mixed.generate_state(1)[0]))
+        with torch.no_grad():
+            for module in spec.adapted_modules:
+                layer = model.get_submodule(module)
+                layer.lora_B.weight.zero_()
+                layer.scaling = spec.adapter.alpha / r
+                if g is not None:
+                    fresh = torch.empty(r, layer.lora_A.weight.shape[1])
+                    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=g)
+                    layer.lora_A.weight.zero_()
+                    layer.lora_A.weight[:r].copy_(fresh)
