@@ -50,6 +50,20 @@ def test_sweep_expansion():
 
 BAD = [
     # (overrides, text the one line must contain)
+    (["strategy=fedsb", "adapter=lora"], "adapter=lora: strategy FedSB needs adapter=lora_sb"),
+    (["strategy=ffa", "adapter=lora"], "adapter=lora: strategy FFA needs adapter=ffa"),
+    (["strategy=fedsa", "adapter=lora_sb"], "adapter=lora_sb: strategy FedSA needs adapter=lora"),
+    (["strategy=flora", "strategy.client_ranks=[16]"], "ranks must be at most adapter.r=8"),
+    (["strategy=flora", "strategy.client_ranks=[0]"], "strategy.client_ranks=[0]: must be null"),
+    (["strategy=flora", "strategy.client_ranks=3"], "strategy.client_ranks=3"),
+    (["adapter=lora_sb", "adapter.r=64"], "adapter.r=64: must be at most min(m, n) = 32"),
+    (["adapter=lora_sb", "adapter.init.examples=10000"], "the task's server split (512"),
+    (["adapter=lora_sb", "adapter.init.method=svd"], "adapter.init.method=svd: must be gradient"),
+    (["adapter=lora_sb", "adapter.init.source=public"], "adapter.init.source=public: must be"),
+    (["adapter=lora_sb", "+adapter.init.foo=1"], "adapter.init.foo=1: unknown key"),
+    (["strategy=fedsb", "task.server_examples=0"], "has no server split; use adapter.init"),
+    (["strategy=centralized", "sim.min_clients=2"], "sim.min_clients=2: must be 1 with"),
+    (["sim.aggregation_error=maybe"], "sim.aggregation_error=maybe: must be true or false"),
     (["engine=warp"], "engine=warp: unknown option; allowed: inline, ray"),
     (["strategy=nope"], "strategy=nope: unknown option"),
     (["sim.num_clients=0"], "sim.num_clients=0: must be an integer >= 1"),

@@ -210,8 +210,8 @@ class Adapter:
                 suffix = pname[len(owner) + 1 :]
                 if suffix in adapter_suffixes:
                     factors[owner][suffix] = pname
+                param.requires_grad_(suffix in self.trained_suffixes)  # new modules default True
                 if suffix in self.trained_suffixes:
-                    param.requires_grad_(True)
                     trained.append(pname)
                 if suffix in sent_suffixes:
                     sent.append(pname)

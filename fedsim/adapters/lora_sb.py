@@ -125,14 +125,20 @@ class LoRASB(Adapter):
         for key in init:
             if key not in allowed:
                 raise ConfigError(
-                    f"adapter.init.{key}", init[key], f"unknown key; allowed: {sorted(allowed)}"
+                    f"adapter.init.{key}",
+                    init[key],
+                    f"unknown key; allowed: {', '.join(sorted(allowed))}",
                 )
         self.init_method = init.get("method", "gradient")
         if self.init_method not in INIT_METHODS:
-            raise ConfigError("adapter.init.method", self.init_method, f"allowed: {INIT_METHODS}")
+            raise ConfigError(
+                "adapter.init.method", self.init_method, "must be " + " or ".join(INIT_METHODS)
+            )
         self.init_source = init.get("source", "server")
         if self.init_source not in INIT_SOURCES:
-            raise ConfigError("adapter.init.source", self.init_source, f"allowed: {INIT_SOURCES}")
+            raise ConfigError(
+                "adapter.init.source", self.init_source, "must be " + " or ".join(INIT_SOURCES)
+            )
         self.init_examples = integer("adapter.init.examples", init.get("examples", 256), low=1)
         self.init_batch_size = integer("adapter.init.batch_size", init.get("batch_size", 32), low=1)
 
