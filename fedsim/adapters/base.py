@@ -108,6 +108,32 @@ class AdapterSpec:
                 params[name].copy_(torch.from_numpy(np.asarray(value)))
 
 
+class AdaptedLinear(nn.Module):
+    """Base of adapter modules: a frozen ``nn.Linear`` (``self.base``) plus an adapter.
+
+    Model code often reads ``weight``, ``bias`` and the feature counts from its linear layers
+    (dtype checks, fast paths); they are the base layer's.
+    """
+
+    base: nn.Linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
 class Adapter:
     """Base class of adapter configs (one per method, built from ``conf/adapter/*.yaml``).
 

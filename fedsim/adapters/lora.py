@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.adapters.base import Adapter
+from fedsim.adapters.base import AdaptedLinear, Adapter
 from fedsim.validate import integer, number
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdaptedLinear):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``s * B A``."""
 
     def __init__(
@@ -43,23 +43,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-
-    # Model code often reads these from its linear layers (dtype checks, fast paths).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the effective weight, ``s B A`` (m x n)."""

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.adapters.base import Adapter, AdapterSpec
+from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterSpec
 from fedsim.errors import ConfigError
 from fedsim.validate import integer, number
 
@@ -38,7 +38,7 @@ INIT_METHODS = ("gradient", "random")
 INIT_SOURCES = ("server", "clients")
 
 
-class LoRASBLinear(nn.Module):
+class LoRASBLinear(AdaptedLinear):
     """A frozen ``nn.Linear`` plus ``B R A`` with frozen ``A``, ``B`` and trainable ``R``."""
 
     def __init__(self, base: nn.Linear, r: int, dropout: float, generator: torch.Generator) -> None:
@@ -59,22 +59,6 @@ class LoRASBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora_B(self.lora_R(self.lora_A(self.dropout(x))))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the effective weight, ``B R A`` (m x n)."""
