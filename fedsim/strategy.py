@@ -534,13 +534,19 @@ def check_arrays(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> 
     return None
 
 
+#: prefix of a personal parameter's initial value in a message (``initial/<parameter name>``)
+INITIAL = "initial/"
+
+
 class PersonalStrategy(AdapterStrategy):
     """A strategy whose clients keep some trained parameters to themselves.
 
     The :meth:`personal_names` parameters never leave the client: they are stored in its
     ``Context.state`` after training and loaded before training and evaluation; a client that
-    has not trained yet starts from the adapter's initial values. There is no global model, so
-    the server does not evaluate one (:attr:`personalised`); clients evaluate their own.
+    has not trained yet starts from the adapter's initial values. Those come from the seed
+    (every process builds them), or, for an adapter initialised from data (LoRA-SB's gradient
+    init), from the server, once, with the frozen factors (counted). There is no global model,
+    so the server does not evaluate one (:attr:`personalised`); clients evaluate their own.
     """
 
     personalised = True
@@ -548,6 +554,27 @@ class PersonalStrategy(AdapterStrategy):
     def __init__(self, weighted: bool = True) -> None:
         super().__init__(weighted)
         self._initial: dict[str, np.ndarray] | None = None  # per process, from the fresh model
+        self.initial_personal: dict[str, np.ndarray] = {}  # server: data-derived initial values
+
+    def initial_arrays(self, model: nn.Module, spec: AdapterSpec) -> dict[str, np.ndarray]:
+        out = super().initial_arrays(model, spec)
+        self.initial_personal = {}
+        if spec.adapter is not None and spec.adapter.frozen_source == "data":
+            params = spec.parameters_of(model)
+            self.initial_personal = {
+                n: params[n].detach().cpu().numpy().copy() for n in self.personal_names(spec)
+            }
+        return out
+
+    def downlink(self, server_round: int, client: int, arrays: ArrayRecord) -> ArrayRecord:
+        out = super().downlink(server_round, client, arrays)
+        if client in self.has_frozen:
+            return out
+        return extend_record(out, with_prefix(INITIAL, self.initial_personal))
+
+    def evaluate_downlink(self, arrays: ArrayRecord) -> ArrayRecord:
+        out = super().evaluate_downlink(arrays)
+        return extend_record(out, with_prefix(INITIAL, self.initial_personal))
 
     def personal_names(self, spec: AdapterSpec) -> list[str]:
         raise NotImplementedError
@@ -556,7 +583,9 @@ class PersonalStrategy(AdapterStrategy):
         personal = set(self.personal_names(spec))
         return [n for n in spec.sent if n not in personal]
 
-    def _load_personal(self, model: nn.Module, spec: AdapterSpec, state: RecordDict) -> None:
+    def _load_personal(
+        self, model: nn.Module, spec: AdapterSpec, state: RecordDict, initial: dict
+    ) -> None:
         if self._initial is None:
             params = spec.parameters_of(model)
             self._initial = {
@@ -565,11 +594,12 @@ class PersonalStrategy(AdapterStrategy):
         if keys.STATE_PERSONAL in state:
             spec.load(model, numpy_dict(state[keys.STATE_PERSONAL]))
         else:
-            spec.load(model, self._initial)
+            spec.load(model, initial or self._initial)
 
     def client_receive(self, model, spec, arrays, call) -> None:
-        super().client_receive(model, spec, arrays, call)
-        self._load_personal(model, spec, call.state)
+        plain, initial = split_prefix(INITIAL, arrays)
+        super().client_receive(model, spec, plain, call)
+        self._load_personal(model, spec, call.state, initial)
 
     def client_send(self, model, spec, call) -> dict:
         params = spec.parameters_of(model)
@@ -579,5 +609,6 @@ class PersonalStrategy(AdapterStrategy):
         return {n: params[n] for n in self.global_names(spec)}
 
     def client_evaluate(self, model, spec, arrays, call) -> None:
-        super().client_evaluate(model, spec, arrays, call)
-        self._load_personal(model, spec, call.state)
+        plain, initial = split_prefix(INITIAL, arrays)
+        super().client_evaluate(model, spec, plain, call)
+        self._load_personal(model, spec, call.state, initial)

@@ -1,7 +1,9 @@
 """The ``local`` reference: no aggregation, each client trains alone.
 
 Every client keeps all its trained parameters in its own ``Context.state``, nothing is sent in
-either direction (0 bytes), and each client evaluates its own model on its local test split.
+either direction (0 bytes; an adapter initialised from the server's data, LoRA-SB's gradient
+init, is sent to each client once, and counted), and each client evaluates its own model on its
+local test split.
 It is the lower reference a federated method must beat to be worth its communication.
 """
 

@@ -507,3 +507,22 @@ def test_opacus_per_sample_gradients_of_r_in_every_mode(mode):
             torch.testing.assert_close(per_sample[i], want, rtol=1e-4, atol=1e-6)
     for name in spec.frozen:
         assert getattr(params[name], "grad_sample", None) is None
+
+
+def test_local_clients_start_from_a_data_initialised_adapter():
+    """LoRA-SB's R = S_r comes from the server's data: each local client gets it once."""
+    fed = Federation(Local(), LoRASB(r=R), data_init=True)
+    rec = fed.play(1)
+    per_layer = sum(R * (m + n) + R * R for m, n in LAYERS.values())  # B, A and initial R
+    for c in rec["clients"]:
+        assert rec["down"][c] == 4 * (per_layer + HEAD) and rec["up"][c] == 0
+    client = Local()
+    model, spec = adapted(LoRASB(r=R))
+    arrays = numpy_dict(rec["messages"][rec["clients"][0]].content[keys.ARRAYS])
+    client.client_receive(model, spec, arrays, ClientCall(rec["clients"][0], 1, 0, RecordDict()))
+    mine, server = spec.parameters_of(model), fed.spec.parameters_of(fed.model)
+    for name in spec.trained + spec.frozen:  # R = S_r, B and A as the server initialised them
+        torch.testing.assert_close(mine[name], server[name])
+    later = fed.play(2)  # returning clients get nothing; first-timers get the adapter
+    for c in later["clients"]:
+        assert later["down"][c] == (0 if c in rec["clients"] else 4 * (per_layer + HEAD))

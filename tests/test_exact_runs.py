@@ -124,3 +124,17 @@ def test_per_client_ranks_change_the_uplink(run_tiny):
         ranks = [[8, 4][c % 2] for c in clients]
         assert row["bytes_up"] == sum(ref.bytes_flora_up(LAYERS, r, HEAD) for r in ranks)
         assert row["aggregation_error"] <= 1e-9
+
+
+def test_a_skipped_round_still_records_what_its_clients_received(run_tiny, monkeypatch):
+    """Fed-SB: round 1 is skipped (one good reply < min_clients), yet the client that replied
+    holds B, A and is not sent them again; the clients that failed are."""
+    from tests.test_end_to_end import _failing_clients
+
+    _failing_clients(monkeypatch, lambda client, rnd: rnd == 1 and client != 0)
+    _, rows, _ = run_tiny("strategy=fedsb", "sim.min_clients=2")
+    assert rows[1]["round_skipped"] and rows[2]["clients_ok"] == 4
+    per_client = ref.bytes_fedsb_up(LAYERS, R, HEAD)
+    broadcast = ref.bytes_fedsb_down(LAYERS, R, HEAD, True, True) - per_client
+    assert rows[1]["bytes_down"] == 4 * (per_client + broadcast)
+    assert rows[2]["bytes_down"] == 4 * per_client + 3 * broadcast

@@ -240,7 +240,7 @@ class FederatedRun:
                 for m in spec.adapted_modules:
                     grads[m] += got[spec.base_weight(m)]
                 examples += int(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
-            record["bytes_up"], numel_up = messages_payload(replies)
+            record["bytes_up"], _ = messages_payload(replies)
             record["bytes_down"], _ = messages_payload(sent)
             record.update(
                 clients_sampled=len(sent),
@@ -248,7 +248,6 @@ class FederatedRun:
                 clients_failed=len(failures),
                 failures=failures,
             )
-            self.totals["numel_up"] += numel_up
             info["examples"] = examples
             info["clients"] = sorted(self._client_of_reply(r) for r in good)
         adapter.initialize(self.model, spec, grads, eta1)
@@ -283,6 +282,8 @@ class FederatedRun:
             error = self.strategy.last_aggregation_error
             if error is not None:
                 self.aggregation_errors.append(error)
+        else:  # nothing aggregated, but the clients that replied hold what they were sent
+            self.strategy.acknowledge(server_round, self.strategy.updates_from(good))
         self.totals["numel_up"] += numel_up
         self.totals["numel_down"] += numel_down
         self.totals["replies"] += sum(1 for r in replies if r.has_content())
