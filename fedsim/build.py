@@ -14,8 +14,10 @@ from hydra.utils import get_object, instantiate
 from torch import nn
 
 from fedsim.adapters.base import Adapter, AdapterSpec
+from fedsim.compression import Compressor
 from fedsim.data import FederatedData
 from fedsim.errors import ComponentError, ConfigError
+from fedsim.feedback import Codec, Feedback
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
 from fedsim.training import Schedule
@@ -29,6 +31,8 @@ GROUP_TYPES: dict[str, type | None] = {
     "engine": None,
     "optimizer": None,
     "schedule": Schedule,
+    "compressor": Compressor,
+    "feedback": Feedback,
 }
 
 
@@ -105,6 +109,13 @@ class Components:
     make_optimizer: Callable[..., torch.optim.Optimizer]
     schedule: Schedule
     engine: Any
+    compressor: Compressor
+    feedback: Feedback
+
+    def codec(self) -> Codec | None:
+        """Compression and error feedback of client updates (None: plain arrays travel)."""
+        codec = Codec(self.compressor, self.feedback, self.sim["lr"], self.sim["seed"])
+        return codec if codec.active else None
 
     @property
     def sim(self) -> dict[str, Any]:
@@ -153,7 +164,11 @@ def build_components(cfg: dict[str, Any]) -> Components:
     _check_optimizer(make_optimizer, cfg)
     schedule = build("schedule", cfg["schedule"])
     engine = build("engine", cfg["engine"])
-    return Components(cfg, task, adapter, strategy, data, make_optimizer, schedule, engine)
+    compressor = build("compressor", cfg["compressor"])
+    feedback = build("feedback", cfg["feedback"])
+    return Components(
+        cfg, task, adapter, strategy, data, make_optimizer, schedule, engine, compressor, feedback
+    )
 
 
 def _check_optimizer(make_optimizer: Callable[..., Any], cfg: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ CONFIG_MODULE = "fedsim.conf"
 CONFIG_NAME = "config"
 
 #: groups that exist so later features slot in; ``none`` is their only option for now
-RESERVED_GROUPS = ("compressor", "feedback", "privacy", "faults")
+RESERVED_GROUPS = ("privacy", "faults")
 
 SIM_KEYS = {
     "aggregation_error",
@@ -51,6 +51,8 @@ TOP_KEYS = {
     "engine",
     "optimizer",
     "schedule",
+    "compressor",
+    "feedback",
     *RESERVED_GROUPS,
     "sim",
     "quiet",
@@ -332,7 +334,8 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("sim.device", device, "must be cpu, cuda, cuda:<index> or auto")
     boolean("quiet", cfg.get("quiet", False))
 
-    for group in ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule"):
+    groups = ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule")
+    for group in (*groups, "compressor", "feedback"):
         node = cfg.get(group)
         if not isinstance(node, dict) or "_target_" not in node:
             raise ConfigError(
@@ -369,6 +372,7 @@ def check(cfg: dict[str, Any]) -> None:
     components.model()
     components.data.check(cfg["sim"]["num_clients"])
     _check_adapter_init(components)
+    _check_codec(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     from fedsim.training import resolve_device
@@ -394,4 +398,36 @@ def _check_adapter_init(components) -> None:
             "adapter.init.examples",
             adapter.init_examples,
             f"must be at most the task's server split ({available} examples)",
+        )
+
+
+def _check_codec(components) -> None:
+    """Compressor, feedback method and strategy must make sense together."""
+    compressor, feedback, strategy = components.compressor, components.feedback, components.strategy
+    name = type(strategy).__name__
+    if feedback.needs_contractive and not compressor.contractive:
+        raise ConfigError(
+            "feedback",
+            feedback.name,
+            f"error feedback needs a contractive compressor; compressor={compressor.name} "
+            "is not (use topk, or randk with scaled=false)",
+        )
+    active = compressor.active or feedback.name != "none"
+    if active and not strategy.communicates:
+        raise ConfigError(
+            "compressor", compressor.name, f"strategy {name} sends no updates to compress"
+        )
+    if feedback.replaces_aggregation and not strategy.averages:
+        raise ConfigError(
+            "feedback",
+            feedback.name,
+            f"replaces the server's averaging with its own step; strategy {name} does not "
+            "average the arrays clients send (use fedavg, fedsb, ffa or fedsa)",
+        )
+    if feedback.states and not strategy.persistent_parameters:
+        raise ConfigError(
+            "feedback",
+            feedback.name,
+            f"keeps memories of a fixed set of parameters; strategy {name} trains fresh ones "
+            "every round (use feedback=none)",
         )

@@ -26,6 +26,12 @@ STATE_PERSONAL = "fedsim.personal"  # ArrayRecord: parameters a client keeps to 
 STATE_BASE = "fedsim.base"  # ArrayRecord: changes folded into the client's frozen base...
 STATE_BASE_VERSION = "fedsim.base-version"  # ConfigRecord: ...up to this round (key VERSION)
 VERSION = "version"
+STATE_FEEDBACK = "fedsim.feedback"  # ArrayRecord: error-feedback memories (float64)
+
+# A reply's side channel: the uncompressed trained arrays, for the aggregation error only
+# (not traffic: the simulator measures with them, a real client would not send them).
+DIAGNOSTIC = "diagnostic"
+STATE_BYTES = "state-bytes"  # MetricRecord key: bytes of arrays in the client's Context.state
 
 # Message actions beyond Flower's default ones ("train.<action>").
 ACTION_INIT = "init"  # LoRA-SB's set-up round: clients send base-weight gradients

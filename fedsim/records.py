@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
+from fedsim.keys import DIAGNOSTIC
+
 
 def _c_order(value: np.ndarray) -> np.ndarray:
     arr = np.asarray(value)
@@ -95,11 +97,12 @@ def _itemsize(dtype: str) -> int:
 def payload(content: RecordDict) -> tuple[int, int]:
     """(bytes, values) of all arrays a message carries.
 
-    Configs and metrics are control data and are not counted (docs/results.md).
+    Configs and metrics are control data and are not counted (docs/results.md), nor is the
+    diagnostic side channel (a compressing client's uncompressed arrays, for measurement only).
     """
     nbytes = numel = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord) and name != DIAGNOSTIC:
             for array in record.values():
                 n = math.prod(array.shape)
                 numel += n

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from fedsim import keys
 from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.data import FederatedData
 from fedsim.errors import ConfigError
+from fedsim.feedback import Codec
 from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict, to_array
 from fedsim.tasks.base import Batch
 from fedsim.validate import boolean
@@ -78,6 +79,7 @@ class StrategyContext:
     spec: AdapterSpec  # parameter names trained / sent / frozen, the adapter
     seed: int
     aggregation_error: bool = True  # compute the per-round exactness diagnostic
+    codec: Codec | None = None  # compression and error feedback of client updates
     client_of: dict[int, int] = field(init=False)  # node id -> partition id
 
     def __post_init__(self) -> None:
@@ -102,6 +104,9 @@ class ClientUpdate:
     arrays: dict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]
+    #: the client's uncompressed trained arrays (the aggregation error's input) when what it
+    #: sent is a compressed payload; None: ``arrays`` are those
+    diagnostic: dict[str, np.ndarray] | None = None
 
 
 def weighted_mean(
@@ -169,6 +174,13 @@ class AdapterStrategy(Strategy):
     #: no global model: each client keeps its own (server-side evaluation and the
     #: aggregation error are null; clients evaluate their personal models)
     personalised = False
+    #: the server step is a (weighted) mean of the arrays clients send, so error feedback's
+    #: server step (EF21, EControl) can replace it
+    averages = False
+    #: clients send updates (the references ``local`` and ``centralized`` do not)
+    communicates = True
+    #: clients train the same parameters every round (FLoRA starts fresh ones)
+    persistent_parameters = True
 
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = boolean("strategy.weighted", weighted)
@@ -183,6 +195,7 @@ class AdapterStrategy(Strategy):
         #: the aggregation error of the last aggregated round (None: not measured)
         self.last_aggregation_error: float | None = None
         self._frozen_record: ArrayRecord | None = None
+        self._decoded: dict[int, dict[str, np.ndarray]] = {}  # this round's decoded payloads
 
     # ------------------------------------------------------------------ wiring
     def bind(self, ctx: StrategyContext) -> None:
@@ -223,7 +236,13 @@ class AdapterStrategy(Strategy):
         spec.load(model, plain)
 
     def client_send(self, model: nn.Module, spec: AdapterSpec, call: ClientCall) -> dict:
-        """What the client sends back after training (default: the adapter's sent parameters)."""
+        """What the client sends back after training (default: :meth:`sent_arrays`)."""
+        return self.sent_arrays(model, spec, call)
+
+    def sent_arrays(self, model: nn.Module, spec: AdapterSpec, call: ClientCall) -> dict:
+        """The arrays a client sends, read from its model without side effects (default: the
+        adapter's sent parameters). Read before training too: a compressed update is the
+        difference between the two readings."""
         return spec.sent_state(model)
 
     def client_evaluate(
@@ -320,6 +339,24 @@ class AdapterStrategy(Strategy):
         the base class then casts each array to the global array's dtype.
         """
         raise NotImplementedError
+
+    def reference(self, client: int, server_round: int) -> dict[str, np.ndarray]:
+        """What ``client`` started this round's training from, as the server knows it: the
+        arrays its compressed update is relative to (default: the global arrays)."""
+        return self.current
+
+    def reply_reason(self, client: int, server_round: int, arrays: ArrayRecord) -> str | None:
+        """Why a reply is refused: :meth:`check_reply`, or an undecodable compressed payload."""
+        codec = self.context.codec
+        if codec is None or not codec.active:
+            return self.check_reply(client, arrays)
+        try:
+            self._decoded[client] = codec.decode(
+                numpy_dict(arrays), self.reference(client, server_round), client, server_round
+            )
+        except (ValueError, KeyError, IndexError) as e:
+            return f"malformed compressed payload: {e}"
+        return None
 
     def check_reply(self, client: int, arrays: ArrayRecord) -> str | None:
         """Why a client's reply cannot be aggregated, or None if it can.
@@ -438,6 +475,7 @@ class AdapterStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = numpy_dict(arrays)
+        self._decoded = {}
         config[keys.SERVER_ROUND] = server_round
         return [
             self._message(
@@ -458,12 +496,19 @@ class AdapterStrategy(Strategy):
             if msg.has_error():
                 continue
             metrics = dict(msg.content[keys.METRICS])
+            metrics.pop(keys.STATE_BYTES, None)
+            content = msg.content
             out.append(
                 ClientUpdate(
                     client=client_of[msg.metadata.src_node_id],
-                    arrays=numpy_dict(msg.content[keys.ARRAYS]),
+                    arrays=numpy_dict(content[keys.ARRAYS]),
                     num_examples=int(metrics.pop(keys.NUM_EXAMPLES)),
                     metrics=metrics,
+                    diagnostic=(
+                        numpy_dict(content[keys.DIAGNOSTIC])
+                        if keys.DIAGNOSTIC in content.array_records
+                        else None
+                    ),
                 )
             )
         return out
@@ -477,9 +522,17 @@ class AdapterStrategy(Strategy):
         if not updates:
             return None, None
         self.round_fold = {}
-        new = self.aggregate(server_round, self.current, updates)
+        codec = self.context.codec
+        if codec is None or not codec.active:
+            new = self.aggregate(server_round, self.current, updates)
+        else:
+            new = self.aggregate_compressed(server_round, updates)
         if self.context.aggregation_error:
-            self.last_aggregation_error = self.aggregation_error(self.current, new, updates)
+            truth = [
+                u if u.diagnostic is None else replace(u, arrays=u.diagnostic) for u in updates
+            ]
+            if codec is None or not codec.active or all(u.diagnostic is not None for u in updates):
+                self.last_aggregation_error = self.aggregation_error(self.current, new, truth)
         new = self.check_aggregate(new)
         self.acknowledge(server_round, updates)
         w = self.weights(updates)
@@ -487,6 +540,22 @@ class AdapterStrategy(Strategy):
         for key in updates[0].metrics:
             metrics[key] = float(sum(wi * u.metrics[key] for wi, u in zip(w, updates)))
         return array_record(new), metrics
+
+    def aggregate_compressed(
+        self, server_round: int, updates: list[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
+        """Aggregate compressed updates (see :mod:`fedsim.feedback`): EF21 / EControl take
+        their own server step; otherwise the strategy aggregates the server's estimates of the
+        clients' arrays, ``reference - lr_server * lr * estimate(u_i)``."""
+        codec = self.context.codec
+        decoded = [self._decoded[u.client] for u in updates]
+        if codec.feedback.replaces_aggregation:
+            return codec.step(self.current, decoded, self.context.sampler.num_clients)
+        estimates = [
+            replace(u, arrays=codec.estimate(self.reference(u.client, server_round), d))
+            for u, d in zip(updates, decoded)
+        ]
+        return self.aggregate(server_round, self.current, estimates)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -606,6 +675,10 @@ class PersonalStrategy(AdapterStrategy):
         call.state[keys.STATE_PERSONAL] = array_record(
             {n: params[n] for n in self.personal_names(spec)}
         )
+        return self.sent_arrays(model, spec, call)
+
+    def sent_arrays(self, model, spec, call) -> dict:
+        params = spec.parameters_of(model)
         return {n: params[n] for n in self.global_names(spec)}
 
     def client_evaluate(self, model, spec, arrays, call) -> None:

@@ -26,6 +26,8 @@ TRAINER = 0  # the client process (partition id) that hosts the pooled trainer
 class Centralized(AdapterStrategy):
     """Train one model on the pooled data; the "aggregate" is that model."""
 
+    communicates = False
+
     def __init__(self, batch_multiplier: int = 1) -> None:
         super().__init__(weighted=True)
         self.batch_multiplier = integer("strategy.batch_multiplier", batch_multiplier, low=1)

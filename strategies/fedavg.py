@@ -16,6 +16,8 @@ from fedsim.strategy import AdapterStrategy, ClientUpdate, weighted_mean
 class FedAvg(AdapterStrategy):
     """Average every sent array with weights ``p_i`` (see :meth:`AdapterStrategy.weights`)."""
 
+    averages = True
+
     def aggregate(
         self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
     ) -> dict[str, np.ndarray]:

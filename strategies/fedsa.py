@@ -18,6 +18,7 @@ class FedSA(PersonalStrategy):
     """Average ``A`` and the head; keep ``B`` on each client."""
 
     adapters = ("lora",)
+    averages = True
 
     def personal_names(self, spec: AdapterSpec) -> list[str]:
         return [factors["lora_B.weight"] for factors in spec.factors.values()]

@@ -37,6 +37,7 @@ class FLoRA(FoldingStrategy):
     """Stack the clients' adapters, fold their product into the base, start afresh."""
 
     adapters = ("lora",)
+    persistent_parameters = False
 
     def __init__(self, weighted: bool = True, client_ranks: Sequence[int] | None = None) -> None:
         super().__init__(weighted)
@@ -127,7 +128,7 @@ class FLoRA(FoldingStrategy):
         super().client_receive(model, spec, arrays, call)
         self._reset_adapters(model, spec, call)
 
-    def client_send(self, model, spec, call: ClientCall) -> dict:
+    def sent_arrays(self, model, spec, call: ClientCall) -> dict:
         r = self.rank(call.client, spec)
         params = spec.parameters_of(model)
         out = {h: params[h] for h in spec.heads}
@@ -140,21 +141,43 @@ class FLoRA(FoldingStrategy):
         super().client_evaluate(model, spec, arrays, call)
         self._reset_adapters(model, spec, None)
 
+    def fresh_a(self, spec: AdapterSpec, seed: int, server_round: int, client: int) -> dict:
+        """The client's fresh ``A`` of every adapted module (``r_i x n``), drawn from the run's
+        seed, the round and the client: the server reproduces it at no cost."""
+        r = self.rank(client, spec)
+        mixed = np.random.SeedSequence([seed, server_round, client, 17])
+        g = torch.Generator().manual_seed(int(mixed.generate_state(1)[0]))
+        out = {}
+        for module in spec.adapted_modules:
+            fresh = torch.empty(r, spec.shapes[module][1])
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=g)
+            out[module] = fresh
+        return out
+
+    def reference(self, client: int, server_round: int) -> dict[str, np.ndarray]:
+        spec = self.context.spec
+        out = {h: self.current[h] for h in spec.heads}
+        dtype = next(iter(self.current.values())).dtype if self.current else np.float32
+        fresh = self.fresh_a(spec, self.context.seed, server_round, client)
+        for module, (m, _) in spec.shapes.items():
+            out[spec.factors[module][A]] = fresh[module].numpy().astype(dtype)
+            out[spec.factors[module][B]] = np.zeros((m, fresh[module].shape[0]), dtype=dtype)
+        return out
+
     def _reset_adapters(self, model: nn.Module, spec: AdapterSpec, call: ClientCall | None) -> None:
-        """``B = 0``; with a call, a fresh ``A`` of the client's rank (the rest zero) and the
-        client's scale ``alpha / r_i``."""
+        """``B = 0``; with a call, the client's fresh ``A`` (the rows beyond its rank zero)
+        and its scale ``alpha / r_i``."""
         r = self.rank(call.client, spec) if call is not None else spec.adapter.r
-        g = None
-        if call is not None:
-            mixed = np.random.SeedSequence([call.seed, call.server_round, call.client, 17])
-            g = torch.Generator().manual_seed(int(mixed.generate_state(1)[0]))
+        fresh = (
+            self.fresh_a(spec, call.seed, call.server_round, call.client)
+            if call is not None
+            else None
+        )
         with torch.no_grad():
             for module in spec.adapted_modules:
                 layer = model.get_submodule(module)
                 layer.lora_B.weight.zero_()
                 layer.scaling = spec.adapter.alpha / r
-                if g is not None:
-                    fresh = torch.empty(r, layer.lora_A.weight.shape[1])
-                    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=g)
+                if fresh is not None:
                     layer.lora_A.weight.zero_()
-                    layer.lora_A.weight[:r].copy_(fresh)
+                    layer.lora_A.weight[:r].copy_(fresh[module])

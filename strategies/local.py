@@ -19,6 +19,8 @@ from fedsim.strategy import ClientUpdate, PersonalStrategy, check_arrays
 class Local(PersonalStrategy):
     """Clients train their own adapters; the server only schedules and collects metrics."""
 
+    communicates = False
+
     def personal_names(self, spec: AdapterSpec) -> list[str]:
         return list(spec.sent)
 

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim import keys
 from fedsim.build import Components, build_components
-from fedsim.records import array_record, numpy_dict
+from fedsim.records import array_record, numpy_dict, payload
 from fedsim.strategy import ClientCall
 from fedsim.training import (
     client_generator,
@@ -41,6 +41,7 @@ class ClientRuntime:
         self.device = self.c.device
         self.model, self.spec = self.c.model(self.device)
         self.trained = self.spec.trained_parameters(self.model)
+        self.codec = self.c.codec()
 
     def _client(self, context: Context) -> int:
         return int(context.node_config[keys.PARTITION_ID])
@@ -59,6 +60,10 @@ class ClientRuntime:
         client, server_round, state = call.client, call.server_round, call.state
         c.strategy.client_receive(self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), call)
         train_data = c.strategy.client_data(c.data, client)
+        reference = None
+        if self.codec is not None:  # what the compressed update is relative to
+            before = c.strategy.sent_arrays(self.model, self.spec, call)
+            reference = {k: v.detach().cpu().numpy().copy() for k, v in before.items()}
 
         info = state.get(keys.STATE_CLIENT, ConfigRecord({keys.STEPS: 0}))
         optimizer = c.make_optimizer(self.trained, lr=sim["lr"])
@@ -85,9 +90,22 @@ class ClientRuntime:
             state[keys.STATE_OPTIMIZER] = array_record(optimizer_state_arrays(optimizer))
 
         arrays = c.strategy.client_send(self.model, self.spec, call)
+        records = {keys.ARRAYS: array_record(arrays)}
+        if self.codec is not None:
+            trained = {k: v.detach().cpu().numpy() for k, v in arrays.items()}
+            payload = self.codec.client_encode(reference, trained, client, server_round, state)
+            records = {keys.ARRAYS: array_record(payload)}
+            if sim["aggregation_error"]:  # measurement only, not traffic
+                records[keys.DIAGNOSTIC] = array_record(trained)
         num_examples = len(train_data[c.task.label_key])
-        metrics = MetricRecord({keys.NUM_EXAMPLES: num_examples, keys.TRAIN_LOSS: result.loss})
-        content = RecordDict({keys.ARRAYS: array_record(arrays), keys.METRICS: metrics})
+        metrics = MetricRecord(
+            {
+                keys.NUM_EXAMPLES: num_examples,
+                keys.TRAIN_LOSS: result.loss,
+                keys.STATE_BYTES: state_bytes(state),
+            }
+        )
+        content = RecordDict({**records, keys.METRICS: metrics})
         return Message(content, reply_to=msg)
 
     def init_gradients(self, msg: Message, context: Context) -> Message:
@@ -122,6 +140,11 @@ class ClientRuntime:
         else:
             values = {keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: 0.0, keys.EVAL_ACCURACY: 0.0}
         return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
+
+
+def state_bytes(state: RecordDict) -> int:
+    """Bytes of the arrays a client keeps in its Context.state."""
+    return sum(payload(RecordDict({"r": r}))[0] for r in state.array_records.values())
 
 
 _RUNTIMES: OrderedDict[str, ClientRuntime] = OrderedDict()

@@ -64,6 +64,8 @@ class FederatedRun:
             "clients_failed": 0,
         }
         self.aggregation_errors: list[float] = []
+        self.state_bytes: dict[int, int] = {}  # client -> bytes of arrays in its Context.state
+        self._round = 0
         self.adapter_init: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -159,7 +161,8 @@ class FederatedRun:
             return "malformed reply: missing arrays or metrics"
         if keys.NUM_EXAMPLES not in content[keys.METRICS]:
             return f"malformed reply: no {keys.NUM_EXAMPLES}"
-        return self.strategy.check_reply(self._client_of_reply(reply), content[keys.ARRAYS])
+        client = self._client_of_reply(reply)
+        return self.strategy.reply_reason(client, self._round, content[keys.ARRAYS])
 
     def _client_of_reply(self, reply: Message) -> int:
         return self.strategy.context.client_of[reply.metadata.src_node_id]
@@ -266,11 +269,17 @@ class FederatedRun:
     # ------------------------------------------------------------------ the run
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         """One training round; returns the new global arrays and the round's bookkeeping."""
+        self._round = server_round
         sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
         bytes_down, numel_down = self.strategy.traffic(sent)
         replies = self.exchange(sent)
         good, failures = self.screen(sent, replies)
         bytes_up, numel_up = self.strategy.traffic(replies)
+        for reply in replies:
+            if reply.has_content() and keys.METRICS in reply.content.metric_records:
+                held = reply.content[keys.METRICS].get(keys.STATE_BYTES)
+                if held is not None:
+                    self.state_bytes[self._client_of_reply(reply)] = int(held)
         train_loss, skipped = None, len(good) < self.sim["min_clients"]
         error = None
         if not skipped:
@@ -350,6 +359,7 @@ class FederatedRun:
                     self.adapter_spec,
                     sim["seed"],
                     aggregation_error=sim["aggregation_error"],
+                    codec=self.c.codec(),
                 )
             )
             self.strategy.summary()
@@ -424,6 +434,7 @@ class FederatedRun:
             "final_eval_accuracy_client_mean": last.get("eval_accuracy_client_mean"),
             "final_eval_accuracy_client_min": last.get("eval_accuracy_client_min"),
             "aggregation_error_max": max(self.aggregation_errors, default=None),
+            "client_state_bytes": sum(self.state_bytes.values()),
             "adapter_init": self.adapter_init,
             "bytes_up_total": totals["bytes_up"],
             "bytes_down_total": totals["bytes_down"],

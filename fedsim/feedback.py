@@ -1,0 +1,299 @@
+"""Error feedback for compressed updates (REFERENCE section 4): client and server halves.
+
+The quantity a client compresses is its pseudo-gradient after its local steps,
+``u_i = (x - x_i) / lr`` (``x``: the arrays it started from, ``x_i``: after training, ``lr``:
+``sim.lr``), over the arrays its strategy sends. Methods (config group ``feedback``):
+
+* ``none`` (naive): send ``C(u_i)``; the server's estimate of the client's arrays is
+  ``x - lr_server * lr * C(u_i)``, aggregated by the strategy's own rule.
+* ``ef14`` (Seide et al., 2014): residual ``e_i``; send ``m_i = C(e_i + u_i)``,
+  ``e_i <- e_i + u_i - m_i``; the server aggregates the estimates ``x - lr_server * lr * m_i``.
+* ``ef21`` (Richtarik et al., 2021) with partial participation: client state ``g_i``, server
+  state ``g = (1/N) sum_i g_i`` over all ``N`` clients; ``c_i = C(u_i - g_i)`` is all that is
+  sent, ``g_i <- g_i + c_i``, ``g <- g + (1/N) sum_received c_i``, ``x <- x - lr_server * lr * g``.
+  Clients not sampled keep their ``g_i``.
+* ``econtrol`` (Gao, Islamov, Stich, 2023): client states ``e_i``, ``h_i``;
+  ``D_i = C(eta e_i + u_i - h_i)``, ``e_i <- e_i + u_i - h_i - D_i``, ``h_i <- h_i + D_i``;
+  server ``h <- h + (1/N) sum_received D_i`` (the mean over all clients' ``h_i``, as EF21-PP),
+  ``x <- x - lr_server * lr * h``.
+
+``lr_server`` is in units of the client learning rate: with ``lr_server = 1`` and no
+compression, EF21 with every client sampled is unweighted FedAvg. For ``ef21`` and ``econtrol``
+a client's first message is ``u_i`` uncompressed (counted), which initialises ``g_i`` /
+``h_i`` (EF21's initialisation; ``compress_first: true`` starts from zero instead). They
+replace the strategy's averaging with the step above, so they need a strategy that averages
+the arrays it sends (:attr:`fedsim.strategy.AdapterStrategy.averages`). All client states live
+in the client's ``Context.state`` in float64; the values sent are in the parameters' dtype, and
+both sides update their states with exactly what was sent, so they never drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedsim import keys
+from fedsim.compression import Compressor, compress_arrays, decompress_arrays
+from fedsim.records import array_record, numpy_dict
+from fedsim.validate import boolean, number
+
+Arrays = dict[str, np.ndarray]
+
+
+def rng_factory(seed: int, server_round: int, client: int):
+    """Generators for one client's message, one per compression unit."""
+
+    def rng_for(unit: int) -> np.random.Generator:
+        return np.random.default_rng([seed, server_round, client, unit, 41])
+
+    return rng_for
+
+
+class Feedback:
+    """Base class of feedback methods (built from ``conf/feedback/*.yaml``).
+
+    Parameters
+    ----------
+    lr_server : float
+        Server step in units of ``sim.lr`` (> 0).
+    """
+
+    name = "feedback"
+    #: needs a contractive compressor (error feedback)
+    needs_contractive = True
+    #: the server step replaces the strategy's aggregation (EF21, EControl)
+    replaces_aggregation = False
+    #: the client-state arrays this method keeps, by prefix
+    states: tuple[str, ...] = ()
+
+    def __init__(self, lr_server: float = 1.0) -> None:
+        self.lr_server = number("feedback.lr_server", lr_server, low=0, low_open=True)
+        self.server_state: Arrays = {}
+
+    # ------------------------------------------------------------------ client half
+    def encode(
+        self,
+        u: Mapping[str, np.ndarray],
+        compressor: Compressor,
+        rng_for,
+        dtype: np.dtype,
+        state: Arrays,
+    ) -> dict[str, np.ndarray]:
+        """The payload for pseudo-gradient ``u``; updates ``state`` (float64 arrays) in place."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ server half
+    def step(
+        self,
+        current: Mapping[str, np.ndarray],
+        received: list[Arrays],
+        num_clients: int,
+        lr: float,
+    ) -> Arrays:
+        """The new global arrays (float64) from the decoded messages (only when
+        :attr:`replaces_aggregation`)."""
+        raise NotImplementedError
+
+    def estimate(self, decoded: Arrays) -> Arrays:
+        """The server's estimate of ``u_i`` from one decoded message (naive, EF14)."""
+        return decoded
+
+    def state_dict(self) -> Arrays:
+        return dict(self.server_state)
+
+    def load_state_dict(self, state: Arrays) -> None:
+        self.server_state = dict(state)
+
+
+def _send(compressor, value, rng_for, dtype) -> tuple[dict, Arrays]:
+    """Compress ``value``; returns the payload and what the receiver reconstructs."""
+    payload = compress_arrays(compressor, value, rng_for, dtype)
+    shapes = {k: np.shape(v) for k, v in value.items()}
+    return payload, decompress_arrays(compressor, payload, shapes, rng_for, dtype)
+
+
+def _dense(value, dtype) -> tuple[dict, Arrays]:
+    from fedsim.compression import NoCompression
+
+    none = NoCompression()
+    payload = compress_arrays(none, value, lambda i: None, dtype, dense=True)
+    shapes = {k: np.shape(v) for k, v in value.items()}
+    return payload, decompress_arrays(none, payload, shapes, lambda i: None, dtype)
+
+
+class Naive(Feedback):
+    """``feedback=none``: send ``C(u_i)``, no memory."""
+
+    name = "none"
+    needs_contractive = False
+
+    def encode(self, u, compressor, rng_for, dtype, state):
+        return _send(compressor, dict(u), rng_for, dtype)[0]
+
+
+class EF14(Feedback):
+    """Classic error feedback: ``m_i = C(e_i + u_i)``, ``e_i <- e_i + u_i - m_i``."""
+
+    name = "ef14"
+    states = ("e",)
+
+    def encode(self, u, compressor, rng_for, dtype, state):
+        v = {k: state.get(f"e/{k}", 0.0) + u[k] for k in u}
+        payload, m = _send(compressor, v, rng_for, dtype)
+        for k in u:
+            state[f"e/{k}"] = v[k] - m[k]
+        return payload
+
+
+class _Tracking(Feedback):
+    """EF21 and EControl: a tracked estimate per client, its mean on the server."""
+
+    replaces_aggregation = True
+    estimate_key = "g"
+
+    def __init__(self, lr_server: float = 1.0, compress_first: bool = False) -> None:
+        super().__init__(lr_server)
+        self.compress_first = boolean("feedback.compress_first", compress_first)
+
+    def step(self, current, received, num_clients, lr):
+        mean = self.server_state  # g (EF21) or h (EControl): the mean over all N clients
+        for name, value in current.items():
+            mean.setdefault(name, np.zeros(np.shape(value)))
+        for message in received:
+            for name, value in message.items():
+                mean[name] = mean[name] + value / num_clients
+        step = self.lr_server * lr
+        return {k: np.asarray(v, dtype=np.float64) - step * mean[k] for k, v in current.items()}
+
+
+class EF21(_Tracking):
+    """EF21 with partial participation: ``c_i = C(u_i - g_i)``, ``g_i <- g_i + c_i``."""
+
+    name = "ef21"
+    states = ("g",)
+
+    def encode(self, u, compressor, rng_for, dtype, state):
+        if f"g/{next(iter(u))}" not in state and not self.compress_first:
+            payload, c = _dense(dict(u), dtype)
+        else:
+            diff = {k: u[k] - state.get(f"g/{k}", 0.0) for k in u}
+            payload, c = _send(compressor, diff, rng_for, dtype)
+        for k in u:
+            state[f"g/{k}"] = state.get(f"g/{k}", 0.0) + c[k]
+        return payload
+
+
+class EControl(_Tracking):
+    """EControl: ``D_i = C(eta e_i + u_i - h_i)``, ``e_i <- e_i + u_i - h_i - D_i``,
+    ``h_i <- h_i + D_i``.
+
+    Parameters
+    ----------
+    eta : float
+        Weight of the error term in what is compressed (> 0).
+    """
+
+    name = "econtrol"
+    states = ("e", "h")
+
+    def __init__(
+        self, lr_server: float = 1.0, compress_first: bool = False, eta: float = 1.0
+    ) -> None:
+        super().__init__(lr_server, compress_first)
+        self.eta = number("feedback.eta", eta, low=0, low_open=True)
+
+    def encode(self, u, compressor, rng_for, dtype, state):
+        first = f"h/{next(iter(u))}" not in state
+        e = {k: state.get(f"e/{k}", 0.0) for k in u}
+        h = {k: state.get(f"h/{k}", 0.0) for k in u}
+        if first and not self.compress_first:
+            payload, d = _dense(dict(u), dtype)
+            new_e = {k: np.zeros(np.shape(u[k])) for k in u}
+        else:
+            v = {k: self.eta * e[k] + u[k] - h[k] for k in u}
+            payload, d = _send(compressor, v, rng_for, dtype)
+            new_e = {k: e[k] + u[k] - h[k] - d[k] for k in u}
+        for k in u:
+            state[f"e/{k}"] = new_e[k]
+            state[f"h/{k}"] = h[k] + d[k]
+        return payload
+
+
+# ----------------------------------------------------------------------------- the codec
+
+
+class Codec:
+    """A compressor and a feedback method, as one client and one server half.
+
+    Parameters
+    ----------
+    compressor, feedback
+        The built config groups.
+    lr : float
+        ``sim.lr``, the unit of the pseudo-gradient.
+    seed : int
+        The run's seed (compression randomness).
+    """
+
+    def __init__(self, compressor: Compressor, feedback: Feedback, lr: float, seed: int) -> None:
+        self.compressor, self.feedback, self.lr, self.seed = compressor, feedback, lr, seed
+
+    @property
+    def active(self) -> bool:
+        """Whether updates travel in any other form than the plain arrays."""
+        return self.compressor.active or not isinstance(self.feedback, Naive)
+
+    # ------------------------------------------------------------------ client half
+    def client_encode(
+        self,
+        reference: Mapping[str, np.ndarray],
+        trained: Mapping[str, np.ndarray],
+        client: int,
+        server_round: int,
+        state: RecordDict,
+    ) -> dict[str, np.ndarray]:
+        """The payload a client sends for its trained arrays (its feedback state updated)."""
+        dtype = np.asarray(next(iter(trained.values()))).dtype
+        u = {
+            k: (np.asarray(reference[k], np.float64) - np.asarray(trained[k], np.float64)) / self.lr
+            for k in trained
+        }
+        memory = numpy_dict(state[keys.STATE_FEEDBACK]) if keys.STATE_FEEDBACK in state else {}
+        rng_for = rng_factory(self.seed, server_round, client)
+        payload = self.feedback.encode(u, self.compressor, rng_for, dtype, memory)
+        if memory:
+            state[keys.STATE_FEEDBACK] = array_record(memory)
+        return payload
+
+    # ------------------------------------------------------------------ server half
+    def decode(
+        self,
+        payload: Mapping[str, np.ndarray],
+        reference: Mapping[str, np.ndarray],
+        client: int,
+        server_round: int,
+    ) -> Arrays:
+        """The dense message (float64 by name); ValueError if the payload is malformed."""
+        shapes = {k: np.shape(v) for k, v in reference.items()}
+        dtype = np.asarray(next(iter(reference.values()))).dtype
+        rng_for = rng_factory(self.seed, server_round, client)
+        decoded = decompress_arrays(self.compressor, payload, shapes, rng_for, dtype)
+        for name, value in decoded.items():
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"non-finite values in {name}")
+        return decoded
+
+    def estimate(self, reference: Mapping[str, np.ndarray], decoded: Arrays) -> Arrays:
+        """The server's estimate of the client's trained arrays, in the reference's dtypes."""
+        step = self.feedback.lr_server * self.lr
+        u = self.feedback.estimate(decoded)
+        return {
+            k: (np.asarray(v, np.float64) - step * u[k]).astype(np.asarray(v).dtype)
+            for k, v in reference.items()
+        }
+
+    def step(self, current: Mapping[str, np.ndarray], decoded: list[Arrays], num_clients: int):
+        """EF21 / EControl: the new global arrays (float64)."""
+        return self.feedback.step(current, decoded, num_clients, self.lr)

@@ -1,0 +1,158 @@
+"""Compressors: exact payload sizes, packing, and their statistical contracts (fixed seeds)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedsim.compression import (
+    QSGD,
+    ComPEFT,
+    NoCompression,
+    RandK,
+    TopK,
+    compress_arrays,
+    decompress_arrays,
+    index_bits,
+    pack_uint,
+    unpack_uint,
+)
+
+D = 1000
+X = np.random.default_rng(0).normal(size=D)
+
+
+def nbytes(payload: dict) -> int:
+    return sum(v.nbytes for v in payload.values())
+
+
+@pytest.mark.parametrize("bits", [1, 3, 7, 8, 10, 17])
+def test_packing_round_trips_at_exactly_the_bits_asked(bits):
+    values = np.random.default_rng(bits).integers(0, 2**bits, size=101)
+    packed = pack_uint(values, bits)
+    assert packed.dtype == np.uint8 and packed.size == math.ceil(101 * bits / 8)
+    np.testing.assert_array_equal(unpack_uint(packed, bits, 101), values)
+
+
+def test_index_bits():
+    assert [index_bits(d) for d in (1, 2, 3, 4, 5, 1000, 1024, 1025)] == [0, 1, 2, 2, 3, 10, 10, 11]
+
+
+@pytest.mark.parametrize(
+    "compressor, expected_bytes",
+    [
+        (TopK(ratio=0.1), 4 * 100 + math.ceil(100 * 10 / 8)),  # values + packed 10-bit indices
+        (TopK(k=7), 4 * 7 + math.ceil(7 * 10 / 8)),
+        (RandK(ratio=0.1), 4 * 100),  # indices from the shared seed cost nothing
+        (RandK(ratio=0.1, shared_seed=False), 4 * 100 + math.ceil(100 * 10 / 8)),
+        (QSGD(bits=4), math.ceil(D * 4 / 8) + 4),  # codes (sign included) + one norm
+        (QSGD(bits=3, block=64), math.ceil(D * 3 / 8) + 4 * math.ceil(D / 64)),  # a norm a block
+        (ComPEFT(ratio=0.1), math.ceil(100 * 10 / 8) + math.ceil(100 / 8) + 4),
+        (NoCompression(), 4 * D),
+    ],
+    ids=["topk", "topk-k", "randk-seed", "randk-sent", "qsgd", "qsgd-blocks", "compeft", "none"],
+)
+def test_payload_is_the_compressed_form_at_its_exact_size(compressor, expected_bytes):
+    x = X.astype(np.float32)
+    payload = compressor.compress(x, np.random.default_rng(1))
+    assert nbytes(payload) == expected_bytes
+    back = compressor.decompress(payload, D, x.dtype, np.random.default_rng(1))
+    assert back.shape == (D,) and back.dtype == np.float32
+
+
+def test_topk_keeps_the_largest_with_lower_index_tie_break():
+    c = TopK(k=2)
+    x = np.array([1.0, -3.0, 3.0, 2.0])
+    np.testing.assert_array_equal(c.apply(x, 0), [0, -3, 3, 0])
+    np.testing.assert_array_equal(TopK(k=1).apply(np.array([2.0, 2.0, 2.0]), 0), [2, 0, 0])
+
+
+@pytest.mark.parametrize("compressor", [TopK(ratio=0.05), TopK(k=1), TopK(ratio=0.5)])
+def test_topk_is_contractive_on_every_vector(compressor):
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        x = rng.standard_cauchy(size=64)
+        err = np.sum((compressor.apply(x, 0) - x) ** 2)
+        assert err <= (1 - compressor.alpha(64)) * np.sum(x**2) + 1e-12
+
+
+def _moments(compressor, x, draws=4000):
+    out = np.array([compressor.apply(x, seed) for seed in range(draws)])
+    mean = out.mean(axis=0)
+    mse = np.mean(np.sum((out - x) ** 2, axis=1))
+    return mean, mse, out
+
+
+@pytest.mark.parametrize(
+    "compressor", [RandK(ratio=0.2), QSGD(bits=3), QSGD(bits=2, block=8)], ids=str
+)
+def test_unbiased_compressors_are_unbiased_with_their_variance_bound(compressor):
+    x = np.random.default_rng(5).normal(size=40)
+    mean, mse, out = _moments(compressor, x)
+    sem = out.std(axis=0) / math.sqrt(len(out))
+    assert np.all(np.abs(mean - x) <= 5 * sem + 1e-12)  # E C(x) = x, within 5 standard errors
+    assert mse <= compressor.omega(40) * np.sum(x**2) * 1.05
+    if isinstance(compressor, RandK):  # for scaled Rand-K the bound is an equality
+        assert mse == pytest.approx(compressor.omega(40) * np.sum(x**2), rel=0.05)
+
+
+def test_unscaled_randk_contracts_in_expectation_and_is_biased():
+    c = RandK(ratio=0.25, scaled=False)
+    x = np.random.default_rng(6).normal(size=40)
+    mean, mse, _ = _moments(c, x)
+    assert c.contractive and not c.unbiased
+    assert mse == pytest.approx((1 - c.alpha(40)) * np.sum(x**2), rel=0.05)
+    np.testing.assert_allclose(mean, 0.25 * x, atol=0.06)  # keeps each entry w.p. K/d
+
+
+def test_compeft_sends_signs_times_alpha_std():
+    x = np.array([0.1, -5.0, 0.2, 4.0, -0.3])
+    got = ComPEFT(k=2, alpha=2.0).apply(x, 0)
+    s = 2.0 * np.std(x)
+    np.testing.assert_allclose(got, [0, -s, 0, s, 0])
+    c = ComPEFT(ratio=0.1)
+    assert not c.contractive and not c.unbiased
+
+
+def test_declared_properties():
+    assert TopK(ratio=0.1).contractive and TopK(ratio=0.1).alpha(1000) == 0.1
+    assert RandK(ratio=0.1).unbiased and RandK(ratio=0.1).omega(1000) == pytest.approx(9.0)
+    assert RandK(ratio=0.1, scaled=False).alpha(1000) == 0.1
+    assert QSGD(bits=4).omega(100) == pytest.approx(min(100 / 49, 10 / 7))
+
+
+def test_tensor_and_flat_scopes():
+    arrays = {"b": np.arange(1, 11, dtype=np.float32), "a": -np.arange(1, 6, dtype=np.float32)}
+    shapes = {k: v.shape for k, v in arrays.items()}
+
+    def rng(i):
+        return np.random.default_rng(i)
+
+    per = compress_arrays(TopK(k=1), arrays, rng, np.float32)
+    assert sorted(per) == ["a/indices", "a/values", "b/indices", "b/values"]
+    back = decompress_arrays(TopK(k=1), per, shapes, rng, np.float32)
+    assert back["a"].tolist() == [0, 0, 0, 0, -5] and back["b"][-1] == 10
+    flat = TopK(k=2, scope="flat")
+    payload = compress_arrays(flat, arrays, rng, np.float32)
+    assert sorted(payload) == ["*/indices", "*/values"]
+    back = decompress_arrays(flat, payload, shapes, rng, np.float32)
+    assert back["b"][-2:].tolist() == [9, 10] and not back["a"].any()  # one K over all values
+
+
+def test_malformed_payloads_are_refused():
+    shapes = {"w": (10,)}
+
+    def rng(i):
+        return np.random.default_rng(i)
+
+    good = compress_arrays(TopK(k=2), {"w": np.arange(10.0)}, rng, np.float32)
+    for bad in (
+        {},
+        {**good, "w/extra": np.zeros(1)},
+        {"w/values": good["w/values"], "w/indices": good["w/indices"][:0]},
+        {"w/dense": np.zeros(3)},
+    ):
+        with pytest.raises((ValueError, KeyError)):
+            decompress_arrays(TopK(k=2), bad, shapes, rng, np.float32)

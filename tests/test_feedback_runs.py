@@ -1,0 +1,111 @@
+"""Compressed updates and error feedback in whole runs: bytes, state, learning, sweeps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedsim.config import check, compose, expand_sweep
+from tests.conftest import strip_timings
+
+# TINY's sent arrays: LoRA r=8 on three 32x32 layers (A 8x32, B 32x8) and a 32 -> 10 head
+SIZES = [256] * 6 + [320, 10]
+
+
+def topk_bytes(ratio: float) -> int:
+    """One client's Top-K payload, per tensor: K fp32 values + K packed ceil(log2 d)-bit indices."""
+    total = 0
+    for d in SIZES:
+        k = min(d, max(1, round(ratio * d)))
+        total += 4 * k + math.ceil(k * math.ceil(math.log2(d)) / 8)
+    return total
+
+
+def test_naive_topk_sends_the_payload_and_reports_its_error(run_tiny):
+    summary, rows, _ = run_tiny("compressor=topk", "compressor.ratio=0.05")
+    for row in rows[1:]:
+        assert row["bytes_up"] == 4 * topk_bytes(0.05)
+        assert row["bytes_down"] == 4 * 4 * sum(SIZES)  # the downlink is not compressed
+        assert row["aggregation_error"] > 0.1  # it measures the compression error too
+    assert summary["client_state_bytes"] == 0  # naive: no memory
+
+
+def test_ef21_first_message_dense_then_compressed_and_its_state(run_tiny):
+    summary, rows, _ = run_tiny("compressor=topk", "compressor.ratio=0.05", "feedback=ef21")
+    assert rows[1]["bytes_up"] == 4 * 4 * sum(SIZES)  # u_i uncompressed initialises g_i
+    assert rows[2]["bytes_up"] == 4 * topk_bytes(0.05)
+    assert summary["client_state_bytes"] == 4 * 8 * sum(SIZES)  # g_i in float64, 4 clients
+    _, first, _ = run_tiny(
+        "compressor=topk", "compressor.ratio=0.05", "feedback=ef21", "feedback.compress_first=true"
+    )
+    assert first[1]["bytes_up"] == 4 * topk_bytes(0.05)
+    _, econtrol, _ = run_tiny("compressor=topk", "compressor.ratio=0.05", "feedback=econtrol")
+    assert econtrol[-1]["eval_loss"] is not None
+
+
+def test_ef21_without_compression_is_unweighted_fedavg(run_tiny):
+    _, plain, _ = run_tiny("strategy.weighted=false")
+    _, ef21, _ = run_tiny("strategy.weighted=false", "feedback=ef21")
+    for a, b in zip(plain, ef21):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["bytes_up"] == a["bytes_up"]
+    for a, b in zip(plain[1:], ef21[1:]):  # FedIT's own inexactness, nothing added
+        assert b["aggregation_error"] == pytest.approx(a["aggregation_error"], rel=1e-3)
+
+
+def test_ef21_beats_naive_topk_on_heterogeneous_clients(run_tiny):
+    common = (
+        "compressor=topk",
+        "compressor.ratio=0.1",
+        "sim.rounds=10",
+        "partition.alpha=0.1",
+        "sim.num_clients=6",
+        "task.examples_per_client=128",
+    )
+    naive, _, _ = run_tiny(*common)
+    ef21, _, _ = run_tiny(*common, "feedback=ef21")
+    assert ef21["bytes_up_total"] > naive["bytes_up_total"]  # EF21's dense first messages
+    assert ef21["final_eval_loss"] < naive["final_eval_loss"] - 0.3
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["strategy=fedsb", "compressor=topk", "feedback=ef21"],
+        ["strategy=fedsa", "compressor=topk", "compressor.scope=flat", "feedback=ef14"],
+        ["strategy=fedex", "compressor=qsgd"],
+        ["strategy=flora", "compressor=compeft"],
+        ["compressor=randk", "compressor.scaled=false", "feedback=econtrol"],
+    ],
+    ids=["fedsb-ef21", "fedsa-ef14-flat", "fedex-qsgd", "flora-compeft", "randk-econtrol"],
+)
+def test_compression_composes_with_strategies(run_tiny, extra):
+    summary, rows, _ = run_tiny(*extra)
+    assert summary["status"] == "ok" and rows[-1]["clients_ok"] == 4
+
+
+def test_same_seed_same_compressed_run(run_tiny):
+    _, a, _ = run_tiny("compressor=randk", "compressor.scaled=false", "feedback=ef21")
+    _, b, _ = run_tiny("compressor=randk", "compressor.scaled=false", "feedback=ef21")
+    assert strip_timings(a) == strip_timings(b)
+
+
+def test_the_issue_sweep_composes_and_checks():
+    jobs = expand_sweep(
+        [
+            "feedback=none,ef21",
+            "compressor=topk",
+            "compressor.ratio=0.001,0.01,0.1",
+            "sim.num_clients=10,100",
+        ]
+    )
+    assert len(jobs) == 12
+    for job in jobs:
+        check(compose(job)[0])
+
+
+def test_lr_server_scales_the_step(run_tiny):
+    _, one, _ = run_tiny("feedback=ef21", "sim.rounds=1")
+    _, half, _ = run_tiny("feedback=ef21", "feedback.lr_server=0.5", "sim.rounds=1")
+    assert half[1]["eval_loss"] != one[1]["eval_loss"]
