@@ -17,7 +17,7 @@ from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.compression import Compressor
 from fedsim.data import FederatedData
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.feedback import Codec, Feedback
+from fedsim.feedback import EF21P, Codec, Feedback
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
 from fedsim.training import Schedule
@@ -33,6 +33,7 @@ GROUP_TYPES: dict[str, type | None] = {
     "schedule": Schedule,
     "compressor": Compressor,
     "feedback": Feedback,
+    "downlink": Compressor,
 }
 
 
@@ -111,6 +112,11 @@ class Components:
     engine: Any
     compressor: Compressor
     feedback: Feedback
+    downlink: Compressor
+
+    def downlink_codec(self) -> EF21P | None:
+        """EF21-P on the downlink, or None (the global arrays travel dense)."""
+        return EF21P(self.downlink, self.sim["seed"]) if self.downlink.active else None
 
     def codec(self) -> Codec | None:
         """Compression and error feedback of client updates (None: plain arrays travel)."""
@@ -166,8 +172,19 @@ def build_components(cfg: dict[str, Any]) -> Components:
     engine = build("engine", cfg["engine"])
     compressor = build("compressor", cfg["compressor"])
     feedback = build("feedback", cfg["feedback"])
+    downlink = build("downlink", cfg["downlink"])
     return Components(
-        cfg, task, adapter, strategy, data, make_optimizer, schedule, engine, compressor, feedback
+        cfg,
+        task,
+        adapter,
+        strategy,
+        data,
+        make_optimizer,
+        schedule,
+        engine,
+        compressor,
+        feedback,
+        downlink,
     )
 
 

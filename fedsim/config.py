@@ -53,6 +53,7 @@ TOP_KEYS = {
     "schedule",
     "compressor",
     "feedback",
+    "downlink",
     *RESERVED_GROUPS,
     "sim",
     "quiet",
@@ -335,7 +336,7 @@ def validate(cfg: dict[str, Any]) -> None:
     boolean("quiet", cfg.get("quiet", False))
 
     groups = ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule")
-    for group in (*groups, "compressor", "feedback"):
+    for group in (*groups, "compressor", "feedback", "downlink"):
         node = cfg.get(group)
         if not isinstance(node, dict) or "_target_" not in node:
             raise ConfigError(
@@ -412,6 +413,15 @@ def _check_codec(components) -> None:
             f"error feedback needs a contractive compressor; compressor={compressor.name} "
             "is not (use topk, or randk with scaled=false)",
         )
+    downlink = components.downlink
+    if downlink.active and not downlink.contractive:
+        raise ConfigError(
+            "downlink",
+            downlink.name,
+            "EF21-P needs a contractive compressor (topk, or randk with scaled=false)",
+        )
+    if downlink.active and not strategy.communicates:
+        raise ConfigError("downlink", downlink.name, f"strategy {name} sends no global arrays")
     active = compressor.active or feedback.name != "none"
     if active and not strategy.communicates:
         raise ConfigError(

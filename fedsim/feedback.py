@@ -297,3 +297,101 @@ class Codec:
     def step(self, current: Mapping[str, np.ndarray], decoded: list[Arrays], num_clients: int):
         """EF21 / EControl: the new global arrays (float64)."""
         return self.feedback.step(current, decoded, num_clients, self.lr)
+
+
+# ----------------------------------------------------------------------------- downlink
+
+#: prefix of the compressed downlink in a message: ``down/<round>/<unit>/<part>`` for a
+#: round's compressed step, ``down/upto<round>/<name>`` for the whole model as clients hold it
+DOWN = "down/"
+
+
+class EF21P:
+    """EF21-P compression of the downlink (REFERENCE section 4), with catch-up.
+
+    The server keeps ``w``, the global arrays as clients hold them; each round it sends
+    ``c_t = C(x - w)`` and sets ``w <- w + c_t``, so clients train from ``w``, not ``x``. A client
+    that was not sampled in some rounds is sent the steps it missed, or ``w`` itself in the
+    arrays' dtype when that is smaller (always at its first participation: it holds nothing yet).
+    Both sides add a step as ``(w in float64 + c).astype(dtype)``, so their ``w`` are identical.
+    ``w`` and the round it is current to live in the client's ``Context.state``.
+    """
+
+    def __init__(self, compressor: Compressor, seed: int) -> None:
+        self.compressor, self.seed = compressor, seed
+        self.w: Arrays = {}
+        self.history: list[tuple[int, dict[str, np.ndarray], int]] = []  # round, payload, bytes
+        self.latest = 0
+        self.pruned_upto = 0
+        self.version: dict[int, int] = {}
+        self._sent: dict[int, int] = {}
+
+    def rng_for(self, server_round: int):
+        """Generators of the server's step in ``server_round``, one per unit."""
+        return lambda unit: np.random.default_rng([self.seed, server_round, unit, 43])
+
+    def advance(self, server_round: int, current: Mapping[str, np.ndarray]) -> Arrays:
+        """Compress this round's step ``x - w``; returns the new ``w``."""
+        if not self.w:
+            self.w = {k: np.array(v) for k, v in current.items()}
+            return self.w
+        diff = {
+            k: np.asarray(current[k], np.float64) - self.w[k].astype(np.float64) for k in current
+        }
+        dtype = next(iter(current.values())).dtype
+        payload, step = _send(self.compressor, diff, self.rng_for(server_round), dtype)
+        self.w = {
+            k: (self.w[k].astype(np.float64) + step[k]).astype(self.w[k].dtype) for k in self.w
+        }
+        size = sum(v.nbytes for v in payload.values())
+        self.history.append((server_round, payload, size))
+        self.latest = server_round
+        dense = sum(v.nbytes for v in self.w.values())
+        while len(self.history) > 1 and sum(h[2] for h in self.history) >= dense:
+            self.pruned_upto = self.history.pop(0)[0]
+        return self.w
+
+    def catch_up(self, client: int) -> dict[str, np.ndarray]:
+        """The arrays that bring ``client``'s ``w`` up to date (counted as traffic)."""
+        have = self.version.get(client)
+        self._sent[client] = self.latest
+        missed = [h for h in self.history if have is not None and h[0] > have]
+        dense = sum(v.nbytes for v in self.w.values())
+        if have is None or have < self.pruned_upto or sum(h[2] for h in missed) >= dense:
+            return {f"{DOWN}upto{self.latest}/{k}": v for k, v in self.w.items()}
+        return {f"{DOWN}{r}/{name}": v for r, payload, _ in missed for name, v in payload.items()}
+
+    def acknowledge(self, clients) -> None:
+        for c in clients:
+            self.version[c] = self._sent.get(c, self.version.get(c))
+
+    # ------------------------------------------------------------------ client half
+    def receive(self, arrays: Mapping[str, np.ndarray], state: RecordDict) -> dict:
+        """Rebuild ``w`` from the client's stored copy and the message; returns the arrays with
+        the ``down/`` ones replaced by ``w`` (what the strategy's client half loads)."""
+        from fedsim.strategy import split_prefix
+
+        plain, tagged = split_prefix(DOWN, arrays)
+        if not tagged:
+            return dict(arrays)
+        w = numpy_dict(state[keys.STATE_DOWNLINK]) if keys.STATE_DOWNLINK in state else {}
+        have = int(w.pop("__version__", np.array(-1))) if w else -1
+        dense = {k.split("/", 1)[1]: v for k, v in tagged.items() if k.startswith("upto")}
+        if dense:
+            w = {k: np.array(v) for k, v in dense.items()}
+            have = int(next(iter(tagged)).split("/", 1)[0][len("upto") :])
+        steps: dict[int, dict[str, np.ndarray]] = {}
+        for name, value in tagged.items():
+            tag, rest = name.split("/", 1)
+            if not tag.startswith("upto"):
+                steps.setdefault(int(tag), {})[rest] = value
+        shapes = {k: v.shape for k, v in w.items()}
+        for r in sorted(steps):
+            if r <= have:
+                continue
+            dtype = next(iter(w.values())).dtype
+            step = decompress_arrays(self.compressor, steps[r], shapes, self.rng_for(r), dtype)
+            w = {k: (w[k].astype(np.float64) + step[k]).astype(w[k].dtype) for k in w}
+            have = r
+        state[keys.STATE_DOWNLINK] = array_record({**w, "__version__": np.array(have)})
+        return {**plain, **w}

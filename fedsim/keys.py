@@ -27,6 +27,7 @@ STATE_BASE = "fedsim.base"  # ArrayRecord: changes folded into the client's froz
 STATE_BASE_VERSION = "fedsim.base-version"  # ConfigRecord: ...up to this round (key VERSION)
 VERSION = "version"
 STATE_FEEDBACK = "fedsim.feedback"  # ArrayRecord: error-feedback memories (float64)
+STATE_DOWNLINK = "fedsim.downlink"  # ArrayRecord: EF21-P's w as the client holds it
 
 # A reply's side channel: the uncompressed trained arrays, for the aggregation error only
 # (not traffic: the simulator measures with them, a real client would not send them).

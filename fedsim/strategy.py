@@ -30,7 +30,7 @@ from fedsim import keys
 from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.data import FederatedData
 from fedsim.errors import ConfigError
-from fedsim.feedback import Codec
+from fedsim.feedback import EF21P, Codec
 from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict, to_array
 from fedsim.tasks.base import Batch
 from fedsim.validate import boolean
@@ -80,6 +80,7 @@ class StrategyContext:
     seed: int
     aggregation_error: bool = True  # compute the per-round exactness diagnostic
     codec: Codec | None = None  # compression and error feedback of client updates
+    downlink: EF21P | None = None  # EF21-P compression of the global arrays sent to clients
     client_of: dict[int, int] = field(init=False)  # node id -> partition id
 
     def __post_init__(self) -> None:
@@ -196,6 +197,8 @@ class AdapterStrategy(Strategy):
         self.last_aggregation_error: float | None = None
         self._frozen_record: ArrayRecord | None = None
         self._decoded: dict[int, dict[str, np.ndarray]] = {}  # this round's decoded payloads
+        #: the global arrays as the round's clients hold them (EF21-P: ``w``, else current)
+        self.held: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ wiring
     def bind(self, ctx: StrategyContext) -> None:
@@ -325,6 +328,8 @@ class AdapterStrategy(Strategy):
     def acknowledge(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """Note what the clients that replied now hold (called after each aggregation)."""
         self.has_frozen.update(u.client for u in updates)
+        if self.context.downlink is not None:
+            self.context.downlink.acknowledge(u.client for u in updates)
 
     def traffic(self, messages: Iterable[Message]) -> tuple[int, int]:
         """(bytes, values) of the messages' payloads (docs/results.md, "What bytes count")."""
@@ -342,8 +347,9 @@ class AdapterStrategy(Strategy):
 
     def reference(self, client: int, server_round: int) -> dict[str, np.ndarray]:
         """What ``client`` started this round's training from, as the server knows it: the
-        arrays its compressed update is relative to (default: the global arrays)."""
-        return self.current
+        arrays its compressed update is relative to (default: the global arrays as clients
+        hold them, :attr:`held`: EF21-P's ``w`` when the downlink is compressed)."""
+        return self.held
 
     def reply_reason(self, client: int, server_round: int, arrays: ArrayRecord) -> str | None:
         """Why a reply is refused: :meth:`check_reply`, or an undecodable compressed payload."""
@@ -477,17 +483,16 @@ class AdapterStrategy(Strategy):
         self.current = numpy_dict(arrays)
         self._decoded = {}
         config[keys.SERVER_ROUND] = server_round
-        return [
-            self._message(
-                client,
-                RecordDict(
-                    {keys.ARRAYS: self.downlink(server_round, client, arrays), keys.CONFIG: config}
-                ),
-                MessageType.TRAIN,
-                server_round,
+        ef21p = self.context.downlink
+        self.held = self.current if ef21p is None else ef21p.advance(server_round, self.current)
+        messages = []
+        for client in self.train_clients(server_round):
+            base = arrays if ef21p is None else array_record(ef21p.catch_up(client))
+            record = {keys.ARRAYS: self.downlink(server_round, client, base), keys.CONFIG: config}
+            messages.append(
+                self._message(client, RecordDict(record), MessageType.TRAIN, server_round)
             )
-            for client in self.train_clients(server_round)
-        ]
+        return messages
 
     def updates_from(self, replies: Iterable[Message]) -> list[ClientUpdate]:
         client_of = self.context.client_of

@@ -156,7 +156,7 @@ class FLoRA(FoldingStrategy):
 
     def reference(self, client: int, server_round: int) -> dict[str, np.ndarray]:
         spec = self.context.spec
-        out = {h: self.current[h] for h in spec.heads}
+        out = {h: self.held[h] for h in spec.heads}
         dtype = next(iter(self.current.values())).dtype if self.current else np.float32
         fresh = self.fresh_a(spec, self.context.seed, server_round, client)
         for module, (m, _) in spec.shapes.items():

@@ -16,9 +16,9 @@ from tests.conftest import strip_timings, tiny
         [],
         ["strategy=fedex", "sim.rounds=3"],
         ["strategy=fedsb", "adapter.init.source=clients", "sim.rounds=3"],
-        ["compressor=topk", "feedback=ef21", "sim.rounds=3"],
+        ["compressor=topk", "feedback=ef21", "downlink=topk", "sim.rounds=3"],
     ],
-    ids=["fedavg", "fedex", "fedsb-clients-init", "topk-ef21"],
+    ids=["fedavg", "fedex", "fedsb-clients-init", "topk-ef21-ef21p"],
 )
 def test_inline_and_ray_agree(run_tiny, extra):
     _, inline, _ = run_tiny(base=tiny("sim.clients_per_round=3", *extra))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fedsim.config import check, compose, expand_sweep
@@ -109,3 +110,43 @@ def test_lr_server_scales_the_step(run_tiny):
     _, one, _ = run_tiny("feedback=ef21", "sim.rounds=1")
     _, half, _ = run_tiny("feedback=ef21", "feedback.lr_server=0.5", "sim.rounds=1")
     assert half[1]["eval_loss"] != one[1]["eval_loss"]
+
+
+def test_ef21p_downlink_with_everything_kept_is_the_plain_run(run_tiny):
+    _, plain, _ = run_tiny("sim.clients_per_round=3", "sim.rounds=3")
+    _, full, _ = run_tiny(
+        "sim.clients_per_round=3", "sim.rounds=3", "downlink=topk", "downlink.ratio=1.0"
+    )
+    for a, b in zip(plain, full):
+        # Top-K of everything: w = x up to the fp32 rounding of the sent step
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["bytes_down"] == a["bytes_down"]  # dense is smaller than values + indices
+
+
+def test_ef21p_clients_hold_exactly_the_servers_w():
+    from flwr.app import RecordDict
+
+    from fedsim.compression import TopK
+    from fedsim.feedback import EF21P
+    from fedsim.records import array_record, numpy_dict
+
+    rng = np.random.default_rng(0)
+    server = EF21P(TopK(ratio=0.2), seed=3)
+    client_side = EF21P(TopK(ratio=0.2), seed=3)
+    states = {c: RecordDict() for c in range(4)}
+    x = {
+        "a": rng.normal(size=(6, 5)).astype(np.float32),
+        "b": rng.normal(size=7).astype(np.float32),
+    }
+    dense = sum(v.nbytes for v in x.values())
+    for t in range(1, 9):
+        w = server.advance(t, x)
+        sampled = [c for c in range(4) if rng.random() < 0.5]
+        for c in sampled:
+            message = server.catch_up(c)
+            assert sum(v.nbytes for v in message.values()) <= dense  # steps or w, the smaller
+            got = client_side.receive(numpy_dict(array_record(message)), states[c])
+            for k in x:
+                np.testing.assert_array_equal(got[k], w[k])
+        server.acknowledge(sampled)
+        x = {k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in x.items()}

@@ -42,6 +42,7 @@ class ClientRuntime:
         self.model, self.spec = self.c.model(self.device)
         self.trained = self.spec.trained_parameters(self.model)
         self.codec = self.c.codec()
+        self.downlink = self.c.downlink_codec()
 
     def _client(self, context: Context) -> int:
         return int(context.node_config[keys.PARTITION_ID])
@@ -58,7 +59,10 @@ class ClientRuntime:
         c, sim = self.c, self.c.sim
         call = self._call(msg, context)
         client, server_round, state = call.client, call.server_round, call.state
-        c.strategy.client_receive(self.model, self.spec, numpy_dict(msg.content[keys.ARRAYS]), call)
+        arrays = numpy_dict(msg.content[keys.ARRAYS])
+        if self.downlink is not None:  # EF21-P: rebuild w from the stored copy and the steps
+            arrays = self.downlink.receive(arrays, state)
+        c.strategy.client_receive(self.model, self.spec, arrays, call)
         train_data = c.strategy.client_data(c.data, client)
         reference = None
         if self.codec is not None:  # what the compressed update is relative to

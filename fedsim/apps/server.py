@@ -360,6 +360,7 @@ class FederatedRun:
                     sim["seed"],
                     aggregation_error=sim["aggregation_error"],
                     codec=self.c.codec(),
+                    downlink=self.c.downlink_codec(),
                 )
             )
             self.strategy.summary()
