@@ -79,10 +79,13 @@ def prevalidate(argv: list[str]) -> int:
         "config_dir": flags.get("dir"),
         "config_path": _config_path(flags.get("path")),
     }
-    jobs = [overrides]
+    jobs, fixed_error = [overrides], None
     if multirun:
-        fixed = [o for o in overrides if not _is_sweep(o)]
-        jobs = expand_sweep(overrides, compose_job(fixed, **where).sweeper_params)
+        jobs = expand_sweep(overrides, _sweeper_params(overrides, where))
+        try:  # what Hydra itself composes before it launches the jobs
+            compose_job([o for o in overrides if not _is_sweep(o)], **where)
+        except (ConfigError, ConfigCompositionError) as e:
+            fixed_error = e
     for index, job in enumerate(jobs):
         composed = compose_job(job, **where)
         check(composed.cfg)
@@ -90,7 +93,25 @@ def prevalidate(argv: list[str]) -> int:
             _check_output_dir("hydra.sweep.dir", Path(composed.sweep_dir) / str(index), job)
         else:
             _check_output_dir("hydra.run.dir", Path(composed.run_dir), job)
+    if fixed_error is not None:
+        raise ConfigCompositionError(
+            f"{fixed_error}; in a sweep, a key that exists only in some of the swept options "
+            "must be written as a sweep itself: key=choice(value)"
+        )
     return len(jobs)
+
+
+def _sweeper_params(overrides: list[str], where: dict) -> dict[str, str]:
+    """The config's ``hydra.sweeper.params`` (a preset may sweep), read from the first job of
+    the command line's own sweeps. A value that only fits a later job of the config's sweep
+    (``feedback.compress_first`` while the preset sweeps ``feedback``) is checked in the jobs
+    themselves: here the groups and presets chosen are enough."""
+    first = expand_sweep(overrides)[0]
+    try:
+        return compose_job(first, **where).sweeper_params
+    except (ConfigError, ConfigCompositionError):
+        choices = [o for o in first if "." not in o.split("=", 1)[0]]
+        return compose_job(choices, **where).sweeper_params
 
 
 def _is_sweep(override: str) -> bool:

@@ -67,6 +67,19 @@ BAD = [
     (["strategy=fedsb", "task.server_examples=0"], "has no server split; use adapter.init"),
     (["strategy=centralized", "sim.min_clients=2"], "sim.min_clients=2: must be 1 with"),
     (["sim.aggregation_error=maybe"], "sim.aggregation_error=maybe: must be true or false"),
+    (["compressor=qsgd", "feedback=ef21"], "feedback=ef21: error feedback needs a contractive"),
+    (["compressor=randk", "feedback=ef14"], "compressor=randk is not"),
+    (["compressor=compeft", "feedback=econtrol"], "feedback=econtrol: error feedback needs"),
+    (["strategy=fedex", "compressor=topk", "feedback=ef21"], "strategy FedEx does not average"),
+    (["strategy=flora", "compressor=topk", "feedback=ef14"], "trains fresh ones every round"),
+    (["strategy=local", "compressor=topk"], "strategy Local sends no updates to compress"),
+    (["strategy=centralized", "downlink=topk"], "strategy Centralized sends no global arrays"),
+    (["downlink=randk", "downlink.scaled=true"], "EF21-P needs a contractive compressor"),
+    (["compressor=topk", "compressor.k=5"], "give exactly one of compressor.ratio and"),
+    (["compressor=topk", "compressor.ratio=2"], "compressor.ratio=2: must be a number in (0, 1]"),
+    (["compressor=qsgd", "compressor.bits=1"], "compressor.bits=1"),
+    (["compressor=topk", "compressor.scope=rows"], "compressor.scope=rows: must be tensor or flat"),
+    (["feedback=ef21", "feedback.lr_server=0"], "feedback.lr_server=0"),
     (["engine=warp"], "engine=warp: unknown option; allowed: inline, ray"),
     (["strategy=nope"], "strategy=nope: unknown option"),
     (["sim.num_clients=0"], "sim.num_clients=0: must be an integer >= 1"),
@@ -142,6 +155,19 @@ def test_bad_input_is_one_line_exit_2_nothing_written(overrides, expected, tmp_p
     assert err.startswith("fedsim: error: ")
     assert expected in err
     assert not out.exists()
+
+
+def test_a_key_of_a_swept_option_must_itself_be_swept(tmp_path, capsys):
+    """Hydra composes the fixed overrides before the jobs; fedsim says how to write it."""
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-m", "feedback=ef21,econtrol", "feedback.compress_first=true", sweep])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "key=choice(value)" in err
+    assert not (tmp_path / "sweep").exists()
+    jobs = expand_sweep(["feedback=ef21,econtrol", "feedback.compress_first=choice(true)"])
+    assert len(jobs) == 2 and all("feedback.compress_first=True" in j for j in jobs)
 
 
 def test_bad_value_in_one_sweep_job_stops_the_sweep_before_any_job(tmp_path, capsys):
