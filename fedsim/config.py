@@ -423,6 +423,12 @@ def _check_codec(components) -> None:
     if downlink.active and not strategy.communicates:
         raise ConfigError("downlink", downlink.name, f"strategy {name} sends no global arrays")
     active = compressor.active or feedback.name != "none"
+    if not active and feedback.lr_server != 1.0:
+        raise ConfigError(
+            "feedback.lr_server",
+            feedback.lr_server,
+            "applies to compressed updates only; without a compressor it must be 1",
+        )
     if active and not strategy.communicates:
         raise ConfigError(
             "compressor", compressor.name, f"strategy {name} sends no updates to compress"

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedsim import keys
 from fedsim.compression import Compressor, compress_arrays, decompress_arrays
@@ -83,6 +83,10 @@ class Feedback:
     ) -> dict[str, np.ndarray]:
         """The payload for pseudo-gradient ``u``; updates ``state`` (float64 arrays) in place."""
         raise NotImplementedError
+
+    def undo(self, decoded: Arrays, first: bool, state: Arrays) -> None:
+        """Take back a message the server did not aggregate (lost, late, refused, or in a
+        skipped round), so that the client's memories match what the server has seen."""
 
     # ------------------------------------------------------------------ server half
     def step(
@@ -146,6 +150,10 @@ class EF14(Feedback):
             state[f"e/{k}"] = v[k] - m[k]
         return payload
 
+    def undo(self, decoded, first, state):
+        for k, m in decoded.items():  # nothing arrived: all of e + u is still to be sent
+            state[f"e/{k}"] = state[f"e/{k}"] + m
+
 
 class _Tracking(Feedback):
     """EF21 and EControl: a tracked estimate per client, its mean on the server."""
@@ -184,6 +192,13 @@ class EF21(_Tracking):
             state[f"g/{k}"] = state.get(f"g/{k}", 0.0) + c[k]
         return payload
 
+    def undo(self, decoded, first, state):
+        for k, c in decoded.items():
+            if first:
+                del state[f"g/{k}"]  # the next message is a first message again
+            else:
+                state[f"g/{k}"] = state[f"g/{k}"] - c
+
 
 class EControl(_Tracking):
     """EControl: ``D_i = C(eta e_i + u_i - h_i)``, ``e_i <- e_i + u_i - h_i - D_i``,
@@ -220,6 +235,14 @@ class EControl(_Tracking):
             state[f"h/{k}"] = h[k] + d[k]
         return payload
 
+    def undo(self, decoded, first, state):
+        for k, d in decoded.items():
+            if first:
+                del state[f"e/{k}"], state[f"h/{k}"]
+            else:
+                state[f"h/{k}"] = state[f"h/{k}"] - d
+                state[f"e/{k}"] = state[f"e/{k}"] + d
+
 
 # ----------------------------------------------------------------------------- the codec
 
@@ -253,18 +276,39 @@ class Codec:
         client: int,
         server_round: int,
         state: RecordDict,
+        absorbed: int = 0,
     ) -> dict[str, np.ndarray]:
-        """The payload a client sends for its trained arrays (its feedback state updated)."""
+        """The payload a client sends for its trained arrays (its feedback state updated).
+
+        ``absorbed`` is the last round whose message from this client the server aggregated
+        (it says so in every training message); if the client's previous message is not among
+        them, its effect on the memories is taken back first (:meth:`Feedback.undo`). The
+        message sent is kept in the state until then (compressed: small).
+        """
         dtype = np.asarray(next(iter(trained.values()))).dtype
         u = {
             k: (np.asarray(reference[k], np.float64) - np.asarray(trained[k], np.float64)) / self.lr
             for k in trained
         }
         memory = numpy_dict(state[keys.STATE_FEEDBACK]) if keys.STATE_FEEDBACK in state else {}
+        if keys.STATE_PENDING_INFO in state:  # the message this client sent last time
+            info = state[keys.STATE_PENDING_INFO]
+            sent_round = int(info[keys.SERVER_ROUND])
+            if absorbed < sent_round:
+                pending = numpy_dict(state[keys.STATE_PENDING])
+                shapes = {k: np.shape(v) for k, v in u.items()}
+                rng_old = rng_factory(self.seed, sent_round, client)
+                decoded = decompress_arrays(self.compressor, pending, shapes, rng_old, dtype)
+                self.feedback.undo(decoded, bool(info["first"]), memory)
+        first = not memory
         rng_for = rng_factory(self.seed, server_round, client)
         payload = self.feedback.encode(u, self.compressor, rng_for, dtype, memory)
-        if memory:
+        if self.feedback.states:  # naive compression keeps nothing
             state[keys.STATE_FEEDBACK] = array_record(memory)
+            state[keys.STATE_PENDING] = array_record(payload)
+            state[keys.STATE_PENDING_INFO] = ConfigRecord(
+                {keys.SERVER_ROUND: server_round, "first": first}
+            )
         return payload
 
     # ------------------------------------------------------------------ server half

@@ -28,6 +28,9 @@ STATE_BASE_VERSION = "fedsim.base-version"  # ConfigRecord: ...up to this round 
 VERSION = "version"
 STATE_FEEDBACK = "fedsim.feedback"  # ArrayRecord: error-feedback memories (float64)
 STATE_DOWNLINK = "fedsim.downlink"  # ArrayRecord: EF21-P's w as the client holds it
+STATE_PENDING = "fedsim.feedback-pending"  # ArrayRecord: the last compressed message sent...
+STATE_PENDING_INFO = "fedsim.feedback-pending-info"  # ConfigRecord: ...its round, first or not
+ABSORBED = "absorbed"  # ConfigRecord key: the last round the server aggregated your message
 
 # A reply's side channel: the uncompressed trained arrays, for the aggregation error only
 # (not traffic: the simulator measures with them, a real client would not send them).

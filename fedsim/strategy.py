@@ -197,6 +197,9 @@ class AdapterStrategy(Strategy):
         self.last_aggregation_error: float | None = None
         self._frozen_record: ArrayRecord | None = None
         self._decoded: dict[int, dict[str, np.ndarray]] = {}  # this round's decoded payloads
+        #: client -> the last round whose compressed message the server aggregated (a client
+        #: whose message was not takes its memories back, see fedsim.feedback)
+        self.absorbed: dict[int, int] = {}
         #: the global arrays as the round's clients hold them (EF21-P: ``w``, else current)
         self.held: dict[str, np.ndarray] = {}
 
@@ -486,9 +489,13 @@ class AdapterStrategy(Strategy):
         ef21p = self.context.downlink
         self.held = self.current if ef21p is None else ef21p.advance(server_round, self.current)
         messages = []
+        codec = self.context.codec
         for client in self.train_clients(server_round):
             base = arrays if ef21p is None else array_record(ef21p.catch_up(client))
-            record = {keys.ARRAYS: self.downlink(server_round, client, base), keys.CONFIG: config}
+            mine = config
+            if codec is not None and codec.active:
+                mine = ConfigRecord({**config, keys.ABSORBED: self.absorbed.get(client, 0)})
+            record = {keys.ARRAYS: self.downlink(server_round, client, base), keys.CONFIG: mine}
             messages.append(
                 self._message(client, RecordDict(record), MessageType.TRAIN, server_round)
             )
@@ -529,13 +536,15 @@ class AdapterStrategy(Strategy):
         self.round_fold = {}
         codec = self.context.codec
         if codec is None or not codec.active:
-            new = self.aggregate(server_round, self.current, updates)
+            new = self.aggregate(server_round, self.current, self.rebased(updates))
         else:
             new = self.aggregate_compressed(server_round, updates)
+            self.absorbed.update({u.client: server_round for u in updates})
         if self.context.aggregation_error:
             truth = [
                 u if u.diagnostic is None else replace(u, arrays=u.diagnostic) for u in updates
             ]
+            truth = self.rebased(truth)
             if codec is None or not codec.active or all(u.diagnostic is not None for u in updates):
                 self.last_aggregation_error = self.aggregation_error(self.current, new, truth)
         new = self.check_aggregate(new)
@@ -556,11 +565,32 @@ class AdapterStrategy(Strategy):
         decoded = [self._decoded[u.client] for u in updates]
         if codec.feedback.replaces_aggregation:
             return codec.step(self.current, decoded, self.context.sampler.num_clients)
-        estimates = [
-            replace(u, arrays=codec.estimate(self.reference(u.client, server_round), d))
-            for u, d in zip(updates, decoded)
-        ]
+        estimates = self.rebased(
+            [
+                replace(u, arrays=codec.estimate(self.reference(u.client, server_round), d))
+                for u, d in zip(updates, decoded)
+            ]
+        )
         return self.aggregate(server_round, self.current, estimates)
+
+    def rebased(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """With EF21-P, clients trained from ``w``, not from the global ``x``: their changes
+        apply to ``x`` (``x_i + x - w``), so that the part of ``x`` not yet sent is kept."""
+        if self.context.downlink is None or self.held is self.current:
+            return updates
+        shift = {
+            k: np.asarray(v, np.float64) - np.asarray(self.held[k], np.float64)
+            for k, v in self.current.items()
+        }
+        out = []
+        for u in updates:
+            arrays = dict(u.arrays)
+            for k, s in shift.items():
+                if k in arrays:
+                    dtype = np.asarray(arrays[k]).dtype
+                    arrays[k] = (np.asarray(arrays[k], np.float64) + s).astype(dtype)
+            out.append(replace(u, arrays=arrays))
+        return out
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -80,6 +80,7 @@ BAD = [
     (["compressor=qsgd", "compressor.bits=1"], "compressor.bits=1"),
     (["compressor=topk", "compressor.scope=rows"], "compressor.scope=rows: must be tensor or flat"),
     (["feedback=ef21", "feedback.lr_server=0"], "feedback.lr_server=0"),
+    (["feedback.lr_server=0.5"], "feedback.lr_server=0.5: applies to compressed updates only"),
     (["engine=warp"], "engine=warp: unknown option; allowed: inline, ray"),
     (["strategy=nope"], "strategy=nope: unknown option"),
     (["sim.num_clients=0"], "sim.num_clients=0: must be an integer >= 1"),

@@ -29,13 +29,15 @@ def simulate(feedback, u_seq, sampled, p_seq, x0):
     """fedsim's halves: clients encode, the server decodes and steps (or averages estimates)."""
     codec = Codec(TopK(ratio=0.1), feedback, LR, seed=0)
     states = {c: RecordDict() for c in range(N)}
+    absorbed = dict.fromkeys(range(N), 0)  # the server aggregates every message here
     x, xs = {"w": x0.copy()}, []
     for t, clients in enumerate(sampled, start=1):
         decoded = []
         for c in clients:
             trained = {"w": x["w"] - LR * u_seq[t - 1][c]}  # so that u_i = (x - x_i) / lr
-            payload = codec.client_encode(x, trained, c, t, states[c])
+            payload = codec.client_encode(x, trained, c, t, states[c], absorbed[c])
             decoded.append(codec.decode(payload, x, c, t))
+            absorbed[c] = t
         if feedback.replaces_aggregation:
             x = codec.step(x, decoded, N)
         else:  # the strategy (FedAvg) averages the server's estimates with weights p

@@ -36,7 +36,8 @@ def test_ef21_first_message_dense_then_compressed_and_its_state(run_tiny):
     summary, rows, _ = run_tiny("compressor=topk", "compressor.ratio=0.05", "feedback=ef21")
     assert rows[1]["bytes_up"] == 4 * 4 * sum(SIZES)  # u_i uncompressed initialises g_i
     assert rows[2]["bytes_up"] == 4 * topk_bytes(0.05)
-    assert summary["client_state_bytes"] == 4 * 8 * sum(SIZES)  # g_i in float64, 4 clients
+    # g_i in float64, and the last (compressed) message kept until the server confirms it
+    assert summary["client_state_bytes"] == 4 * (8 * sum(SIZES) + topk_bytes(0.05))
     _, first, _ = run_tiny(
         "compressor=topk", "compressor.ratio=0.05", "feedback=ef21", "feedback.compress_first=true"
     )
@@ -150,3 +151,101 @@ def test_ef21p_clients_hold_exactly_the_servers_w():
                 np.testing.assert_array_equal(got[k], w[k])
         server.acknowledge(sampled)
         x = {k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in x.items()}
+
+
+@pytest.mark.parametrize("feedback", ["ef21", "econtrol", "ef14"])
+def test_memories_follow_what_the_server_aggregated(run_tiny, monkeypatch, feedback):
+    """Client 0's round-2 reply is refused and round 3 is skipped: the server never sees those
+    messages, the clients take them back, so the server's mean state equals the clients'."""
+    import fedsim.strategy as strategy_mod
+
+    captured = {}
+    original = strategy_mod.AdapterStrategy.reply_reason
+
+    def reply_reason(self, client, server_round, arrays):
+        captured["strategy"] = self
+        if client == 0 and server_round == 2:
+            return "refused for the test"
+        return original(self, client, server_round, arrays)
+
+    monkeypatch.setattr(strategy_mod.AdapterStrategy, "reply_reason", reply_reason)
+    import fedsim.engines.inline as inline_mod
+    from tests.test_end_to_end import _failing_clients
+
+    grids = []
+    grid_init = inline_mod.InlineGrid.__init__
+
+    def keep_grid(self, *args, **kwargs):
+        grid_init(self, *args, **kwargs)
+        grids.append(self)
+
+    monkeypatch.setattr(inline_mod.InlineGrid, "__init__", keep_grid)
+
+    _failing_clients(monkeypatch, lambda client, rnd: rnd == 3 and client != 1)
+    summary, rows, _ = run_tiny(
+        "compressor=topk",
+        f"feedback={feedback}",
+        "sim.rounds=4",
+        "sim.min_clients=2",
+        "sim.client_test_fraction=0.2",
+    )
+    assert rows[2]["clients_failed"] == 1 and rows[3]["round_skipped"]
+    assert summary["status"] == "ok"
+    if feedback == "ef14":
+        return  # no server state to compare with
+    codec = captured["strategy"].context.codec
+    contexts = [ctx.state for ctx in grids[0]._contexts.values()]
+    assert len(contexts) == 4
+    key = "g" if feedback == "ef21" else "h"
+    for name, mean in codec.feedback.server_state.items():
+        clients = [
+            c["fedsim.feedback"][f"{key}/{name}"].numpy()
+            if "fedsim.feedback" in c and f"{key}/{name}" in c["fedsim.feedback"]
+            else 0.0
+            for c in contexts
+        ]
+        np.testing.assert_allclose(mean, sum(clients) / 4, rtol=1e-9, atol=1e-12)
+
+
+def test_ef21p_keeps_what_it_has_not_sent_yet():
+    """Clients train from w; their changes apply to the server's x: x' = x + mean(x_i - w)."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsim import keys
+    from fedsim.adapters import AdapterSpec
+    from fedsim.compression import TopK
+    from fedsim.feedback import EF21P
+    from fedsim.records import array_record, numpy_dict
+    from fedsim.strategy import ClientSampler, StrategyContext
+    from strategies.fedavg import FedAvg
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    strategy = FedAvg(weighted=False)
+    spec = AdapterSpec(trained=["a"], sent=["a"])
+    ef21p = EF21P(TopK(k=2), seed=0)
+    node_of = {0: 10, 1: 11}
+    strategy.bind(StrategyContext(ClientSampler(2, 2, 0), node_of, spec, 0, downlink=ef21p))
+    rng = np.random.default_rng(0)
+    x = {"a": rng.normal(size=8).astype(np.float32)}
+    for t in (1, 2, 3):
+        msgs = list(strategy.configure_train(t, array_record(x), ConfigRecord(), None))
+        w = {k: v.copy() for k, v in ef21p.w.items()}
+        replies, deltas = [], []
+        for i, m in enumerate(msgs):
+            m.metadata.__dict__["_message_id"] = f"{t}-{i}"
+            d = rng.normal(size=8).astype(np.float32)
+            deltas.append(d)
+            content = RecordDict(
+                {
+                    keys.ARRAYS: array_record({"a": w["a"] + d}),
+                    keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 5}),
+                }
+            )
+            replies.append(Message(content, reply_to=m))
+        new, _ = strategy.aggregate_train(t, replies)
+        want = x["a"].astype(np.float64) + np.mean(deltas, axis=0)
+        np.testing.assert_allclose(numpy_dict(new)["a"], want, rtol=1e-5, atol=1e-6)
+        if t > 1:
+            assert np.abs(x["a"] - w["a"]).max() > 1e-3  # w lags x: the shift matters
+        x = numpy_dict(new)

@@ -97,7 +97,10 @@ class ClientRuntime:
         records = {keys.ARRAYS: array_record(arrays)}
         if self.codec is not None:
             trained = {k: v.detach().cpu().numpy() for k, v in arrays.items()}
-            payload = self.codec.client_encode(reference, trained, client, server_round, state)
+            absorbed = int(msg.content[keys.CONFIG].get(keys.ABSORBED, 0))
+            payload = self.codec.client_encode(
+                reference, trained, client, server_round, state, absorbed
+            )
             records = {keys.ARRAYS: array_record(payload)}
             if sim["aggregation_error"]:  # measurement only, not traffic
                 records[keys.DIAGNOSTIC] = array_record(trained)
