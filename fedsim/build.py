@@ -18,6 +18,7 @@ from fedsim.compression import Compressor
 from fedsim.data import FederatedData
 from fedsim.errors import ComponentError, ConfigError
 from fedsim.feedback import EF21P, Codec, Feedback
+from fedsim.privacy import Privacy
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
 from fedsim.training import Schedule
@@ -34,6 +35,7 @@ GROUP_TYPES: dict[str, type | None] = {
     "compressor": Compressor,
     "feedback": Feedback,
     "downlink": Compressor,
+    "privacy": Privacy,
 }
 
 
@@ -113,6 +115,7 @@ class Components:
     compressor: Compressor
     feedback: Feedback
     downlink: Compressor
+    privacy: Privacy
 
     def downlink_codec(self) -> EF21P | None:
         """EF21-P on the downlink, or None (the global arrays travel dense)."""
@@ -173,6 +176,7 @@ def build_components(cfg: dict[str, Any]) -> Components:
     compressor = build("compressor", cfg["compressor"])
     feedback = build("feedback", cfg["feedback"])
     downlink = build("downlink", cfg["downlink"])
+    privacy = build("privacy", cfg["privacy"])
     return Components(
         cfg,
         task,
@@ -185,6 +189,7 @@ def build_components(cfg: dict[str, Any]) -> Components:
         compressor,
         feedback,
         downlink,
+        privacy,
     )
 
 

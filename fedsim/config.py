@@ -25,7 +25,7 @@ CONFIG_MODULE = "fedsim.conf"
 CONFIG_NAME = "config"
 
 #: groups that exist so later features slot in; ``none`` is their only option for now
-RESERVED_GROUPS = ("privacy", "faults")
+RESERVED_GROUPS = ("faults",)
 
 SIM_KEYS = {
     "aggregation_error",
@@ -54,6 +54,7 @@ TOP_KEYS = {
     "compressor",
     "feedback",
     "downlink",
+    "privacy",
     *RESERVED_GROUPS,
     "sim",
     "quiet",
@@ -336,7 +337,7 @@ def validate(cfg: dict[str, Any]) -> None:
     boolean("quiet", cfg.get("quiet", False))
 
     groups = ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule")
-    for group in (*groups, "compressor", "feedback", "downlink"):
+    for group in (*groups, "compressor", "feedback", "downlink", "privacy"):
         node = cfg.get(group)
         if not isinstance(node, dict) or "_target_" not in node:
             raise ConfigError(
@@ -374,6 +375,7 @@ def check(cfg: dict[str, Any]) -> None:
     components.data.check(cfg["sim"]["num_clients"])
     _check_adapter_init(components)
     _check_codec(components)
+    _check_privacy(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     from fedsim.training import resolve_device
@@ -446,4 +448,20 @@ def _check_codec(components) -> None:
             feedback.name,
             f"keeps memories of a fixed set of parameters; strategy {name} trains fresh ones "
             "every round (use feedback=none)",
+        )
+
+
+def _check_privacy(components) -> None:
+    """Nothing a client sends may escape its privacy mechanism."""
+    privacy, adapter = components.privacy, components.adapter
+    if (
+        privacy.client_dp
+        and adapter.needs_data_init
+        and getattr(adapter, "init_source", None) == "clients"
+    ):
+        raise ConfigError(
+            "adapter.init.source",
+            "clients",
+            "the set-up round's gradients are not privatised yet; with privacy=dpsgd use "
+            "adapter.init.source=server (no client data) or adapter.init.method=random",
         )

@@ -30,6 +30,10 @@ STATE_FEEDBACK = "fedsim.feedback"  # ArrayRecord: error-feedback memories (floa
 STATE_DOWNLINK = "fedsim.downlink"  # ArrayRecord: EF21-P's w as the client holds it
 STATE_PENDING = "fedsim.feedback-pending"  # ArrayRecord: the last compressed message sent...
 STATE_PENDING_INFO = "fedsim.feedback-pending-info"  # ConfigRecord: ...its round, first or not
+STATE_PRIVACY = "fedsim.privacy"  # ArrayRecord: the client's accountant history
+EPSILON = "epsilon"  # MetricRecord keys of a DP client's reply
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise_multiplier"
 ABSORBED = "absorbed"  # ConfigRecord key: the last round the server aggregated your message
 
 # A reply's side channel: the uncompressed trained arrays, for the aggregation error only

@@ -508,7 +508,8 @@ class AdapterStrategy(Strategy):
             if msg.has_error():
                 continue
             metrics = dict(msg.content[keys.METRICS])
-            metrics.pop(keys.STATE_BYTES, None)
+            for key in (keys.STATE_BYTES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER):
+                metrics.pop(key, None)  # bookkeeping the server reads itself
             content = msg.content
             out.append(
                 ClientUpdate(

@@ -81,6 +81,13 @@ BAD = [
     (["compressor=topk", "compressor.scope=rows"], "compressor.scope=rows: must be tensor or flat"),
     (["feedback=ef21", "feedback.lr_server=0"], "feedback.lr_server=0"),
     (["feedback.lr_server=0.5"], "feedback.lr_server=0.5: applies to compressed updates only"),
+    (["privacy=dpsgd", "privacy.noise_multiplier=1.0"], "give exactly one of privacy.noise"),
+    (["privacy=dpsgd", "privacy.clip_norm=0"], "privacy.clip_norm=0"),
+    (["privacy=dpsgd", "privacy.target_epsilon=-1"], "privacy.target_epsilon=-1"),
+    (
+        ["privacy=dpsgd", "strategy=fedsb", "adapter.init.source=clients"],
+        "adapter.init.source=clients: the set-up round's gradients are not privatised",
+    ),
     (["engine=warp"], "engine=warp: unknown option; allowed: inline, ray"),
     (["strategy=nope"], "strategy=nope: unknown option"),
     (["sim.num_clients=0"], "sim.num_clients=0: must be an integer >= 1"),

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim import keys
 from fedsim.build import Components, build_components
+from fedsim.privacy import Accountant, train_local_dp, wrap
 from fedsim.records import array_record, numpy_dict, payload
 from fedsim.strategy import ClientCall
 from fedsim.training import (
@@ -43,6 +44,8 @@ class ClientRuntime:
         self.trained = self.spec.trained_parameters(self.model)
         self.codec = self.c.codec()
         self.downlink = self.c.downlink_codec()
+        self.privacy = self.c.privacy
+        self.gsm = wrap(self.model, self.privacy) if self.privacy.client_dp else None
 
     def _client(self, context: Context) -> int:
         return int(context.node_config[keys.PARTITION_ID])
@@ -75,20 +78,22 @@ class ClientRuntime:
             load_optimizer_state(optimizer, numpy_dict(state[keys.STATE_OPTIMIZER]))
         generator = client_generator(sim["seed"], server_round, client)
         seed_torch(generator.initial_seed() + 1)  # dropout and other global-RNG draws
-        result = train_local(
-            self.model,
-            c.task,
-            train_data,
-            optimizer,
-            steps=sim["local_steps"],
-            batch_size=c.strategy.client_batch_size(sim["batch_size"]),
-            lr=sim["lr"],
-            schedule=c.schedule,
-            start_step=int(info[keys.STEPS]),
-            total_steps=c.total_local_steps,
-            generator=generator,
-            device=self.device,
-        )
+        batch_size = c.strategy.client_batch_size(sim["batch_size"])
+        common = {
+            "steps": sim["local_steps"],
+            "batch_size": batch_size,
+            "lr": sim["lr"],
+            "schedule": c.schedule,
+            "start_step": int(info[keys.STEPS]),
+            "total_steps": c.total_local_steps,
+            "generator": generator,
+            "device": self.device,
+        }
+        privacy_metrics = {}
+        if self.gsm is None:
+            result = train_local(self.model, c.task, train_data, optimizer, **common)
+        else:
+            result, privacy_metrics = self._train_dp(train_data, optimizer, state, common)
         state[keys.STATE_CLIENT] = ConfigRecord({keys.STEPS: int(info[keys.STEPS]) + result.steps})
         if sim["keep_optimizer_state"]:
             state[keys.STATE_OPTIMIZER] = array_record(optimizer_state_arrays(optimizer))
@@ -110,10 +115,43 @@ class ClientRuntime:
                 keys.NUM_EXAMPLES: num_examples,
                 keys.TRAIN_LOSS: result.loss,
                 keys.STATE_BYTES: state_bytes(state),
+                **privacy_metrics,
             }
         )
         content = RecordDict({**records, keys.METRICS: metrics})
         return Message(content, reply_to=msg)
+
+    def _train_dp(self, data, optimizer, state, common) -> tuple[Any, dict]:
+        """DP-SGD local steps; the client's accountant history persists in its state."""
+        c = self.c
+        n = len(data[c.task.label_key])
+        accountant = Accountant.from_array(
+            numpy_dict(state[keys.STATE_PRIVACY])["history"]
+            if keys.STATE_PRIVACY in state
+            else None
+        )
+        # worst case for a target epsilon: sampled in every round, every local step
+        sigma = self.privacy.sigma_for(n, common["batch_size"], c.total_local_steps)
+        noise = torch.Generator().manual_seed(common["generator"].initial_seed() + 2)
+        result = train_local_dp(
+            self.model,
+            self.gsm,
+            c.task,
+            data,
+            optimizer,
+            self.privacy,
+            accountant,
+            sigma=sigma,
+            noise_generator=noise,
+            **common,
+        )
+        state[keys.STATE_PRIVACY] = array_record({"history": accountant.to_array()})
+        delta = self.privacy.delta_for(n)
+        return result, {
+            keys.EPSILON: accountant.epsilon(delta),
+            keys.DELTA: delta,
+            keys.NOISE_MULTIPLIER: sigma,
+        }
 
     def init_gradients(self, msg: Message, context: Context) -> Message:
         """LoRA-SB's set-up round: the base-weight gradients on the client's first examples."""

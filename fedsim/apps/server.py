@@ -65,6 +65,7 @@ class FederatedRun:
         }
         self.aggregation_errors: list[float] = []
         self.state_bytes: dict[int, int] = {}  # client -> bytes of arrays in its Context.state
+        self.epsilons: dict[int, tuple[float, float]] = {}  # client -> (epsilon, delta) so far
         self._round = 0
         self.adapter_init: dict[str, Any] = {}
 
@@ -277,9 +278,12 @@ class FederatedRun:
         bytes_up, numel_up = self.strategy.traffic(replies)
         for reply in replies:
             if reply.has_content() and keys.METRICS in reply.content.metric_records:
-                held = reply.content[keys.METRICS].get(keys.STATE_BYTES)
-                if held is not None:
-                    self.state_bytes[self._client_of_reply(reply)] = int(held)
+                values = reply.content[keys.METRICS]
+                client = self._client_of_reply(reply)
+                if values.get(keys.STATE_BYTES) is not None:
+                    self.state_bytes[client] = int(values[keys.STATE_BYTES])
+                if values.get(keys.EPSILON) is not None:  # DP-SGD: the client's spend so far
+                    self.epsilons[client] = (float(values[keys.EPSILON]), float(values[keys.DELTA]))
         train_loss, skipped = None, len(good) < self.sim["min_clients"]
         error = None
         if not skipped:
@@ -297,8 +301,16 @@ class FederatedRun:
         self.totals["numel_down"] += numel_down
         self.totals["replies"] += sum(1 for r in replies if r.has_content())
         self.totals["sent"] += len(sent)
+        privacy = {}
+        if self.c.privacy.client_dp:
+            eps = [e for e, _ in self.epsilons.values()]
+            privacy = {
+                "epsilon": max(eps, default=0.0),
+                "epsilon_mean": sum(eps) / self.sim["num_clients"],
+            }
         return arrays, {
             keys.TRAIN_LOSS: train_loss,
+            **privacy,
             "aggregation_error": error,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
@@ -410,6 +422,17 @@ class FederatedRun:
         )
         return summary
 
+    def privacy_summary(self) -> dict[str, Any]:
+        """Epsilon and delta of the run: the max over clients (client DP-SGD)."""
+        if not self.c.privacy.client_dp:
+            return {}
+        spent = list(self.epsilons.values())
+        return {
+            "epsilon": max((e for e, _ in spent), default=0.0),
+            "delta": max((d for _, d in spent), default=None),
+            "privacy": "client DP-SGD (sample level), RDP accountant per client across rounds",
+        }
+
     def summary(self, wall: float, status: str, error: str | None = None) -> dict[str, Any]:
         last, totals = self.last, self.totals
         sim, ch = self.sim, self.spec.choices
@@ -436,6 +459,7 @@ class FederatedRun:
             "final_eval_accuracy_client_min": last.get("eval_accuracy_client_min"),
             "aggregation_error_max": max(self.aggregation_errors, default=None),
             "client_state_bytes": sum(self.state_bytes.values()),
+            **self.privacy_summary(),
             "adapter_init": self.adapter_init,
             "bytes_up_total": totals["bytes_up"],
             "bytes_down_total": totals["bytes_down"],

@@ -1,0 +1,270 @@
+"""Differential privacy (REFERENCE section 5): sample-level DP-SGD on clients, through Opacus.
+
+``privacy=dpsgd``: every local step draws a Poisson batch (each of the client's ``n`` examples
+with probability ``q = min(1, batch_size / n)``), clips each example's gradient to
+``clip_norm`` and adds Gaussian noise of standard deviation ``noise_multiplier * clip_norm``
+(Opacus' ``GradSampleModule`` and ``DPOptimizer``). Each client's RDP accountant history
+(``(sigma, q, steps)`` entries) lives in its ``Context.state``, so epsilon adds up over all the
+rounds it took part in; a new accountant every round would under-report it.
+
+``target_epsilon`` instead of ``noise_multiplier``: the noise is computed for the worst case, a
+client sampled in every round and taking all its local steps (``sim.rounds * sim.local_steps``
+steps at its own ``q``), so no client can exceed the target. ``delta`` defaults to
+``1 / (10 n)`` for a client with ``n`` training examples (well below ``1/n``, as Opacus' FAQ
+asks). Opacus' ``secure_mode`` needs torchcsprng, which does not work with torch 2.x: noise
+comes from a seeded generator (reproducible, not cryptographically secure).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim.errors import ConfigError
+from fedsim.tasks.base import Batch, Task
+from fedsim.training import LocalResult, Schedule, to_device
+from fedsim.validate import number
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+
+class Privacy:
+    """Base class of privacy mechanisms (built from ``conf/privacy/*.yaml``)."""
+
+    name = "privacy"
+    #: trains clients with DP-SGD
+    client_dp = False
+
+    @property
+    def active(self) -> bool:
+        return False
+
+
+class NoPrivacy(Privacy):
+    """``privacy=none``."""
+
+    name = "none"
+
+
+class DPSGD(Privacy):
+    """Client-side DP-SGD (see the module docstring).
+
+    Parameters
+    ----------
+    clip_norm : float
+        Per-example gradient norm bound ``C`` (> 0).
+    noise_multiplier : float, optional
+        ``sigma``; the noise has standard deviation ``sigma * C``. Give this or
+        ``target_epsilon``.
+    target_epsilon : float, optional
+        Epsilon no client may exceed; ``sigma`` is computed per client for the worst case.
+    delta : float, optional
+        Target delta; default ``1 / (10 n)`` per client (``n``: its training examples).
+    grad_sample_mode : str
+        Opacus' per-sample gradient engine: ``hooks``, ``functorch`` or ``ew``.
+    """
+
+    name = "dpsgd"
+    client_dp = True
+
+    def __init__(
+        self,
+        clip_norm: float = 1.0,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+        grad_sample_mode: str = "hooks",
+    ) -> None:
+        self.clip_norm = number("privacy.clip_norm", clip_norm, low=0, low_open=True)
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ConfigError(
+                "privacy.noise_multiplier",
+                noise_multiplier,
+                "give exactly one of privacy.noise_multiplier and privacy.target_epsilon "
+                "(set the other to null)",
+            )
+        self.noise_multiplier = (
+            None
+            if noise_multiplier is None
+            else number("privacy.noise_multiplier", noise_multiplier, low=0)
+        )
+        self.target_epsilon = (
+            None
+            if target_epsilon is None
+            else number("privacy.target_epsilon", target_epsilon, low=0, low_open=True)
+        )
+        self.delta = (
+            None
+            if delta is None
+            else number("privacy.delta", delta, 0, 1, low_open=True, high_open=True)
+        )
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigError(
+                "privacy.grad_sample_mode", grad_sample_mode, "must be hooks, functorch or ew"
+            )
+        self.grad_sample_mode = grad_sample_mode
+        self._sigmas: dict[tuple[int, int, int], float] = {}
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def delta_for(self, num_records: int) -> float:
+        return self.delta if self.delta is not None else 1.0 / (10 * num_records)
+
+    def sample_rate(self, num_records: int, batch_size: int) -> float:
+        return min(1.0, batch_size / num_records)
+
+    def sigma_for(self, num_records: int, batch_size: int, total_steps: int) -> float:
+        """The noise multiplier of a client with ``num_records`` examples."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        key = (num_records, batch_size, total_steps)
+        if key not in self._sigmas:  # a search over sigma: once per client size
+            from opacus.accountants.utils import get_noise_multiplier
+
+            self._sigmas[key] = float(
+                get_noise_multiplier(
+                    target_epsilon=self.target_epsilon,
+                    target_delta=self.delta_for(num_records),
+                    sample_rate=self.sample_rate(num_records, batch_size),
+                    steps=total_steps,
+                    accountant="rdp",
+                )
+            )
+        return self._sigmas[key]
+
+
+@dataclass
+class Accountant:
+    """A client's RDP accountant, as a history that fits in its ``Context.state``."""
+
+    history: list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray | None) -> Accountant:
+        if array is None:
+            return cls([])
+        return cls([(float(s), float(q), int(n)) for s, q, n in np.asarray(array).reshape(-1, 3)])
+
+    def to_array(self) -> np.ndarray:
+        return np.array(self.history, dtype=np.float64).reshape(-1, 3)
+
+    def step(self, sigma: float, q: float, steps: int = 1) -> None:
+        if self.history and self.history[-1][:2] == (sigma, q):
+            s, r, n = self.history[-1]
+            self.history[-1] = (s, r, n + steps)
+        else:
+            self.history.append((sigma, q, steps))
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon at ``delta`` over the whole history: Opacus' RDP accountant's computation
+        (its default orders), with each ``(sigma, q)``'s RDP curve computed once per process."""
+        if not self.history:
+            return 0.0
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        rdp = sum(steps * _rdp_curve(sigma, q) for sigma, q, steps in self.history)
+        eps, _ = get_privacy_spent(orders=list(_orders()), rdp=rdp, delta=delta)
+        return float(eps)
+
+
+@lru_cache(maxsize=1)
+def _orders() -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+
+    return tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@lru_cache(maxsize=4096)
+def _rdp_curve(sigma: float, q: float) -> np.ndarray:
+    """RDP of one subsampled Gaussian step at every order (the costly part: cached)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(_orders())))
+
+
+def poisson_indices(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
+    """Each of ``n`` examples independently with probability ``q``."""
+    return torch.nonzero(torch.rand(n, generator=generator) < q).flatten()
+
+
+def train_local_dp(
+    model: nn.Module,
+    gsm: nn.Module,
+    task: Task,
+    data: Batch,
+    optimizer: torch.optim.Optimizer,
+    privacy: DPSGD,
+    accountant: Accountant,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    sigma: float,
+    schedule: Schedule,
+    start_step: int,
+    total_steps: int,
+    generator: torch.Generator,
+    noise_generator: torch.Generator,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    device: torch.device | None = None,
+) -> LocalResult:
+    """``steps`` DP-SGD steps on Poisson batches; the accountant records each one."""
+    from opacus.optimizers import DPOptimizer
+
+    n = len(data[task.label_key])
+    q = privacy.sample_rate(n, batch_size)
+    expected = max(1, int(round(q * n)))
+    dp = DPOptimizer(
+        optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=privacy.clip_norm,
+        expected_batch_size=expected,
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
+    gsm.train()
+    total, counted = 0.0, 0
+    for i in range(steps):
+        factor = schedule.factor(start_step + i, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        dp.zero_grad(set_to_none=True)
+        idx = poisson_indices(n, q, generator)
+        if len(idx) == 0:  # an empty Poisson batch: the step is noise only
+            for p in dp.params:
+                p.summed_grad = torch.zeros_like(p)
+            dp.add_noise()
+            dp.scale_grad()
+            dp.original_optimizer.step()
+            for p in dp.params:
+                p.summed_grad = None
+        else:
+            batch = to_device({k: v[idx] for k, v in data.items()}, device)
+            # a mean loss: the GradSampleModule (loss_reduction="mean") recovers per-example
+            # gradients; DPOptimizer clips them, sums, adds noise, divides by the expected size
+            loss = loss_fn(task.logits(gsm, batch), batch[task.label_key])
+            with warnings.catch_warnings():  # inputs need no gradient: the hook's note is moot
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            dp.step()
+            total += float(loss.detach())
+            counted += 1
+        accountant.step(sigma, q)
+    dp.zero_grad(set_to_none=True)
+    return LocalResult(loss=total / max(counted, 1), steps=steps)
+
+
+def wrap(model: nn.Module, privacy: DPSGD) -> nn.Module:
+    """The model wrapped for per-example gradients (once per process: the hooks stay)."""
+    from opacus.grad_sample.utils import prepare_module
+
+    return prepare_module(model, privacy.grad_sample_mode, batch_first=True, loss_reduction="mean")
