@@ -453,7 +453,22 @@ def _check_codec(components) -> None:
 
 def _check_privacy(components) -> None:
     """Nothing a client sends may escape its privacy mechanism."""
-    privacy, adapter = components.privacy, components.adapter
+    privacy, adapter, strategy = components.privacy, components.adapter, components.strategy
+    if privacy.central:
+        name = type(strategy).__name__
+        if not strategy.averages or strategy.personalised or not strategy.communicates:
+            raise ConfigError(
+                "privacy",
+                privacy.name,
+                f"central DP noises an average of clipped updates; strategy {name} "
+                "does not release one (FedEx and FLoRA fold in individual clients' products, "
+                "FedSA keeps personal factors, the references send nothing): use fedavg, ffa "
+                "or fedsb",
+            )
+        if components.codec() is not None or components.downlink_codec() is not None:
+            raise ConfigError(
+                "privacy", privacy.name, "central DP with compression is not implemented yet"
+            )
     if (
         privacy.client_dp
         and adapter.needs_data_init

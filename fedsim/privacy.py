@@ -41,6 +41,8 @@ class Privacy:
     name = "privacy"
     #: trains clients with DP-SGD
     client_dp = False
+    #: user-level DP on the server (DP-FedAvg)
+    central = False
 
     @property
     def active(self) -> bool:
@@ -268,3 +270,81 @@ def wrap(model: nn.Module, privacy: DPSGD) -> nn.Module:
     from opacus.grad_sample.utils import prepare_module
 
     return prepare_module(model, privacy.grad_sample_mode, batch_first=True, loss_reduction="mean")
+
+
+class CentralDP(Privacy):
+    """User-level DP on the server: DP-FedAvg (McMahan et al., 2018), REFERENCE section 5.
+
+    Each round every client is sampled independently with probability
+    ``q = sim.clients_per_round / sim.num_clients`` (Poisson); a sampled client clips its update
+    ``x_i - x`` (all the arrays it sends, one L2 norm) to ``clip_norm`` and sends it; the server
+    clips again (a no-op for honest clients), sums, adds ``N(0, (sigma * clip_norm)^2)`` to every
+    coordinate and divides by the fixed expected count ``q N``: ``x <- x + (sum + noise) / (q N)``,
+    unweighted. One RDP accountant at rate ``q``, one step per round (every round counts, even
+    one with no client sampled). ``delta`` defaults to ``1 / (10 N)``.
+
+    Parameters
+    ----------
+    clip_norm : float
+        Bound ``C`` on each client's update norm.
+    noise_multiplier, target_epsilon : float
+        ``sigma``, or the epsilon after ``sim.rounds`` rounds from which it is computed.
+    delta : float, optional
+    """
+
+    name = "central"
+    central = True
+
+    def __init__(
+        self,
+        clip_norm: float = 1.0,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+    ) -> None:
+        self._dpsgd = DPSGD(clip_norm, noise_multiplier, target_epsilon, delta)
+        self.clip_norm = self._dpsgd.clip_norm
+        self.noise_multiplier = self._dpsgd.noise_multiplier
+        self.target_epsilon = self._dpsgd.target_epsilon
+        self.delta = self._dpsgd.delta
+        self.accountant = Accountant([])
+        self.sigma_value = 0.0  # set by :meth:`start`
+        self.q = 0.0
+
+    def start(self, num_clients: int, clients_per_round: int, rounds: int) -> None:
+        """Fix ``sigma`` and ``q`` for the run (the server calls this once)."""
+        self.q = clients_per_round / num_clients
+        self.sigma_value = self.sigma(num_clients, clients_per_round, rounds)
+        self.accountant = Accountant([])
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def delta_for(self, num_clients: int) -> float:
+        return self.delta if self.delta is not None else 1.0 / (10 * num_clients)
+
+    def sigma(self, num_clients: int, clients_per_round: int, rounds: int) -> float:
+        q = clients_per_round / num_clients
+        return self._dpsgd.sigma_for(num_clients, clients_per_round, rounds) if q else 0.0
+
+    def sample(self, num_clients: int, q: float, seed: int, server_round: int) -> list[int]:
+        rng = np.random.default_rng([seed, server_round, 53])
+        return [int(c) for c in np.nonzero(rng.random(num_clients) < q)[0]]
+
+
+def clip_update(
+    reference: dict[str, np.ndarray], trained: dict[str, np.ndarray], clip_norm: float
+) -> dict[str, np.ndarray]:
+    """``reference + (trained - reference) * min(1, C / ||trained - reference||)``, one norm
+    over all arrays, in the arrays' dtype."""
+    delta = {
+        k: np.asarray(trained[k], np.float64) - np.asarray(reference[k], np.float64)
+        for k in trained
+    }
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {
+        k: (np.asarray(reference[k], np.float64) + scale * d).astype(np.asarray(trained[k]).dtype)
+        for k, d in delta.items()
+    }

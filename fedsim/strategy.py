@@ -31,6 +31,7 @@ from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.data import FederatedData
 from fedsim.errors import ConfigError
 from fedsim.feedback import EF21P, Codec
+from fedsim.privacy import CentralDP, clip_update
 from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict, to_array
 from fedsim.tasks.base import Batch
 from fedsim.validate import boolean
@@ -81,6 +82,7 @@ class StrategyContext:
     aggregation_error: bool = True  # compute the per-round exactness diagnostic
     codec: Codec | None = None  # compression and error feedback of client updates
     downlink: EF21P | None = None  # EF21-P compression of the global arrays sent to clients
+    central: CentralDP | None = None  # user-level DP on the server (DP-FedAvg)
     client_of: dict[int, int] = field(init=False)  # node id -> partition id
 
     def __post_init__(self) -> None:
@@ -467,8 +469,14 @@ class AdapterStrategy(Strategy):
 
     # ------------------------------------------------------------------ Flower Strategy API
     def train_clients(self, server_round: int) -> list[int]:
-        """The clients (partition ids) that train in ``server_round`` (default: the sampler's)."""
-        return self.context.sampler.train_clients(server_round)
+        """The clients (partition ids) that train in ``server_round`` (default: the sampler's;
+        under central DP each client independently with probability ``q``)."""
+        ctx = self.context
+        if ctx.central is not None:
+            s = ctx.sampler
+            q = s.clients_per_round / s.num_clients
+            return ctx.central.sample(s.num_clients, q, ctx.seed, server_round)
+        return ctx.sampler.train_clients(server_round)
 
     def _message(
         self, client: int, record: RecordDict, message_type: str, server_round: int
@@ -536,7 +544,9 @@ class AdapterStrategy(Strategy):
             return None, None
         self.round_fold = {}
         codec = self.context.codec
-        if codec is None or not codec.active:
+        if self.context.central is not None:
+            new = self.aggregate_central(server_round, updates)
+        elif codec is None or not codec.active:
             new = self.aggregate(server_round, self.current, self.rebased(updates))
         else:
             new = self.aggregate_compressed(server_round, updates)
@@ -573,6 +583,26 @@ class AdapterStrategy(Strategy):
             ]
         )
         return self.aggregate(server_round, self.current, estimates)
+
+    def aggregate_central(
+        self, server_round: int, updates: list[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
+        """DP-FedAvg: ``x + (sum of clipped updates + N(0, (sigma C)^2)) / (q N)``."""
+        ctx = self.context
+        central, s = ctx.central, ctx.sampler
+        total = {k: np.zeros(np.shape(v)) for k, v in self.current.items()}
+        for u in updates:  # clipped again: a no-op for honest clients
+            clipped = clip_update(self.current, u.arrays, central.clip_norm)
+            for k in total:
+                total[k] += np.asarray(clipped[k], np.float64) - self.current[k]
+        rng = np.random.default_rng([ctx.seed, server_round, 59])
+        std = central.sigma_value * central.clip_norm
+        expected = s.clients_per_round  # q N, fixed
+        return {
+            k: np.asarray(self.current[k], np.float64)
+            + (total[k] + rng.normal(0.0, std, size=np.shape(total[k]))) / expected
+            for k in sorted(total)
+        }
 
     def rebased(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """With EF21-P, clients trained from ``w``, not from the global ``x``: their changes

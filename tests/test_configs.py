@@ -83,6 +83,10 @@ BAD = [
     (["feedback.lr_server=0.5"], "feedback.lr_server=0.5: applies to compressed updates only"),
     (["privacy=dpsgd", "privacy.noise_multiplier=1.0"], "give exactly one of privacy.noise"),
     (["privacy=dpsgd", "privacy.clip_norm=0"], "privacy.clip_norm=0"),
+    (["privacy=central", "strategy=fedex"], "strategy FedEx does not release one"),
+    (["privacy=central", "strategy=flora"], "privacy=central: central DP noises an average"),
+    (["privacy=central", "strategy=fedsa"], "strategy FedSA does not release one"),
+    (["privacy=central", "compressor=topk"], "central DP with compression is not implemented"),
     (["privacy=dpsgd", "privacy.target_epsilon=-1"], "privacy.target_epsilon=-1"),
     (
         ["privacy=dpsgd", "strategy=fedsb", "adapter.init.source=clients"],

@@ -148,3 +148,66 @@ def test_bad_privacy_settings():
         DPSGD(noise_multiplier=1.0, delta=1.5)
     with pytest.raises(ConfigError, match="grad_sample_mode"):
         DPSGD(noise_multiplier=1.0, grad_sample_mode="ghost")
+
+
+# ----------------------------------------------------------------------------- central DP
+
+
+def test_central_epsilon_is_opacus_at_rate_q_one_step_per_round(run_tiny):
+    summary, rows, _ = run_tiny(
+        "privacy=central",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.5",
+        "sim.num_clients=8",
+        "sim.clients_per_round=2",
+        "sim.rounds=4",
+    )
+    for t, row in enumerate(rows[1:], start=1):
+        want = opacus_epsilon([(1.5, 2 / 8, t)], 1 / 80)
+        assert row["epsilon"] == pytest.approx(want, rel=1e-6)
+    assert summary["delta"] == pytest.approx(1 / 80) and summary["noise_multiplier"] == 1.5
+    assert "central DP-FedAvg" in summary["privacy"]
+
+
+def test_central_target_epsilon_is_met(run_tiny):
+    summary, _, _ = run_tiny(
+        "privacy=central", "privacy.target_epsilon=4.0", "sim.clients_per_round=2"
+    )
+    assert 3.6 <= summary["epsilon"] <= 4.0
+
+
+def test_central_without_noise_or_clipping_is_unweighted_fedavg(run_tiny):
+    _, plain, _ = run_tiny("strategy.weighted=false")
+    _, central, _ = run_tiny(
+        "privacy=central",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=0",
+        "privacy.clip_norm=1e9",
+    )
+    for a, b in zip(plain[1:], central[1:]):  # q = 1: every client, divided by N
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+
+
+def test_central_noise_variance_clipping_and_poisson_sampling():
+    from fedsim.adapters import AdapterSpec
+    from fedsim.privacy import CentralDP, clip_update
+    from fedsim.strategy import ClientSampler, ClientUpdate, StrategyContext
+    from strategies.fedavg import FedAvg
+
+    central = CentralDP(clip_norm=0.5, noise_multiplier=2.0)
+    central.start(num_clients=100, clients_per_round=10, rounds=1)
+    strategy = FedAvg(weighted=False)
+    ctx = StrategyContext(
+        ClientSampler(100, 10, 0), {}, AdapterSpec(trained=["w"], sent=["w"]), 0, central=central
+    )
+    strategy.bind(ctx)
+    strategy.current = {"w": np.zeros(20000, np.float32)}
+    update = ClientUpdate(0, {"w": np.zeros(20000, np.float32)}, 1, {})
+    new = strategy.aggregate_central(1, [update])["w"]
+    assert float(new.std()) == pytest.approx(2.0 * 0.5 / 10, rel=0.02)  # sigma C / (q N)
+    assert abs(float(new.mean())) < 4 * 0.1 / np.sqrt(20000)
+    big = {"w": np.full(20000, 3.0, np.float32)}
+    clipped = clip_update({"w": np.zeros(20000, np.float32)}, big, 0.5)
+    assert float(np.linalg.norm(clipped["w"])) == pytest.approx(0.5, rel=1e-5)
+    counts = [len(strategy.train_clients(t)) for t in range(1, 201)]
+    assert np.mean(counts) == pytest.approx(10, rel=0.05) and np.std(counts) > 1  # Poisson

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim import keys
 from fedsim.build import Components, build_components
-from fedsim.privacy import Accountant, train_local_dp, wrap
+from fedsim.privacy import Accountant, clip_update, train_local_dp, wrap
 from fedsim.records import array_record, numpy_dict, payload
 from fedsim.strategy import ClientCall
 from fedsim.training import (
@@ -68,7 +68,8 @@ class ClientRuntime:
         c.strategy.client_receive(self.model, self.spec, arrays, call)
         train_data = c.strategy.client_data(c.data, client)
         reference = None
-        if self.codec is not None:  # what the compressed update is relative to
+        central = self.privacy if self.privacy.central else None
+        if self.codec is not None or central is not None:  # what the update is relative to
             before = c.strategy.sent_arrays(self.model, self.spec, call)
             reference = {k: v.detach().cpu().numpy().copy() for k, v in before.items()}
 
@@ -100,6 +101,13 @@ class ClientRuntime:
 
         arrays = c.strategy.client_send(self.model, self.spec, call)
         records = {keys.ARRAYS: array_record(arrays)}
+        if central is not None:  # DP-FedAvg: the message is the clipped update
+            trained = {k: v.detach().cpu().numpy() for k, v in arrays.items()}
+            records = {
+                keys.ARRAYS: array_record(clip_update(reference, trained, central.clip_norm))
+            }
+            if sim["aggregation_error"]:  # measurement only, not traffic
+                records[keys.DIAGNOSTIC] = array_record(trained)
         if self.codec is not None:
             trained = {k: v.detach().cpu().numpy() for k, v in arrays.items()}
             absorbed = int(msg.content[keys.CONFIG].get(keys.ABSORBED, 0))

@@ -66,6 +66,11 @@ class FederatedRun:
         self.aggregation_errors: list[float] = []
         self.state_bytes: dict[int, int] = {}  # client -> bytes of arrays in its Context.state
         self.epsilons: dict[int, tuple[float, float]] = {}  # client -> (epsilon, delta) so far
+        self.central = self.c.privacy if self.c.privacy.central else None
+        if self.central is not None:
+            self.central.start(
+                self.sim["num_clients"], self.sim["clients_per_round"], self.sim["rounds"]
+            )
         self._round = 0
         self.adapter_init: dict[str, Any] = {}
 
@@ -302,6 +307,10 @@ class FederatedRun:
         self.totals["replies"] += sum(1 for r in replies if r.has_content())
         self.totals["sent"] += len(sent)
         privacy = {}
+        if self.central is not None:  # every round counts, whoever was sampled
+            self.central.accountant.step(self.central.sigma_value, self.central.q)
+            eps = self.central.accountant.epsilon(self.central.delta_for(self.sim["num_clients"]))
+            privacy = {"epsilon": eps, "epsilon_mean": eps}
         if self.c.privacy.client_dp:
             eps = [e for e, _ in self.epsilons.values()]
             privacy = {
@@ -373,6 +382,7 @@ class FederatedRun:
                     aggregation_error=sim["aggregation_error"],
                     codec=self.c.codec(),
                     downlink=self.c.downlink_codec(),
+                    central=self.central,
                 )
             )
             self.strategy.summary()
@@ -424,6 +434,15 @@ class FederatedRun:
 
     def privacy_summary(self) -> dict[str, Any]:
         """Epsilon and delta of the run: the max over clients (client DP-SGD)."""
+        if self.central is not None:
+            n = self.sim["num_clients"]
+            return {
+                "epsilon": self.central.accountant.epsilon(self.central.delta_for(n)),
+                "delta": self.central.delta_for(n),
+                "noise_multiplier": self.central.sigma_value,
+                "privacy": "central DP-FedAvg (user level), Poisson sampling at rate "
+                f"q={self.central.q:g}, RDP accountant, one step per round",
+            }
         if not self.c.privacy.client_dp:
             return {}
         spent = list(self.epsilons.values())
