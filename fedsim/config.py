@@ -470,13 +470,13 @@ def _check_privacy(components) -> None:
                 "privacy", privacy.name, "central DP with compression is not implemented yet"
             )
     if (
-        privacy.client_dp
+        privacy.central
         and adapter.needs_data_init
         and getattr(adapter, "init_source", None) == "clients"
     ):
         raise ConfigError(
             "adapter.init.source",
             "clients",
-            "the set-up round's gradients are not privatised yet; with privacy=dpsgd use "
-            "adapter.init.source=server (no client data) or adapter.init.method=random",
+            "under central DP the set-up round's gradients are not privatised yet; use "
+            "adapter.init.source=server (no client data), or privacy=dpsgd",
         )

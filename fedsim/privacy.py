@@ -118,16 +118,33 @@ class DPSGD(Privacy):
     def active(self) -> bool:
         return True
 
+    def _sigma_with_init(self, n: int, batch_size: int, total_steps: int, init_steps: int):
+        key = (n, batch_size, total_steps, init_steps)
+        if key not in self._sigmas:
+            q, delta = self.sample_rate(n, batch_size), self.delta_for(n)
+
+            def epsilon_of(sigma: float) -> float:
+                history = [(sigma, 1.0, init_steps), (sigma, q, total_steps)]
+                return Accountant(history).epsilon(delta)
+
+            self._sigmas[key] = _search_sigma(epsilon_of, self.target_epsilon)
+        return self._sigmas[key]
+
     def delta_for(self, num_records: int) -> float:
         return self.delta if self.delta is not None else 1.0 / (10 * num_records)
 
     def sample_rate(self, num_records: int, batch_size: int) -> float:
         return min(1.0, batch_size / num_records)
 
-    def sigma_for(self, num_records: int, batch_size: int, total_steps: int) -> float:
-        """The noise multiplier of a client with ``num_records`` examples."""
+    def sigma_for(
+        self, num_records: int, batch_size: int, total_steps: int, init_steps: int = 0
+    ) -> float:
+        """The noise multiplier of a client with ``num_records`` examples; ``init_steps``
+        full-batch steps (LoRA-SB's set-up round) come on top of the training steps."""
         if self.noise_multiplier is not None:
             return self.noise_multiplier
+        if init_steps:
+            return self._sigma_with_init(num_records, batch_size, total_steps, init_steps)
         key = (num_records, batch_size, total_steps)
         if key not in self._sigmas:  # a search over sigma: once per client size
             from opacus.accountants.utils import get_noise_multiplier
@@ -142,6 +159,19 @@ class DPSGD(Privacy):
                 )
             )
         return self._sigmas[key]
+
+
+def _search_sigma(epsilon_of, target: float) -> float:
+    """The smallest sigma (to 0.1%) whose ``epsilon_of(sigma)`` stays below ``target``."""
+    low, high = 0.0, 1.0
+    while epsilon_of(high) > target:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ConfigError("privacy.target_epsilon", target, "is out of reach")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if epsilon_of(mid) > target else (low, mid)
+    return high
 
 
 @dataclass
@@ -348,3 +378,55 @@ def clip_update(
         k: (np.asarray(reference[k], np.float64) + scale * d).astype(np.asarray(trained[k]).dtype)
         for k, d in delta.items()
     }
+
+
+def private_base_gradients(
+    model: nn.Module,
+    spec,
+    logits,
+    data: Batch,
+    label_key: str,
+    clip_norm: float,
+    sigma: float,
+    generator: torch.Generator,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> dict[str, np.ndarray]:
+    """LoRA-SB's set-up gradients under DP: the sum over the client's examples of each
+    example's gradient with respect to the adapted base weights, clipped to ``clip_norm``
+    jointly over all those weights, plus ``N(0, (sigma * clip_norm)^2)`` on every coordinate.
+    One Gaussian mechanism over the examples used (sample rate 1). ``model`` is a throwaway copy.
+    """
+    from opacus.grad_sample.utils import prepare_module
+
+    bases = {m: model.get_submodule(m).base for m in spec.adapted_modules}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for lin in bases.values():
+        lin.weight.requires_grad_(True)
+    gsm = prepare_module(model, "hooks", batch_first=True, loss_reduction="sum")
+    model.train()  # Opacus records activations in training mode; dropout stays off
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    total = {m: torch.zeros_like(lin.weight, dtype=torch.float64) for m, lin in bases.items()}
+    n = len(data[label_key])
+    for start in range(0, n, batch_size):
+        batch = to_device({k: v[start : start + batch_size] for k, v in data.items()}, device)
+        loss = F.cross_entropy(logits(gsm, batch), batch[label_key], reduction="sum")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        per = {m: lin.weight.grad_sample.double() for m, lin in bases.items()}
+        norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per.values()))
+        factor = torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
+        for m, g in per.items():
+            total[m] += torch.einsum("b,b...->...", factor, g)
+        for lin in bases.values():
+            lin.weight.grad_sample = None
+            lin.weight.grad = None
+    out = {}
+    for m, t in total.items():
+        noise = torch.normal(0.0, sigma * clip_norm, size=t.shape, generator=generator)
+        out[m] = (t.cpu() + noise.double()).numpy()
+    return out

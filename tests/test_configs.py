@@ -89,8 +89,8 @@ BAD = [
     (["privacy=central", "compressor=topk"], "central DP with compression is not implemented"),
     (["privacy=dpsgd", "privacy.target_epsilon=-1"], "privacy.target_epsilon=-1"),
     (
-        ["privacy=dpsgd", "strategy=fedsb", "adapter.init.source=clients"],
-        "adapter.init.source=clients: the set-up round's gradients are not privatised",
+        ["privacy=central", "strategy=fedsb", "adapter.init.source=clients"],
+        "adapter.init.source=clients: under central DP the set-up round's gradients",
     ),
     (["engine=warp"], "engine=warp: unknown option; allowed: inline, ray"),
     (["strategy=nope"], "strategy=nope: unknown option"),

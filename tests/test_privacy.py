@@ -211,3 +211,79 @@ def test_central_noise_variance_clipping_and_poisson_sampling():
     assert float(np.linalg.norm(clipped["w"])) == pytest.approx(0.5, rel=1e-5)
     counts = [len(strategy.train_clients(t)) for t in range(1, 201)]
     assert np.mean(counts) == pytest.approx(10, rel=0.05) and np.std(counts) > 1  # Poisson
+
+
+def test_lora_sb_set_up_round_under_dp_counts_in_epsilon(run_tiny):
+    summary, rows, _ = run_tiny(
+        "privacy=dpsgd",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=2.0",
+        "strategy=fedsb",
+        "adapter.init.source=clients",
+    )
+    assert rows[0]["epsilon"] > 0  # the set-up round already spent some
+    assert "in the total" in summary["adapter_init"]["privacy"]
+    from fedsim.build import build_components
+    from fedsim.config import compose
+
+    c = build_components(compose(tiny("strategy=fedsb"))[0])
+    want = []
+    for client in range(4):  # all 4 in the set-up round and in both rounds (3 steps each)
+        n = c.data.client(client).num_train
+        history = [(2.0, 1.0, 1), (2.0, min(1.0, 16 / n), 6)]
+        want.append(opacus_epsilon(history, 1 / (10 * n)))
+    assert summary["epsilon"] == pytest.approx(max(want), rel=1e-6)
+
+
+def test_lora_sb_set_up_target_includes_the_init_step(run_tiny):
+    summary, rows, _ = run_tiny(
+        "privacy=dpsgd",
+        "privacy.target_epsilon=3.0",
+        "strategy=fedsb",
+        "adapter.init.source=clients",
+    )
+    assert all(r["epsilon"] <= 3.0 for r in rows)
+    assert 2.7 <= summary["epsilon"] <= 3.0
+
+
+def test_private_set_up_gradients_clip_each_example():
+    from fedsim.adapters import LoRASB
+    from fedsim.privacy import private_base_gradients
+    from tests.test_exact_family import LAYERS, adapted
+
+    adapter = LoRASB(r=2)
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "x": 5 * torch.randn(6, 12, generator=g),
+        "label": torch.randint(0, 3, (6,), generator=g),
+    }
+
+    def run(clip, sigma):
+        model, spec = adapted(adapter)
+        return private_base_gradients(
+            model,
+            spec,
+            lambda m, b: m(b["x"]),
+            data,
+            "label",
+            clip,
+            sigma,
+            torch.Generator().manual_seed(1),
+            batch_size=4,
+        )
+
+    exact = run(1e9, 0.0)  # no clipping, no noise: the sum of per-example gradients
+    model, spec = adapted(adapter)
+    for m in LAYERS:
+        model.get_submodule(m).base.weight.requires_grad_(True)
+    want = {m: torch.zeros(shape, dtype=torch.float64) for m, shape in LAYERS.items()}
+    for i in range(6):
+        loss = nn.functional.cross_entropy(model(data["x"][i : i + 1]), data["label"][i : i + 1])
+        grads = torch.autograd.grad(loss, [model.get_submodule(m).base.weight for m in LAYERS])
+        for m, gr in zip(LAYERS, grads):
+            want[m] += gr.double()
+    for m in LAYERS:
+        np.testing.assert_allclose(exact[m], want[m].numpy(), rtol=1e-4, atol=1e-6)  # fp32
+    clipped = run(0.01, 0.0)
+    total = np.sqrt(sum(float(np.sum(v**2)) for v in clipped.values()))
+    assert total <= 6 * 0.01 + 1e-9  # six examples, each at most 0.01

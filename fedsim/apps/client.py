@@ -18,7 +18,13 @@ from flwr.clientapp import ClientApp
 
 from fedsim import keys
 from fedsim.build import Components, build_components
-from fedsim.privacy import Accountant, clip_update, train_local_dp, wrap
+from fedsim.privacy import (
+    Accountant,
+    clip_update,
+    private_base_gradients,
+    train_local_dp,
+    wrap,
+)
 from fedsim.records import array_record, numpy_dict, payload
 from fedsim.strategy import ClientCall
 from fedsim.training import (
@@ -129,6 +135,15 @@ class ClientRuntime:
         content = RecordDict({**records, keys.METRICS: metrics})
         return Message(content, reply_to=msg)
 
+    def sigma(self, n: int) -> float:
+        """A client's noise multiplier. For a target epsilon: the worst case, sampled in every
+        round for every local step, and in LoRA-SB's set-up round when it draws on clients."""
+        c = self.c
+        adapter = c.adapter
+        init = int(adapter.needs_data_init and getattr(adapter, "init_source", "") == "clients")
+        batch_size = c.strategy.client_batch_size(c.sim["batch_size"])
+        return self.privacy.sigma_for(n, batch_size, c.total_local_steps, init)
+
     def _train_dp(self, data, optimizer, state, common) -> tuple[Any, dict]:
         """DP-SGD local steps; the client's accountant history persists in its state."""
         c = self.c
@@ -138,8 +153,7 @@ class ClientRuntime:
             if keys.STATE_PRIVACY in state
             else None
         )
-        # worst case for a target epsilon: sampled in every round, every local step
-        sigma = self.privacy.sigma_for(n, common["batch_size"], c.total_local_steps)
+        sigma = self.sigma(n)
         noise = torch.Generator().manual_seed(common["generator"].initial_seed() + 2)
         result = train_local_dp(
             self.model,
@@ -169,11 +183,39 @@ class ClientRuntime:
         train = c.data.client(client).train
         used = {k: v[:n] for k, v in train.items()}
         model, spec = c.model(self.device)  # as built: the process's model may have trained
-        grads = c.adapter.base_gradients(
-            model, spec, c.task.logits, used, c.task.label_key, self.device
-        )
+        values = {keys.NUM_EXAMPLES: len(used[c.task.label_key])}
+        if self.privacy.client_dp:  # clipped and noised; the client's accountant records it
+            n_train = len(train[c.task.label_key])
+            sigma = self.sigma(n_train)
+            g = torch.Generator().manual_seed(
+                client_generator(c.sim["seed"], 0, client).initial_seed() + 3
+            )
+            grads = private_base_gradients(
+                model,
+                spec,
+                c.task.logits,
+                used,
+                c.task.label_key,
+                self.privacy.clip_norm,
+                sigma,
+                g,
+                device=self.device,
+            )
+            accountant = Accountant.from_array(
+                numpy_dict(context.state[keys.STATE_PRIVACY])["history"]
+                if keys.STATE_PRIVACY in context.state
+                else None
+            )
+            accountant.step(sigma, 1.0)
+            context.state[keys.STATE_PRIVACY] = array_record({"history": accountant.to_array()})
+            delta = self.privacy.delta_for(n_train)
+            values.update({keys.EPSILON: accountant.epsilon(delta), keys.DELTA: delta})
+        else:
+            grads = c.adapter.base_gradients(
+                model, spec, c.task.logits, used, c.task.label_key, self.device
+            )
         arrays = {spec.base_weight(m): g for m, g in grads.items()}
-        metrics = MetricRecord({keys.NUM_EXAMPLES: len(used[c.task.label_key])})
+        metrics = MetricRecord(values)
         content = RecordDict({keys.ARRAYS: array_record(arrays), keys.METRICS: metrics})
         return Message(content, reply_to=msg)
 

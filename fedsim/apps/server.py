@@ -224,6 +224,8 @@ class FederatedRun:
             )
             info["examples"] = len(data[task.label_key])
             info["data"] = "the task's server split (held out from clients and test set)"
+            if self.c.privacy.active:
+                info["privacy"] = "server data: no client privacy spent on the initialisation"
         else:
             clients = self.strategy.context.sampler.train_clients(0)
             per_client = -(-adapter.init_examples // len(clients))
@@ -245,6 +247,12 @@ class FederatedRun:
             grads = {m: np.zeros(spec.shapes[m]) for m in spec.adapted_modules}
             examples = 0
             for reply in good:
+                values = reply.content[keys.METRICS]
+                if values.get(keys.EPSILON) is not None:  # DP: the set-up step's spend
+                    self.epsilons[self._client_of_reply(reply)] = (
+                        float(values[keys.EPSILON]),
+                        float(values[keys.DELTA]),
+                    )
                 got = numpy_dict(reply.content[keys.ARRAYS])
                 for m in spec.adapted_modules:
                     grads[m] += got[spec.base_weight(m)]
@@ -259,6 +267,11 @@ class FederatedRun:
             )
             info["examples"] = examples
             info["clients"] = sorted(self._client_of_reply(r) for r in good)
+            if self.c.privacy.client_dp:
+                info["privacy"] = "clipped and noised per client; its epsilon is in the total"
+                eps = [e for e, _ in self.epsilons.values()]
+                record["epsilon"] = max(eps, default=0.0)
+                record["epsilon_mean"] = sum(eps) / self.sim["num_clients"]
         adapter.initialize(self.model, spec, grads, eta1)
         self.adapter_init = info
         return record
