@@ -1,6 +1,6 @@
 """The same configuration on the inline and the ray engine gives the same metrics, including
-strategies whose clients keep state in their Context (folded bases, one-time broadcasts) and
-LoRA-SB's set-up round (a custom message action)."""
+strategies whose clients keep state in their Context (folded bases, one-time broadcasts,
+error-feedback memories, DP accountants) and LoRA-SB's set-up round (a custom message action)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from tests.conftest import strip_timings, tiny
         ["strategy=fedex", "sim.rounds=3"],
         ["strategy=fedsb", "adapter.init.source=clients", "sim.rounds=3"],
         ["compressor=topk", "feedback=ef21", "downlink=topk", "sim.rounds=3"],
+        ["privacy=dpsgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"],
     ],
-    ids=["fedavg", "fedex", "fedsb-clients-init", "topk-ef21-ef21p"],
+    ids=["fedavg", "fedex", "fedsb-clients-init", "topk-ef21-ef21p", "dpsgd"],
 )
 def test_inline_and_ray_agree(run_tiny, extra):
     _, inline, _ = run_tiny(base=tiny("sim.clients_per_round=3", *extra))
