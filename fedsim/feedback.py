@@ -100,10 +100,6 @@ class Feedback:
         :attr:`replaces_aggregation`)."""
         raise NotImplementedError
 
-    def estimate(self, decoded: Arrays) -> Arrays:
-        """The server's estimate of ``u_i`` from one decoded message (naive, EF14)."""
-        return decoded
-
     def state_dict(self) -> Arrays:
         return dict(self.server_state)
 
@@ -331,10 +327,9 @@ class Codec:
 
     def estimate(self, reference: Mapping[str, np.ndarray], decoded: Arrays) -> Arrays:
         """The server's estimate of the client's trained arrays, in the reference's dtypes."""
-        step = self.feedback.lr_server * self.lr
-        u = self.feedback.estimate(decoded)
+        step = self.feedback.lr_server * self.lr  # decoded: C(u_i) (naive) or m_i (EF14)
         return {
-            k: (np.asarray(v, np.float64) - step * u[k]).astype(np.asarray(v).dtype)
+            k: (np.asarray(v, np.float64) - step * decoded[k]).astype(np.asarray(v).dtype)
             for k, v in reference.items()
         }
 

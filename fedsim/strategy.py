@@ -32,7 +32,7 @@ from fedsim.data import FederatedData
 from fedsim.errors import ConfigError
 from fedsim.feedback import EF21P, Codec
 from fedsim.privacy import CentralDP, clip_update
-from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict, to_array
+from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict
 from fedsim.tasks.base import Batch
 from fedsim.validate import boolean
 
@@ -146,16 +146,18 @@ def split_prefix(
     return plain, tagged
 
 
+def merge_records(*records: ArrayRecord) -> ArrayRecord:
+    """One record holding the arrays of all, sharing their Array objects (no copy)."""
+    out = ArrayRecord()
+    for record in records:
+        for name, array in record.items():
+            out[name] = array
+    return out
+
+
 def extend_record(record: ArrayRecord, extra: Mapping[str, np.ndarray]) -> ArrayRecord:
     """``record`` plus ``extra`` arrays, sharing ``record``'s Array objects (no copy)."""
-    if not extra:
-        return record
-    out = ArrayRecord()
-    for name, array in record.items():
-        out[name] = array
-    for name, value in extra.items():
-        out[name] = to_array(value)
-    return out
+    return merge_records(record, array_record(extra)) if extra else record
 
 
 #: prefix of the frozen adapter parameters in a message (``frozen/<parameter name>``)
@@ -322,13 +324,9 @@ class AdapterStrategy(Strategy):
             return arrays
         if not self.frozen:
             return arrays
-        if self._frozen_record is None:
+        if self._frozen_record is None:  # converted once, shared by every message
             self._frozen_record = array_record(with_prefix(FROZEN, self.frozen))
-        out = ArrayRecord()
-        for record in (arrays, self._frozen_record):
-            for name, array in record.items():
-                out[name] = array
-        return out
+        return merge_records(arrays, self._frozen_record)
 
     def acknowledge(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """Note what the clients that replied now hold (called after each aggregation)."""

@@ -239,7 +239,7 @@ class ClientRuntime:
 
 def state_bytes(state: RecordDict) -> int:
     """Bytes of the arrays a client keeps in its Context.state."""
-    return sum(payload(RecordDict({"r": r}))[0] for r in state.array_records.values())
+    return payload(state)[0]
 
 
 _RUNTIMES: OrderedDict[str, ClientRuntime] = OrderedDict()

@@ -161,10 +161,17 @@ class FederatedRun:
         good.sort(key=lambda cr: cr[0])
         return [r for _, r in good], failures
 
-    def reject_reason(self, reply: Message) -> str | None:
+    @staticmethod
+    def _missing_records(reply: Message) -> str | None:
         content = reply.content
         if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
             return "malformed reply: missing arrays or metrics"
+        return None
+
+    def reject_reason(self, reply: Message) -> str | None:
+        content = reply.content
+        if missing := self._missing_records(reply):
+            return missing
         if keys.NUM_EXAMPLES not in content[keys.METRICS]:
             return f"malformed reply: no {keys.NUM_EXAMPLES}"
         client = self._client_of_reply(reply)
@@ -280,10 +287,7 @@ class FederatedRun:
         """Why a set-up reply is refused: every adapted base weight's gradient, finite."""
         spec = self.adapter_spec
         shapes = {spec.base_weight(m): spec.shapes[m] for m in spec.adapted_modules}
-        content = reply.content
-        if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
-            return "malformed reply: missing arrays or metrics"
-        return check_arrays(content[keys.ARRAYS], shapes)
+        return self._missing_records(reply) or check_arrays(reply.content[keys.ARRAYS], shapes)
 
     # ------------------------------------------------------------------ the run
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
