@@ -123,7 +123,8 @@ class Components:
 
     def codec(self) -> Codec | None:
         """Compression and error feedback of client updates (None: plain arrays travel)."""
-        codec = Codec(self.compressor, self.feedback, self.sim["lr"], self.sim["seed"])
+        clip = self.privacy.clip_norm if self.privacy.central else None
+        codec = Codec(self.compressor, self.feedback, self.sim["lr"], self.sim["seed"], clip)
         return codec if codec.active else None
 
     @property

@@ -29,6 +29,14 @@ FLAT = "*"  # the unit name of a flattened update
 DENSE = "dense"  # the payload part of an uncompressed unit
 
 
+def clip_joint(arrays: Mapping[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+    """``arrays * min(1, bound / ||arrays||)`` in float64, one L2 norm over all of them."""
+    value = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    norm = math.sqrt(sum(float(np.sum(v * v)) for v in value.values()))
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {k: v * scale for k, v in value.items()} if scale < 1.0 else value
+
+
 def index_bits(d: int) -> int:
     """Bits per index into a vector of length ``d``: ``ceil(log2 d)``."""
     return math.ceil(math.log2(d)) if d > 1 else 0
@@ -59,12 +67,14 @@ class Compressor:
     """Base class (built from ``conf/compressor/*.yaml``).
 
     Subclasses implement :meth:`compress` and :meth:`decompress` on 1-D vectors and set
-    ``contractive`` / ``unbiased``.
+    ``contractive`` / ``unbiased`` / ``norm_non_increasing``.
     """
 
     name = "compressor"
     contractive = False
     unbiased = False
+    #: ``||C(x)|| <= ||x||`` always (what central DP needs of a compressed, clipped message)
+    norm_non_increasing = False
 
     def __init__(self, scope: str = "tensor") -> None:
         if scope not in SCOPES:
@@ -105,7 +115,7 @@ class NoCompression(Compressor):
     """The identity: the update travels dense (``compressor=none``)."""
 
     name = "none"
-    contractive = unbiased = True
+    contractive = unbiased = norm_non_increasing = True
 
     @property
     def active(self) -> bool:
@@ -159,7 +169,7 @@ class TopK(_Sparse):
     """Top-K: the K largest magnitudes with their indices. Contractive, ``a = K/d``."""
 
     name = "topk"
-    contractive = True
+    contractive = norm_non_increasing = True
 
     def alpha(self, d: int) -> float:
         return self.count(d) / d
@@ -199,7 +209,7 @@ class RandK(_Sparse):
         super().__init__(ratio, k, scope)
         self.scaled = boolean("compressor.scaled", scaled)
         self.shared_seed = boolean("compressor.shared_seed", shared_seed)
-        self.contractive = not self.scaled
+        self.contractive = self.norm_non_increasing = not self.scaled
         self.unbiased = self.scaled
 
     def alpha(self, d):

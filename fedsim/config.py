@@ -453,7 +453,7 @@ def _check_codec(components) -> None:
 
 def _check_privacy(components) -> None:
     """Nothing a client sends may escape its privacy mechanism."""
-    privacy, adapter, strategy = components.privacy, components.adapter, components.strategy
+    privacy, strategy = components.privacy, components.strategy
     if privacy.central:
         name = type(strategy).__name__
         if not strategy.averages or strategy.personalised or not strategy.communicates:
@@ -465,18 +465,12 @@ def _check_privacy(components) -> None:
                 "FedSA keeps personal factors, the references send nothing): use fedavg, ffa "
                 "or fedsb",
             )
-        if components.codec() is not None or components.downlink_codec() is not None:
+        compressor = components.compressor
+        if components.codec() is not None and not compressor.norm_non_increasing:
             raise ConfigError(
-                "privacy", privacy.name, "central DP with compression is not implemented yet"
+                "compressor",
+                compressor.name,
+                "under central DP a client's clipped message must stay within "
+                "privacy.clip_norm after compression; this compressor can enlarge it (use topk, "
+                "randk with compressor.scaled=false, or none)",
             )
-    if (
-        privacy.central
-        and adapter.needs_data_init
-        and getattr(adapter, "init_source", None) == "clients"
-    ):
-        raise ConfigError(
-            "adapter.init.source",
-            "clients",
-            "under central DP the set-up round's gradients are not privatised yet; use "
-            "adapter.init.source=server (no client data), or privacy=dpsgd",
-        )

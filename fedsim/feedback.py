@@ -35,7 +35,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim import keys
-from fedsim.compression import Compressor, compress_arrays, decompress_arrays
+from fedsim.compression import Compressor, clip_joint, compress_arrays, decompress_arrays
 from fedsim.records import array_record, numpy_dict
 from fedsim.validate import boolean, number
 
@@ -80,8 +80,13 @@ class Feedback:
         rng_for,
         dtype: np.dtype,
         state: Arrays,
+        clip: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """The payload for pseudo-gradient ``u``; updates ``state`` (float64 arrays) in place."""
+        """The payload for pseudo-gradient ``u``; updates ``state`` (float64 arrays) in place.
+
+        ``clip`` (central DP): the quantity compressed is first clipped to this L2 norm, jointly
+        over all arrays; with a norm-non-increasing compressor the message stays within it.
+        The memories absorb what clipping removed, as they absorb what compression removes."""
         raise NotImplementedError
 
     def undo(self, decoded: Arrays, first: bool, state: Arrays) -> None:
@@ -107,16 +112,21 @@ class Feedback:
         self.server_state = dict(state)
 
 
-def _send(compressor, value, rng_for, dtype) -> tuple[dict, Arrays]:
-    """Compress ``value``; returns the payload and what the receiver reconstructs."""
+def _send(compressor, value, rng_for, dtype, clip=None) -> tuple[dict, Arrays]:
+    """Compress ``value`` (clipped to norm ``clip`` first, if given); returns the payload and
+    what the receiver reconstructs."""
+    if clip is not None:
+        value = clip_joint(value, clip)
     payload = compress_arrays(compressor, value, rng_for, dtype)
     shapes = {k: np.shape(v) for k, v in value.items()}
     return payload, decompress_arrays(compressor, payload, shapes, rng_for, dtype)
 
 
-def _dense(value, dtype) -> tuple[dict, Arrays]:
+def _dense(value, dtype, clip=None) -> tuple[dict, Arrays]:
     from fedsim.compression import NoCompression
 
+    if clip is not None:
+        value = clip_joint(value, clip)
     none = NoCompression()
     payload = compress_arrays(none, value, lambda i: None, dtype, dense=True)
     shapes = {k: np.shape(v) for k, v in value.items()}
@@ -129,8 +139,8 @@ class Naive(Feedback):
     name = "none"
     needs_contractive = False
 
-    def encode(self, u, compressor, rng_for, dtype, state):
-        return _send(compressor, dict(u), rng_for, dtype)[0]
+    def encode(self, u, compressor, rng_for, dtype, state, clip=None):
+        return _send(compressor, dict(u), rng_for, dtype, clip)[0]
 
 
 class EF14(Feedback):
@@ -139,9 +149,9 @@ class EF14(Feedback):
     name = "ef14"
     states = ("e",)
 
-    def encode(self, u, compressor, rng_for, dtype, state):
+    def encode(self, u, compressor, rng_for, dtype, state, clip=None):
         v = {k: state.get(f"e/{k}", 0.0) + u[k] for k in u}
-        payload, m = _send(compressor, v, rng_for, dtype)
+        payload, m = _send(compressor, v, rng_for, dtype, clip)
         for k in u:
             state[f"e/{k}"] = v[k] - m[k]
         return payload
@@ -178,12 +188,12 @@ class EF21(_Tracking):
     name = "ef21"
     states = ("g",)
 
-    def encode(self, u, compressor, rng_for, dtype, state):
+    def encode(self, u, compressor, rng_for, dtype, state, clip=None):
         if f"g/{next(iter(u))}" not in state and not self.compress_first:
-            payload, c = _dense(dict(u), dtype)
+            payload, c = _dense(dict(u), dtype, clip)
         else:
             diff = {k: u[k] - state.get(f"g/{k}", 0.0) for k in u}
-            payload, c = _send(compressor, diff, rng_for, dtype)
+            payload, c = _send(compressor, diff, rng_for, dtype, clip)
         for k in u:
             state[f"g/{k}"] = state.get(f"g/{k}", 0.0) + c[k]
         return payload
@@ -215,16 +225,16 @@ class EControl(_Tracking):
         super().__init__(lr_server, compress_first)
         self.eta = number("feedback.eta", eta, low=0, low_open=True)
 
-    def encode(self, u, compressor, rng_for, dtype, state):
+    def encode(self, u, compressor, rng_for, dtype, state, clip=None):
         first = f"h/{next(iter(u))}" not in state
         e = {k: state.get(f"e/{k}", 0.0) for k in u}
         h = {k: state.get(f"h/{k}", 0.0) for k in u}
         if first and not self.compress_first:
-            payload, d = _dense(dict(u), dtype)
+            payload, d = _dense(dict(u), dtype, clip)
             new_e = {k: np.zeros(np.shape(u[k])) for k in u}
         else:
             v = {k: self.eta * e[k] + u[k] - h[k] for k in u}
-            payload, d = _send(compressor, v, rng_for, dtype)
+            payload, d = _send(compressor, v, rng_for, dtype, clip)
             new_e = {k: e[k] + u[k] - h[k] - d[k] for k in u}
         for k in u:
             state[f"e/{k}"] = new_e[k]
@@ -254,10 +264,21 @@ class Codec:
         ``sim.lr``, the unit of the pseudo-gradient.
     seed : int
         The run's seed (compression randomness).
+    clip : float, optional
+        Central DP: the bound on ``lr`` times each message's L2 norm (parameter units, like the
+        update bound of DP-FedAvg); what a client compresses is clipped to ``clip / lr`` first.
     """
 
-    def __init__(self, compressor: Compressor, feedback: Feedback, lr: float, seed: int) -> None:
+    def __init__(
+        self,
+        compressor: Compressor,
+        feedback: Feedback,
+        lr: float,
+        seed: int,
+        clip: float | None = None,
+    ) -> None:
         self.compressor, self.feedback, self.lr, self.seed = compressor, feedback, lr, seed
+        self.clip = clip
 
     @property
     def active(self) -> bool:
@@ -298,7 +319,8 @@ class Codec:
                 self.feedback.undo(decoded, bool(info["first"]), memory)
         first = not memory
         rng_for = rng_factory(self.seed, server_round, client)
-        payload = self.feedback.encode(u, self.compressor, rng_for, dtype, memory)
+        bound = None if self.clip is None else self.clip / self.lr
+        payload = self.feedback.encode(u, self.compressor, rng_for, dtype, memory, clip=bound)
         if self.feedback.states:  # naive compression keeps nothing
             state[keys.STATE_FEEDBACK] = array_record(memory)
             state[keys.STATE_PENDING] = array_record(payload)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsim.compression import clip_joint
 from fedsim.errors import ConfigError
 from fedsim.tasks.base import Batch, Task
 from fedsim.training import LocalResult, Schedule, to_device
@@ -341,10 +342,13 @@ class CentralDP(Privacy):
         self.sigma_value = 0.0  # set by :meth:`start`
         self.q = 0.0
 
-    def start(self, num_clients: int, clients_per_round: int, rounds: int) -> None:
-        """Fix ``sigma`` and ``q`` for the run (the server calls this once)."""
+    def start(
+        self, num_clients: int, clients_per_round: int, rounds: int, init_steps: int = 0
+    ) -> None:
+        """Fix ``sigma`` and ``q`` for the run (the server calls this once); ``init_steps``
+        set-up rounds (LoRA-SB's initialisation from clients) are mechanisms at the same rate."""
         self.q = clients_per_round / num_clients
-        self.sigma_value = self.sigma(num_clients, clients_per_round, rounds)
+        self.sigma_value = self.sigma(num_clients, clients_per_round, rounds + init_steps)
         self.accountant = Accountant([])
 
     @property
@@ -362,20 +366,41 @@ class CentralDP(Privacy):
         rng = np.random.default_rng([seed, server_round, 53])
         return [int(c) for c in np.nonzero(rng.random(num_clients) < q)[0]]
 
+    def noised_sum(
+        self,
+        contributions: list[dict[str, np.ndarray]],
+        shapes: dict[str, tuple[int, ...]],
+        seed: int,
+        server_round: int,
+        unit: float = 1.0,
+    ) -> dict[str, np.ndarray]:
+        """The Gaussian mechanism of one round: each contribution clipped to
+        ``unit * clip_norm`` (one norm over all its arrays; a no-op for honest clients, who
+        clipped already), summed, plus ``N(0, (sigma * clip_norm * unit)^2)`` on every
+        coordinate, in float64. ``unit`` rescales the bound for contributions in other units
+        (``1 / lr`` for compressed pseudo-gradients)."""
+        bound = self.clip_norm * unit
+        total = {k: np.zeros(shape) for k, shape in shapes.items()}
+        for contribution in contributions:
+            for k, v in clip_joint(contribution, bound).items():
+                total[k] += v
+        rng = np.random.default_rng([seed, server_round, 59])
+        std = self.sigma_value * bound
+        return {k: total[k] + rng.normal(0.0, std, size=total[k].shape) for k in sorted(total)}
+
 
 def clip_update(
     reference: dict[str, np.ndarray], trained: dict[str, np.ndarray], clip_norm: float
 ) -> dict[str, np.ndarray]:
     """``reference + (trained - reference) * min(1, C / ||trained - reference||)``, one norm
     over all arrays, in the arrays' dtype."""
-    delta = {
+    change = {
         k: np.asarray(trained[k], np.float64) - np.asarray(reference[k], np.float64)
         for k in trained
     }
-    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    delta = clip_joint(change, clip_norm)
     return {
-        k: (np.asarray(reference[k], np.float64) + scale * d).astype(np.asarray(trained[k]).dtype)
+        k: (np.asarray(reference[k], np.float64) + d).astype(np.asarray(trained[k]).dtype)
         for k, d in delta.items()
     }
 

@@ -31,7 +31,7 @@ from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.data import FederatedData
 from fedsim.errors import ConfigError
 from fedsim.feedback import EF21P, Codec
-from fedsim.privacy import CentralDP, clip_update
+from fedsim.privacy import CentralDP
 from fedsim.records import array_numpy, array_record, messages_payload, numpy_dict
 from fedsim.tasks.base import Batch
 from fedsim.validate import boolean
@@ -548,6 +548,7 @@ class AdapterStrategy(Strategy):
             new = self.aggregate(server_round, self.current, self.rebased(updates))
         else:
             new = self.aggregate_compressed(server_round, updates)
+        if codec is not None and codec.active:
             self.absorbed.update({u.client: server_round for u in updates})
         if self.context.aggregation_error:
             truth = [
@@ -585,21 +586,32 @@ class AdapterStrategy(Strategy):
     def aggregate_central(
         self, server_round: int, updates: list[ClientUpdate]
     ) -> dict[str, np.ndarray]:
-        """DP-FedAvg: ``x + (sum of clipped updates + N(0, (sigma C)^2)) / (q N)``."""
+        """DP-FedAvg: ``x + (sum of clipped updates + N(0, (sigma C)^2)) / (q N)``.
+
+        With a compressor or feedback method the clients' decoded messages ``m_i`` (bounded by
+        ``C / lr``) go through the same mechanism, and the noisy sum ``s`` is all the server
+        uses: EF21 / EControl step ``g <- g + s / N`` (the mean over all ``N`` clients' states,
+        as without DP), naive and EF14 ``x <- x - lr_server * lr * s / (q N)``."""
         ctx = self.context
-        central, s = ctx.central, ctx.sampler
-        total = {k: np.zeros(np.shape(v)) for k, v in self.current.items()}
-        for u in updates:  # clipped again: a no-op for honest clients
-            clipped = clip_update(self.current, u.arrays, central.clip_norm)
-            for k in total:
-                total[k] += np.asarray(clipped[k], np.float64) - self.current[k]
-        rng = np.random.default_rng([ctx.seed, server_round, 59])
-        std = central.sigma_value * central.clip_norm
-        expected = s.clients_per_round  # q N, fixed
+        central, codec = ctx.central, ctx.codec
+        shapes = {k: np.shape(v) for k, v in self.current.items()}
+        expected = ctx.sampler.clients_per_round  # q N, fixed
+        if codec is None or not codec.active:
+            deltas = [  # relative to the arrays the client trained from (EF21-P: w)
+                {k: np.asarray(v, np.float64) - self.current[k] for k, v in u.arrays.items()}
+                for u in self.rebased(updates)
+            ]
+            noisy = central.noised_sum(deltas, shapes, ctx.seed, server_round)
+            return {
+                k: np.asarray(self.current[k], np.float64) + noisy[k] / expected for k in shapes
+            }
+        decoded = [self._decoded[u.client] for u in updates]
+        noisy = central.noised_sum(decoded, shapes, ctx.seed, server_round, unit=1 / codec.lr)
+        if codec.feedback.replaces_aggregation:
+            return codec.step(self.current, [noisy], ctx.sampler.num_clients)
+        step = codec.feedback.lr_server * codec.lr
         return {
-            k: np.asarray(self.current[k], np.float64)
-            + (total[k] + rng.normal(0.0, std, size=np.shape(total[k]))) / expected
-            for k in sorted(total)
+            k: np.asarray(self.current[k], np.float64) - step * noisy[k] / expected for k in shapes
         }
 
     def rebased(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:

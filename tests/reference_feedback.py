@@ -345,3 +345,59 @@ def _self_check() -> None:
 if __name__ == "__main__":
     _self_check()
     print("reference_feedback: all self-checks passed")
+
+
+def _clip(v: np.ndarray, bound: float) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    return v * (bound / norm) if norm > bound else v
+
+
+def run_central_dp(
+    u_seq: Sequence,
+    sampled_seq: Sequence[Sequence[int]],
+    num_clients: int,
+    expected: float,
+    compress: Compressor,
+    x0,
+    lr: float,
+    lr_server: float,
+    clip: float,
+    noise_seq: Sequence[np.ndarray],
+    method: str,
+) -> list[np.ndarray]:
+    """Compressed updates under central DP (REFERENCE section 5: clip the message, a
+    norm-non-increasing compressor, the first ``g_i`` privatised). ``clip`` bounds ``lr`` times
+    a message's norm, so pseudo-gradient messages are clipped to ``b = clip / lr`` before
+    compression; ``noise_seq[t]`` is round ``t``'s Gaussian noise (in the messages' units).
+
+    ``method="ef21"``: ``c_i = C(clip_b(u_i - g_i))`` (first message ``clip_b(u_i)``, dense),
+    ``g_i <- g_i + c_i``; ``s = sum clip_b(c_i) + z``, ``g <- g + s / N``,
+    ``x <- x - lr_server * lr * g``.
+    ``method="naive"``: ``m_i = C(clip_b(u_i))``; ``x <- x - lr_server * lr * s / expected``.
+    """
+    b = clip / lr
+    x = _f64(x0)
+    g = np.zeros_like(x)
+    gi = {i: np.zeros_like(x) for i in range(num_clients)}
+    sent: set[int] = set()
+    xs = []
+    for t, sampled in enumerate(sampled_seq):
+        s = _f64(noise_seq[t]).copy()
+        for i in sampled:
+            u = _f64(u_seq[t][i])
+            if method == "naive":
+                m = _f64(compress(_clip(u, b), t, i))
+            elif i not in sent:
+                m = _clip(u, b)
+            else:
+                m = _f64(compress(_clip(u - gi[i], b), t, i))
+            sent.add(i)
+            gi[i] = gi[i] + m
+            s += _clip(m, b)
+        if method == "naive":
+            x = x - lr_server * lr * s / expected
+        else:
+            g = g + s / num_clients
+            x = x - lr_server * lr * g
+        xs.append(x.copy())
+    return xs

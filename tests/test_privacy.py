@@ -213,6 +213,104 @@ def test_central_noise_variance_clipping_and_poisson_sampling():
     assert np.mean(counts) == pytest.approx(10, rel=0.05) and np.std(counts) > 1  # Poisson
 
 
+NO_NOISE = ("privacy=central", "privacy.target_epsilon=null", "privacy.noise_multiplier=0")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("feedback=ef21",),
+        ("compressor=topk", "compressor.ratio=0.1", "feedback=ef21"),
+        ("compressor=topk", "compressor.ratio=0.1"),
+        ("strategy=fedsb", "compressor=randk", "compressor.scaled=false", "feedback=ef21"),
+        ("downlink=topk", "downlink.ratio=0.2"),
+    ],
+)
+def test_central_dp_without_noise_or_clipping_leaves_compressed_runs_unchanged(run_tiny, extra):
+    """q = 1, sigma = 0, a huge bound: the mechanism is the identity on the sum, so the run
+    is the non-private one (EF21's server step divides by N either way)."""
+    base = ("strategy.weighted=false", *extra)
+    _, plain, _ = run_tiny(*base)
+    _, private, _ = run_tiny(*base, *NO_NOISE, "privacy.clip_norm=1e9")
+    for a, b in zip(plain, private):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["bytes_up"] == a["bytes_up"] and b["bytes_down"] == a["bytes_down"]
+
+
+def test_central_dp_with_ef21_bounds_messages_and_accounts_like_dp_fedavg(run_tiny):
+    summary, rows, _ = run_tiny(
+        "privacy=central",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.5",
+        "privacy.clip_norm=0.05",
+        "compressor=topk",
+        "compressor.ratio=0.1",
+        "feedback=ef21",
+        "sim.num_clients=8",
+        "sim.clients_per_round=2",
+        "sim.rounds=4",
+    )
+    for t, row in enumerate(rows[1:], start=1):  # the same mechanism: one step at q per round
+        assert row["epsilon"] == pytest.approx(opacus_epsilon([(1.5, 2 / 8, t)], 1 / 80), rel=1e-6)
+    assert summary["status"] == "ok" and np.isfinite(rows[-1]["eval_loss"])
+
+
+def test_central_noised_sum_clips_each_contribution_and_adds_its_noise():
+    from fedsim.privacy import CentralDP
+
+    central = CentralDP(clip_norm=0.5, noise_multiplier=0.0)
+    central.start(num_clients=10, clients_per_round=5, rounds=1)
+    big = {"a": np.full(3, 4.0), "b": np.full(4, -4.0)}  # one norm over both arrays
+    small = {"a": np.array([0.1, 0.0, 0.0]), "b": np.zeros(4)}
+    out = central.noised_sum([big, small], {"a": (3,), "b": (4,)}, 0, 1, unit=2.0)
+    norm_big = np.sqrt(7 * 16.0)
+    np.testing.assert_allclose(out["a"], 4.0 * 1.0 / norm_big + np.array([0.1, 0, 0]))
+    np.testing.assert_allclose(out["b"], -4.0 * 1.0 / norm_big)  # bound = unit * clip = 1
+    central = CentralDP(clip_norm=0.5, noise_multiplier=3.0)
+    central.start(num_clients=10, clients_per_round=5, rounds=1)
+    noisy = central.noised_sum([], {"w": (40000,)}, 0, 1, unit=2.0)["w"]
+    assert float(noisy.std()) == pytest.approx(3.0 * 0.5 * 2.0, rel=0.02)
+
+
+def test_lora_sb_set_up_round_under_central_dp(run_tiny):
+    """Each sampled client sends ``eta1`` times its mean gradient, clipped; the server adds
+    noise: one more step at rate q, in epsilon. With no noise and no clipping (equal-sized
+    contributions) the initialisation, and so the run, is the non-private one."""
+    summary, rows, _ = run_tiny(
+        "strategy=fedsb",
+        "adapter.init.source=clients",
+        "privacy=central",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=2.0",
+        "sim.num_clients=8",
+        "sim.clients_per_round=4",
+    )
+    assert rows[0]["epsilon"] == pytest.approx(opacus_epsilon([(2.0, 0.5, 1)], 1 / 80), rel=1e-6)
+    assert summary["epsilon"] == pytest.approx(opacus_epsilon([(2.0, 0.5, 3)], 1 / 80), rel=1e-6)
+    assert "included in epsilon" in summary["adapter_init"]["privacy"]
+    assert "set-up round" in summary["privacy"]
+    base = (  # 8 examples from each client: equal-sized contributions
+        "strategy=fedsb",
+        "adapter.init.source=clients",
+        "adapter.init.examples=32",
+        "strategy.weighted=false",
+    )
+    _, plain, _ = run_tiny(*base)
+    _, private, _ = run_tiny(*base, *NO_NOISE, "privacy.clip_norm=1e9")
+    assert private[0]["epsilon"] is None  # no noise: infinite, written as null
+    for a, b in zip(plain, private):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+    target, _, _ = run_tiny(
+        "strategy=fedsb",
+        "adapter.init.source=clients",
+        "privacy=central",
+        "privacy.target_epsilon=3.0",
+        "sim.num_clients=8",
+        "sim.clients_per_round=4",
+    )
+    assert 2.7 <= target["epsilon"] <= 3.0
+
+
 def test_lora_sb_set_up_round_under_dp_counts_in_epsilon(run_tiny):
     summary, rows, _ = run_tiny(
         "privacy=dpsgd",

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim import keys
 from fedsim.build import Components, build_components
+from fedsim.compression import clip_joint
 from fedsim.privacy import (
     Accountant,
     clip_update,
@@ -107,14 +108,14 @@ class ClientRuntime:
 
         arrays = c.strategy.client_send(self.model, self.spec, call)
         records = {keys.ARRAYS: array_record(arrays)}
-        if central is not None:  # DP-FedAvg: the message is the clipped update
+        if central is not None and self.codec is None:  # DP-FedAvg: the clipped update
             trained = {k: v.detach().cpu().numpy() for k, v in arrays.items()}
             records = {
                 keys.ARRAYS: array_record(clip_update(reference, trained, central.clip_norm))
             }
             if sim["aggregation_error"]:  # measurement only, not traffic
                 records[keys.DIAGNOSTIC] = array_record(trained)
-        if self.codec is not None:
+        if self.codec is not None:  # under central DP the codec clips what it compresses
             trained = {k: v.detach().cpu().numpy() for k, v in arrays.items()}
             absorbed = int(msg.content[keys.CONFIG].get(keys.ABSORBED, 0))
             payload = self.codec.client_encode(
@@ -213,6 +214,12 @@ class ClientRuntime:
         else:
             grads = c.adapter.base_gradients(
                 model, spec, c.task.logits, used, c.task.label_key, self.device
+            )
+        if self.privacy.central:  # user level: one bounded vector per client, in update units
+            eta1 = c.sim["lr"] * c.schedule.factor(0, c.total_local_steps)
+            count = max(values[keys.NUM_EXAMPLES], 1)
+            grads = clip_joint(
+                {m: g * (eta1 / count) for m, g in grads.items()}, self.privacy.clip_norm
             )
         arrays = {spec.base_weight(m): g for m, g in grads.items()}
         metrics = MetricRecord(values)

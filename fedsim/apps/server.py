@@ -69,12 +69,21 @@ class FederatedRun:
         self.central = self.c.privacy if self.c.privacy.central else None
         if self.central is not None:
             self.central.start(
-                self.sim["num_clients"], self.sim["clients_per_round"], self.sim["rounds"]
+                self.sim["num_clients"],
+                self.sim["clients_per_round"],
+                self.sim["rounds"],
+                init_steps=int(self.init_from_clients),
             )
         self._round = 0
         self.adapter_init: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def init_from_clients(self) -> bool:
+        """Whether LoRA-SB's initialisation takes a set-up round on client data."""
+        adapter = self.c.adapter
+        return bool(adapter.needs_data_init and getattr(adapter, "init_source", "") == "clients")
+
     def discover_nodes(self) -> dict[int, int]:
         """Ask every node for its partition id; returns partition id -> node id."""
         nodes = sorted(self.grid.get_node_ids())
@@ -234,8 +243,9 @@ class FederatedRun:
             if self.c.privacy.active:
                 info["privacy"] = "server data: no client privacy spent on the initialisation"
         else:
-            clients = self.strategy.context.sampler.train_clients(0)
-            per_client = -(-adapter.init_examples // len(clients))
+            clients = self.strategy.train_clients(0)  # central DP: Poisson at rate q
+            expected = self.sim["clients_per_round"] if self.central else len(clients)
+            per_client = -(-adapter.init_examples // max(expected, 1))
             config = ConfigRecord({keys.SERVER_ROUND: 0, keys.INIT_EXAMPLES: per_client})
             sent = [
                 Message(
@@ -248,10 +258,11 @@ class FederatedRun:
             ]
             replies = self.exchange(sent)
             good, failures = self.screen(sent, replies, self.init_reject_reason)
-            if not good:
+            if not good and self.central is None:
                 reason = failures[0]["reason"] if failures else "no replies"
                 raise RunFailed(f"LoRA-SB initialisation: no client sent its gradient ({reason})")
             grads = {m: np.zeros(spec.shapes[m]) for m in spec.adapted_modules}
+            contributions = []
             examples = 0
             for reply in good:
                 values = reply.content[keys.METRICS]
@@ -261,8 +272,7 @@ class FederatedRun:
                         float(values[keys.DELTA]),
                     )
                 got = numpy_dict(reply.content[keys.ARRAYS])
-                for m in spec.adapted_modules:
-                    grads[m] += got[spec.base_weight(m)]
+                contributions.append({m: got[spec.base_weight(m)] for m in spec.adapted_modules})
                 examples += int(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
             record["bytes_up"], _ = messages_payload(replies)
             record["bytes_down"], _ = messages_payload(sent)
@@ -274,6 +284,20 @@ class FederatedRun:
             )
             info["examples"] = examples
             info["clients"] = sorted(self._client_of_reply(r) for r in good)
+            if self.central is not None:  # one Gaussian mechanism at rate q, like a round
+                grads = self.central.noised_sum(
+                    contributions, {m: spec.shapes[m] for m in grads}, self.sim["seed"], 0
+                )
+                self.central.accountant.step(self.central.sigma_value, self.central.q)
+                info["privacy"] = (
+                    "each client's eta1 * mean gradient clipped to privacy.clip_norm, the sum "
+                    "noised; one more step at rate q, included in epsilon"
+                )
+                record["epsilon"] = record["epsilon_mean"] = self.central_epsilon()
+            else:
+                for contribution in contributions:
+                    for m, g in contribution.items():
+                        grads[m] += g
             if self.c.privacy.client_dp:
                 info["privacy"] = "clipped and noised per client; its epsilon is in the total"
                 eps = [e for e, _ in self.epsilons.values()]
@@ -326,7 +350,7 @@ class FederatedRun:
         privacy = {}
         if self.central is not None:  # every round counts, whoever was sampled
             self.central.accountant.step(self.central.sigma_value, self.central.q)
-            eps = self.central.accountant.epsilon(self.central.delta_for(self.sim["num_clients"]))
+            eps = self.central_epsilon()
             privacy = {"epsilon": eps, "epsilon_mean": eps}
         if self.c.privacy.client_dp:
             eps = [e for e, _ in self.epsilons.values()]
@@ -449,16 +473,21 @@ class FederatedRun:
         )
         return summary
 
+    def central_epsilon(self) -> float:
+        """The run's epsilon so far under central DP."""
+        return self.central.accountant.epsilon(self.central.delta_for(self.sim["num_clients"]))
+
     def privacy_summary(self) -> dict[str, Any]:
         """Epsilon and delta of the run: the max over clients (client DP-SGD)."""
         if self.central is not None:
             n = self.sim["num_clients"]
             return {
-                "epsilon": self.central.accountant.epsilon(self.central.delta_for(n)),
+                "epsilon": self.central_epsilon(),
                 "delta": self.central.delta_for(n),
                 "noise_multiplier": self.central.sigma_value,
                 "privacy": "central DP-FedAvg (user level), Poisson sampling at rate "
-                f"q={self.central.q:g}, RDP accountant, one step per round",
+                f"q={self.central.q:g}, RDP accountant, one step per round"
+                + (" and one for the set-up round" if self.init_from_clients else ""),
             }
         if not self.c.privacy.client_dp:
             return {}
