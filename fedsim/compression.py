@@ -37,6 +37,13 @@ def clip_joint(arrays: Mapping[str, np.ndarray], bound: float) -> dict[str, np.n
     return {k: v * scale for k, v in value.items()} if scale < 1.0 else value
 
 
+def scale_to_norm(arrays: Mapping[str, np.ndarray], norm: float) -> dict[str, np.ndarray]:
+    """``arrays`` rescaled to L2 norm ``norm`` jointly, in float64 (zero stays zero)."""
+    value = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    total = math.sqrt(sum(float(np.sum(v * v)) for v in value.values()))
+    return {k: v * (norm / total) for k, v in value.items()} if total > 0 else value
+
+
 def index_bits(d: int) -> int:
     """Bits per index into a vector of length ``d``: ``ceil(log2 d)``."""
     return math.ceil(math.log2(d)) if d > 1 else 0

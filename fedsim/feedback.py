@@ -86,7 +86,8 @@ class Feedback:
 
         ``clip`` (central DP): the quantity compressed is first clipped to this L2 norm, jointly
         over all arrays; with a norm-non-increasing compressor the message stays within it.
-        The memories absorb what clipping removed, as they absorb what compression removes."""
+        The memories are updated with what was sent, so what clipping removed is left for
+        later messages, as what compression removes."""
         raise NotImplementedError
 
     def undo(self, decoded: Arrays, first: bool, state: Arrays) -> None:

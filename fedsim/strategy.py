@@ -538,7 +538,7 @@ class AdapterStrategy(Strategy):
         """Aggregate the good replies; measures :attr:`last_aggregation_error` on the way."""
         self.last_aggregation_error = None
         updates = self.updates_from(replies)
-        if not updates:
+        if not updates and self.context.central is None:
             return None, None
         self.round_fold = {}
         codec = self.context.codec
@@ -550,7 +550,7 @@ class AdapterStrategy(Strategy):
             new = self.aggregate_compressed(server_round, updates)
         if codec is not None and codec.active:
             self.absorbed.update({u.client: server_round for u in updates})
-        if self.context.aggregation_error:
+        if self.context.aggregation_error and updates:
             truth = [
                 u if u.diagnostic is None else replace(u, arrays=u.diagnostic) for u in updates
             ]
@@ -559,9 +559,9 @@ class AdapterStrategy(Strategy):
                 self.last_aggregation_error = self.aggregation_error(self.current, new, truth)
         new = self.check_aggregate(new)
         self.acknowledge(server_round, updates)
-        w = self.weights(updates)
+        w = self.weights(updates) if updates else []
         metrics = MetricRecord()
-        for key in updates[0].metrics:
+        for key in updates[0].metrics if updates else ():
             metrics[key] = float(sum(wi * u.metrics[key] for wi, u in zip(w, updates)))
         return array_record(new), metrics
 

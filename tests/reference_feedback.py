@@ -364,21 +364,26 @@ def run_central_dp(
     clip: float,
     noise_seq: Sequence[np.ndarray],
     method: str,
+    eta: float = 1.0,
 ) -> list[np.ndarray]:
     """Compressed updates under central DP (REFERENCE section 5: clip the message, a
     norm-non-increasing compressor, the first ``g_i`` privatised). ``clip`` bounds ``lr`` times
-    a message's norm, so pseudo-gradient messages are clipped to ``b = clip / lr`` before
-    compression; ``noise_seq[t]`` is round ``t``'s Gaussian noise (in the messages' units).
+    a message's norm, so what a client compresses is clipped to ``b = clip / lr`` first;
+    ``noise_seq[t]`` is round ``t``'s Gaussian noise (in the messages' units); the server clips
+    each message again and sums: ``s = sum clip_b(m_i) + z``.
 
-    ``method="ef21"``: ``c_i = C(clip_b(u_i - g_i))`` (first message ``clip_b(u_i)``, dense),
-    ``g_i <- g_i + c_i``; ``s = sum clip_b(c_i) + z``, ``g <- g + s / N``,
-    ``x <- x - lr_server * lr * g``.
-    ``method="naive"``: ``m_i = C(clip_b(u_i))``; ``x <- x - lr_server * lr * s / expected``.
+    ``naive``: ``m_i = C(clip_b(u_i))``; ``x <- x - lr_server * lr * s / expected``.
+    ``ef14``: ``m_i = C(clip_b(e_i + u_i))``, ``e_i <- e_i + u_i - m_i``; the same step.
+    ``ef21``: ``c_i = C(clip_b(u_i - g_i))`` (first message ``clip_b(u_i)``, dense),
+    ``g_i <- g_i + c_i``; ``g <- g + s / N``, ``x <- x - lr_server * lr * g``.
+    ``econtrol``: ``D_i = C(clip_b(eta e_i + u_i - h_i))``, ``e_i <- e_i + u_i - h_i - D_i``,
+    ``h_i <- h_i + D_i`` (first message ``clip_b(u_i)``, dense, ``e_i`` stays 0); ``h`` as ``g``.
     """
     b = clip / lr
     x = _f64(x0)
     g = np.zeros_like(x)
-    gi = {i: np.zeros_like(x) for i in range(num_clients)}
+    mem = {i: np.zeros_like(x) for i in range(num_clients)}  # g_i, h_i
+    err = {i: np.zeros_like(x) for i in range(num_clients)}  # e_i (EF14, EControl)
     sent: set[int] = set()
     xs = []
     for t, sampled in enumerate(sampled_seq):
@@ -387,14 +392,23 @@ def run_central_dp(
             u = _f64(u_seq[t][i])
             if method == "naive":
                 m = _f64(compress(_clip(u, b), t, i))
+            elif method == "ef14":
+                v = err[i] + u
+                m = _f64(compress(_clip(v, b), t, i))
+                err[i] = v - m
             elif i not in sent:
                 m = _clip(u, b)
+                mem[i] = mem[i] + m
+            elif method == "ef21":
+                m = _f64(compress(_clip(u - mem[i], b), t, i))
+                mem[i] = mem[i] + m
             else:
-                m = _f64(compress(_clip(u - gi[i], b), t, i))
+                m = _f64(compress(_clip(eta * err[i] + u - mem[i], b), t, i))
+                err[i] = err[i] + u - mem[i] - m
+                mem[i] = mem[i] + m
             sent.add(i)
-            gi[i] = gi[i] + m
             s += _clip(m, b)
-        if method == "naive":
+        if method in ("naive", "ef14"):
             x = x - lr_server * lr * s / expected
         else:
             g = g + s / num_clients

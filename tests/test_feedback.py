@@ -94,7 +94,7 @@ def test_econtrol_matches_numpy(eta):
     np.testing.assert_allclose(feedback.server_state["w"], h, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["ef21", "naive"])
+@pytest.mark.parametrize("method", ["ef21", "naive", "ef14", "econtrol"])
 def test_compressed_updates_under_central_dp_match_numpy(method):
     """The clients clip what they compress (Top-K keeps the bound), the server clips again,
     sums, adds noise of standard deviation sigma * clip / lr and steps (EF21: g by 1/N)."""
@@ -105,7 +105,12 @@ def test_compressed_updates_under_central_dp_match_numpy(method):
 
     clip, sigma = 1.2, 0.8  # clip / lr = 2.4, below most messages' norms: clipping is active
     u, sampled, _, x0 = scenario(4)
-    feedback = EF21(lr_server=LR_SERVER) if method == "ef21" else Naive(lr_server=LR_SERVER)
+    feedback = {
+        "ef21": EF21(lr_server=LR_SERVER),
+        "naive": Naive(lr_server=LR_SERVER),
+        "ef14": EF14(lr_server=LR_SERVER),
+        "econtrol": EControl(lr_server=LR_SERVER, eta=0.5),
+    }[method]
     codec = Codec(TopK(ratio=0.1), feedback, LR, seed=0, clip=clip)
     central = CentralDP(clip_norm=clip, noise_multiplier=sigma)
     central.start(num_clients=N, clients_per_round=3, rounds=ROUNDS)
@@ -127,8 +132,10 @@ def test_compressed_updates_under_central_dp_match_numpy(method):
         got.append(x["w"].copy())
     std = sigma * clip / LR  # the noise convention: one generator per round from the seed
     noise = [np.random.default_rng([7, t, 59]).normal(0.0, std, D) for t in range(1, ROUNDS + 1)]
-    want = ref.run_central_dp(u, sampled, N, 3, compress, x0, LR, LR_SERVER, clip, noise, method)
+    want = ref.run_central_dp(
+        u, sampled, N, 3, compress, x0, LR, LR_SERVER, clip, noise, method, eta=0.5
+    )
     assert_trajectories_equal(got, want)
     assert max(norms) <= clip * (1 + 1e-6)  # what a client sends is bounded
-    if method == "ef21":  # its dense first messages sit on the bound: clipping was active
+    if method in ("ef21", "econtrol"):  # dense first messages sit on the bound: clipped
         assert max(norms) == pytest.approx(clip, rel=1e-6)

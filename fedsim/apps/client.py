@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim import keys
 from fedsim.build import Components, build_components
-from fedsim.compression import clip_joint
+from fedsim.compression import scale_to_norm
 from fedsim.privacy import (
     Accountant,
     clip_update,
@@ -215,12 +215,8 @@ class ClientRuntime:
             grads = c.adapter.base_gradients(
                 model, spec, c.task.logits, used, c.task.label_key, self.device
             )
-        if self.privacy.central:  # user level: one bounded vector per client, in update units
-            eta1 = c.sim["lr"] * c.schedule.factor(0, c.total_local_steps)
-            count = max(values[keys.NUM_EXAMPLES], 1)
-            grads = clip_joint(
-                {m: g * (eta1 / count) for m, g in grads.items()}, self.privacy.clip_norm
-            )
+        if self.privacy.central:  # user level: the gradient's direction at norm clip_norm
+            grads = scale_to_norm(grads, self.privacy.clip_norm)
         arrays = {spec.base_weight(m): g for m, g in grads.items()}
         metrics = MetricRecord(values)
         content = RecordDict({keys.ARRAYS: array_record(arrays), keys.METRICS: metrics})

@@ -290,8 +290,8 @@ class FederatedRun:
                 )
                 self.central.accountant.step(self.central.sigma_value, self.central.q)
                 info["privacy"] = (
-                    "each client's eta1 * mean gradient clipped to privacy.clip_norm, the sum "
-                    "noised; one more step at rate q, included in epsilon"
+                    "each client's gradient direction scaled to privacy.clip_norm, the sum "
+                    "noised (LoRA-SB uses its sign); one more step at rate q, included in epsilon"
                 )
                 record["epsilon"] = record["epsilon_mean"] = self.central_epsilon()
             else:
@@ -330,7 +330,10 @@ class FederatedRun:
                     self.state_bytes[client] = int(values[keys.STATE_BYTES])
                 if values.get(keys.EPSILON) is not None:  # DP-SGD: the client's spend so far
                     self.epsilons[client] = (float(values[keys.EPSILON]), float(values[keys.DELTA]))
-        train_loss, skipped = None, len(good) < self.sim["min_clients"]
+        # Central DP releases a noised sum every round, whoever replied (keeping the model
+        # unchanged would be an outcome the accountant does not cover).
+        skipped = self.central is None and len(good) < self.sim["min_clients"]
+        train_loss = None
         error = None
         if not skipped:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, good)
