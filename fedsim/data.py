@@ -14,6 +14,7 @@ import numpy as np
 from datasets import Dataset
 
 from fedsim.errors import ComponentError
+from fedsim.partitioners import GROUP
 from fedsim.tasks.base import Batch, Task
 
 
@@ -55,7 +56,11 @@ class FederatedData:
     def _setup(self) -> None:
         if not self._ready:
             labels = self.task.pool_labels()
-            ds = Dataset.from_dict({"idx": np.arange(len(labels)), self.task.label_key: labels})
+            columns = {"idx": np.arange(len(labels)), self.task.label_key: labels}
+            groups = self.task.pool_groups()
+            if groups is not None:  # natural client ids, for partition=natural
+                columns[GROUP] = groups
+            ds = Dataset.from_dict(columns)
             self.partitioner.dataset = ds
             self._ready = True
 
@@ -75,6 +80,8 @@ class FederatedData:
             warnings.simplefilter("always")
             try:
                 sizes = [len(self.indices(client)) for client in range(num_clients)]
+            except ComponentError:
+                raise
             except (ValueError, KeyError, IndexError) as e:
                 notes = {str(w.message).splitlines()[0] for w in caught}
                 reason = " ".join(str(e).split())
@@ -109,6 +116,7 @@ class FederatedData:
         import torch
 
         if self._pooled is None:
+            self._setup()
             parts = [self.client(c).train for c in range(self.partitioner.num_partitions)]
             self._pooled = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return self._pooled

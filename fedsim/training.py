@@ -174,14 +174,18 @@ class EvalResult:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     task: Task,
     data: Batch,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     device: torch.device | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (eval mode, no autograd;
+    ``batch_size`` defaults to the task's ``eval_batch_size``)."""
+    batch_size = batch_size or task.eval_batch_size
+    data = task.eval_order(data)
     was_training = model.training
     model.eval()
     labels = data[task.label_key]

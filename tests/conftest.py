@@ -15,21 +15,40 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # benchmarks/ is importable from tests
 
-#: a run small enough for unit tests: 4 clients, 2 rounds, a narrow network
+#: a run small enough for unit tests: 4 clients, 2 rounds, a narrow network (the synthetic
+#: task and FedAvg unless the test picks another task or strategy)
 TINY = [
     "sim.num_clients=4",
     "sim.rounds=2",
     "sim.local_steps=3",
     "sim.batch_size=16",
+    "sim.lr=0.01",
+    "sim.eval_clients=all",
+    "quiet=true",
+]
+SYNTHETIC = [
+    "task=synthetic",
     "task.examples_per_client=64",
     "task.test_examples=200",
     "task.hidden_dim=32",
-    "quiet=true",
 ]
 
 
+def synthetic(*extra: str) -> list[str]:
+    """``extra`` on the synthetic task with FedAvg, unless it picks a task or strategy
+    (the default run is the sentiment task with Fed-SB: too big for most tests)."""
+    picks = {e.split("=", 1)[0] for e in extra}
+    task = [] if "task" in picks else ["task=synthetic"]
+    strategy = [] if "strategy" in picks else ["strategy=fedavg"]
+    return [*task, *strategy, *extra]
+
+
 def tiny(*extra: str) -> list[str]:
-    return [*TINY, *extra]
+    picks = dict(e.split("=", 1) for e in extra if "=" in e)
+    task = [] if "task" in picks else SYNTHETIC[1:]
+    clients = picks.get("sim.num_clients", "4")  # all of them, unless the test says
+    every = [] if "sim.clients_per_round" in picks else [f"sim.clients_per_round={clients}"]
+    return synthetic(*task, *TINY, *every, *extra)
 
 
 @pytest.fixture
@@ -43,7 +62,7 @@ def run_tiny(tmp_path):
     def _run(*extra: str, base: list[str] | None = None):
         counter["n"] += 1
         out = tmp_path / f"run{counter['n']}"
-        summary = run([*(TINY if base is None else base), *extra], output_dir=out)
+        summary = run(tiny(*extra) if base is None else [*base, *extra], output_dir=out)
         return summary, read_metrics(out), out
 
     return _run
@@ -51,3 +70,11 @@ def run_tiny(tmp_path):
 
 def strip_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in rows]
+
+
+@pytest.fixture(scope="session")
+def hf_task(tmp_path_factory) -> list[str]:
+    """Overrides for ``task=hf`` on a tiny random BERT and a CSV corpus (made once)."""
+    from tests.tiny_text import hf_overrides
+
+    return hf_overrides(tmp_path_factory.mktemp("hf"))

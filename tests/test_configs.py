@@ -9,7 +9,7 @@ import pytest
 
 from fedsim.cli import main
 from fedsim.config import check, compose, expand_sweep
-from tests.conftest import ROOT, tiny
+from tests.conftest import ROOT, synthetic, tiny
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((ROOT / "conf" / g).glob("*.yaml"))]
@@ -32,9 +32,11 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_builds(group, option):
+def test_every_option_composes_and_builds(group, option, hf_task):
     if group == "experiment":  # presets are added, not chosen; shrunk to the tiny federation
         cfg, choices = compose(tiny(f"+{group}={option}", "sim.clients_per_round=2"))
+    elif (group, option) in (("task", "hf"), ("partition", "natural")):  # a task with groups
+        cfg, choices = compose(tiny(*hf_task, f"{group}={option}"))
     else:
         cfg, choices = compose(tiny(f"{group}={option}"))
     assert choices[group] == option
@@ -158,7 +160,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(overrides, expected, tmp_p
         [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={out}"]
     )
     with pytest.raises(SystemExit) as exit_info:
-        main([*overrides, *run_dir])
+        main(synthetic(*overrides, *run_dir))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -202,7 +204,7 @@ def test_bad_value_in_one_sweep_job_stops_the_sweep_before_any_job(tmp_path, cap
 )
 def test_resources_the_machine_lacks_are_config_errors(overrides, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([*overrides, f"hydra.run.dir={tmp_path / 'r'}"])
+        main(synthetic(*overrides, f"hydra.run.dir={tmp_path / 'r'}"))
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -270,7 +272,7 @@ def test_an_existing_run_folder_is_never_overwritten(tmp_path, capsys):
 @pytest.mark.parametrize("args", [["engine=nope"], ["sim.clients_per_round=50"]])
 def test_command_line_exit_status_and_no_traceback(args, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim", *args, f"hydra.run.dir={tmp_path / 'r'}"],
+        [sys.executable, "-m", "fedsim", *synthetic(*args), f"hydra.run.dir={tmp_path / 'r'}"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedsim.config import check, compose, expand_sweep
-from tests.conftest import strip_timings
+from tests.conftest import strip_timings, synthetic
 
 # TINY's sent arrays: LoRA r=8 on three 32x32 layers (A 8x32, B 32x8) and a 32 -> 10 head
 SIZES = [256] * 6 + [320, 10]
@@ -104,7 +104,7 @@ def test_the_issue_sweep_composes_and_checks():
     )
     assert len(jobs) == 12
     for job in jobs:
-        check(compose(job)[0])
+        check(compose(synthetic(*job))[0])
 
 
 def test_lr_server_scales_the_step(run_tiny):

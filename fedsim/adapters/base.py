@@ -195,7 +195,9 @@ class Adapter:
         seed: int,
     ) -> AdapterSpec:
         """Freeze ``model``, replace the targeted linear layers in place, unfreeze heads."""
-        targets = self.target_modules if self.target_modules is not None else list(default_targets)
+        targets = self.target_modules
+        if targets is None:  # the task's default: names, or one regular expression
+            targets = default_targets if isinstance(default_targets, str) else list(default_targets)
         names = matching_linear_modules(model, targets)
         if not names:
             linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

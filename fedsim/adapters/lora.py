@@ -88,6 +88,12 @@ class LoRA(Adapter):
         b = np.asarray(factors["lora_B.weight"], dtype=np.float64)
         return (self.alpha / a.shape[0]) * (b @ a)
 
+    def lora_factors(self, factors: Mapping[str, np.ndarray]):
+        """``(A, B, scaling)`` for a PEFT LoRA export: the factors themselves."""
+        a = np.asarray(factors["lora_A.weight"], dtype=np.float64)
+        b = np.asarray(factors["lora_B.weight"], dtype=np.float64)
+        return a, b, self.alpha / a.shape[0]
+
 
 class FFALoRA(LoRA):
     """FFA-LoRA adapter config: LoRA with ``A`` frozen (from the run's seed), ``B`` trained.

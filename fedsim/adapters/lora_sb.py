@@ -153,6 +153,14 @@ class LoRASB(Adapter):
         )
         return b @ r @ a
 
+    def lora_factors(self, factors: Mapping[str, np.ndarray]):
+        """``(A, B R, 1)`` for a PEFT LoRA export."""
+        a, r, b = (
+            np.asarray(factors[k], dtype=np.float64)
+            for k in ("lora_A.weight", "lora_R.weight", "lora_B.weight")
+        )
+        return a, b @ r, 1.0
+
     # ------------------------------------------------------------------ initialisation
     def base_gradients(
         self,

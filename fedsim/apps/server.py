@@ -455,6 +455,7 @@ class FederatedRun:
             self.writer.write_summary(summary)
             self.writer.close()
             raise RunFailed(error)
+        self.export_info = self.export(arrays)
         summary = self.summary(time.perf_counter() - t_start, status="ok")
         self.writer.write_summary(summary)
         self.writer.close()
@@ -501,6 +502,31 @@ class FederatedRun:
             "privacy": "client DP-SGD (sample level), RDP accountant per client across rounds",
         }
 
+    def export(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """The global model's change as a PEFT LoRA adapter in ``adapter/`` (see
+        :mod:`fedsim.export`); returns the summary's ``export`` block."""
+        if not self.spec.cfg.get("export", True):
+            return {"skipped": "export=false"}
+        if self.strategy.personalised:
+            name = type(self.strategy).__name__
+            return {"skipped": f"strategy {name} has no global model (personal adapters)"}
+        from fedsim.export import export_peft
+
+        self.strategy.load_global(self.model, self.adapter_spec, numpy_dict(arrays))
+        task = self.c.task
+        try:
+            return export_peft(
+                self.model,
+                self.adapter_spec,
+                task.build_model(),
+                tuple(task.head_modules),
+                self.spec.output_dir / "adapter",
+                base_model=getattr(task, "model_path", None),
+            )
+        except Exception as e:  # the run itself succeeded: say why there is no adapter
+            log.debug("export failed:\n%s", traceback.format_exc())
+            return {"failed": f"{type(e).__name__}: {e}"}
+
     def summary(self, wall: float, status: str, error: str | None = None) -> dict[str, Any]:
         last, totals = self.last, self.totals
         sim, ch = self.sim, self.spec.choices
@@ -529,6 +555,7 @@ class FederatedRun:
             "client_state_bytes": sum(self.state_bytes.values()),
             **self.privacy_summary(),
             "adapter_init": self.adapter_init,
+            "export": getattr(self, "export_info", None),
             "bytes_up_total": totals["bytes_up"],
             "bytes_down_total": totals["bytes_down"],
             "params_sent_per_client": {

@@ -2,5 +2,14 @@
 
 from fedsim.tasks.base import Batch, Task
 from fedsim.tasks.synthetic import SyntheticTask
+from fedsim.tasks.text import HFTask, NewsTask, SentimentTask, TextClassificationTask
 
-__all__ = ["Batch", "SyntheticTask", "Task"]
+__all__ = [
+    "Batch",
+    "HFTask",
+    "NewsTask",
+    "SentimentTask",
+    "SyntheticTask",
+    "Task",
+    "TextClassificationTask",
+]

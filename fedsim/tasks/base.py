@@ -34,6 +34,10 @@ class Task(ABC):
     def pool_labels(self) -> np.ndarray:
         """Labels of the examples that are split among clients (for label-based partitioners)."""
 
+    def pool_groups(self) -> np.ndarray | None:
+        """Natural client ids of the pool's examples (for ``partition=natural``), or None."""
+        return None
+
     @abstractmethod
     def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
         """Examples of the client pool at ``indices``, as seen by ``client``."""
@@ -50,6 +54,13 @@ class Task(ABC):
         """Examples the server holds (a public, held-out split, disjoint from the clients'
         pool and the test set), e.g. for LoRA-SB's initialisation."""
         raise NotImplementedError(f"task {self.name} has no server split")
+
+    #: batch size of evaluation passes (under ``torch.no_grad()``)
+    eval_batch_size = 1024
+
+    def eval_order(self, data: Batch) -> Batch:
+        """``data`` reordered for evaluation passes (text: similar lengths together)."""
+        return data
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["x"])

@@ -1,0 +1,136 @@
+"""Export of the global model's change as a PEFT LoRA adapter.
+
+After the last round the server writes ``adapter/`` into the run folder:
+``adapter_config.json`` and ``adapter_model.safetensors``, loadable with
+``peft.PeftModel.from_pretrained(base, path)`` on the task's pretrained model. Per adapted layer
+the exported LoRA reproduces the layer's whole change from the pretrained weight ``W0``:
+
+* LoRA and FFA-LoRA: their own factors and scaling (``alpha / r``);
+* LoRA-SB: ``A`` and ``B' = B R`` at scaling 1;
+* strategies that fold updates into the base (FedEx-LoRA, FLoRA), or any adapter without a
+  LoRA form: the accumulated change ``(W - W0) + delta`` in float64, factorised by SVD at the
+  rank it needs (singular values above ``1e-7`` times the largest); the ranks are reported.
+
+The task head (the modules the checkpoint lacks) travels through ``modules_to_save``.
+``summary.json``'s ``export`` block says where the adapter is, its ranks and the largest
+relative difference between the exported and the simulated effective weights (float64).
+Personal strategies (FedSA-LoRA, local training) have no global model: nothing is exported and
+the summary says so.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.adapters.base import AdapterSpec
+
+#: singular values below this share of the largest are dropped (float64 SVD)
+RANK_TOLERANCE = 1e-7
+
+
+def lora_form(spec: AdapterSpec, module: str, arrays: dict[str, np.ndarray]):
+    """``(A, B, scaling)`` with ``delta = scaling * B @ A`` from the adapter's own factors, or
+    None if the adapter has no LoRA form."""
+    form = getattr(spec.adapter, "lora_factors", None)
+    if form is None:
+        return None
+    factors = {suffix: arrays[full] for suffix, full in spec.factors[module].items()}
+    return form(factors)
+
+
+def svd_factors(change: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(A, B, rank)`` with ``B @ A`` equal to ``change`` up to the rank tolerance."""
+    u, s, vt = np.linalg.svd(change, full_matrices=False)
+    rank = int(np.sum(s > RANK_TOLERANCE * s[0])) if s.size and s[0] > 0 else 0
+    if rank == 0:  # no change: a rank-1 zero LoRA (PEFT needs r >= 1)
+        return np.zeros((1, change.shape[1])), np.zeros((change.shape[0], 1)), 1
+    return vt[:rank], u[:, :rank] * s[:rank], rank
+
+
+def export_peft(
+    model: nn.Module,
+    spec: AdapterSpec,
+    pristine: nn.Module,
+    head_modules: tuple[str, ...],
+    out_dir: Path,
+    base_model: str | None = None,
+) -> dict[str, Any]:
+    """Write ``model``'s change from ``pristine`` (the task's model before any adapter) as a
+    PEFT LoRA adapter into ``out_dir``; returns the summary's ``export`` block."""
+    from peft import LoraConfig, get_peft_model
+
+    params = {k: v.detach().cpu().double().numpy() for k, v in model.named_parameters()}
+    layers: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    folded, errors = [], []
+    for module in spec.adapted_modules:
+        w0 = pristine.get_submodule(module).weight.detach().cpu().double().numpy()
+        base_change = params[spec.base_weight(module)] - w0
+        form = None if np.any(base_change) else lora_form(spec, module, params)
+        factors = {suffix: params[full] for suffix, full in spec.factors[module].items()}
+        delta = spec.adapter.layer_delta(factors)
+        if form is None:
+            folded.append(module)
+            a, b, rank = svd_factors(base_change + delta)
+            form = (a, b, 1.0)
+        layers[module] = form
+        want = base_change + delta
+        got = form[2] * form[1] @ form[0]
+        scale = max(float(np.linalg.norm(want)), 1e-30)
+        errors.append(float(np.linalg.norm(got - want)) / scale if np.any(want) else 0.0)
+    ranks = {m: int(a.shape[0]) for m, (a, _, _) in layers.items()}
+    pattern = {re.escape(m): r for m, r in ranks.items()}
+    alphas = {re.escape(m): scaling * ranks[m] for m, (_, _, scaling) in layers.items()}
+    first = next(iter(ranks))
+    config = LoraConfig(
+        r=ranks[first],
+        lora_alpha=alphas[re.escape(first)],
+        target_modules=list(spec.adapted_modules),
+        rank_pattern=pattern,
+        alpha_pattern=alphas,
+        modules_to_save=list(head_modules) or None,
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=False,
+        base_model_name_or_path=base_model,
+    )
+    with warnings.catch_warnings():  # deprecation notices between peft and transformers
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(_copy(pristine), config)
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for module, (a, b, _) in layers.items():
+            layer = inner.get_submodule(module)
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+        for head in head_modules:
+            trained = model.get_submodule(head).state_dict()
+            inner.get_submodule(head).modules_to_save["default"].load_state_dict(trained)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    values = list(ranks.values())
+    return {
+        "path": out_dir.name,
+        "format": "peft LoRA (adapter_config.json, adapter_model.safetensors)",
+        "base_model": base_model,
+        "modules": len(ranks),
+        "rank_min": min(values),
+        "rank_max": max(values),
+        "ranks_from_svd": len(folded),
+        "modules_to_save": list(head_modules),
+        "max_relative_error": max(errors, default=0.0),
+    }
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)

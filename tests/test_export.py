@@ -1,0 +1,92 @@
+"""PEFT export: the adapter written after the last round, loaded with
+``peft.PeftModel.from_pretrained`` on the task's pretrained model, gives the simulated global
+model's logits (to 1e-5) for every strategy that has a global model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fedsim.export
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The server's global model at export time (the simulated model)."""
+    seen = {}
+    original = fedsim.export.export_peft
+
+    def spy(model, spec, pristine, head_modules, out_dir, base_model=None):
+        import copy
+
+        seen["model"] = copy.deepcopy(model)
+        return original(model, spec, pristine, head_modules, out_dir, base_model)
+
+    monkeypatch.setattr(fedsim.export, "export_peft", spy)
+    return seen
+
+
+def load_exported(folder, cfg_overrides):
+    from peft import PeftModel
+
+    from fedsim.build import build_components
+    from fedsim.config import compose
+
+    c = build_components(compose(cfg_overrides)[0])
+    peft_model = PeftModel.from_pretrained(c.task.build_model(), str(folder))
+    peft_model.eval()
+    return c, peft_model
+
+
+def assert_same_logits(c, simulated, peft_model):
+    batch = {k: v[:64] for k, v in c.task.test_set().items()}
+    simulated.eval()
+    with torch.no_grad():
+        want = c.task.logits(simulated, batch)
+        got = c.task.logits(peft_model, batch)
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-5 * max(scale, 1.0)
+
+
+STRATEGIES = ["fedavg", "fedsb", "ffa", "fedex", "flora", "centralized"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_exported_adapter_reproduces_the_global_model(strategy, run_tiny, captured):
+    from tests.conftest import tiny
+
+    extra = (f"strategy={strategy}", "sim.rounds=3")
+    summary, _, out = run_tiny(*extra)
+    info = summary["export"]
+    assert info["path"] == "adapter" and info["max_relative_error"] < 1e-6
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["classifier"]
+    if strategy in ("fedex", "flora"):  # their change lives partly in the base: SVD ranks
+        assert info["ranks_from_svd"] == info["modules"] and info["rank_max"] > 8
+    else:
+        assert info["ranks_from_svd"] == 0 and info["rank_max"] == 8
+    c, peft_model = load_exported(out / "adapter", tiny(*extra))
+    assert_same_logits(c, captured["model"], peft_model)
+
+
+def test_personal_strategies_say_why_they_do_not_export(run_tiny):
+    summary, _, out = run_tiny("strategy=fedsa")
+    assert "no global model" in summary["export"]["skipped"]
+    assert not (out / "adapter").exists()
+    summary, _, out = run_tiny("export=false")
+    assert summary["export"] == {"skipped": "export=false"} and not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fedsb", "fedex"])
+def test_hugging_face_model_exports_load_on_the_base_model(strategy, run_tiny, captured, hf_task):
+    from tests.conftest import tiny
+
+    extra = (*hf_task, f"strategy={strategy}")
+    summary, _, out = run_tiny(*extra)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == summary["export"]["base_model"]
+    c, peft_model = load_exported(out / "adapter", tiny(*extra))
+    assert_same_logits(c, captured["model"], peft_model)

@@ -1,0 +1,139 @@
+"""Text tasks: the packaged corpora, any Hugging Face model on local table files, the natural
+partition, the token cache, and short runs on a tiny BERT and on all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.tiny_text import make_corpus, make_model
+
+
+def test_packaged_corpora_are_complete():
+    from fedsim.tasks.text import bbc_news, rotten_tomatoes
+
+    rt = rotten_tomatoes()
+    assert len(rt.texts) == 12808 and rt.label_names == ["fresh", "rotten"]
+    assert len(np.unique(rt.groups)) == 508  # movies with labelled snippets
+    assert np.bincount(rt.labels)[0] == 7403  # fresh: the majority class, 0.578
+    news = bbc_news()
+    assert len(news.texts) == 2225 and len(news.label_names) == 5
+    assert all(t and "\n" not in t for t in news.texts)  # headlines only
+
+
+def test_table_formats_give_the_same_corpus(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fedsim.tasks.text import file_corpus, read_table
+
+    csv_path = make_corpus(tmp_path / "c.csv", rows=30)
+    rows = read_table(csv_path)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    want = file_corpus([str(csv_path)], "text", "label", "author")
+    for name in ("c.jsonl", "c.json", "c.parquet"):
+        got = file_corpus([str(tmp_path / name)], "text", "label", "author")
+        assert got.texts == want.texts and np.array_equal(got.labels, want.labels)
+        assert np.array_equal(got.groups, want.groups) and got.label_names == ["neg", "pos"]
+
+
+def test_bad_columns_and_files_are_one_line_errors(tmp_path, capsys):
+    from fedsim.cli import main
+    from tests.conftest import tiny
+
+    model = make_model(tmp_path / "m")
+    data = make_corpus(tmp_path / "c.csv", rows=50)
+    base = [
+        "task=hf",
+        f"task.model={model}",
+        f"task.data_files=[{data}]",
+        "task.test_examples=10",
+        "task.server_examples=5",
+    ]
+    capsys.readouterr()  # what making the model printed
+    cases = [
+        (["task.text_column=body"], "task.text_column=body: is not a column; the files have"),
+        ([f"task.data_files=[{tmp_path / 'nope.csv'}]"], "is not a file"),
+        (
+            ["task.model=/nonexistent/model"],
+            "task.model=/nonexistent/model: cannot be loaded offline",
+        ),
+        (["partition=natural"], "the task has no natural client ids"),
+        (["partition=natural", "task.group_column=author", "sim.num_clients=30"], "23 natural"),
+    ]
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) as info:
+            main(tiny(*base, *extra, f"hydra.run.dir={tmp_path / 'r'}"))
+        assert info.value.code == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, (extra, err)
+        assert not (tmp_path / "r").exists()
+
+
+def test_natural_partition_keeps_groups_whole_and_balances_sizes(hf_task):
+    from fedsim.build import build_components
+    from fedsim.config import compose
+    from tests.conftest import tiny
+
+    c = build_components(compose(tiny(*hf_task, "partition=natural", "sim.num_clients=5"))[0])
+    groups = c.task.pool_groups()
+    owner = {}
+    sizes = []
+    for client in range(5):
+        idx = c.data.indices(client)
+        sizes.append(len(idx))
+        for g in np.unique(groups[idx]):
+            assert owner.setdefault(int(g), client) == client  # a group in one client only
+    assert sum(sizes) == len(groups) and max(sizes) - min(sizes) <= 40
+
+
+def test_tokens_are_cached_on_disk(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from fedsim.tasks.text import tokenize
+
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(str(make_model(tmp_path / "m")))
+    texts = ["good film", "awful plot and cast", "the"]
+    first = tokenize(texts, tok, 8)
+    files = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
+    assert len(files) == 1
+    again = tokenize(texts, tok, 8)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert first["input_ids"].shape == (3, 8) and int(first["attention_mask"][2].sum()) == 3
+    tokenize(texts, tok, 12)  # another length: another entry
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsb"])
+def test_hf_task_learns_on_a_tiny_bert(strategy, run_tiny, hf_task):
+    summary, rows, _ = run_tiny(
+        *hf_task, f"strategy={strategy}", "sim.rounds=4", "sim.local_steps=10", "sim.lr=0.01"
+    )
+    assert summary["status"] == "ok" and summary["task"] == "hf"
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    if strategy == "fedavg":  # the cue words are easy for LoRA on every layer
+        assert rows[-1]["eval_accuracy"] >= 0.9
+
+
+def test_minilm_sentiment_runs_offline(run_tiny, monkeypatch):
+    """The packaged model and corpus: one short round, nothing fetched."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary, rows, _ = run_tiny(
+        "task=sentiment",
+        "strategy=fedsb",
+        "sim.num_clients=2",
+        "sim.rounds=1",
+        "sim.local_steps=2",
+        "sim.batch_size=8",
+        "task.test_examples=40",
+        "task.pool_examples=200",
+        "adapter.init.examples=32",
+    )
+    assert summary["status"] == "ok" and summary["export"]["modules"] == 36
+    assert summary["export"]["modules_to_save"] == ["classifier"]
+    assert rows[1]["eval_accuracy"] is not None
