@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="fedsim overrides, e.g. sim.local_steps=20")
     args = parser.parse_args()
     overrides = [
+        "task=synthetic",  # the workload the printed numbers describe
+        "strategy=fedavg",
         "sim.num_clients=10",
         "sim.clients_per_round=10",
         f"sim.rounds={args.rounds}",

@@ -456,6 +456,12 @@ def _check_codec(components) -> None:
 def _check_privacy(components) -> None:
     """Nothing a client sends may escape its privacy mechanism."""
     privacy, strategy = components.privacy, components.strategy
+    if privacy.client_dp and getattr(components.task, "precision", "float32") != "float32":
+        raise ConfigError(
+            "task.precision",
+            components.task.precision,
+            "privacy=dpsgd computes per-example gradients in float32: use task.precision=float32",
+        )
     if privacy.central:
         name = type(strategy).__name__
         if not strategy.averages or strategy.personalised or not strategy.communicates:

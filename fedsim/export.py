@@ -20,7 +20,6 @@ the summary says so.
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,17 +60,26 @@ def export_peft(
     head_modules: tuple[str, ...],
     out_dir: Path,
     base_model: str | None = None,
+    base_changes: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Write ``model``'s change from ``pristine`` (the task's model before any adapter) as a
-    PEFT LoRA adapter into ``out_dir``; returns the summary's ``export`` block."""
+    PEFT LoRA adapter into ``out_dir``; returns the summary's ``export`` block.
+
+    ``base_changes``: what a folding strategy added to each base weight, exactly (float64);
+    without it the change is read off the float32 weights, whose rounding would make an SVD
+    see full rank."""
     from peft import LoraConfig, get_peft_model
 
     params = {k: v.detach().cpu().double().numpy() for k, v in model.named_parameters()}
     layers: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-    folded, errors = [], []
+    folded: list[str] = []
+    wanted: dict[str, np.ndarray] = {}
     for module in spec.adapted_modules:
-        w0 = pristine.get_submodule(module).weight.detach().cpu().double().numpy()
-        base_change = params[spec.base_weight(module)] - w0
+        if base_changes is not None and module in base_changes:
+            base_change = np.asarray(base_changes[module], dtype=np.float64)
+        else:
+            w0 = pristine.get_submodule(module).weight.detach().cpu().double().numpy()
+            base_change = params[spec.base_weight(module)] - w0
         form = None if np.any(base_change) else lora_form(spec, module, params)
         factors = {suffix: params[full] for suffix, full in spec.factors[module].items()}
         delta = spec.adapter.layer_delta(factors)
@@ -80,17 +88,15 @@ def export_peft(
             a, b, rank = svd_factors(base_change + delta)
             form = (a, b, 1.0)
         layers[module] = form
-        want = base_change + delta
-        got = form[2] * form[1] @ form[0]
-        scale = max(float(np.linalg.norm(want)), 1e-30)
-        errors.append(float(np.linalg.norm(got - want)) / scale if np.any(want) else 0.0)
+        wanted[module] = base_change + delta
     ranks = {m: int(a.shape[0]) for m, (a, _, _) in layers.items()}
-    pattern = {re.escape(m): r for m, r in ranks.items()}
-    alphas = {re.escape(m): scaling * ranks[m] for m, (_, _, scaling) in layers.items()}
+    # full module names: peft matches pattern keys as a suffix after a dot (or the whole name)
+    pattern = dict(ranks)
+    alphas = {m: scaling * ranks[m] for m, (_, _, scaling) in layers.items()}
     first = next(iter(ranks))
     config = LoraConfig(
         r=ranks[first],
-        lora_alpha=alphas[re.escape(first)],
+        lora_alpha=alphas[first],
         target_modules=list(spec.adapted_modules),
         rank_pattern=pattern,
         alpha_pattern=alphas,
@@ -112,10 +118,20 @@ def export_peft(
         for head in head_modules:
             trained = model.get_submodule(head).state_dict()
             inner.get_submodule(head).modules_to_save["default"].load_state_dict(trained)
+        errors = []  # what PEFT will add, read back from its layers, against the change
+        for module, want in wanted.items():
+            layer = inner.get_submodule(module)
+            if int(layer.r["default"]) != ranks[module]:
+                raise RuntimeError(f"peft built rank {layer.r['default']} for {module}")
+            got = layer.get_delta_weight("default").detach().cpu().double().numpy()
+            scale = float(np.linalg.norm(want))
+            errors.append(float(np.linalg.norm(got - want)) / scale if scale > 0 else 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+        peft_model.save_pretrained(
+            str(out_dir), safe_serialization=True, save_embedding_layers=False
+        )
     values = list(ranks.values())
     return {
         "path": out_dir.name,

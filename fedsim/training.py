@@ -174,7 +174,6 @@ class EvalResult:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     task: Task,

@@ -18,11 +18,11 @@ def captured(monkeypatch):
     seen = {}
     original = fedsim.export.export_peft
 
-    def spy(model, spec, pristine, head_modules, out_dir, base_model=None):
+    def spy(model, *args, **kwargs):
         import copy
 
         seen["model"] = copy.deepcopy(model)
-        return original(model, spec, pristine, head_modules, out_dir, base_model)
+        return original(model, *args, **kwargs)
 
     monkeypatch.setattr(fedsim.export, "export_peft", spy)
     return seen
@@ -70,6 +70,17 @@ def test_exported_adapter_reproduces_the_global_model(strategy, run_tiny, captur
         assert info["ranks_from_svd"] == 0 and info["rank_max"] == 8
     c, peft_model = load_exported(out / "adapter", tiny(*extra))
     assert_same_logits(c, captured["model"], peft_model)
+
+
+@pytest.mark.parametrize("strategy", ["fedex", "flora"])
+def test_folded_changes_export_at_the_rank_they_need(strategy, run_tiny):
+    """Two clients, one round: a fold of rank <= 8 (FedEx's residual of 2 clients; FLoRA's
+    stack of 2 rank-8 products is <= 16) plus the current adapter (rank 8 or 0). The SVD
+    works on the exact float64 change, so float32 rounding does not inflate the rank."""
+    summary, _, _ = run_tiny(f"strategy={strategy}", "sim.num_clients=2", "sim.rounds=1")
+    info = summary["export"]
+    assert info["ranks_from_svd"] == info["modules"] and 1 <= info["rank_max"] <= 16
+    assert info["max_relative_error"] < 1e-6
 
 
 def test_personal_strategies_say_why_they_do_not_export(run_tiny):

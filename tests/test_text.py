@@ -64,6 +64,8 @@ def test_bad_columns_and_files_are_one_line_errors(tmp_path, capsys):
         ),
         (["partition=natural"], "the task has no natural client ids"),
         (["partition=natural", "task.group_column=author", "sim.num_clients=30"], "23 natural"),
+        (["task.precision=float16"], "task.precision=float16: must be one of float32, bfloat16"),
+        (["task.precision=bfloat16", "privacy=dpsgd", "partition=iid"], "in float32"),
     ]
     for extra, expected in cases:
         with pytest.raises(SystemExit) as info:
@@ -137,3 +139,12 @@ def test_minilm_sentiment_runs_offline(run_tiny, monkeypatch):
     assert summary["status"] == "ok" and summary["export"]["modules"] == 36
     assert summary["export"]["modules_to_save"] == ["classifier"]
     assert rows[1]["eval_accuracy"] is not None
+
+
+def test_bfloat16_autocast_runs_close_to_float32(run_tiny, hf_task):
+    common = (*hf_task, "sim.rounds=2", "sim.local_steps=5")
+    _, full, _ = run_tiny(*common)
+    _, half, _ = run_tiny(*common, "task.precision=bfloat16")
+    assert half[0]["eval_loss"] == pytest.approx(full[0]["eval_loss"], rel=2e-2)
+    assert half[-1]["eval_loss"] == pytest.approx(full[-1]["eval_loss"], rel=1e-1)
+    assert half[-1]["eval_loss"] != full[-1]["eval_loss"]  # autocast did run in bfloat16

@@ -522,6 +522,7 @@ class FederatedRun:
                 tuple(task.head_modules),
                 self.spec.output_dir / "adapter",
                 base_model=getattr(task, "model_path", None),
+                base_changes=getattr(self.strategy, "base_delta", None),
             )
         except Exception as e:  # the run itself succeeded: say why there is no adapter
             log.debug("export failed:\n%s", traceback.format_exc())

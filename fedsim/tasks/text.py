@@ -37,10 +37,6 @@ from fedsim.errors import ComponentError, ConfigError
 from fedsim.tasks.base import Batch, Task
 from fedsim.validate import integer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 #: the linear layers of a BERT block: attention projections, attention output, MLP
 BERT_LINEAR = (
     "query",
@@ -72,14 +68,17 @@ class TextCorpus:
 def encode_labels(values: Sequence) -> tuple[np.ndarray, list[str]]:
     """Class ids for label values: integers keep their order, strings are sorted."""
     raw = list(values)
-    if all(isinstance(v, (int, np.integer)) for v in raw):
-        names = sorted(set(int(v) for v in raw))
+    if all(isinstance(v, (int, np.integer)) or str(v).lstrip("-").isdigit() for v in raw):
+        names = sorted(set(int(v) for v in raw))  # integers, also as text (CSV): by value
         index = {v: i for i, v in enumerate(names)}
         return np.array([index[int(v)] for v in raw]), [str(v) for v in names]
     names = sorted(set(str(v) for v in raw))
     index = {v: i for i, v in enumerate(names)}
     return np.array([index[str(v)] for v in raw]), names
 
+
+#: ``task.precision``: the parameters stay float32; bfloat16 runs forward passes under autocast
+PRECISIONS = ("float32", "bfloat16")
 
 # ----------------------------------------------------------------------------- model loading
 
@@ -103,9 +102,13 @@ def load_classifier(path: str, num_labels: int, seed: int) -> tuple[nn.Module, t
 
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, local_files_only=True, output_loading_info=True
+                path,
+                num_labels=num_labels,
+                local_files_only=True,
+                output_loading_info=True,
+                dtype=torch.float32,  # adapters and optimizers train in float32
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError("task.model", path, _why_not(path, e)) from None
         missing = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
         g = torch.Generator().manual_seed(int(seed))
@@ -140,13 +143,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
 
 
+#: bump when the cached format changes
+TOKEN_CACHE_VERSION = 1
+
+
 def tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` (int64, padded to ``max_length``), cached on disk."""
     from safetensors.torch import load_file, save_file
 
     h = hashlib.sha256()
-    h.update(json.dumps([type(tokenizer).__name__, len(tokenizer), max_length]).encode())
-    h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    settings = [
+        TOKEN_CACHE_VERSION,
+        type(tokenizer).__name__,
+        len(tokenizer),
+        max_length,
+        tokenizer.padding_side,
+        tokenizer.truncation_side,
+        tokenizer.pad_token,
+    ]
+    h.update(json.dumps(settings).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the tokenizer's whole definition
+    if backend is not None:  # less the padding and truncation a call leaves switched on
+        definition = json.loads(backend.to_str())
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+        h.update(json.dumps(definition, sort_keys=True).encode())
+    else:
+        h.update(repr(tokenizer).encode())
     for t in texts:
         h.update(t.encode("utf-8", "replace"))
         h.update(b"\0")
@@ -212,9 +235,14 @@ class TextClassificationTask(Task):
         pool_examples: int | None = None,
         target_modules: Sequence[str] | None = None,
         eval_batch_size: int = 128,
+        precision: str = "float32",
         seed: int = 0,
     ) -> None:
         self.model_path = str(model)
+        if precision not in PRECISIONS:
+            allowed = ", ".join(PRECISIONS)
+            raise ConfigError("task.precision", precision, f"must be one of {allowed}")
+        self.precision = precision
         self.max_length = integer("task.max_length", max_length, low=2)
         self.test_examples = integer("task.test_examples", test_examples, low=1)
         self.server_examples = integer("task.server_examples", server_examples, low=0)
@@ -260,9 +288,13 @@ class TextClassificationTask(Task):
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ConfigError("task.model", self.model_path, _why_not(self.model_path, e)) from None
+        tokenizer.padding_side = "right"  # logits() cuts each batch after its longest text
+        if tokenizer.pad_token is None:  # decoder models often have none
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return tokenizer
 
     def tokens(self) -> dict[str, torch.Tensor]:
         if self._tokens is None:
@@ -312,6 +344,8 @@ class TextClassificationTask(Task):
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         model, self._head = load_classifier(self.model_path, self.num_classes, self.seed)
+        if getattr(model.config, "pad_token_id", None) is None:  # decoder models: as tokenised
+            model.config.pad_token_id = self.tokenizer().pad_token_id
         return model
 
     @property
@@ -326,11 +360,16 @@ class TextClassificationTask(Task):
         return {k: v[order] for k, v in data.items()}
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's logits (float32); batches are cut to their longest text (the tokenizer
+        pads on the right); ``precision=bfloat16`` runs the forward pass under autocast."""
         mask = batch["attention_mask"]
         length = max(int(mask.sum(1).max()), 1)
-        return model(
-            input_ids=batch["input_ids"][:, :length], attention_mask=mask[:, :length]
-        ).logits
+        ids = batch["input_ids"][:, :length]
+        with torch.autocast(
+            ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
+        ):
+            out = model(input_ids=ids, attention_mask=mask[:, :length]).logits
+        return out.float()
 
 
 # ----------------------------------------------------------------------------- corpora
