@@ -156,3 +156,16 @@ def test_each_packaged_task_checks_as_shipped(task):
     from fedsim.config import check, compose
 
     check(compose([f"task={task}"])[0])
+
+
+def test_seeds_share_the_test_set_and_differ_in_the_head():
+    from fedsim.build import build_components
+    from fedsim.config import compose
+
+    tasks = [build_components(compose([f"sim.seed={s}"])[0]).task for s in (0, 1)]
+    a, b = (t.split() for t in tasks)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # test, server split, pool
+    heads = [dict(t.build_model().named_parameters())["classifier.weight"] for t in tasks]
+    assert not np.allclose(heads[0].detach().numpy(), heads[1].detach().numpy())
+    other = build_components(compose(["task.split_seed=1"])[0]).task.split()
+    assert not np.array_equal(other[0], a[0])

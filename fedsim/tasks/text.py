@@ -220,8 +220,13 @@ class TextClassificationTask(Task):
         The task's default adapted layers (``adapter.target_modules`` overrides them).
     eval_batch_size : int
         Batch size of evaluation passes.
+    precision : str
+        ``float32``, or ``bfloat16`` (forward passes under autocast).
+    split_seed : int
+        Seed of the test / server / pool split: fixed by default, so that runs with
+        different ``sim.seed`` are tested on the same examples.
     seed : int
-        Seed of the split and of the head's initialisation.
+        Seed of the head's initialisation (``sim.seed``).
     """
 
     label_key = "label"
@@ -236,6 +241,7 @@ class TextClassificationTask(Task):
         target_modules: Sequence[str] | None = None,
         eval_batch_size: int = 128,
         precision: str = "float32",
+        split_seed: int = 0,
         seed: int = 0,
     ) -> None:
         self.model_path = str(model)
@@ -251,6 +257,7 @@ class TextClassificationTask(Task):
         )
         self.eval_batch_size = integer("task.eval_batch_size", eval_batch_size, low=1)
         self.seed = integer("task.seed", seed, low=0)
+        self.split_seed = integer("task.split_seed", split_seed, low=0)
         if target_modules is not None:
             self.default_target_modules = (
                 target_modules if isinstance(target_modules, str) else tuple(target_modules)
@@ -305,7 +312,7 @@ class TextClassificationTask(Task):
         """Indices of the test set, the server split and the client pool (seeded)."""
         if self._split is None:
             n = len(self.corpus.texts)
-            perm = np.random.default_rng([self.seed, 11]).permutation(n)
+            perm = np.random.default_rng([self.split_seed, 11]).permutation(n)
             t, s = self.test_examples, self.server_examples
             pool = perm[t + s :]
             if self.pool_cap is not None:
