@@ -29,18 +29,21 @@ FLAT = "*"  # the unit name of a flattened update
 DENSE = "dense"  # the payload part of an uncompressed unit
 
 
+def _joint(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    """The arrays in float64 and their one L2 norm over all of them."""
+    value = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    return value, math.sqrt(sum(float(np.sum(v * v)) for v in value.values()))
+
+
 def clip_joint(arrays: Mapping[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
     """``arrays * min(1, bound / ||arrays||)`` in float64, one L2 norm over all of them."""
-    value = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
-    norm = math.sqrt(sum(float(np.sum(v * v)) for v in value.values()))
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {k: v * scale for k, v in value.items()} if scale < 1.0 else value
+    value, norm = _joint(arrays)
+    return {k: v * (bound / norm) for k, v in value.items()} if norm > bound else value
 
 
 def scale_to_norm(arrays: Mapping[str, np.ndarray], norm: float) -> dict[str, np.ndarray]:
     """``arrays`` rescaled to L2 norm ``norm`` jointly, in float64 (zero stays zero)."""
-    value = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
-    total = math.sqrt(sum(float(np.sum(v * v)) for v in value.values()))
+    value, total = _joint(arrays)
     return {k: v * (norm / total) for k, v in value.items()} if total > 0 else value
 
 

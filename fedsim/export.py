@@ -62,8 +62,9 @@ def export_peft(
     base_model: str | None = None,
     base_changes: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write ``model``'s change from ``pristine`` (the task's model before any adapter) as a
-    PEFT LoRA adapter into ``out_dir``; returns the summary's ``export`` block.
+    """Write ``model``'s change from ``pristine`` (the task's model before any adapter, a
+    throwaway copy: PEFT's layers are put into it) as a PEFT LoRA adapter into ``out_dir``;
+    returns the summary's ``export`` block.
 
     ``base_changes``: what a folding strategy added to each base weight, exactly (float64);
     without it the change is read off the float32 weights, whose rounding would make an SVD
@@ -108,7 +109,7 @@ def export_peft(
     )
     with warnings.catch_warnings():  # deprecation notices between peft and transformers
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(_copy(pristine), config)
+        peft_model = get_peft_model(pristine, config)
     inner = peft_model.base_model.model
     with torch.no_grad():
         for module, (a, b, _) in layers.items():
@@ -144,9 +145,3 @@ def export_peft(
         "modules_to_save": list(head_modules),
         "max_relative_error": max(errors, default=0.0),
     }
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)

