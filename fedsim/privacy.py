@@ -18,13 +18,11 @@ comes from a seeded generator (reproducible, not cryptographically secure).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsim.compression import clip_joint
@@ -247,7 +245,6 @@ def train_local_dp(
     total_steps: int,
     generator: torch.Generator,
     noise_generator: torch.Generator,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     device: torch.device | None = None,
 ) -> LocalResult:
     """``steps`` DP-SGD steps on Poisson batches; the accountant records each one."""
@@ -284,7 +281,7 @@ def train_local_dp(
             batch = to_device({k: v[idx] for k, v in data.items()}, device)
             # a mean loss: the GradSampleModule (loss_reduction="mean") recovers per-example
             # gradients; DPOptimizer clips them, sums, adds noise, divides by the expected size
-            loss = loss_fn(task.logits(gsm, batch), batch[task.label_key])
+            loss = task.loss(gsm, batch)
             with warnings.catch_warnings():  # inputs need no gradient: the hook's note is moot
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
@@ -408,9 +405,8 @@ def clip_update(
 def private_base_gradients(
     model: nn.Module,
     spec,
-    logits,
+    loss_fn,
     data: Batch,
-    label_key: str,
     clip_norm: float,
     sigma: float,
     generator: torch.Generator,
@@ -420,7 +416,8 @@ def private_base_gradients(
     """LoRA-SB's set-up gradients under DP: the sum over the client's examples of each
     example's gradient with respect to the adapted base weights, clipped to ``clip_norm``
     jointly over all those weights, plus ``N(0, (sigma * clip_norm)^2)`` on every coordinate.
-    One Gaussian mechanism over the examples used (sample rate 1). ``model`` is a throwaway copy.
+    One Gaussian mechanism over the examples used (sample rate 1). ``model`` is a throwaway copy;
+    ``loss_fn(model, batch, reduction)`` is the task's :meth:`~fedsim.tasks.Task.loss`.
     """
     from opacus.grad_sample.utils import prepare_module
 
@@ -435,10 +432,10 @@ def private_base_gradients(
         if isinstance(module, nn.Dropout):
             module.eval()
     total = {m: torch.zeros_like(lin.weight, dtype=torch.float64) for m, lin in bases.items()}
-    n = len(data[label_key])
+    n = len(next(iter(data.values())))
     for start in range(0, n, batch_size):
         batch = to_device({k: v[start : start + batch_size] for k, v in data.items()}, device)
-        loss = F.cross_entropy(logits(gsm, batch), batch[label_key], reduction="sum")
+        loss = loss_fn(gsm, batch, reduction="sum")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()

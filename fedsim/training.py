@@ -8,12 +8,11 @@ order runs it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsim.errors import ConfigError
@@ -143,10 +142,9 @@ def train_local(
     start_step: int,
     total_steps: int,
     generator: torch.Generator,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     device: torch.device | None = None,
 ) -> LocalResult:
-    """Run ``steps`` optimizer steps of ``model`` on ``data`` (cross-entropy by default).
+    """Run ``steps`` optimizer steps of ``model`` on ``data`` (the task's mean loss).
 
     ``data`` stays where it is (the CPU); each batch moves to ``device``, the model's device.
     """
@@ -159,7 +157,7 @@ def train_local(
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(task.logits(model, batch), batch[task.label_key])
+        loss = task.loss(model, batch)
         loss.backward()
         optimizer.step()
         total += float(loss.detach())
@@ -181,7 +179,8 @@ def evaluate(
     batch_size: int | None = None,
     device: torch.device | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` (eval mode, no autograd;
+    """Mean loss and accuracy of ``model`` on ``data`` (the task's: cross-entropy and
+    top-1 for classifiers) (eval mode, no autograd;
     ``batch_size`` defaults to the task's ``eval_batch_size``)."""
     batch_size = batch_size or task.eval_batch_size
     data = task.eval_order(data)
@@ -192,10 +191,9 @@ def evaluate(
     loss_sum, correct = 0.0, 0
     for start in range(0, n, batch_size):
         batch = to_device({k: v[start : start + batch_size] for k, v in data.items()}, device)
-        logits = task.logits(model, batch)
-        y = batch[task.label_key]
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == y).sum())
+        batch_loss, batch_correct = task.eval_sums(model, batch)
+        loss_sum += batch_loss
+        correct += batch_correct
     model.train(was_training)
     if n == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)

@@ -367,9 +367,10 @@ def test_private_set_up_gradients_clip_each_example():
         return private_base_gradients(
             model,
             spec,
-            lambda m, b: m(b["x"]),
+            lambda m, b, reduction: nn.functional.cross_entropy(
+                m(b["x"]), b["label"], reduction=reduction
+            ),
             data,
-            "label",
             clip,
             sigma,
             torch.Generator().manual_seed(1),

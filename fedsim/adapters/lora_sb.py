@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterSpec
@@ -166,15 +165,15 @@ class LoRASB(Adapter):
         self,
         model: nn.Module,
         spec: AdapterSpec,
-        logits,
+        loss_fn,
         data: dict[str, torch.Tensor],
-        label_key: str,
         device: torch.device | None = None,
     ) -> dict[str, np.ndarray]:
         """``G``: the summed gradient of the mean batch loss with respect to each adapted base
         weight, over ``data`` in batches of ``init.batch_size`` (model in eval mode, no step).
 
-        Returns ``{module name: G}`` (m x n, float32). ``logits(model, batch)`` is the task's.
+        Returns ``{module name: G}`` (m x n, float32). ``loss_fn(model, batch)`` is the task's
+        mean loss (:meth:`~fedsim.tasks.Task.loss`).
         """
         weights = {m: model.get_submodule(m).base.weight for m in spec.adapted_modules}
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -186,12 +185,12 @@ class LoRASB(Adapter):
                 p.grad = None
             for w in weights.values():
                 w.requires_grad_(True)
-            n = len(data[label_key])
+            n = len(next(iter(data.values())))
             for start in range(0, n, self.init_batch_size):
                 batch = {k: v[start : start + self.init_batch_size] for k, v in data.items()}
                 if device is not None and device.type != "cpu":
                     batch = {k: v.to(device) for k, v in batch.items()}
-                F.cross_entropy(logits(model, batch), batch[label_key]).backward()
+                loss_fn(model, batch).backward()
             return {
                 m: (
                     w.grad.detach().cpu().numpy().copy()

@@ -194,9 +194,8 @@ class ClientRuntime:
             grads = private_base_gradients(
                 model,
                 spec,
-                c.task.logits,
+                c.task.loss,
                 used,
-                c.task.label_key,
                 self.privacy.clip_norm,
                 sigma,
                 g,
@@ -212,9 +211,7 @@ class ClientRuntime:
             delta = self.privacy.delta_for(n_train)
             values.update({keys.EPSILON: accountant.epsilon(delta), keys.DELTA: delta})
         else:
-            grads = c.adapter.base_gradients(
-                model, spec, c.task.logits, used, c.task.label_key, self.device
-            )
+            grads = c.adapter.base_gradients(model, spec, c.task.loss, used, self.device)
         if self.privacy.central:  # user level: the gradient's direction at norm clip_norm
             grads = scale_to_norm(grads, self.privacy.clip_norm)
         arrays = {spec.base_weight(m): g for m, g in grads.items()}

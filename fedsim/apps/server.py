@@ -235,9 +235,7 @@ class FederatedRun:
         info: dict[str, Any] = {"method": "gradient", "source": adapter.init_source, "eta1": eta1}
         if adapter.init_source == "server":
             data = {k: v[: adapter.init_examples] for k, v in task.server_set().items()}
-            grads = adapter.base_gradients(
-                self.model, spec, task.logits, data, task.label_key, self.device
-            )
+            grads = adapter.base_gradients(self.model, spec, task.loss, data, self.device)
             info["examples"] = len(data[task.label_key])
             info["data"] = "the task's server split (held out from clients and test set)"
             if self.c.privacy.active:

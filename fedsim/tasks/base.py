@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
@@ -64,3 +65,18 @@ class Task(ABC):
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["x"])
+
+    def loss(self, model: nn.Module, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+        """The training loss: each example's loss, averaged (``"mean"``) or summed (``"sum"``)
+        over the batch's examples. Per-example terms are what DP-SGD clips, so a task whose
+        example has many targets (tokens) averages them within the example first."""
+        return F.cross_entropy(
+            self.logits(model, batch), batch[self.label_key], reduction=reduction
+        )
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> tuple[float, int]:
+        """``(summed loss, number correct)`` over an evaluation batch (under ``no_grad``)."""
+        logits = self.logits(model, batch)
+        y = batch[self.label_key]
+        loss = float(F.cross_entropy(logits, y, reduction="sum"))
+        return loss, int((logits.argmax(dim=-1) == y).sum())
