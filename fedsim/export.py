@@ -61,6 +61,7 @@ def export_peft(
     out_dir: Path,
     base_model: str | None = None,
     base_changes: dict[str, np.ndarray] | None = None,
+    task_type: str | None = None,
 ) -> dict[str, Any]:
     """Write ``model``'s change from ``pristine`` (the task's model before any adapter, a
     throwaway copy: PEFT's layers are put into it) as a PEFT LoRA adapter into ``out_dir``;
@@ -68,7 +69,8 @@ def export_peft(
 
     ``base_changes``: what a folding strategy added to each base weight, exactly (float64);
     without it the change is read off the float32 weights, whose rounding would make an SVD
-    see full rank."""
+    see full rank. ``task_type``: PEFT's (``SEQ_CLS``, ``CAUSAL_LM``), so that
+    ``AutoPeftModelFor...`` classes can load the adapter too."""
     from peft import LoraConfig, get_peft_model
 
     params = {k: v.detach().cpu().double().numpy() for k, v in model.named_parameters()}
@@ -106,6 +108,7 @@ def export_peft(
         bias="none",
         init_lora_weights=False,
         base_model_name_or_path=base_model,
+        task_type=task_type,
     )
     with warnings.catch_warnings():  # deprecation notices between peft and transformers
         warnings.simplefilter("ignore", FutureWarning)
@@ -138,6 +141,7 @@ def export_peft(
         "path": out_dir.name,
         "format": "peft LoRA (adapter_config.json, adapter_model.safetensors)",
         "base_model": base_model,
+        "task_type": task_type,
         "modules": len(ranks),
         "rank_min": min(values),
         "rank_max": max(values),

@@ -81,3 +81,11 @@ def hf_task(tmp_path_factory) -> list[str]:
     from tests.tiny_text import hf_overrides
 
     return hf_overrides(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="session")
+def math_task(tmp_path_factory) -> list[str]:
+    """Overrides for ``task=math`` on a tiny random Llama with a character tokenizer."""
+    from tests.tiny_lm import math_overrides
+
+    return math_overrides(tmp_path_factory.mktemp("lm"))

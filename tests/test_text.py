@@ -150,7 +150,7 @@ def test_bfloat16_autocast_runs_close_to_float32(run_tiny, hf_task):
     assert half[-1]["eval_loss"] != full[-1]["eval_loss"]  # autocast did run in bfloat16
 
 
-@pytest.mark.parametrize("task", ["sentiment", "news"])
+@pytest.mark.parametrize("task", ["sentiment", "news", "math"])
 def test_each_packaged_task_checks_as_shipped(task):
     """``fedsim task=<name>`` with everything else at its default (Fed-SB, server init)."""
     from fedsim.config import check, compose

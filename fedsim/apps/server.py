@@ -521,6 +521,7 @@ class FederatedRun:
                 self.spec.output_dir / "adapter",
                 base_model=getattr(task, "model_path", None),
                 base_changes=getattr(self.strategy, "base_delta", None),
+                task_type=task.peft_task_type,
             )
         except Exception as e:  # the run itself succeeded: say why there is no adapter
             log.debug("export failed:\n%s", traceback.format_exc())

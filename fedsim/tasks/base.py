@@ -26,6 +26,9 @@ class Task(ABC):
     head_modules: tuple[str, ...] = ()
     #: linear layers adapted when ``adapter.target_modules`` is not set
     default_target_modules: tuple[str, ...] = ()
+    #: PEFT's task type of the exported adapter (``SEQ_CLS``, ``CAUSAL_LM``; None: a plain
+    #: ``torch.nn`` model that only ``PeftModel.from_pretrained`` loads)
+    peft_task_type: str | None = None
 
     @abstractmethod
     def build_model(self) -> nn.Module:

