@@ -91,13 +91,26 @@ def test_personal_strategies_say_why_they_do_not_export(run_tiny):
     assert summary["export"] == {"skipped": "export=false"} and not (out / "adapter").exists()
 
 
-@pytest.mark.parametrize("strategy", ["fedsb", "fedex"])
-def test_hugging_face_model_exports_load_on_the_base_model(strategy, run_tiny, captured, hf_task):
+@pytest.mark.parametrize(
+    "which, strategy", [("hf", "fedsb"), ("hf", "fedex"), ("math", "fedsb"), ("math", "flora")]
+)
+def test_hugging_face_model_exports_load_on_the_base_model(
+    which, strategy, run_tiny, captured, request
+):
+    """A classifier (tiny BERT) and a causal LM (tiny Llama): ``PeftModel`` on the task's model,
+    and PEFT's ``AutoPeftModelFor...`` from the adapter folder alone, give the simulated logits."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
     from tests.conftest import tiny
 
-    extra = (*hf_task, f"strategy={strategy}")
+    extra = (*request.getfixturevalue(f"{which}_task"), f"strategy={strategy}")
     summary, _, out = run_tiny(*extra)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == summary["export"]["base_model"]
+    task_type = {"hf": "SEQ_CLS", "math": "CAUSAL_LM"}[which]
+    assert config["task_type"] == summary["export"]["task_type"] == task_type
     c, peft_model = load_exported(out / "adapter", tiny(*extra))
     assert_same_logits(c, captured["model"], peft_model)
+    auto = {"hf": AutoPeftModelForSequenceClassification, "math": AutoPeftModelForCausalLM}
+    loaded = auto[which].from_pretrained(str(out / "adapter"))  # binary: the default 2 labels
+    assert_same_logits(c, captured["model"], loaded.eval())
