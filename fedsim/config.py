@@ -42,6 +42,7 @@ SIM_KEYS = {
     "keep_optimizer_state",
     "eval_clients",
     "client_test_fraction",
+    "validation_fraction",
 }
 TOP_KEYS = {
     "task",
@@ -330,6 +331,7 @@ def validate(cfg: dict[str, Any]) -> None:
                 f"must be 'all' or an integer from 0 to sim.num_clients ({n})",
             ) from None
     number("sim.client_test_fraction", sim["client_test_fraction"], 0, 1, high_open=True)
+    number("sim.validation_fraction", sim.get("validation_fraction", 0.0), 0, 1, high_open=True)
     if sim["round_timeout"] is not None:
         number("sim.round_timeout", sim["round_timeout"], low=0, low_open=True)
     device = sim["device"]
@@ -376,6 +378,7 @@ def check(cfg: dict[str, Any]) -> None:
     components.model()
     components.data.check(cfg["sim"]["num_clients"])
     _check_adapter_init(components)
+    _check_validation(components)
     _check_codec(components)
     _check_privacy(components)
     if hasattr(components.engine, "check"):
@@ -384,6 +387,17 @@ def check(cfg: dict[str, Any]) -> None:
 
     resolve_device(cfg["sim"]["device"])
     _CHECKED.add(key)
+
+
+def _check_validation(components) -> None:
+    """A validation split leaves at least one example on each side."""
+    fraction = float(components.sim.get("validation_fraction", 0.0))
+    if fraction == 0.0:
+        return
+    from fedsim.data import validation_split
+
+    n = len(next(iter(components.task.test_set().values())))
+    validation_split(n, fraction)
 
 
 def _check_adapter_init(components) -> None:

@@ -121,3 +121,25 @@ class FederatedData:
             parts = [self.client(c).train for c in range(self.partitioner.num_partitions)]
             self._pooled = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return self._pooled
+
+
+def validation_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the validation split and of the remaining test set, out of a global test set
+    of ``n`` examples (``sim.validation_fraction``). The permutation is fixed (not
+    ``sim.seed``'s), so that every run of a sweep validates and tests on the same examples."""
+    k = int(round(fraction * n))
+    if not 1 <= k <= n - 1:
+        raise ConfigError(
+            "sim.validation_fraction",
+            fraction,
+            f"leaves {k} of the task's {n} test examples for validation: each side needs one",
+        )
+    perm = np.random.default_rng([0, 29]).permutation(n)
+    return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def take(batch: Batch, indices: np.ndarray) -> Batch:
+    import torch
+
+    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    return {k: v[idx] for k, v in batch.items()}

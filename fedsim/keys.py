@@ -11,6 +11,8 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
+VAL_LOSS = "val_loss"  # on the validation split held out of the test set (sim.validation_fraction)
+VAL_ACCURACY = "val_accuracy"
 LOCAL_STEPS = "local_steps"
 
 # Flower's node_config keys (the simulation engines set them on every node).

@@ -26,6 +26,7 @@ import fedsim
 from fedsim import keys
 from fedsim.build import build_components
 from fedsim.config import RunSpec
+from fedsim.data import take, validation_split
 from fedsim.progress import RoundPrinter, human_bytes
 from fedsim.records import array_record, messages_payload, numpy_dict
 from fedsim.results import ResultsWriter
@@ -52,6 +53,13 @@ class FederatedRun:
         self.writer = ResultsWriter(spec.output_dir)
         self.printer = RoundPrinter(self.sim["rounds"], quiet=spec.quiet)
         self.test_set = self.c.task.test_set()
+        self.val_set = None  # sim.validation_fraction: held out of the test set
+        fraction = float(self.sim.get("validation_fraction", 0.0))
+        if fraction > 0:
+            n = len(next(iter(self.test_set.values())))
+            val, test = validation_split(n, fraction)
+            self.val_set = take(self.test_set, val)
+            self.test_set = take(self.test_set, test)
         self.last: dict[str, Any] = {}  # the latest line of metrics.jsonl
         self.totals = {
             "bytes_up": 0,
@@ -195,6 +203,11 @@ class FederatedRun:
             self.strategy.load_global(self.model, self.adapter_spec, numpy_dict(arrays))
             res = evaluate(self.model, self.c.task, self.test_set, device=self.device)
             out = {keys.EVAL_LOSS: res.loss, keys.EVAL_ACCURACY: res.accuracy}
+        if self.val_set is not None:
+            out[keys.VAL_LOSS] = out[keys.VAL_ACCURACY] = None
+            if not self.strategy.personalised:
+                res = evaluate(self.model, self.c.task, self.val_set, device=self.device)
+                out.update({keys.VAL_LOSS: res.loss, keys.VAL_ACCURACY: res.accuracy})
         msgs = list(
             self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
         )
@@ -551,6 +564,14 @@ class FederatedRun:
             "final_eval_accuracy": last.get(keys.EVAL_ACCURACY),
             "final_eval_accuracy_client_mean": last.get("eval_accuracy_client_mean"),
             "final_eval_accuracy_client_min": last.get("eval_accuracy_client_min"),
+            **(
+                {
+                    "final_val_loss": last.get(keys.VAL_LOSS),
+                    "final_val_accuracy": last.get(keys.VAL_ACCURACY),
+                }
+                if self.val_set is not None
+                else {}
+            ),
             "aggregation_error_max": max(self.aggregation_errors, default=None),
             "client_state_bytes": sum(self.state_bytes.values()),
             **self.privacy_summary(),
