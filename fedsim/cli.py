@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import hydra
@@ -24,6 +26,9 @@ from fedsim.config import (
 )
 from fedsim.errors import ConfigCompositionError, ConfigError
 from fedsim.results import METRICS_FILE
+
+#: environment variable naming the file where a sweep's failed jobs are listed
+_SWEEP_FAILURES = "FEDSIM_SWEEP_FAILURES"
 
 # Hydra flags after which fedsim only passes through (they print, they do not run).
 _INFO_FLAGS = {
@@ -167,6 +172,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         output_dir=Path(hc.runtime.output_dir),
         quiet=bool(plain.get("quiet")),
     )
+    sweep_log = os.environ.get(_SWEEP_FAILURES)
     try:
         run_spec(spec)
     except (ConfigError, ConfigCompositionError) as e:  # already caught up front, normally
@@ -174,12 +180,18 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     except Exception as e:
         failed = _run_failed(e)
+        where = spec.output_dir / "summary.json"
+        if sweep_log:  # a sweep goes on: the job's summary.json says why it failed
+            if failed is None:  # a bug (or a plug-in's exception): show where it came from
+                traceback.print_exc()
+            reason = failed if failed is not None else f"{type(e).__name__}: {e}"
+            print(f"fedsim: job failed: {reason} (see {where})", file=sys.stderr)
+            with open(sweep_log, "a", encoding="utf-8") as f:
+                f.write(f"{spec.output_dir}\n")
+            return
         if failed is None:
             raise  # a bug: Hydra prints the traceback
-        print(
-            f"fedsim: run failed: {failed} (see {spec.output_dir / 'summary.json'})",
-            file=sys.stderr,
-        )
+        print(f"fedsim: run failed: {failed} (see {where})", file=sys.stderr)
         sys.exit(1)
 
 
@@ -200,9 +212,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fedsim: error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0] if sys.argv else "fedsim", *argv]
-    hydra.main(config_path=config_search_path(), config_name="config", version_base="1.3")(
-        _hydra_main
-    )()
+    app = hydra.main(config_path=config_search_path(), config_name="config", version_base="1.3")
+    if not _parse(argv)[2]:  # one run
+        app(_hydra_main)()
+        return
+    # a sweep: a failing job is recorded and the others go on (any launcher, any process)
+    fd, log_path = tempfile.mkstemp(prefix="fedsim-sweep-", suffix=".txt")
+    os.close(fd)
+    os.environ[_SWEEP_FAILURES] = log_path
+    try:
+        app(_hydra_main)()
+        failed = Path(log_path).read_text(encoding="utf-8").splitlines()
+    finally:
+        os.environ.pop(_SWEEP_FAILURES, None)
+        Path(log_path).unlink(missing_ok=True)
+    if failed:
+        print(
+            f"fedsim: {len(failed)} job(s) of the sweep failed; the others ran "
+            f"(`fedsim-report {Path(failed[0]).parent}` lists them with the reasons)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -199,6 +199,8 @@ class AdapterStrategy(Strategy):
         self.round_fold: dict[str, np.ndarray] = {}
         #: the aggregation error of the last aggregated round (None: not measured)
         self.last_aggregation_error: float | None = None
+        #: extra numbers the last aggregation reports (logged in that round's metrics line)
+        self.round_metrics: dict[str, float] = {}
         self._frozen_record: ArrayRecord | None = None
         self._decoded: dict[int, dict[str, np.ndarray]] = {}  # this round's decoded payloads
         #: client -> the last round whose compressed message the server aggregated (a client
@@ -206,6 +208,11 @@ class AdapterStrategy(Strategy):
         self.absorbed: dict[int, int] = {}
         #: the global arrays as the round's clients hold them (EF21-P: ``w``, else current)
         self.held: dict[str, np.ndarray] = {}
+
+    @property
+    def name(self) -> str:
+        """The class messages name (a plug-in's own class for a wrapped aggregator)."""
+        return type(self).__name__
 
     # ------------------------------------------------------------------ wiring
     def bind(self, ctx: StrategyContext) -> None:
@@ -225,7 +232,7 @@ class AdapterStrategy(Strategy):
             raise ConfigError(
                 "adapter",
                 adapter.name,
-                f"strategy {type(self).__name__} needs adapter={needs}",
+                f"strategy {self.name} needs adapter={needs}",
             )
 
     def global_names(self, spec: AdapterSpec) -> list[str]:
@@ -379,7 +386,7 @@ class AdapterStrategy(Strategy):
 
     def check_aggregate(self, new: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The global arrays keep their names and shapes; returns them in the global dtypes."""
-        name = type(self).__name__
+        name = self.name
         if set(new) != set(self.current):
             missing, extra = (
                 sorted(set(self.current) - set(new)),
@@ -463,7 +470,7 @@ class AdapterStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+            raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)}")
 
     # ------------------------------------------------------------------ Flower Strategy API
     def train_clients(self, server_round: int) -> list[int]:
@@ -537,6 +544,7 @@ class AdapterStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the good replies; measures :attr:`last_aggregation_error` on the way."""
         self.last_aggregation_error = None
+        self.round_metrics = {}
         updates = self.updates_from(replies)
         if not updates and self.context.central is None:
             return None, None
@@ -550,6 +558,7 @@ class AdapterStrategy(Strategy):
             new = self.aggregate_compressed(server_round, updates)
         if codec is not None and codec.active:
             self.absorbed.update({u.client: server_round for u in updates})
+        checked = self.check_aggregate(new)  # names and shapes first; the diagnostic uses new
         if self.context.aggregation_error and updates:
             truth = [
                 u if u.diagnostic is None else replace(u, arrays=u.diagnostic) for u in updates
@@ -557,7 +566,7 @@ class AdapterStrategy(Strategy):
             truth = self.rebased(truth)
             if codec is None or not codec.active or all(u.diagnostic is not None for u in updates):
                 self.last_aggregation_error = self.aggregation_error(self.current, new, truth)
-        new = self.check_aggregate(new)
+        new = checked
         self.acknowledge(server_round, updates)
         w = self.weights(updates) if updates else []
         metrics = MetricRecord()
@@ -661,7 +670,7 @@ class AdapterStrategy(Strategy):
         )
 
     def summary(self) -> None:
-        log.info("%s(weighted=%s)", type(self).__name__, self.weighted)
+        log.info("%s(weighted=%s)", self.name, self.weighted)
 
 
 def check_arrays(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> str | None:

@@ -383,6 +383,7 @@ class FederatedRun:
             "clients_failed": len(failures),
             "failures": failures,
             "round_skipped": skipped,
+            **({} if skipped else self.strategy.round_metrics),
         }
 
     def record_round(self, server_round: int, arrays: ArrayRecord, train: dict, t0: float) -> None:
