@@ -286,7 +286,7 @@ def mean_ci(values: Iterable[float | None]) -> tuple[float | None, float | None,
 
 def _identity(row: dict[str, Any], swept: Sequence[str], leave_out: Sequence[str]) -> tuple:
     keys = [k for k in swept if k not in leave_out]
-    keys += [k for k in IDENTITY if k not in leave_out]
+    keys += [k for k in IDENTITY if k not in leave_out and ALIASES.get(k) not in swept]
     return tuple((k, str(row.get(k, ""))) for k in keys)
 
 
@@ -464,8 +464,7 @@ def plot_curves(runs: Sequence[Run], columns: Sequence[str], path: Path) -> bool
     import matplotlib.pyplot as plt
 
     swept = [c for c in columns if c not in COLUMNS]
-    rows = [{**run.row, **run.overrides} for run in runs]
-    label_keys = varying(rows, [k for k, _ in _identity({}, swept, (*SEED_KEYS, "strategy"))])
+    candidates = [k for k, _ in _identity({}, swept, (*SEED_KEYS, "strategy"))]
     by_strategy: dict[str, dict[tuple, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         if any(acc is not None for _, acc in run.curve):
@@ -481,14 +480,16 @@ def plot_curves(runs: Sequence[Run], columns: Sequence[str], path: Path) -> bool
         nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False, sharey=True
     )
     for ax, name in zip(axes.flat, names):
+        label_keys = varying([dict(key) for key in by_strategy[name]], candidates)
         for key, members in sorted(by_strategy[name].items()):
             rounds = sorted({r for m in members for r, acc in m.curve if acc is not None})
             means, lows, highs = [], [], []
             for r in rounds:
                 mean, half, _ = mean_ci(dict(m.curve).get(r) for m in members)
+                half = half or 0.0  # accuracy is in [0, 1]: so is its band
                 means.append(mean)
-                lows.append(mean - half if half is not None else mean)
-                highs.append(mean + half if half is not None else mean)
+                lows.append(max(mean - half, 0.0))
+                highs.append(min(mean + half, 1.0))
             label = _label(dict(key), label_keys) or name
             if len(members) > 1:
                 label += f" ({len(members)} seeds)"
@@ -543,16 +544,21 @@ def _scatter(
     if not points:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    label_keys = varying(points, [k for k in swept if k not in (*SEED_KEYS, "strategy")])
-    label_keys += varying(points, [k for k in IDENTITY if k != "strategy" and k not in swept])
+    candidates = [k for k, _ in _identity({}, swept, (*SEED_KEYS, "strategy"))]
     strategies = sorted({str(g.get("strategy")) for g in points})
     colors = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
     for s in strategies:
         mine = [g for g in points if str(g.get("strategy")) == s]
+        label_keys = varying(mine, candidates)  # what tells this strategy's points apart
+        means = [g["final_accuracy_mean"] for g in mine]
+        halves = [g["final_accuracy_ci95"] or 0.0 for g in mine]
         ax.errorbar(
             [g[x_key] for g in mine],
-            [g["final_accuracy_mean"] for g in mine],
-            yerr=[g["final_accuracy_ci95"] or 0.0 for g in mine],
+            means,
+            yerr=[  # accuracy is in [0, 1]: so is its interval
+                [min(h, m) for m, h in zip(means, halves)],
+                [min(h, 1.0 - m) for m, h in zip(means, halves)],
+            ],
             fmt="o",
             color=colors[s],
             capsize=3,
@@ -589,12 +595,17 @@ def _scatter(
             edgecolors="black",
         )
     if log_x:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+        import numpy as np
+        from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(_bytes))
         ax.xaxis.set_minor_formatter(NullFormatter())
+        xs = sorted({g[x_key] for g in points})
+        if xs[-1] / xs[0] < 100:  # within two decades: tick the values themselves
+            ticks = xs if len(xs) <= 6 else list(np.geomspace(xs[0], xs[-1], 6))
+            ax.set_xticks(ticks, [_bytes(t) for t in ticks])
+            ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("final test accuracy (mean over seeds, 95% CI)")
     ax.set_title(title)
