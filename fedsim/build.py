@@ -19,6 +19,7 @@ from fedsim.data import FederatedData
 from fedsim.errors import ComponentError, ConfigError
 from fedsim.feedback import EF21P, Codec, Feedback
 from fedsim.privacy import Privacy
+from fedsim.sinks import Sink
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
 from fedsim.training import Schedule
@@ -36,6 +37,7 @@ GROUP_TYPES: dict[str, type | None] = {
     "feedback": Feedback,
     "downlink": Compressor,
     "privacy": Privacy,
+    "logger": Sink,
 }
 
 
@@ -120,6 +122,7 @@ class Components:
     feedback: Feedback
     downlink: Compressor
     privacy: Privacy
+    logger: Sink
 
     def downlink_codec(self) -> EF21P | None:
         """EF21-P on the downlink, or None (the global arrays travel dense)."""
@@ -182,6 +185,7 @@ def build_components(cfg: dict[str, Any]) -> Components:
     feedback = build("feedback", cfg["feedback"])
     downlink = build("downlink", cfg["downlink"])
     privacy = build("privacy", cfg["privacy"])
+    logger = build("logger", cfg.get("logger", {"_target_": "fedsim.sinks.NoSink"}))
     return Components(
         cfg,
         task,
@@ -195,6 +199,7 @@ def build_components(cfg: dict[str, Any]) -> Components:
         feedback,
         downlink,
         privacy,
+        logger,
     )
 
 

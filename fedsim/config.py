@@ -56,6 +56,7 @@ TOP_KEYS = {
     "feedback",
     "downlink",
     "privacy",
+    "logger",
     *RESERVED_GROUPS,
     "sim",
     "quiet",

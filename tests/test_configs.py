@@ -33,7 +33,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_builds(group, option, hf_task):
-    if group == "experiment":  # presets are added, not chosen; shrunk to the tiny federation
+    if group in ("experiment", "sweep"):  # presets are added, not chosen; shrunk to tiny
         cfg, choices = compose(tiny(f"+{group}={option}", "sim.clients_per_round=2"))
     elif (group, option) in (("task", "hf"), ("partition", "natural")):  # a task with groups
         cfg, choices = compose(tiny(*hf_task, f"{group}={option}"))

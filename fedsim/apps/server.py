@@ -399,6 +399,7 @@ class FederatedRun:
         record["round_time_s"] = now - t0
         record["eval_time_s"] = now - t_eval
         self.writer.append_round(record)
+        self.c.logger.log_round(record)
         self.printer.round(record)
         if record["failures"]:
             first = record["failures"][0]
@@ -416,10 +417,17 @@ class FederatedRun:
         self.totals["bytes_down"] += record["bytes_down"]
         self.last = record
 
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write summary.json (the run's record), then tell the logging sink."""
+        self.writer.write_summary(summary)
+        self.writer.close()
+        self.c.logger.finish(summary)
+
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         sim = self.sim
         self.writer.write_config(self.spec.cfg)
+        self.c.logger.start(self.spec.output_dir, self.spec.cfg, self.spec.choices)
         shown = ("task", "adapter", "strategy", "partition", "engine")
         self.printer.header(
             " ".join(f"{k}={v}" for k, v in self.spec.choices.items() if k in shown)
@@ -453,8 +461,7 @@ class FederatedRun:
             summary = self.summary(
                 time.perf_counter() - t_start, status="failed", error=f"{type(exc).__name__}: {exc}"
             )
-            self.writer.write_summary(summary)
-            self.writer.close()
+            self.finish(summary)
             log.debug("run failed:\n%s", traceback.format_exc())
             raise
         if sim["rounds"] and self.totals["rounds_skipped"] == sim["rounds"]:
@@ -464,13 +471,11 @@ class FederatedRun:
                 f"{sim['min_clients']} good replies (last failure: {first})"
             )
             summary = self.summary(time.perf_counter() - t_start, status="failed", error=error)
-            self.writer.write_summary(summary)
-            self.writer.close()
+            self.finish(summary)
             raise RunFailed(error)
         self.export_info = self.export(arrays)
         summary = self.summary(time.perf_counter() - t_start, status="ok")
-        self.writer.write_summary(summary)
-        self.writer.close()
+        self.finish(summary)
         self.printer.line(
             f"done in {summary['wall_time_s']:.1f} s: "
             + (
