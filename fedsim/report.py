@@ -35,35 +35,6 @@ import yaml
 
 from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
-#: the columns of ``report.csv`` after the swept overrides, in order
-COLUMNS = [
-    "task",
-    "strategy",
-    "adapter",
-    "r",
-    "compressor",
-    "feedback",
-    "privacy",
-    "partition",
-    "num_clients",
-    "clients_per_round",
-    "rounds",
-    "lr",
-    "seed",
-    "status",
-    "rounds_completed",
-    "final_accuracy",
-    "final_loss",
-    "final_val_accuracy",
-    "final_val_loss",
-    "bytes_up",
-    "bytes_down",
-    "epsilon",
-    "wall_time_s",
-    "reason",
-    "run",
-]
-
 #: what identifies a configuration, besides the swept overrides (the seed excepted)
 IDENTITY = [
     "task",
@@ -78,6 +49,24 @@ IDENTITY = [
     "clients_per_round",
     "rounds",
     "lr",
+]
+
+#: the columns of ``report.csv`` after the swept overrides, in order
+COLUMNS = [
+    *IDENTITY,
+    "seed",
+    "status",
+    "rounds_completed",
+    "final_accuracy",
+    "final_loss",
+    "final_val_accuracy",
+    "final_val_loss",
+    "bytes_up",
+    "bytes_down",
+    "epsilon",
+    "wall_time_s",
+    "reason",
+    "run",
 ]
 
 SEED_KEYS = ("sim.seed", "seed")

@@ -83,3 +83,50 @@ class Task(ABC):
         y = batch[self.label_key]
         loss = float(F.cross_entropy(logits, y, reduction="sum"))
         return loss, int((logits.argmax(dim=-1) == y).sum())
+
+
+def by_length(data: Batch) -> Batch:
+    """``data`` with the shortest examples (by attention mask) first: evaluation batches of
+    right-padded text are then cut short."""
+    order = torch.argsort(data["attention_mask"].sum(1), stable=True)
+    return {k: v[order] for k, v in data.items()}
+
+
+class SplitTask(Task):
+    """A task whose examples are split once into the global test set, the server's split and
+    the client pool. Subclasses give :meth:`split` (three index arrays) and :meth:`subset`."""
+
+    server_examples = 0
+
+    def split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def subset(self, indices: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
+        return self.subset(self.split()[2][np.asarray(indices, dtype=np.int64)])
+
+    def test_set(self) -> Batch:
+        return self.subset(self.split()[0])
+
+    def server_size(self) -> int:
+        return self.server_examples
+
+    def server_set(self) -> Batch:
+        return self.subset(self.split()[1])
+
+    def eval_order(self, data: Batch) -> Batch:
+        return by_length(data) if "attention_mask" in data else data
+
+
+def seeded_split(
+    n: int, seed: list[int], test: int, server: int, cap: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One seeded permutation of ``n`` examples cut into the test set (``test``), the server
+    split (``server``) and the client pool (the rest, at most ``cap``)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    pool = perm[test + server :]
+    if cap is not None:
+        pool = pool[:cap]
+    return np.sort(perm[:test]), np.sort(perm[test : test + server]), pool

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.tasks.base import Batch, Task
+from fedsim.tasks.base import Batch, SplitTask, seeded_split
 from fedsim.tasks.text import (
     _quiet_transformers,
     _why_not,
@@ -137,7 +137,7 @@ def load_causal_lm(path: str) -> nn.Module:
 # ----------------------------------------------------------------------------- the task
 
 
-class CausalLMTask(Task):
+class CausalLMTask(SplitTask):
     """A causal language model fine-tuned to answer questions (see the module docstring).
 
     Subclasses provide :meth:`load_pairs`: ``(questions, answers, kinds, kind_names)``, where
@@ -278,12 +278,11 @@ class CausalLMTask(Task):
         """Indices of the test set, the server split and the client pool (seeded)."""
         if self._split is None:
             n = len(self.data["labels"])
-            perm = np.random.default_rng([self.split_seed, 13]).permutation(n)
-            t, s = self.test_examples, self.server_examples
-            self._split = (np.sort(perm[:t]), np.sort(perm[t : t + s]), perm[t + s :])
+            seed = [self.split_seed, 13]
+            self._split = seeded_split(n, seed, self.test_examples, self.server_examples)
         return self._split
 
-    def _examples(self, indices: np.ndarray) -> Batch:
+    def subset(self, indices: np.ndarray) -> Batch:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return {k: v[idx] for k, v in self.data.items()}
 
@@ -295,29 +294,12 @@ class CausalLMTask(Task):
     def pool_groups(self) -> np.ndarray | None:
         return self.pool_labels()
 
-    def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
-        return self._examples(self.split()[2][np.asarray(indices, dtype=np.int64)])
-
-    def test_set(self) -> Batch:
-        return self._examples(self.split()[0])
-
-    def server_size(self) -> int:
-        return self.server_examples
-
-    def server_set(self) -> Batch:
-        return self._examples(self.split()[1])
-
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         model = load_causal_lm(self.model_path)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer().pad_token_id
         return model
-
-    def eval_order(self, data: Batch) -> Batch:
-        """Shortest examples first, so that evaluation batches are cut short."""
-        order = torch.argsort(data["attention_mask"].sum(1), stable=True)
-        return {k: v[order] for k, v in data.items()}
 
     def _autocast(self, device: torch.device):
         return torch.autocast(

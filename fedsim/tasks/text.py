@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.tasks.base import Batch, Task
+from fedsim.tasks.base import Batch, SplitTask, seeded_split
 from fedsim.validate import integer
 
 #: the linear layers of a BERT block: attention projections, attention output, MLP
@@ -215,7 +215,7 @@ def tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Te
 # ----------------------------------------------------------------------------- the task
 
 
-class TextClassificationTask(Task):
+class TextClassificationTask(SplitTask):
     """A pretrained encoder with a classification head on a labelled text corpus.
 
     Parameters
@@ -321,15 +321,13 @@ class TextClassificationTask(Task):
         """Indices of the test set, the server split and the client pool (seeded)."""
         if self._split is None:
             n = len(self.corpus.texts)
-            perm = np.random.default_rng([self.split_seed, 11]).permutation(n)
-            t, s = self.test_examples, self.server_examples
-            pool = perm[t + s :]
-            if self.pool_cap is not None:
-                pool = pool[: self.pool_cap]
-            self._split = (np.sort(perm[:t]), np.sort(perm[t : t + s]), pool)
+            seed = [self.split_seed, 11]
+            self._split = seeded_split(
+                n, seed, self.test_examples, self.server_examples, self.pool_cap
+            )
         return self._split
 
-    def _examples(self, indices: np.ndarray) -> Batch:
+    def subset(self, indices: np.ndarray) -> Batch:
         tokens = self.tokens()
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return {
@@ -345,18 +343,6 @@ class TextClassificationTask(Task):
         groups = self.corpus.groups
         return None if groups is None else np.asarray(groups)[self.split()[2]]
 
-    def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
-        return self._examples(self.split()[2][np.asarray(indices, dtype=np.int64)])
-
-    def test_set(self) -> Batch:
-        return self._examples(self.split()[0])
-
-    def server_size(self) -> int:
-        return self.server_examples
-
-    def server_set(self) -> Batch:
-        return self._examples(self.split()[1])
-
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         model, _ = load_classifier(self.model_path, self.num_classes, self.seed)
@@ -367,11 +353,6 @@ class TextClassificationTask(Task):
     @property
     def head_modules(self) -> tuple[str, ...]:  # what the checkpoint lacks: the new head
         return _pristine(self.model_path, self.num_classes, self.seed)[1]
-
-    def eval_order(self, data: Batch) -> Batch:
-        """Shortest texts first, so that evaluation batches are cut short."""
-        order = torch.argsort(data["attention_mask"].sum(1), stable=True)
-        return {k: v[order] for k, v in data.items()}
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The model's logits (float32); batches are cut to their longest text (the tokenizer
