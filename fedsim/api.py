@@ -18,9 +18,10 @@ from fedsim.results import METRICS_FILE, SUMMARY_FILE
 
 
 def run_spec(spec: RunSpec) -> dict[str, Any]:
-    """Validate ``spec.cfg``, run it on its engine, return the summary it wrote."""
+    """Validate ``spec.cfg``, run it on its engine (from ``spec.resume``'s checkpoint, if
+    given), return the summary it wrote."""
     check(spec.cfg)
-    if (spec.output_dir / METRICS_FILE).exists():
+    if spec.resume is None and (spec.output_dir / METRICS_FILE).exists():
         from fedsim.errors import ConfigError
 
         raise ConfigError(
@@ -35,12 +36,27 @@ def run(
     output_dir: str | Path | None = None,
     quiet: bool = True,
     config_dir: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Compose the config from ``overrides`` (as on the command line) and run it.
 
-    ``output_dir`` must not hold a run yet; by default ``results/api/<date>/<time>``.
+    ``output_dir`` must not hold a run yet; by default ``results/api/<date>/<time>``. With
+    ``resume=True`` it must be given: a finished run there is returned as it is, an unfinished
+    one continues from its checkpoint (or starts again without one).
     """
+    from fedsim import resume as resuming
+
     if output_dir is None:
+        if resume:
+            raise ValueError("resume=True needs the output_dir of the run to continue")
         output_dir = f"results/api/{datetime.now().strftime('%Y-%m-%d/%H-%M-%S-%f')}"
-    cfg, choices = compose(list(overrides), config_dir=config_dir)
-    return run_spec(RunSpec(cfg=cfg, choices=choices, output_dir=Path(output_dir), quiet=quiet))
+    overrides = [*overrides, "resume=true"] if resume else list(overrides)
+    cfg, choices = compose(overrides, config_dir=config_dir)
+    spec = RunSpec(cfg=cfg, choices=choices, output_dir=Path(output_dir), quiet=quiet)
+    if resume:
+        action, spec.resume = resuming.plan(spec.output_dir, cfg)
+        if action == resuming.DONE:
+            return json.loads((spec.output_dir / SUMMARY_FILE).read_text())
+        if action == resuming.RESTART:
+            resuming.clear_partial(spec.output_dir)
+    return run_spec(spec)

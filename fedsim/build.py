@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +16,10 @@ from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.compression import Compressor
 from fedsim.data import FederatedData
 from fedsim.errors import ComponentError, ConfigError
+from fedsim.faults import Faults
 from fedsim.feedback import EF21P, Codec, Feedback
 from fedsim.privacy import Privacy
+from fedsim.schema import check_node
 from fedsim.sinks import Sink
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
@@ -38,6 +39,7 @@ GROUP_TYPES: dict[str, type | None] = {
     "downlink": Compressor,
     "privacy": Privacy,
     "logger": Sink,
+    "faults": Faults,
 }
 
 
@@ -57,12 +59,7 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
     except Exception as e:
         reason = " ".join(str(e).split())
         raise ConfigError(f"{group}._target_", target, f"cannot be imported: {reason}") from None
-    params = _accepted(obj)
-    if params is not None:
-        for key in node:
-            if not key.startswith("_") and key not in params:
-                allowed = ", ".join(sorted(params)) or "(none)"
-                raise ConfigError(f"{group}.{key}", node[key], f"unknown key; allowed: {allowed}")
+    check_node(group, obj, node)  # the group's schema: the target's typed signature
     try:
         built = instantiate(node, **extra, _convert_="all")
     except InstantiationException as e:
@@ -90,16 +87,6 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
     return built
 
 
-def _accepted(obj: Any) -> set[str] | None:
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return {name for name, p in sig.parameters.items() if p.kind is not p.VAR_POSITIONAL}
-
-
 def _first_sentence(text: str) -> str:
     line = " ".join(text.split())
     cut = line.find(". ")
@@ -123,6 +110,7 @@ class Components:
     downlink: Compressor
     privacy: Privacy
     logger: Sink
+    faults: Faults
 
     def downlink_codec(self) -> EF21P | None:
         """EF21-P on the downlink, or None (the global arrays travel dense)."""
@@ -186,6 +174,7 @@ def build_components(cfg: dict[str, Any]) -> Components:
     downlink = build("downlink", cfg["downlink"])
     privacy = build("privacy", cfg["privacy"])
     logger = build("logger", cfg.get("logger", {"_target_": "fedsim.sinks.NoSink"}))
+    faults = build("faults", cfg.get("faults", {"_target_": "fedsim.faults.Faults"}))
     return Components(
         cfg,
         task,
@@ -200,6 +189,7 @@ def build_components(cfg: dict[str, Any]) -> Components:
         downlink,
         privacy,
         logger,
+        faults,
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from fedsim import resume
 from fedsim.apps.server import RunFailed
 from fedsim.config import (
     RunSpec,
@@ -74,11 +75,13 @@ def _parse(argv: list[str]) -> tuple[list[str], dict[str, str], bool, bool]:
     return overrides, flags, multirun, info
 
 
-def prevalidate(argv: list[str]) -> int:
-    """Compose, validate and build every job of the command line; returns the number of jobs."""
+def prevalidate(argv: list[str]) -> tuple[int, list[str]]:
+    """Compose, validate and build every job of the command line; returns the number of jobs
+    and the overrides to add (``resume=true`` finds the folder of the run it continues)."""
     overrides, flags, multirun, info = _parse(argv)
     if info or "rerun" in flags:
-        return 0
+        return 0, []
+    added: list[str] = []
     where = {
         "config_name": flags.get("name", "config"),
         "config_dir": flags.get("dir"),
@@ -94,16 +97,39 @@ def prevalidate(argv: list[str]) -> int:
     for index, job in enumerate(jobs):
         composed = compose_job(job, **where)
         check(composed.cfg)
+        resuming = composed.cfg.get("resume") is True
         if multirun:
-            _check_output_dir("hydra.sweep.dir", Path(composed.sweep_dir) / str(index), job)
+            if resuming and not _given("hydra.sweep.dir", job):
+                raise ConfigError(
+                    "resume",
+                    True,
+                    "a sweep resumes the jobs of one sweep folder: give hydra.sweep.dir=<it>",
+                )
+            folder = Path(composed.sweep_dir) / str(index)
+            _check_output_dir("hydra.sweep.dir", folder, job, composed.cfg)
+        elif resuming and not _given("hydra.run.dir", job):
+            root = Path(composed.run_dir).parent.parent
+            found = resume.find_run(root, composed.cfg)
+            if found is None:
+                raise ConfigError(
+                    "resume",
+                    True,
+                    f"no unfinished run of this configuration with a checkpoint under {root}; "
+                    "name its folder with hydra.run.dir=<folder> or resume=<folder>",
+                )
+            added.append(f"hydra.run.dir={found}")
         else:
-            _check_output_dir("hydra.run.dir", Path(composed.run_dir), job)
+            _check_output_dir("hydra.run.dir", Path(composed.run_dir), job, composed.cfg)
     if fixed_error is not None:
         raise ConfigCompositionError(
             f"{fixed_error}; in a sweep, a key that exists only in some of the swept options "
             "must be written as a sweep itself: key=choice(value)"
         )
-    return len(jobs)
+    return len(jobs), added
+
+
+def _given(key: str, job: list[str]) -> bool:
+    return any(o.split("=", 1)[0] == key for o in job)
 
 
 def _sweeper_params(overrides: list[str], where: dict) -> dict[str, str]:
@@ -136,16 +162,19 @@ def _config_path(path: str | None) -> str | None:
     return str(p if p.is_absolute() else (Path(__file__).parent / p).resolve())
 
 
-def _check_output_dir(key: str, folder: Path, job: list[str]) -> None:
-    """A fixed output folder must be usable and must not hold a run already.
+def _check_output_dir(key: str, folder: Path, job: list[str], cfg: dict) -> None:
+    """A fixed output folder must be usable and must not hold a run already (unless the job
+    resumes it, and then with the same configuration).
 
     The default folders are time-stamped to the microsecond; a folder named on the command
     line may already hold a finished run, which fedsim never overwrites.
     """
-    if not any(o.split("=", 1)[0] == key for o in job):
+    if not _given(key, job):
         return
     shown = str(folder.parent if key == "hydra.sweep.dir" else folder)
-    if (folder / METRICS_FILE).exists():
+    if cfg.get("resume") is True:
+        resume.plan(folder, cfg)  # a ConfigError if the folder holds another configuration
+    elif (folder / METRICS_FILE).exists():
         raise ConfigError(
             key, shown, f"already holds a run ({folder / METRICS_FILE}); choose another folder"
         )
@@ -161,8 +190,6 @@ def _check_output_dir(key: str, folder: Path, job: list[str]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fedsim.api import run_spec
-
     hc = HydraConfig.get()
     plain = to_container(cfg)
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
@@ -173,6 +200,23 @@ def _hydra_main(cfg: DictConfig) -> None:
         quiet=bool(plain.get("quiet")),
     )
     sweep_log = os.environ.get(_SWEEP_FAILURES)
+    if plain.get("resume") is True:
+        action, ckpt = resume.plan(spec.output_dir, plain)
+        if action == resume.DONE:
+            print(f"fedsim: {spec.output_dir} has finished already; nothing to resume")
+            return
+        if action == resume.RESTART:
+            print(f"fedsim: no checkpoint in {spec.output_dir}; starting it again from round 0")
+            resume.clear_partial(spec.output_dir)
+        spec.resume = ckpt
+    _run_job(spec, sweep_log)
+
+
+def _run_job(spec: RunSpec, sweep_log: str | None) -> None:
+    """Run one job; exit status 2 for a configuration mistake, 1 for a failed run (a sweep's
+    job records its failure and returns, so that the other jobs run)."""
+    from fedsim.api import run_spec
+
     try:
         run_spec(spec)
     except (ConfigError, ConfigCompositionError) as e:  # already caught up front, normally
@@ -204,13 +248,76 @@ def _run_failed(exc: BaseException) -> RunFailed | None:
     return None
 
 
+def _resume_folder(argv: list[str]) -> str | None:
+    """The folder of ``resume=<folder>`` on the command line (None: no folder given)."""
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if key == "resume" and eq and value.strip().lower() not in ("true", "false", ""):
+            return value
+    return None
+
+
+def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
+    """``resume=<folder>``: the run in the folder, with the configuration it saved."""
+    from fedsim import checkpoint
+    from fedsim.checkpoint import CHECKPOINT_FILE
+
+    folder = Path(folder_arg)
+    cfg = resume.saved_config(folder)
+    if cfg is None:
+        raise ConfigError("resume", folder_arg, "is not a run folder (no readable config.yaml)")
+    others = [a for a in argv if a.partition("=")[0] not in ("resume", "quiet")]
+    if others:
+        raise ConfigError(
+            "resume",
+            folder_arg,
+            f"continues that run with its saved configuration; drop the other arguments "
+            f"({' '.join(others[:3])})",
+        )
+    ckpt = folder / CHECKPOINT_FILE
+    if resume.finished(folder):
+        raise ConfigError("resume", folder_arg, "holds a finished run; nothing to resume")
+    if not ckpt.is_file():
+        raise ConfigError(
+            "resume",
+            folder_arg,
+            f"has no {CHECKPOINT_FILE} (the run stopped before its first checkpoint, or "
+            "checkpoint.every=0): start it again",
+        )
+    try:
+        header = checkpoint.header(ckpt)
+    except ValueError as e:
+        raise ConfigError("resume", folder_arg, str(e)) from None
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "quiet":
+            cfg["quiet"] = value.strip().lower() == "true"
+    cfg["resume"] = folder_arg
+    check(cfg)
+    return RunSpec(
+        cfg=cfg,
+        choices=dict(header.get("choices", {})),
+        output_dir=folder,
+        quiet=bool(cfg.get("quiet")),
+        resume=ckpt,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    folder = _resume_folder(argv)
     try:
-        prevalidate(argv)
+        if folder is not None:
+            spec = _resume_saved(folder, argv)
+        else:
+            _, added = prevalidate(argv)
     except (ConfigError, ConfigCompositionError) as e:
         print(f"fedsim: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if folder is not None:
+        _run_job(spec, None)
+        return
+    argv = [*argv, *added]
     sys.argv = [sys.argv[0] if sys.argv else "fedsim", *argv]
     app = hydra.main(config_path=config_search_path(), config_name="config", version_base="1.3")
     if not _parse(argv)[2]:  # one run

@@ -24,9 +24,6 @@ from fedsim.validate import boolean, integer, number
 CONFIG_MODULE = "fedsim.conf"
 CONFIG_NAME = "config"
 
-#: groups that exist so later features slot in; ``none`` is their only option for now
-RESERVED_GROUPS = ("faults",)
-
 SIM_KEYS = {
     "aggregation_error",
     "device",
@@ -57,11 +54,16 @@ TOP_KEYS = {
     "downlink",
     "privacy",
     "logger",
-    *RESERVED_GROUPS,
+    "faults",
     "sim",
     "quiet",
     "export",
+    "checkpoint",
+    "resume",
 }
+CHECKPOINT_KEYS = {"every", "keep"}
+#: keys a resumed run may change: they do not change what the run computes
+RESUME_FREE = ("resume", "quiet", "checkpoint")
 
 
 @dataclass
@@ -72,6 +74,8 @@ class RunSpec:
     choices: dict[str, str]
     output_dir: Path
     quiet: bool = False
+    #: a checkpoint to continue from (``resume``); None: start at round 0
+    resume: Path | None = None
 
 
 # ----------------------------------------------------------------------------- composition
@@ -340,18 +344,25 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("sim.device", device, "must be cpu, cuda, cuda:<index> or auto")
     boolean("quiet", cfg.get("quiet", False))
     boolean("export", cfg.get("export", True))
+    ck = cfg.get("checkpoint", {})
+    if not isinstance(ck, dict):
+        raise ConfigError("checkpoint", ck, "must be a mapping with keys every, keep")
+    for key in sorted(set(ck) - CHECKPOINT_KEYS):
+        allowed = ", ".join(sorted(CHECKPOINT_KEYS))
+        raise ConfigError(f"checkpoint.{key}", ck[key], f"unknown key; allowed: {allowed}")
+    integer("checkpoint.every", ck.get("every", 1), low=0)
+    boolean("checkpoint.keep", ck.get("keep", False))
+    resume = cfg.get("resume", False)
+    if not isinstance(resume, bool) and not (isinstance(resume, str) and resume.strip()):
+        raise ConfigError("resume", resume, "must be true, false or the folder of a run")
 
     groups = ("task", "adapter", "strategy", "partition", "engine", "optimizer", "schedule")
-    for group in (*groups, "compressor", "feedback", "downlink", "privacy"):
+    for group in (*groups, "compressor", "feedback", "downlink", "privacy", "faults"):
         node = cfg.get(group)
         if not isinstance(node, dict) or "_target_" not in node:
             raise ConfigError(
                 group, node, "must be a config with a _target_ (pick one from conf/" + group + ")"
             )
-    for group in RESERVED_GROUPS:
-        node = cfg.get(group)
-        if not isinstance(node, dict) or node.get("name") != "none":
-            raise ConfigError(group, node, "only 'none' is available in this version")
     parts = cfg["partition"].get("num_partitions")
     if parts != n:
         raise ConfigError("partition.num_partitions", parts, f"must equal sim.num_clients ({n})")
@@ -384,6 +395,15 @@ def check(cfg: dict[str, Any]) -> None:
     _check_privacy(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
+    if cfg.get("resume", False) is not False and not getattr(
+        components.engine, "checkpoints", False
+    ):
+        raise ConfigError(
+            "resume",
+            cfg["resume"],
+            f"engine {components.engine.name} keeps client states in its own processes; "
+            "checkpoints and resume need engine=inline",
+        )
     from fedsim.training import resolve_device
 
     resolve_device(cfg["sim"]["device"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,36 @@ class FoldingStrategy(AdapterStrategy):
             if not all(total >= dense for total, dense in sizes):
                 break
             self.pruned_upto = self.folds.pop(0).round
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "base_delta": dict(self.base_delta),
+            "folds": [
+                {
+                    "round": f.round,
+                    "factors": {m: None if lr is None else list(lr) for m, lr in f.factors.items()},
+                }
+                for f in self.folds
+            ],
+            "pruned_upto": self.pruned_upto,
+            "latest_fold": self.latest_fold,
+            "version": dict(self.version),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.base_delta = dict(state["base_delta"])
+        self.folds = [
+            Fold(
+                int(f["round"]),
+                {m: None if lr is None else (lr[0], lr[1]) for m, lr in f["factors"].items()},
+            )
+            for f in state["folds"]
+        ]
+        self.pruned_upto = int(state["pruned_upto"])
+        self.latest_fold = int(state["latest_fold"])
+        self.version = {int(c): int(v) for c, v in state["version"].items()}
+        super().load_state_dict(state)
 
     def catch_up(self, client: int) -> dict[str, np.ndarray]:
         """The arrays that make ``client``'s base current (REFERENCE section 2)."""

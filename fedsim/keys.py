@@ -36,6 +36,7 @@ STATE_PRIVACY = "fedsim.privacy"  # ArrayRecord: the client's accountant history
 EPSILON = "epsilon"  # MetricRecord keys of a DP client's reply
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
+DELAY = "simulated-delay-s"  # MetricRecord key: a straggler's simulated delay (fedsim.faults)
 ABSORBED = "absorbed"  # ConfigRecord key: the last round the server aggregated your message
 
 # A reply's side channel: the uncompressed trained arrays, for the aggregation error only

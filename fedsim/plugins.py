@@ -125,16 +125,21 @@ class PluginStrategy(AdapterStrategy):
                 ) from None
         return dict(out)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
+    def state_dict(self) -> dict[str, Any]:
+        """fedsim's bookkeeping, plus the aggregator's own ``state_dict()`` under
+        ``aggregator`` (checkpoints save it; ``{}`` for an aggregator without state)."""
+        own = {}
         if hasattr(self.aggregator, "state_dict"):
-            return {k: np.asarray(v) for k, v in self.aggregator.state_dict().items()}
-        return {}
+            own = {str(k): np.asarray(v) for k, v in self.aggregator.state_dict().items()}
+        return {**super().state_dict(), "aggregator": own}
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        own = dict(state.get("aggregator", {}))
         if hasattr(self.aggregator, "load_state_dict"):
-            self.aggregator.load_state_dict(dict(state))
-        else:
-            super().load_state_dict(state)
+            self.aggregator.load_state_dict(own)
+        elif own:
+            raise ValueError(f"{self.name} keeps no state, got keys {sorted(own)}")
+        super().load_state_dict(state)
 
 
 def as_strategy(obj: Any, target: str) -> AdapterStrategy:

@@ -60,6 +60,32 @@ class ResultsWriter:
         self._metrics.flush()
         os.fsync(self._metrics.fileno())
 
+    def resume(self, upto_round: int) -> None:
+        """Continue this folder's run after ``upto_round``: ``metrics.jsonl`` keeps its lines
+        up to that round (rounds after the checkpoint, and a line half-written by a kill, are
+        dropped; rewritten atomically), a stale ``summary.json`` goes, and new rounds append."""
+        path = self.out_dir / METRICS_FILE
+        kept: list[str] = []
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a kill in the middle of writing this line
+                    if not line.endswith("\n") or row.get("round", upto_round + 1) > upto_round:
+                        break
+                    kept.append(line)
+        rounds = [json.loads(line)["round"] for line in kept]
+        if rounds != list(range(upto_round + 1)):
+            raise ValueError(
+                f"{path} holds rounds {rounds[:3]}...{rounds[-3:]}; the checkpoint is after "
+                f"round {upto_round}, so rounds 0..{upto_round} must be there"
+            )
+        write_atomic(path, "".join(kept))
+        (self.out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+        self._metrics = open(path, "a", encoding="utf-8")
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_atomic(self.out_dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2) + "\n")
 
@@ -70,9 +96,21 @@ class ResultsWriter:
 
 
 def read_metrics(path: Path | str) -> list[dict[str, Any]]:
-    """The rounds of a ``metrics.jsonl`` (or of the run folder holding it)."""
+    """The rounds of a ``metrics.jsonl`` (or of the run folder holding it). A last line that
+    a kill cut short (no newline, not valid JSON) is left out; any other bad line is an error."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise
+    return rows

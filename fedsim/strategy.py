@@ -464,13 +464,29 @@ class AdapterStrategy(Strategy):
             worst = err if worst is None else max(worst, err)
         return worst
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Server state that must survive a round beyond the global arrays (none by default)."""
-        return {}
+    def state_dict(self) -> dict[str, Any]:
+        """The server state that must survive a round beyond the global arrays, as a state
+        tree (nested dicts and lists of numbers, strings and numpy arrays; see
+        :mod:`fedsim.checkpoint`). Checkpoints save it and :meth:`load_state_dict` restores it.
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if state:
-            raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)}")
+        The base class keeps the frozen adapter factors, which clients hold them and which
+        compressed messages it absorbed. A strategy with state of its own extends the dict
+        (``{**super().state_dict(), "mine": ...}``) and reads its part back in its own
+        :meth:`load_state_dict` before calling ``super()``; what the server rebuilds each round
+        (``current``, this round's decoded payloads) is not state.
+        """
+        return {
+            "frozen": dict(self.frozen),
+            "has_frozen": sorted(self.has_frozen),
+            "absorbed": dict(self.absorbed),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.frozen = dict(state["frozen"])
+        self._frozen_record = None
+        self.has_frozen = {int(c) for c in state["has_frozen"]}
+        self.absorbed = {int(c): int(r) for c, r in state["absorbed"].items()}
 
     # ------------------------------------------------------------------ Flower Strategy API
     def train_clients(self, server_round: int) -> list[int]:
@@ -521,7 +537,13 @@ class AdapterStrategy(Strategy):
             if msg.has_error():
                 continue
             metrics = dict(msg.content[keys.METRICS])
-            for key in (keys.STATE_BYTES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER):
+            for key in (
+                keys.STATE_BYTES,
+                keys.EPSILON,
+                keys.DELTA,
+                keys.NOISE_MULTIPLIER,
+                keys.DELAY,
+            ):
                 metrics.pop(key, None)  # bookkeeping the server reads itself
             content = msg.content
             out.append(
@@ -732,6 +754,13 @@ class PersonalStrategy(AdapterStrategy):
 
     def personal_names(self, spec: AdapterSpec) -> list[str]:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial_personal": dict(self.initial_personal)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.initial_personal = dict(state["initial_personal"])
+        super().load_state_dict(state)
 
     def global_names(self, spec: AdapterSpec) -> list[str]:
         personal = set(self.personal_names(spec))

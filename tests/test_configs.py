@@ -151,6 +151,31 @@ BAD = [
         ["partition=iid", "sim.num_clients=300", "task.examples_per_client=1"],
         "get fewer than 2 examples",
     ),
+    # fault injection, checkpoints, resume
+    (["faults=explode"], "faults=explode: unknown option; allowed: corrupt, crash, mixed"),
+    (["faults=crash", "faults.crash_prob=2"], "faults.crash_prob=2: must be a number in [0, 1]"),
+    (["faults.crash_prob=often"], "faults.crash_prob=often: must be a number"),
+    (["faults.straggler_prob=-0.5"], "faults.straggler_prob=-0.5: must be a number in [0, 1]"),
+    (["faults.delay=gamma"], "faults.delay=gamma: must be one of constant, uniform, exponential"),
+    (["faults.delay_scale=0"], "faults.delay_scale=0: must be a finite number > 0"),
+    (["faults.deadline=-1"], "faults.deadline=-1: must be a finite number > 0"),
+    (["faults.corrupt_kinds=[zero]"], "faults.corrupt_kinds=['zero']: must be a non-empty list"),
+    (["faults.corrupt_kinds=nan"], "faults.corrupt_kinds=nan: must be a list of strings"),
+    (["+faults.flaky=1"], "faults.flaky=1: unknown key; allowed: corrupt_kinds, corrupt_prob"),
+    (["checkpoint.every=-1"], "checkpoint.every=-1: must be an integer >= 0"),
+    (["checkpoint.every=often"], "checkpoint.every=often: must be an integer >= 0"),
+    (["checkpoint.keep=maybe"], "checkpoint.keep=maybe: must be true or false"),
+    (["+checkpoint.when=1"], "checkpoint.when=1: unknown key; allowed: every, keep"),
+    (["resume=1"], "resume=1: is not a run folder"),
+    (["resume=true", "engine=ray"], "resume=True: engine ray keeps client states in its own"),
+    # the schema: each group's keys have the types of its class's signature
+    (["task.hidden_dim=wide"], "task.hidden_dim=wide: must be an integer"),
+    (["adapter.r=1.5"], "adapter.r=1.5: must be an integer"),
+    (["strategy.weighted=2"], "strategy.weighted=2: must be true or false"),
+    (["engine.num_threads=1.5"], "engine.num_threads=1.5: must be an integer"),
+    (["compressor=topk", "compressor.scope=1"], "compressor.scope=1: must be a string"),
+    (["optimizer.eps=tiny"], "optimizer.eps=tiny: must be a number"),
+    (["adapter.target_modules={a: 1}"], "adapter.target_modules={'a': 1}: must be a list of"),
 ]
 
 
@@ -283,3 +308,36 @@ def test_command_line_exit_status_and_no_traceback(args, tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_docs_config_holds_the_current_schema_of_every_group():
+    """docs/config.md's reference is what `python -m fedsim.schema` prints now."""
+    from fedsim.schema import conf_folder, reference
+
+    generated = reference(conf_folder())
+    assert generated in (ROOT / "docs" / "config.md").read_text(), (
+        "docs/config.md is stale: regenerate its reference with python -m fedsim.schema"
+    )
+    groups = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()} - {"experiment", "sweep"}
+    assert all(f"### `{g}`" in generated for g in groups - {"__pycache__"})
+
+
+@pytest.mark.parametrize(
+    "hint, good, bad",
+    [
+        (int, [0, -3], [1.5, True, "1", None]),
+        (float, [1, 0.5], [True, "x", None]),
+        ("int | None", [None, 2], [2.0]),
+        ("list[str]", [[], ["a"]], ["a", [1]]),
+        ("dict", [{}], [[]]),
+        ("typing.Literal['a', 'b']", ["a"], ["c"]),
+    ],
+)
+def test_schema_types_admit_what_they_say(hint, good, bad):
+    import typing  # noqa: F401  (used by the evaluated hints)
+
+    from fedsim.schema import admits, describe
+
+    h = eval(hint) if isinstance(hint, str) else hint
+    assert all(admits(h, v) for v in good), describe(h)
+    assert not any(admits(h, v) for v in bad), describe(h)

@@ -47,7 +47,7 @@ def test_a_client_that_never_replies_fails_after_the_round_timeout(tmp_path):
     for row in rows[1:]:
         assert row["clients_ok"] == 3 and row["clients_failed"] == 1
         assert row["failures"] == [
-            {"client": 2, "reason": "no reply within sim.round_timeout=0.2 s"}
+            {"client": 2, "kind": "no_reply", "reason": "no reply within sim.round_timeout=0.2 s"}
         ]
 
 

@@ -158,8 +158,25 @@ def test_a_stateful_plug_in_logs_its_metrics_and_saves_state(user_dir, tmp_path)
     cfg = compose(tiny("strategy=momentum"), config_dir=str(user_dir / "conf"))[0]
     strategy = build_components(cfg).strategy
     assert isinstance(strategy, PluginStrategy) and not strategy.weighted
-    strategy.load_state_dict({"w": np.ones(2)})
-    assert np.array_equal(strategy.state_dict()["w"], np.ones(2))
+    strategy.load_state_dict({**strategy.state_dict(), "aggregator": {"w": np.ones(2)}})
+    assert np.array_equal(strategy.state_dict()["aggregator"]["w"], np.ones(2))
+    assert np.array_equal(strategy.aggregator.velocity["w"], np.ones(2))
+
+
+def test_a_stateful_plug_in_resumes_exactly_from_a_checkpoint(user_dir, tmp_path, monkeypatch):
+    from fedsim.api import run
+    from fedsim.results import read_metrics
+    from tests.test_checkpoint import crash_after
+
+    args = tiny("strategy=momentum", "sim.rounds=4")
+    full = run(args, output_dir=tmp_path / "full", config_dir=str(user_dir / "conf"))
+    with crash_after(2, monkeypatch):
+        run(args, output_dir=tmp_path / "cut", config_dir=str(user_dir / "conf"))
+    resumed = run(args, output_dir=tmp_path / "cut", config_dir=str(user_dir / "conf"), resume=True)
+    assert resumed["resumed_from"] == [2] and full["status"] == resumed["status"] == "ok"
+    assert strip_timings(read_metrics(tmp_path / "cut")) == strip_timings(
+        read_metrics(tmp_path / "full")
+    )
 
 
 @pytest.mark.parametrize(

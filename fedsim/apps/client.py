@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedsim import keys
 from fedsim.build import Components, build_components
 from fedsim.compression import scale_to_norm
+from fedsim.faults import corrupt_arrays
 from fedsim.privacy import (
     Accountant,
     clip_update,
@@ -69,6 +70,12 @@ class ClientRuntime:
         c, sim = self.c, self.c.sim
         call = self._call(msg, context)
         client, server_round, state = call.client, call.server_round, call.state
+        fault = c.faults.draw(sim["seed"], server_round, client)
+        if fault.crash:  # before anything: the client's state stays as it was
+            raise InjectedCrash(
+                f"injected crash (faults.crash_prob={c.faults.crash_prob:g}) of client {client} "
+                f"in round {server_round}"
+            )
         arrays = numpy_dict(msg.content[keys.ARRAYS])
         if self.downlink is not None:  # EF21-P: rebuild w from the stored copy and the steps
             arrays = self.downlink.receive(arrays, state)
@@ -124,6 +131,11 @@ class ClientRuntime:
             records = {keys.ARRAYS: array_record(payload)}
             if sim["aggregation_error"]:  # measurement only, not traffic
                 records[keys.DIAGNOSTIC] = array_record(trained)
+        if fault.corrupt is not None:  # what travels is spoiled; the client's state is not
+            spoiled = corrupt_arrays(
+                numpy_dict(records[keys.ARRAYS]), fault.corrupt, sim["seed"], server_round, client
+            )
+            records[keys.ARRAYS] = array_record(spoiled)
         num_examples = len(train_data[c.task.label_key])
         metrics = MetricRecord(
             {
@@ -131,6 +143,7 @@ class ClientRuntime:
                 keys.TRAIN_LOSS: result.loss,
                 keys.STATE_BYTES: state_bytes(state),
                 **privacy_metrics,
+                **({keys.DELAY: fault.delay} if fault.straggler else {}),
             }
         )
         content = RecordDict({**records, keys.METRICS: metrics})
@@ -235,6 +248,10 @@ class ClientRuntime:
         else:
             values = {keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: 0.0, keys.EVAL_ACCURACY: 0.0}
         return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
+
+
+class InjectedCrash(RuntimeError):
+    """A client crash injected by ``faults.crash_prob`` (the reply is an error, as a crash's)."""
 
 
 def state_bytes(state: RecordDict) -> int:

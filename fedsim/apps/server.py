@@ -14,6 +14,7 @@ import platform
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import flwr
@@ -23,13 +24,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 import fedsim
-from fedsim import keys
+from fedsim import checkpoint, keys
 from fedsim.build import build_components
+from fedsim.checkpoint import CHECKPOINT_FILE
 from fedsim.config import RunSpec
 from fedsim.data import take, validation_split
+from fedsim.privacy import Accountant
 from fedsim.progress import RoundPrinter, human_bytes
 from fedsim.records import array_record, messages_payload, numpy_dict
 from fedsim.results import ResultsWriter
+from fedsim.resume import comparable
 from fedsim.strategy import StrategyContext, check_arrays
 from fedsim.training import evaluate
 
@@ -70,6 +74,8 @@ class FederatedRun:
             "sent": 0,
             "rounds_skipped": 0,
             "clients_failed": 0,
+            "clients_failed_by_kind": {},
+            "faults_injected": {},
         }
         self.aggregation_errors: list[float] = []
         self.state_bytes: dict[int, int] = {}  # client -> bytes of arrays in its Context.state
@@ -84,6 +90,12 @@ class FederatedRun:
             )
         self._round = 0
         self.adapter_init: dict[str, Any] = {}
+        ck = spec.cfg.get("checkpoint", {})
+        self.checkpoint_every = int(ck.get("every", 1))
+        self.checkpoint_keep = bool(ck.get("keep", False))
+        self.checkpoint_info: dict[str, Any] = {"every": self.checkpoint_every, "written": 0}
+        self.elapsed_before = 0.0  # wall seconds of the run's earlier parts (resumed runs)
+        self.resumed_from: list[int] = []
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -162,21 +174,50 @@ class FederatedRun:
             client = self.strategy.context.client_of[msg.metadata.dst_node_id]
             reply = by_id.get(msg.metadata.message_id)
             if reply is None:
+                kind = "no_reply"
                 reason = f"no reply within sim.round_timeout={self.sim['round_timeout']} s"
             elif reply.has_error():
+                kind = "error"
                 reason = (
                     (reply.error.reason or f"error code {reply.error.code}")
                     .strip()
                     .splitlines()[-1]
                 )
             else:
-                reason = check(reply)
+                kind, reason = "late", self.late_reason(reply)
+                if reason is None:
+                    kind, reason = "rejected", check(reply)
             if reason is None:
                 good.append((client, reply))
             else:
-                failures.append({"client": client, "reason": reason})
+                failures.append({"client": client, "kind": kind, "reason": reason})
         good.sort(key=lambda cr: cr[0])
         return [r for _, r in good], failures
+
+    def late_reason(self, reply: Message) -> str | None:
+        """Why a straggler's reply is dropped: its simulated delay is past ``faults.deadline``."""
+        faults = self.c.faults
+        if faults.deadline is None or keys.METRICS not in reply.content.metric_records:
+            return None
+        delay = reply.content[keys.METRICS].get(keys.DELAY)
+        if delay is None or not faults.late(float(delay)):
+            return None
+        return f"late: simulated delay {float(delay):.2f} s > faults.deadline={faults.deadline:g} s"
+
+    def injected(self, server_round: int, sent: list[Message]) -> dict[str, int]:
+        """How many of the round's clients the fault injector crashed, slowed and corrupted
+        (the clients' own draws, recomputed: see :mod:`fedsim.faults`)."""
+        faults, client_of = self.c.faults, self.strategy.context.client_of
+        draws = [
+            faults.draw(self.sim["seed"], server_round, client_of[m.metadata.dst_node_id])
+            for m in sent
+        ]
+        return {
+            "crash": sum(d.crash for d in draws),
+            "straggler": sum(d.straggler for d in draws),
+            "late": sum(faults.late(d.delay) for d in draws),
+            "corrupt": sum(d.corrupt is not None for d in draws),
+        }
 
     @staticmethod
     def _missing_records(reply: Message) -> str | None:
@@ -372,6 +413,9 @@ class FederatedRun:
                 "epsilon": max(eps, default=0.0),
                 "epsilon_mean": sum(eps) / self.sim["num_clients"],
             }
+        faults = (
+            {"faults_injected": self.injected(server_round, sent)} if self.c.faults.active else {}
+        )
         return arrays, {
             keys.TRAIN_LOSS: train_loss,
             **privacy,
@@ -383,6 +427,7 @@ class FederatedRun:
             "clients_failed": len(failures),
             "failures": failures,
             "round_skipped": skipped,
+            **faults,
             **({} if skipped else self.strategy.round_metrics),
         }
 
@@ -413,6 +458,12 @@ class FederatedRun:
             self.printer.warning(message)
         self.totals["rounds_skipped"] += int(record["round_skipped"])
         self.totals["clients_failed"] += record["clients_failed"]
+        for failure in record["failures"]:
+            kinds = self.totals["clients_failed_by_kind"]
+            kinds[failure["kind"]] = kinds.get(failure["kind"], 0) + 1
+        for kind, n in record.get("faults_injected", {}).items():
+            injected = self.totals["faults_injected"]
+            injected[kind] = injected.get(kind, 0) + n
         self.totals["bytes_up"] += record["bytes_up"]
         self.totals["bytes_down"] += record["bytes_down"]
         self.last = record
@@ -426,7 +477,9 @@ class FederatedRun:
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         sim = self.sim
-        self.writer.write_config(self.spec.cfg)
+        resume = self.load_checkpoint() if self.spec.resume is not None else None
+        if resume is None:
+            self.writer.write_config(self.spec.cfg)
         self.c.logger.start(self.spec.output_dir, self.spec.cfg, self.spec.choices)
         shown = ("task", "adapter", "strategy", "partition", "engine")
         self.printer.header(
@@ -450,16 +503,23 @@ class FederatedRun:
                 )
             )
             self.strategy.summary()
-            setup = self.initialize_adapter()
-            arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
-            self.record_round(0, arrays, setup, t0)
-            for server_round in range(1, sim["rounds"] + 1):
+            if resume is None:
+                setup = self.initialize_adapter()
+                arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
+                self.record_round(0, arrays, setup, t0)
+                self.checkpoint(0, arrays, t_start)
+                first = 1
+            else:
+                arrays = self.restore(resume)
+                first = int(resume["round"]) + 1
+            for server_round in range(first, sim["rounds"] + 1):
                 t0 = time.perf_counter()
                 arrays, train = self.train_round(server_round, arrays)
                 self.record_round(server_round, arrays, train, t0)
+                self.checkpoint(server_round, arrays, t_start)
         except Exception as exc:
             summary = self.summary(
-                time.perf_counter() - t_start, status="failed", error=f"{type(exc).__name__}: {exc}"
+                self.elapsed(t_start), status="failed", error=f"{type(exc).__name__}: {exc}"
             )
             self.finish(summary)
             log.debug("run failed:\n%s", traceback.format_exc())
@@ -470,12 +530,13 @@ class FederatedRun:
                 f"every round was skipped: no round had sim.min_clients="
                 f"{sim['min_clients']} good replies (last failure: {first})"
             )
-            summary = self.summary(time.perf_counter() - t_start, status="failed", error=error)
+            summary = self.summary(self.elapsed(t_start), status="failed", error=error)
             self.finish(summary)
             raise RunFailed(error)
         self.export_info = self.export(arrays)
-        summary = self.summary(time.perf_counter() - t_start, status="ok")
+        summary = self.summary(self.elapsed(t_start), status="ok")
         self.finish(summary)
+        self.drop_checkpoint()
         self.printer.line(
             f"done in {summary['wall_time_s']:.1f} s: "
             + (
@@ -493,6 +554,123 @@ class FederatedRun:
             )
         )
         return summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def elapsed(self, t_start: float) -> float:
+        """Wall seconds of the whole run, earlier parts of a resumed run included."""
+        return self.elapsed_before + time.perf_counter() - t_start
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.spec.output_dir / CHECKPOINT_FILE
+
+    def checkpoint(self, server_round: int, arrays: ArrayRecord, t_start: float) -> None:
+        """Write the checkpoint after ``server_round`` when it is due (``checkpoint.every``;
+        the last round only with ``checkpoint.keep``: a finished run needs none)."""
+        every = self.checkpoint_every
+        if every == 0 or not hasattr(self.grid, "node_states"):
+            return
+        last = server_round == self.sim["rounds"]
+        if (server_round % every and not last) or (last and not self.checkpoint_keep):
+            return
+        t0 = time.perf_counter()
+        size = checkpoint.save(
+            self.checkpoint_path, self.checkpoint_state(server_round, arrays, t_start)
+        )
+        self.checkpoint_info.update(
+            written=self.checkpoint_info["written"] + 1,
+            last_round=server_round,
+            bytes=size,
+            write_time_s=time.perf_counter() - t0,
+        )
+
+    def drop_checkpoint(self) -> None:
+        """A finished run keeps its checkpoint only with ``checkpoint.keep``."""
+        tmp = self.checkpoint_path.with_name(f".{CHECKPOINT_FILE}.tmp")  # a kill mid-write
+        tmp.unlink(missing_ok=True)
+        if not self.checkpoint_keep and self.checkpoint_path.exists():
+            self.checkpoint_path.unlink()
+            checkpoint.sync_folder(self.spec.output_dir)
+
+    def checkpoint_state(self, server_round: int, arrays: ArrayRecord, t_start: float) -> dict:
+        """Everything the run needs to continue after ``server_round`` (see
+        :mod:`fedsim.checkpoint`)."""
+        ctx = self.strategy.context
+        clients = {
+            ctx.client_of[node]: checkpoint.record_dict_state(state)
+            for node, state in self.grid.node_states().items()
+        }
+        return {
+            "format": checkpoint.FORMAT,
+            "round": server_round,
+            "config": comparable(self.spec.cfg),
+            "choices": dict(self.spec.choices),
+            "fedsim": fedsim.__version__,
+            "arrays": numpy_dict(arrays),
+            "strategy": self.strategy.state_dict(),
+            "feedback": ctx.codec.feedback.state_dict() if ctx.codec is not None else None,
+            "downlink": ctx.downlink.state_dict() if ctx.downlink is not None else None,
+            "central": None if self.central is None else list(self.central.accountant.history),
+            "clients": clients,
+            "run": {
+                "totals": self.totals,
+                "aggregation_errors": self.aggregation_errors,
+                "state_bytes": self.state_bytes,
+                "epsilons": self.epsilons,
+                "last": self.last,
+                "adapter_init": self.adapter_init,
+                "elapsed_s": self.elapsed(t_start),
+                "resumed_from": self.resumed_from,
+                "checkpoints_written": self.checkpoint_info["written"] + 1,
+            },
+            "rng": checkpoint.rng_state(),
+        }
+
+    def load_checkpoint(self) -> dict:
+        """Read the checkpoint to resume from, and cut ``metrics.jsonl`` back to its round."""
+        state = checkpoint.load(self.spec.resume)
+        if state.get("format") != checkpoint.FORMAT:
+            raise RunFailed(
+                f"{self.spec.resume} has checkpoint format {state.get('format')}; this fedsim "
+                f"reads format {checkpoint.FORMAT}"
+            )
+        if state["config"] != comparable(self.spec.cfg):
+            raise RunFailed(f"{self.spec.resume} belongs to another configuration")
+        self.writer.resume(int(state["round"]))
+        return state
+
+    def restore(self, state: dict) -> ArrayRecord:
+        """Put the server, the strategy and every client back where the checkpoint left
+        them; returns the global arrays."""
+        ctx = self.strategy.context
+        self.strategy.load_state_dict(state["strategy"])
+        self.adapter_spec.load(self.model, self.strategy.frozen)  # data-derived factors
+        if ctx.codec is not None:
+            ctx.codec.feedback.load_state_dict(state["feedback"])
+        if ctx.downlink is not None:
+            ctx.downlink.load_state_dict(state["downlink"])
+        if self.central is not None:
+            self.central.accountant = Accountant([tuple(h) for h in state["central"]])
+        self.grid.load_node_states(
+            {
+                ctx.node_of[int(client)]: checkpoint.record_dict_from_state(tree)
+                for client, tree in state["clients"].items()
+            }
+        )
+        run = state["run"]
+        self.totals = run["totals"]
+        self.aggregation_errors = list(run["aggregation_errors"])
+        self.state_bytes = {int(c): int(b) for c, b in run["state_bytes"].items()}
+        self.epsilons = {int(c): (float(e), float(d)) for c, (e, d) in run["epsilons"].items()}
+        self.last = run["last"]
+        self.adapter_init = run["adapter_init"]
+        self.elapsed_before = float(run["elapsed_s"])
+        self.resumed_from = [*run["resumed_from"], int(state["round"])]
+        self.checkpoint_info["written"] = int(run["checkpoints_written"])
+        self.checkpoint_info["last_round"] = int(state["round"])
+        checkpoint.set_rng_state(state["rng"])
+        self.printer.line(f"resumed after round {state['round']} from {self.spec.resume}")
+        return array_record(state["arrays"])
 
     def central_epsilon(self) -> float:
         """The run's epsilon so far under central DP."""
@@ -546,6 +724,19 @@ class FederatedRun:
             log.debug("export failed:\n%s", traceback.format_exc())
             return {"failed": f"{type(e).__name__}: {e}"}
 
+    def checkpoint_summary(self) -> dict[str, Any]:
+        """The summary's ``checkpoint`` block."""
+        if self.checkpoint_every and not hasattr(self.grid, "node_states"):
+            return {
+                "every": self.checkpoint_every,
+                "written": 0,
+                "skipped": (
+                    "this engine keeps client states in its own processes; checkpoints need "
+                    "engine=inline"
+                ),
+            }
+        return {**self.checkpoint_info, "kept": self.checkpoint_keep}
+
     def summary(self, wall: float, status: str, error: str | None = None) -> dict[str, Any]:
         last, totals = self.last, self.totals
         sim, ch = self.sim, self.spec.choices
@@ -564,6 +755,12 @@ class FederatedRun:
             "rounds_completed": last.get("round", 0),
             "rounds_skipped": totals["rounds_skipped"],
             "clients_failed_total": totals["clients_failed"],
+            "clients_failed_by_kind": dict(sorted(totals["clients_failed_by_kind"].items())),
+            **(
+                {"faults_injected_total": dict(totals["faults_injected"])}
+                if self.c.faults.active
+                else {}
+            ),
             "num_clients": sim["num_clients"],
             "clients_per_round": sim["clients_per_round"],
             "final_eval_loss": last.get(keys.EVAL_LOSS),
@@ -591,6 +788,8 @@ class FederatedRun:
             },
             "trainable_params": self.adapter_spec.num_trained(self.model),
             "wall_time_s": wall,
+            "checkpoint": self.checkpoint_summary(),
+            "resumed_from": self.resumed_from,
             "seed": sim["seed"],
             "versions": {
                 "fedsim": fedsim.__version__,

@@ -127,6 +127,19 @@ class InlineGrid(Grid):
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
+    # -------------------------------------------------------------- node state
+    def node_states(self) -> dict[int, RecordDict]:
+        """Each node's ``Context.state`` (what its client keeps between rounds), by node id;
+        nodes that never received a message have none. Checkpoints save these."""
+        return {node: ctx.state for node, ctx in self._contexts.items()}
+
+    def load_node_states(self, states: dict[int, RecordDict]) -> None:
+        """Give nodes the states :meth:`node_states` returned (a resumed run)."""
+        for node, state in states.items():
+            if node not in self._partition_of:
+                raise ValueError(f"unknown node {node}")
+            self.context(node).state = state
+
     # -------------------------------------------------------------- delivery
     def context(self, node_id: int) -> Context:
         ctx = self._contexts.get(node_id)
@@ -168,6 +181,8 @@ class InlineEngine:
     """
 
     name = "inline"
+    #: client states live in this process's grid, so runs can be checkpointed and resumed
+    checkpoints = True
 
     def __init__(self, num_threads: int = 1) -> None:
         self.num_threads = integer("engine.num_threads", num_threads, low=1)

@@ -1,0 +1,255 @@
+"""Checkpoints: everything a run needs to continue, in one safetensors file, written atomically.
+
+A checkpoint is a *state tree* (nested dicts, lists, numbers, strings and numpy arrays) saved
+as one ``.safetensors`` file: the arrays are its tensors, and the rest of the tree is JSON in
+the file's metadata (key ``fedsim``), with each array replaced by a reference to its tensor.
+Nothing is pickled; any safetensors reader can open the file and ``json.loads`` its metadata.
+
+The tree of a run (:meth:`fedsim.apps.server.FederatedRun.checkpoint_state`) holds the round
+it was taken after, the configuration it belongs to, the global arrays, the strategy's state
+(:meth:`fedsim.strategy.AdapterStrategy.state_dict`: the frozen factors, which clients hold
+them, folded changes, an aggregator's own state), error feedback's and EF21-P's server state,
+the central DP accountant, every client's ``Context.state`` (error-feedback memories, DP
+accountants, personal adapters, folded bases, step counts), the server's running totals, and
+the random states of Python, NumPy and PyTorch.
+
+Encoding of the tree's values in the JSON (the markers start with ``$``, which fedsim's own
+keys never do): a dict whose keys are not all strings is ``{"$dict": [[key, value], ...]}``,
+a tuple ``{"$tuple": [...]}``, a set ``{"$set": [...]}``, bytes ``{"$bytes": base64}``, a
+non-finite float ``{"$float": "nan"}``, an array ``{"$array": tensor name}`` and a NumPy scalar
+``{"$scalar": tensor name}`` (a 0-d tensor, so its dtype survives).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors import SafetensorError
+
+from fedsim.records import array_record, numpy_dict
+
+#: the file name inside a run folder
+CHECKPOINT_FILE = "checkpoint.safetensors"
+#: bumped when the tree's layout changes; older checkpoints are refused with a clear message
+FORMAT = 1
+_META_KEY = "fedsim"
+
+
+# ----------------------------------------------------------------------------- state trees
+
+
+def _encode(value: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.generic):
+        name = f"{len(tensors)}:{path}"
+        tensors[name] = np.asarray(value)
+        return {"$scalar": name}
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject or value.dtype.fields is not None:
+            raise TypeError(f"{path}: arrays of dtype {value.dtype} cannot be checkpointed")
+        name = f"{len(tensors)}:{path}"
+        tensors[name] = value if value.flags.c_contiguous else value.copy(order="C")  # 0-d too
+        return {"$array": name}
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: _encode(v, f"{path}/{k}", tensors) for k, v in value.items()}
+        return {
+            "$dict": [
+                [_encode(k, f"{path}/key", tensors), _encode(v, f"{path}/{k}", tensors)]
+                for k, v in value.items()
+            ]
+        }
+    if isinstance(value, tuple):
+        return {"$tuple": [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, (set, frozenset)):
+        return {"$set": [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(sorted(value))]}
+    if isinstance(value, list):
+        return [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
+    raise TypeError(f"{path}: a {type(value).__name__} cannot be checkpointed")
+
+
+def _decode(value: Any, tensors: Mapping[str, np.ndarray]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        ((marker, inner),) = value.items()
+        if marker == "$array":
+            return np.array(tensors[inner])
+        if marker == "$scalar":
+            return np.asarray(tensors[inner])[()]
+        if marker == "$float":
+            return float(inner)
+        if marker == "$bytes":
+            return base64.b64decode(inner)
+        if marker == "$tuple":
+            return tuple(_decode(v, tensors) for v in inner)
+        if marker == "$set":
+            return {_decode(v, tensors) for v in inner}
+        if marker == "$dict":
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in inner}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def encode_tree(tree: Any) -> tuple[str, dict[str, np.ndarray]]:
+    """``(JSON text, tensors)`` of a state tree."""
+    tensors: dict[str, np.ndarray] = {}
+    skeleton = _encode(tree, "", tensors)
+    return json.dumps(skeleton, allow_nan=False), tensors
+
+
+def decode_tree(text: str, tensors: Mapping[str, np.ndarray]) -> Any:
+    return _decode(json.loads(text), tensors)
+
+
+def save(path: Path | str, tree: Any) -> int:
+    """Write ``tree`` to ``path`` atomically (a temporary file, synced, then renamed over the
+    old one, and the folder synced): a kill at any moment leaves the old checkpoint or the new
+    one, never a half-written file. Returns the file's size in bytes."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    text, tensors = encode_tree(tree)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: text})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # like the run's other files (safetensors writes 0600)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_folder(path.parent)
+    return path.stat().st_size
+
+
+def load(path: Path | str) -> Any:
+    """The state tree saved in ``path`` (ValueError if it is not a fedsim checkpoint)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+            if _META_KEY not in meta:
+                raise ValueError(f"{path} is a safetensors file but not a fedsim checkpoint")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:  # a missing or damaged file
+        raise ValueError(f"{path} cannot be read as a checkpoint: {e}") from None
+    return decode_tree(meta[_META_KEY], tensors)
+
+
+def header(path: Path | str) -> dict[str, Any]:
+    """The checkpoint's small plain fields (``format``, ``round``, ``config``, ``choices``,
+    ``fedsim``), read from the file's header without loading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path} cannot be read as a checkpoint: {e}") from None
+    if _META_KEY not in meta:
+        raise ValueError(f"{path} is a safetensors file but not a fedsim checkpoint")
+    tree = json.loads(meta[_META_KEY])
+    plain = ("format", "round", "config", "choices", "fedsim")
+    return {k: _decode(tree[k], {}) for k in plain if k in tree}
+
+
+def sync_folder(folder: Path | str) -> None:
+    """fsync a folder, so that a rename inside it survives a crash of the machine."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def record_dict_state(rd: RecordDict) -> dict[str, Any]:
+    """A client's ``Context.state`` as a state tree (record kind, then its items)."""
+    out: dict[str, Any] = {}
+    for key, record in rd.items():
+        if isinstance(record, ArrayRecord):
+            out[key] = {"kind": "array", "items": numpy_dict(record)}
+        elif isinstance(record, ConfigRecord):
+            out[key] = {"kind": "config", "items": dict(record)}
+        elif isinstance(record, MetricRecord):
+            out[key] = {"kind": "metric", "items": dict(record)}
+        else:  # pragma: no cover - Flower has no other record kinds
+            raise TypeError(f"state record {key}: {type(record).__name__} cannot be checkpointed")
+    return out
+
+
+def record_dict_from_state(tree: Mapping[str, Any]) -> RecordDict:
+    """The inverse of :func:`record_dict_state` (arrays stored byte for byte as before)."""
+    rd = RecordDict()
+    for key, entry in tree.items():
+        kind, items = entry["kind"], entry["items"]
+        if kind == "array":
+            rd[key] = array_record(items)
+        elif kind == "config":
+            rd[key] = ConfigRecord(dict(items))
+        else:
+            rd[key] = MetricRecord(dict(items))
+    return rd
+
+
+# ----------------------------------------------------------------------------- random states
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random states of Python, NumPy and PyTorch (CPU and each CUDA device)."""
+    version, internal, gauss = random.getstate()
+    kind, keys_, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": keys_,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state().numpy(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [s.numpy() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"], n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(torch.from_numpy(np.array(state["torch"], dtype=np.uint8)))
+    if "cuda" in state and torch.cuda.is_available():
+        states = [torch.from_numpy(np.array(s, dtype=np.uint8)) for s in state["cuda"]]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
