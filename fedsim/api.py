@@ -54,8 +54,10 @@ def run(
     cfg, choices = compose(overrides, config_dir=config_dir)
     spec = RunSpec(cfg=cfg, choices=choices, output_dir=Path(output_dir), quiet=quiet)
     if resume:
+        check(cfg)  # before anything in the folder is touched
         action, spec.resume = resuming.plan(spec.output_dir, cfg)
         if action == resuming.DONE:
+            resuming.drop_stale_checkpoint(spec.output_dir, cfg)
             return json.loads((spec.output_dir / SUMMARY_FILE).read_text())
         if action == resuming.RESTART:
             resuming.clear_partial(spec.output_dir)

@@ -82,6 +82,7 @@ def prevalidate(argv: list[str]) -> tuple[int, list[str]]:
     if info or "rerun" in flags:
         return 0, []
     added: list[str] = []
+    resuming_any = False
     where = {
         "config_name": flags.get("name", "config"),
         "config_dir": flags.get("dir"),
@@ -98,6 +99,7 @@ def prevalidate(argv: list[str]) -> tuple[int, list[str]]:
         composed = compose_job(job, **where)
         check(composed.cfg)
         resuming = composed.cfg.get("resume") is True
+        resuming_any = resuming_any or resuming
         if multirun:
             if resuming and not _given("hydra.sweep.dir", job):
                 raise ConfigError(
@@ -125,6 +127,8 @@ def prevalidate(argv: list[str]) -> tuple[int, list[str]]:
             f"{fixed_error}; in a sweep, a key that exists only in some of the swept options "
             "must be written as a sweep itself: key=choice(value)"
         )
+    if resuming_any:  # the folders keep the .hydra/ record of the command that started them
+        added.append("hydra.output_subdir=null")
     return len(jobs), added
 
 
@@ -203,6 +207,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     if plain.get("resume") is True:
         action, ckpt = resume.plan(spec.output_dir, plain)
         if action == resume.DONE:
+            resume.drop_stale_checkpoint(spec.output_dir, plain)
             print(f"fedsim: {spec.output_dir} has finished already; nothing to resume")
             return
         if action == resume.RESTART:
@@ -248,6 +253,27 @@ def _run_failed(exc: BaseException) -> RunFailed | None:
     return None
 
 
+def _finished_single_run(argv: list[str]) -> Path | None:
+    """The folder of a single ``resume=true`` run that has finished (Hydra is then not
+    started, so nothing in the folder is rewritten), else None."""
+    overrides, flags, multirun, info = _parse(argv)
+    if multirun or info or not _given("hydra.run.dir", overrides):
+        return None
+    where = {
+        "config_name": flags.get("name", "config"),
+        "config_dir": flags.get("dir"),
+        "config_path": _config_path(flags.get("path")),
+    }
+    composed = compose_job(overrides, **where)
+    if composed.cfg.get("resume") is not True:
+        return None
+    folder = Path(composed.run_dir)
+    if resume.plan(folder, composed.cfg)[0] != resume.DONE:
+        return None
+    resume.drop_stale_checkpoint(folder, composed.cfg)
+    return folder
+
+
 def _resume_folder(argv: list[str]) -> str | None:
     """The folder of ``resume=<folder>`` on the command line (None: no folder given)."""
     for arg in argv:
@@ -259,7 +285,6 @@ def _resume_folder(argv: list[str]) -> str | None:
 
 def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
     """``resume=<folder>``: the run in the folder, with the configuration it saved."""
-    from fedsim import checkpoint
     from fedsim.checkpoint import CHECKPOINT_FILE
 
     folder = Path(folder_arg)
@@ -284,10 +309,7 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
             f"has no {CHECKPOINT_FILE} (the run stopped before its first checkpoint, or "
             "checkpoint.every=0): start it again",
         )
-    try:
-        header = checkpoint.header(ckpt)
-    except ValueError as e:
-        raise ConfigError("resume", folder_arg, str(e)) from None
+    header = resume.readable(ckpt, folder)
     for arg in argv:
         key, _, value = arg.partition("=")
         if key == "quiet":
@@ -306,14 +328,19 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     folder = _resume_folder(argv)
+    done = None
     try:
         if folder is not None:
             spec = _resume_saved(folder, argv)
         else:
             _, added = prevalidate(argv)
+            done = _finished_single_run(argv)
     except (ConfigError, ConfigCompositionError) as e:
         print(f"fedsim: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if folder is None and done is not None:  # resume=true of a finished run: touch nothing
+        print(f"fedsim: {done} has finished already; nothing to resume")
+        return
     if folder is not None:
         _run_job(spec, None)
         return

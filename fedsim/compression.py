@@ -105,6 +105,11 @@ class Compressor:
 
     def parts(self) -> set[str]:
         """The names of the arrays a payload of one unit holds."""
+        return set(self.part_sizes(1))
+
+    def part_sizes(self, d: int) -> dict[str, int]:
+        """How many values each payload array holds for a unit of ``d`` values (a payload of
+        other sizes is malformed: the decoder refuses it instead of truncating it)."""
         raise NotImplementedError
 
     def compress(self, x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -137,8 +142,8 @@ class NoCompression(Compressor):
     def omega(self, d: int) -> float:
         return 0.0
 
-    def parts(self):
-        return {DENSE}
+    def part_sizes(self, d):
+        return {DENSE: d}
 
     def compress(self, x, rng):
         return {DENSE: np.array(x)}
@@ -184,8 +189,9 @@ class TopK(_Sparse):
     def alpha(self, d: int) -> float:
         return self.count(d) / d
 
-    def parts(self):
-        return {"values", "indices"}
+    def part_sizes(self, d):
+        k = self.count(d)
+        return {"values": k, "indices": math.ceil(k * index_bits(d) / 8)}
 
     def compress(self, x, rng):
         idx = top_indices(x, self.count(x.size))
@@ -228,8 +234,11 @@ class RandK(_Sparse):
     def omega(self, d):
         return d / self.count(d) - 1.0 if self.scaled else None
 
-    def parts(self):
-        return {"values"} if self.shared_seed else {"values", "indices"}
+    def part_sizes(self, d):
+        k = self.count(d)
+        if self.shared_seed:
+            return {"values": k}
+        return {"values": k, "indices": math.ceil(k * index_bits(d) / 8)}
 
     def _indices(self, d: int, rng: np.random.Generator) -> np.ndarray:
         return np.sort(rng.choice(d, size=self.count(d), replace=False))
@@ -278,8 +287,8 @@ class QSGD(Compressor):
         b, s = self._block(d), self.levels
         return min(b / s**2, math.sqrt(b) / s)
 
-    def parts(self):
-        return {"codes", "scales"}
+    def part_sizes(self, d):
+        return {"codes": math.ceil(d * self.bits / 8), "scales": math.ceil(d / self._block(d))}
 
     def compress(self, x, rng):
         d, b = x.size, self._block(x.size)
@@ -323,8 +332,13 @@ class ComPEFT(_Sparse):
         super().__init__(ratio, k, scope)
         self.alpha_scale = number("compressor.alpha", alpha, low=0, low_open=True)
 
-    def parts(self):
-        return {"indices", "signs", "scales"}
+    def part_sizes(self, d):
+        k = self.count(d)
+        return {
+            "indices": math.ceil(k * index_bits(d) / 8),
+            "signs": math.ceil(k / 8),
+            "scales": 1,
+        }
 
     def compress(self, x, rng):
         idx = top_indices(x, self.count(x.size))
@@ -401,6 +415,10 @@ def decompress_arrays(
                 f"{unit}: payload parts {sorted(parts)}, expected {sorted(compressor.parts())}"
             )
         else:
+            for part, size in compressor.part_sizes(d).items():
+                got = np.shape(parts[part])
+                if got != (size,):
+                    raise ValueError(f"{unit}/{part} has shape {got}, expected ({size},)")
             x = compressor.decompress(parts, d, dtype, rng_for(index)).astype(np.float64)
         for name, piece in zip(names, np.split(x, np.cumsum(sizes)[:-1])):
             out[name] = piece.reshape(shapes[name])

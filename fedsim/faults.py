@@ -87,7 +87,7 @@ class Faults:
         delay_shape: float = 1.0,
         deadline: float | None = None,
         corrupt_prob: float = 0.0,
-        corrupt_kinds: Sequence[str] = CORRUPTIONS,
+        corrupt_kinds: Sequence[str | float] = CORRUPTIONS,
     ) -> None:
         self.name = str(name)
         self.crash_prob = number("faults.crash_prob", crash_prob, 0, 1)
@@ -101,7 +101,9 @@ class Faults:
         self.deadline = (
             None if deadline is None else number("faults.deadline", deadline, low=0, low_open=True)
         )
-        kinds = list(corrupt_kinds) if isinstance(corrupt_kinds, (list, tuple)) else None
+        kinds = None
+        if isinstance(corrupt_kinds, (list, tuple)):  # Hydra's overrides read nan / inf as floats
+            kinds = [_kind_name(k) for k in corrupt_kinds]
         if not kinds or any(k not in CORRUPTIONS for k in kinds) or len(set(kinds)) < len(kinds):
             raise ConfigError(
                 "faults.corrupt_kinds",
@@ -143,6 +145,14 @@ class Faults:
     def late(self, delay: float) -> bool:
         """Whether a reply after ``delay`` simulated seconds misses the deadline."""
         return self.deadline is not None and delay > self.deadline
+
+
+def _kind_name(kind: str | float) -> str | float:
+    if isinstance(kind, float) and math.isnan(kind):
+        return "nan"
+    if isinstance(kind, float) and math.isinf(kind) and kind > 0:
+        return "inf"
+    return kind
 
 
 def corrupt_arrays(

@@ -78,12 +78,44 @@ def plan(folder: Path, cfg: dict[str, Any]) -> tuple[str, Path | None]:
                 f"the run in {folder} has {key}={theirs!r}; resume continues a run with the "
                 "configuration it started with (or give resume=<folder> alone)",
             )
+    ckpt = folder / CHECKPOINT_FILE
     if finished(folder):
         return DONE, None
-    ckpt = folder / CHECKPOINT_FILE
     if ckpt.is_file():
+        readable(ckpt, folder)
         return CONTINUE, ckpt
     return RESTART, None
+
+
+def readable(ckpt: Path, folder: Path) -> dict[str, Any]:
+    """The checkpoint's header; a ConfigError if it cannot be read or does not match the
+    folder's ``metrics.jsonl`` (a file damaged or edited from outside)."""
+    from fedsim.checkpoint import header
+
+    try:
+        head = header(ckpt)
+    except ValueError as e:
+        raise ConfigError("resume", str(folder), f"its checkpoint is damaged: {e}") from None
+    rounds = 0
+    path = folder / METRICS_FILE
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            rounds = sum(1 for line in f if line.endswith("\n"))
+    if rounds <= int(head.get("round", -1)):
+        raise ConfigError(
+            "resume",
+            str(folder),
+            f"its checkpoint is after round {head.get('round')} but {METRICS_FILE} holds "
+            f"{rounds} complete lines (rounds 0..{head.get('round')} are needed)",
+        )
+    return head
+
+
+def drop_stale_checkpoint(folder: Path, cfg: dict[str, Any]) -> None:
+    """A finished run killed between its summary and deleting its checkpoint: delete it now
+    (unless the run keeps its last checkpoint)."""
+    if not cfg.get("checkpoint", {}).get("keep", False):
+        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
 def clear_partial(folder: Path) -> None:

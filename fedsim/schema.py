@@ -34,6 +34,8 @@ def _chain(obj: Any) -> list[Any]:
     out = []
     for cls in obj.__mro__:
         init = cls.__dict__.get("__init__")
+        if cls is object:  # a class without an __init__ of its own takes no keys
+            break
         if init is None:
             continue
         out.append(init)
@@ -43,7 +45,7 @@ def _chain(obj: Any) -> list[Any]:
             break
         if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
             break
-    return out or [obj]
+    return out
 
 
 def parameters(obj: Any) -> dict[str, inspect.Parameter] | None:
@@ -137,7 +139,8 @@ def describe(hint: Any) -> str:
 
 
 def _plural(name: str) -> str:
-    return {"an integer": "integers", "a number": "numbers", "a string": "strings"}.get(name, name)
+    words = {"an integer": "integers", "a number": "numbers", "a string": "strings"}
+    return " or ".join(words.get(part, part) for part in name.split(" or "))
 
 
 def check_node(group: str, obj: Any, node: dict[str, Any]) -> None:

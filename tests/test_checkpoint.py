@@ -424,3 +424,71 @@ def test_the_code_never_unpickles():
         assert "allow_pickle=True" not in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
+
+
+def test_a_damaged_checkpoint_or_cut_metrics_is_one_line_and_nothing_changes(
+    tmp_path, monkeypatch, capsys
+):
+    folder = tmp_path / "run"
+    args = _cut_run(folder, monkeypatch)
+    ckpt = folder / CHECKPOINT_FILE
+    good = ckpt.read_bytes()
+    for damage in ("checkpoint", "metrics"):
+        if damage == "checkpoint":
+            ckpt.write_bytes(good[: len(good) // 2])
+            expected = "its checkpoint is damaged"
+        else:
+            ckpt.write_bytes(good)
+            (folder / "metrics.jsonl").write_text('{"round": 0}\n')
+            expected = "holds 1 complete lines"
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        for argv in ([*args, f"hydra.run.dir={folder}", "resume=true"], [f"resume={folder}"]):
+            with pytest.raises(SystemExit) as info:
+                main(argv)
+            assert info.value.code == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and expected in err, err
+            assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_resuming_through_the_api_checks_before_touching_the_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    args = _cut_run(folder, monkeypatch)
+    before = (folder / "metrics.jsonl").read_text()
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="need engine=inline"):
+        run([*args, "engine=ray"], output_dir=folder, resume=True)
+    assert (folder / "metrics.jsonl").read_text() == before
+    with pytest.raises(ValueError, match="needs the output_dir"):
+        run(args, resume=True)
+
+
+def test_resume_leaves_the_record_of_the_starting_command(tmp_path, monkeypatch, capsys):
+    """A finished run is not touched at all (a stale checkpoint aside); a resumed run keeps
+    the .hydra/ record of the command that started it (fedsim-report reads its overrides)."""
+    done = tmp_path / "done"
+    main([*tiny(), f"hydra.run.dir={done}"])
+    hydra_files = {p: p.read_bytes() for p in (done / ".hydra").iterdir()}
+    (done / CHECKPOINT_FILE).write_bytes(b"left by a kill after the summary")
+    main([*tiny(), f"hydra.run.dir={done}", "resume=true"])
+    assert "nothing to resume" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (done / ".hydra").iterdir()} == hydra_files
+    assert not (done / CHECKPOINT_FILE).exists()
+    cut = tmp_path / "cut"
+    args = tiny("sim.rounds=3")
+    original = FederatedRun.checkpoint
+
+    def die(self, r, arrays, t_start):
+        original(self, r, arrays, t_start)
+        if r == 1:
+            raise SimulatedKill(r)
+
+    monkeypatch.setattr(FederatedRun, "checkpoint", die)
+    with pytest.raises(SimulatedKill):
+        main([*args, f"hydra.run.dir={cut}"])
+    monkeypatch.setattr(FederatedRun, "checkpoint", original)
+    overrides = (cut / ".hydra" / "overrides.yaml").read_text()
+    main([*args, f"hydra.run.dir={cut}", "resume=true"])
+    assert (cut / ".hydra" / "overrides.yaml").read_text() == overrides
+    assert json.loads((cut / "summary.json").read_text())["resumed_from"] == [1]

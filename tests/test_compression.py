@@ -156,3 +156,34 @@ def test_malformed_payloads_are_refused():
     ):
         with pytest.raises((ValueError, KeyError)):
             decompress_arrays(TopK(k=2), bad, shapes, rng, np.float32)
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        NoCompression(),
+        TopK(ratio=0.1),
+        RandK(ratio=0.2, scaled=False),
+        RandK(ratio=0.2, shared_seed=False),
+        QSGD(bits=3, block=7),
+        QSGD(bits=8),
+        ComPEFT(ratio=0.15),
+    ],
+    ids=["none", "topk", "randk", "randk-indices", "qsgd-blocks", "qsgd", "compeft"],
+)
+def test_payload_sizes_are_what_the_decoder_expects_and_others_are_refused(compressor):
+    for d in (1, 9, 64, 1001):
+        x = np.random.default_rng(d).standard_normal(d).astype(np.float32)
+        payload = compressor.compress(x, np.random.default_rng(0))
+        assert {k: v.shape for k, v in payload.items()} == {
+            k: (n,) for k, n in compressor.part_sizes(d).items()
+        }
+    arrays = {"w": np.random.default_rng(1).standard_normal((8, 9)).astype(np.float32)}
+    rng_for = lambda unit: np.random.default_rng([3, unit])  # noqa: E731
+    payload = compress_arrays(compressor, arrays, rng_for, np.float32)
+    shapes = {"w": (8, 9)}
+    decompress_arrays(compressor, payload, shapes, rng_for, np.float32)
+    for name, value in payload.items():  # one value too many, in any part: refused
+        longer = {**payload, name: np.concatenate([value, value[:1]])}
+        with pytest.raises(ValueError, match="has shape|values, expected"):
+            decompress_arrays(compressor, longer, shapes, rng_for, np.float32)

@@ -130,6 +130,7 @@ BAD = [
     (["strategy.nope=1"], "strategy.nope=1: unknown key in strategy; allowed: weighted"),
     (["+strategy.nope=1"], "strategy.nope=1: unknown key; allowed: weighted"),
     (["strategy.weighted=maybe"], "strategy.weighted=maybe"),
+    (["+privacy.clip_norm=1"], "privacy.clip_norm=1: unknown key; allowed: (none)"),
     (["partition.alpha=0"], "partition (flwr_datasets.partitioner.DirichletPartitioner) rejected"),
     (["optimizer.weight_decay=-1"], "optimizer (torch.optim.AdamW) rejected"),
     (
@@ -160,7 +161,8 @@ BAD = [
     (["faults.delay_scale=0"], "faults.delay_scale=0: must be a finite number > 0"),
     (["faults.deadline=-1"], "faults.deadline=-1: must be a finite number > 0"),
     (["faults.corrupt_kinds=[zero]"], "faults.corrupt_kinds=['zero']: must be a non-empty list"),
-    (["faults.corrupt_kinds=nan"], "faults.corrupt_kinds=nan: must be a list of strings"),
+    (["faults.corrupt_kinds=nan"], "faults.corrupt_kinds=nan: must be a list of strings or"),
+    (["faults.corrupt_kinds=[1]"], "faults.corrupt_kinds=[1]: must be a non-empty list of"),
     (["+faults.flaky=1"], "faults.flaky=1: unknown key; allowed: corrupt_kinds, corrupt_prob"),
     (["checkpoint.every=-1"], "checkpoint.every=-1: must be an integer >= 0"),
     (["checkpoint.every=often"], "checkpoint.every=often: must be an integer >= 0"),

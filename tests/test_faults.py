@@ -192,6 +192,28 @@ def test_faults_compose_with_compression_and_privacy(extra, run_tiny):
     assert summary["clients_failed_total"] > 0
 
 
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        ["compressor=topk"],
+        ["compressor=randk", "compressor.shared_seed=false"],
+        ["compressor=qsgd"],
+        ["compressor=qsgd", "compressor.block=16"],
+        ["compressor=compeft"],
+        ["compressor=topk", "feedback=ef21", "feedback.compress_first=true"],
+    ],
+    ids=["topk", "randk-indices", "qsgd", "qsgd-blocks", "compeft", "ef21"],
+)
+@pytest.mark.parametrize("kind", ["shape", "nan"])
+def test_every_corrupted_payload_is_rejected(compressor, kind, run_tiny):
+    summary, rows, _ = run_tiny(
+        "faults=corrupt", "faults.corrupt_prob=0.6", f"faults.corrupt_kinds=[{kind}]", *compressor
+    )
+    injected = summary["faults_injected_total"]["corrupt"]
+    assert injected > 0 and summary["clients_failed_by_kind"] == {"rejected": injected}
+    _check_round_bookkeeping(rows)
+
+
 def test_stragglers_without_a_deadline_are_waited_for(run_tiny):
     summary, rows, _ = run_tiny("faults=stragglers", "faults.deadline=null", "sim.rounds=3")
     assert summary["faults_injected_total"]["straggler"] > 0

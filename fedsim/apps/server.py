@@ -628,7 +628,10 @@ class FederatedRun:
 
     def load_checkpoint(self) -> dict:
         """Read the checkpoint to resume from, and cut ``metrics.jsonl`` back to its round."""
-        state = checkpoint.load(self.spec.resume)
+        try:
+            state = checkpoint.load(self.spec.resume)
+        except ValueError as e:
+            raise RunFailed(str(e)) from None
         if state.get("format") != checkpoint.FORMAT:
             raise RunFailed(
                 f"{self.spec.resume} has checkpoint format {state.get('format')}; this fedsim "
@@ -636,13 +639,27 @@ class FederatedRun:
             )
         if state["config"] != comparable(self.spec.cfg):
             raise RunFailed(f"{self.spec.resume} belongs to another configuration")
-        self.writer.resume(int(state["round"]))
+        try:
+            self.writer.resume(int(state["round"]))
+        except ValueError as e:
+            raise RunFailed(str(e)) from None
         return state
 
     def restore(self, state: dict) -> ArrayRecord:
         """Put the server, the strategy and every client back where the checkpoint left
         them; returns the global arrays."""
         ctx = self.strategy.context
+        run = state["run"]  # first: a failure below still reports the rounds done
+        self.totals = run["totals"]
+        self.aggregation_errors = list(run["aggregation_errors"])
+        self.state_bytes = {int(c): int(b) for c, b in run["state_bytes"].items()}
+        self.epsilons = {int(c): (float(e), float(d)) for c, (e, d) in run["epsilons"].items()}
+        self.last = run["last"]
+        self.adapter_init = run["adapter_init"]
+        self.elapsed_before = float(run["elapsed_s"])
+        self.resumed_from = [*run["resumed_from"], int(state["round"])]
+        self.checkpoint_info["written"] = int(run["checkpoints_written"])
+        self.checkpoint_info["last_round"] = int(state["round"])
         self.strategy.load_state_dict(state["strategy"])
         self.adapter_spec.load(self.model, self.strategy.frozen)  # data-derived factors
         if ctx.codec is not None:
@@ -657,17 +674,6 @@ class FederatedRun:
                 for client, tree in state["clients"].items()
             }
         )
-        run = state["run"]
-        self.totals = run["totals"]
-        self.aggregation_errors = list(run["aggregation_errors"])
-        self.state_bytes = {int(c): int(b) for c, b in run["state_bytes"].items()}
-        self.epsilons = {int(c): (float(e), float(d)) for c, (e, d) in run["epsilons"].items()}
-        self.last = run["last"]
-        self.adapter_init = run["adapter_init"]
-        self.elapsed_before = float(run["elapsed_s"])
-        self.resumed_from = [*run["resumed_from"], int(state["round"])]
-        self.checkpoint_info["written"] = int(run["checkpoints_written"])
-        self.checkpoint_info["last_round"] = int(state["round"])
         checkpoint.set_rng_state(state["rng"])
         self.printer.line(f"resumed after round {state['round']} from {self.spec.resume}")
         return array_record(state["arrays"])

@@ -173,7 +173,7 @@ class CausalLMTask(SplitTask):
         answer_tokens: int = 16,
         test_examples: int = 200,
         server_examples: int = 256,
-        target_modules: Sequence[str] | None = None,
+        target_modules: Sequence[str] | str | None = None,
         eval_batch_size: int = 32,
         precision: str = "float32",
         split_seed: int = 0,
@@ -551,7 +551,7 @@ class MathTask(CausalLMTask):
     def __init__(
         self,
         model: str | None = None,
-        modules: Sequence[str] = DEFAULT_MODULES,
+        modules: Sequence[str] | str = DEFAULT_MODULES,
         difficulty: str = "easy",
         examples: int = 4000,
         **kwargs,

@@ -251,7 +251,7 @@ class TextClassificationTask(SplitTask):
         test_examples: int = 1000,
         server_examples: int = 256,
         pool_examples: int | None = None,
-        target_modules: Sequence[str] | None = None,
+        target_modules: Sequence[str] | str | None = None,
         eval_batch_size: int = 128,
         precision: str = "float32",
         split_seed: int = 0,
