@@ -395,6 +395,8 @@ def check(cfg: dict[str, Any]) -> None:
     _check_privacy(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
+    if hasattr(components.engine, "check_components"):
+        components.engine.check_components(components)
     if cfg.get("resume", False) is not False and not getattr(
         components.engine, "checkpoints", False
     ):

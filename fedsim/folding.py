@@ -55,6 +55,8 @@ class FoldingStrategy(AdapterStrategy):
     Subclasses call :meth:`fold_in` from :meth:`aggregate`.
     """
 
+    folds_into_base = True
+
     def __init__(self, weighted: bool = True) -> None:
         super().__init__(weighted)
         self.base_delta: dict[str, np.ndarray] = {}  # module -> sum of all folds (float64)

@@ -186,6 +186,9 @@ class AdapterStrategy(Strategy):
     communicates = True
     #: clients train the same parameters every round (FLoRA starts fresh ones)
     persistent_parameters = True
+    #: changes are folded into the clients' frozen base weights (FedEx, FLoRA), so clients'
+    #: base weights differ (the batched engine stacks them)
+    folds_into_base = False
 
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = boolean("strategy.weighted", weighted)

@@ -205,8 +205,13 @@ def evaluate(
 
 def optimizer_state_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     """An optimizer's per-parameter state as flat named arrays (``"<param index>/<key>"``)."""
+    return state_arrays(optimizer.state_dict()["state"])
+
+
+def state_arrays(per_param: dict) -> dict[str, np.ndarray]:
+    """``optimizer.state_dict()["state"]`` (index -> key -> value) as flat named arrays."""
     out = {}
-    for index, state in optimizer.state_dict()["state"].items():
+    for index, state in per_param.items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 out[f"{index}/{key}"] = value.detach().cpu().numpy().copy()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedsim import keys
 from fedsim.build import Components, build_components
 from fedsim.compression import scale_to_norm
-from fedsim.faults import corrupt_arrays
+from fedsim.faults import FaultDraw, corrupt_arrays
 from fedsim.privacy import (
     Accountant,
     clip_update,
@@ -30,11 +32,13 @@ from fedsim.privacy import (
 from fedsim.records import array_record, numpy_dict, payload
 from fedsim.strategy import ClientCall
 from fedsim.training import (
+    LocalResult,
     client_generator,
     evaluate,
     load_optimizer_state,
     optimizer_state_arrays,
     seed_torch,
+    state_arrays,
     train_local,
 )
 
@@ -67,6 +71,27 @@ class ClientRuntime:
         )
 
     def train(self, msg: Message, context: Context) -> Message:
+        """One client's training round: receive, train its local steps, reply."""
+        job = self.begin_train(msg, context)
+        optimizer = self.c.make_optimizer(self.trained, lr=self.c.sim["lr"])
+        if job.optimizer_state is not None:
+            load_optimizer_state(optimizer, job.optimizer_state)
+        seed_torch(job.generator.initial_seed() + 1)  # dropout and other global-RNG draws
+        privacy_metrics = {}
+        if self.gsm is None:
+            result = train_local(self.model, self.c.task, job.data, optimizer, **job.common)
+        else:
+            result, privacy_metrics = self._train_dp(
+                job.data, optimizer, job.call.state, job.common
+            )
+        opt_state = (
+            optimizer_state_arrays(optimizer) if self.c.sim["keep_optimizer_state"] else None
+        )
+        return self.finish_train(job, result, opt_state, privacy_metrics)
+
+    def begin_train(self, msg: Message, context: Context) -> TrainJob:
+        """Everything before a client's local steps: its faults, what the server sent loaded
+        into the model (the strategy's client half), its data, generator and schedule."""
         c, sim = self.c, self.c.sim
         call = self._call(msg, context)
         client, server_round, state = call.client, call.server_round, call.state
@@ -80,23 +105,16 @@ class ClientRuntime:
         if self.downlink is not None:  # EF21-P: rebuild w from the stored copy and the steps
             arrays = self.downlink.receive(arrays, state)
         c.strategy.client_receive(self.model, self.spec, arrays, call)
-        train_data = c.strategy.client_data(c.data, client)
         reference = None
-        central = self.privacy if self.privacy.central else None
-        if self.codec is not None or central is not None:  # what the update is relative to
+        if self.codec is not None or self.privacy.central:  # what the update is relative to
             before = c.strategy.sent_arrays(self.model, self.spec, call)
             reference = {k: v.detach().cpu().numpy().copy() for k, v in before.items()}
-
         info = state.get(keys.STATE_CLIENT, ConfigRecord({keys.STEPS: 0}))
-        optimizer = c.make_optimizer(self.trained, lr=sim["lr"])
-        if sim["keep_optimizer_state"] and keys.STATE_OPTIMIZER in state:
-            load_optimizer_state(optimizer, numpy_dict(state[keys.STATE_OPTIMIZER]))
+        kept = sim["keep_optimizer_state"] and keys.STATE_OPTIMIZER in state
         generator = client_generator(sim["seed"], server_round, client)
-        seed_torch(generator.initial_seed() + 1)  # dropout and other global-RNG draws
-        batch_size = c.strategy.client_batch_size(sim["batch_size"])
         common = {
             "steps": sim["local_steps"],
-            "batch_size": batch_size,
+            "batch_size": c.strategy.client_batch_size(sim["batch_size"]),
             "lr": sim["lr"],
             "schedule": c.schedule,
             "start_step": int(info[keys.STEPS]),
@@ -104,15 +122,34 @@ class ClientRuntime:
             "generator": generator,
             "device": self.device,
         }
-        privacy_metrics = {}
-        if self.gsm is None:
-            result = train_local(self.model, c.task, train_data, optimizer, **common)
-        else:
-            result, privacy_metrics = self._train_dp(train_data, optimizer, state, common)
-        state[keys.STATE_CLIENT] = ConfigRecord({keys.STEPS: int(info[keys.STEPS]) + result.steps})
-        if sim["keep_optimizer_state"]:
-            state[keys.STATE_OPTIMIZER] = array_record(optimizer_state_arrays(optimizer))
+        return TrainJob(
+            msg=msg,
+            call=call,
+            fault=fault,
+            data=c.strategy.client_data(c.data, client),
+            reference=reference,
+            generator=generator,
+            common=common,
+            optimizer_state=numpy_dict(state[keys.STATE_OPTIMIZER]) if kept else None,
+        )
 
+    def finish_train(
+        self,
+        job: TrainJob,
+        result: LocalResult,
+        optimizer_state: dict[str, np.ndarray] | None,
+        privacy_metrics: dict | None = None,
+    ) -> Message:
+        """Everything after a client's local steps (its trained parameters in the model): its
+        state, what it sends (the strategy's client half, compression, clipping), the reply."""
+        c, sim = self.c, self.c.sim
+        call, fault, reference = job.call, job.fault, job.reference
+        client, server_round, state = call.client, call.server_round, call.state
+        steps = int(job.common["start_step"]) + result.steps
+        state[keys.STATE_CLIENT] = ConfigRecord({keys.STEPS: steps})
+        if optimizer_state is not None:
+            state[keys.STATE_OPTIMIZER] = array_record(optimizer_state)
+        central = self.privacy if self.privacy.central else None
         arrays = c.strategy.client_send(self.model, self.spec, call)
         records = {keys.ARRAYS: array_record(arrays)}
         if central is not None and self.codec is None:  # DP-FedAvg: the clipped update
@@ -124,7 +161,7 @@ class ClientRuntime:
                 records[keys.DIAGNOSTIC] = array_record(trained)
         if self.codec is not None:  # under central DP the codec clips what it compresses
             trained = {k: v.detach().cpu().numpy() for k, v in arrays.items()}
-            absorbed = int(msg.content[keys.CONFIG].get(keys.ABSORBED, 0))
+            absorbed = int(job.msg.content[keys.CONFIG].get(keys.ABSORBED, 0))
             payload = self.codec.client_encode(
                 reference, trained, client, server_round, state, absorbed
             )
@@ -136,18 +173,79 @@ class ClientRuntime:
                 numpy_dict(records[keys.ARRAYS]), fault.corrupt, sim["seed"], server_round, client
             )
             records[keys.ARRAYS] = array_record(spoiled)
-        num_examples = len(train_data[c.task.label_key])
         metrics = MetricRecord(
             {
-                keys.NUM_EXAMPLES: num_examples,
+                keys.NUM_EXAMPLES: len(job.data[c.task.label_key]),
                 keys.TRAIN_LOSS: result.loss,
                 keys.STATE_BYTES: state_bytes(state),
-                **privacy_metrics,
+                **(privacy_metrics or {}),
                 **({keys.DELAY: fault.delay} if fault.straggler else {}),
             }
         )
         content = RecordDict({**records, keys.METRICS: metrics})
-        return Message(content, reply_to=msg)
+        return Message(content, reply_to=job.msg)
+
+    def train_group(self, items: list[tuple[Message, Context]]) -> list[Message | Exception]:
+        """The batched engine's path: each client received one by one (:meth:`begin_train`),
+        the group's local steps in one vmapped trainer (:func:`fedsim.batched.train_group`),
+        each reply built one by one (:meth:`finish_train`); a client that raises gets its
+        exception back instead of a reply."""
+        from fedsim.batched import ClientJob, train_group
+
+        c = self.c
+        out: list[Message | Exception | None] = [None] * len(items)
+        started, jobs = [], []
+        names = self.spec.trained
+        for k, (msg, context) in enumerate(items):
+            try:
+                job = self.begin_train(msg, context)
+            except Exception as e:  # an (injected) crash, or a bug: that client's error
+                out[k] = e
+                continue
+            params = self.spec.parameters_of(self.model)
+            jobs.append(
+                ClientJob(
+                    params={n: params[n].detach().clone() for n in names},
+                    context={n: params[n].detach().clone() for n in self.context_names},
+                    data=job.data,
+                    generator=job.generator,
+                    start_step=int(job.common["start_step"]),
+                    optimizer_state=job.optimizer_state,
+                )
+            )
+            started.append((k, job))
+        if jobs:
+            common = started[0][1].common
+            outcomes = train_group(
+                self.model,
+                c.task,
+                jobs,
+                c.make_optimizer,
+                steps=common["steps"],
+                batch_size=common["batch_size"],
+                lr=common["lr"],
+                schedule=c.schedule,
+                total_steps=common["total_steps"],
+                device=self.device,
+            )
+            keep = c.sim["keep_optimizer_state"]
+            for (k, job), client_job, outcome in zip(started, jobs, outcomes):
+                try:
+                    self.spec.load(self.model, {**client_job.context, **outcome.params})
+                    opt_state = state_arrays(outcome.optimizer_state) if keep else None
+                    out[k] = self.finish_train(job, outcome.result, opt_state)
+                except Exception as e:
+                    out[k] = e
+        return out
+
+    @property
+    def context_names(self) -> list[str]:
+        """Tensors besides the trained ones that a client's model may hold its own values of:
+        the frozen adapter factors, and the base weights of a strategy that folds into them."""
+        names = list(self.spec.frozen)
+        if self.c.strategy.folds_into_base:
+            names += [self.spec.base_weight(m) for m in self.spec.adapted_modules]
+        return names
 
     def sigma(self, n: int) -> float:
         """A client's noise multiplier. For a target epsilon: the worst case, sampled in every
@@ -248,6 +346,21 @@ class ClientRuntime:
         else:
             values = {keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: 0.0, keys.EVAL_ACCURACY: 0.0}
         return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
+
+
+@dataclass
+class TrainJob:
+    """A client's training round between :meth:`ClientRuntime.begin_train` and
+    :meth:`ClientRuntime.finish_train`."""
+
+    msg: Message
+    call: ClientCall
+    fault: FaultDraw
+    data: dict  # the examples it trains on
+    reference: dict[str, np.ndarray] | None  # what its update is relative to (compression, DP)
+    generator: torch.Generator  # its batch order
+    common: dict  # train_local's keyword arguments but the optimizer
+    optimizer_state: dict[str, np.ndarray] | None  # its kept optimizer state
 
 
 class InjectedCrash(RuntimeError):

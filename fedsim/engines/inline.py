@@ -162,9 +162,17 @@ class InlineGrid(Grid):
         msg = self._pending.pop(msg_id)
         try:
             reply = self.client_app(msg, self.context(msg.metadata.dst_node_id))
-        except Exception as exc:  # a client crash becomes an error reply, as in Flower
+        except Exception as exc:
+            reply = exc
+        self._store_reply(msg_id, msg, reply)
+
+    def _store_reply(self, msg_id: str, msg: Message, reply: Message | Exception) -> None:
+        """Keep the reply to ``msg`` for the server; a client's exception becomes an error
+        reply, as in Flower."""
+        if isinstance(reply, Exception):
             error = Error(
-                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                reason=f"{type(reply).__name__}: {reply}",
             )
             reply = Message(error, reply_to=msg)
         reply.metadata.__dict__["_message_id"] = f"r{msg_id}"
@@ -191,13 +199,17 @@ class InlineEngine:
         """Nothing to check against the machine: everything runs in this process."""
 
     def run(self, spec: RunSpec) -> None:
+        self.run_grid(spec, lambda app, n, seed: InlineGrid(app, n, seed=seed))
+
+    def run_grid(self, spec: RunSpec, make_grid) -> None:
+        """Run the apps over the grid ``make_grid(client_app, num_nodes, seed)`` builds."""
         import torch
 
         from fedsim.apps import make_client_app, make_server_app
 
         torch.set_num_threads(self.num_threads)
-        grid = InlineGrid(
-            make_client_app(spec.cfg), spec.cfg["sim"]["num_clients"], seed=spec.cfg["sim"]["seed"]
+        grid = make_grid(
+            make_client_app(spec.cfg), spec.cfg["sim"]["num_clients"], spec.cfg["sim"]["seed"]
         )
         context = Context(
             run_id=grid.run.run_id,

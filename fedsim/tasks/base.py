@@ -29,6 +29,10 @@ class Task(ABC):
     #: PEFT's task type of the exported adapter (``SEQ_CLS``, ``CAUSAL_LM``; None: a plain
     #: ``torch.nn`` model that only ``PeftModel.from_pretrained`` loads)
     peft_task_type: str | None = None
+    #: the batched engine may train clients together: batches of the same size have the same
+    #: shape, the loss is traceable under ``torch.func.vmap`` (no ``.item()`` on the batch),
+    #: and a batch's examples do not interact (no batch normalisation)
+    batchable = True
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -71,8 +75,9 @@ class Task(ABC):
 
     def loss(self, model: nn.Module, batch: Batch, reduction: str = "mean") -> torch.Tensor:
         """The training loss: each example's loss, averaged (``"mean"``) or summed (``"sum"``)
-        over the batch's examples. Per-example terms are what DP-SGD clips, so a task whose
-        example has many targets (tokens) averages them within the example first."""
+        over the batch's examples, or each example's (``"none"``, what the batched engine
+        weights). Per-example terms are what DP-SGD clips, so a task whose example has many
+        targets (tokens) averages them within the example first."""
         return F.cross_entropy(
             self.logits(model, batch), batch[self.label_key], reduction=reduction
         )

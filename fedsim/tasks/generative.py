@@ -162,6 +162,8 @@ class CausalLMTask(SplitTask):
         Seed of the test / server / pool split.
     """
 
+    batchable = False  # batches are cut to their longest text (a .item() on the batch)
+
     label_key = "labels"
     peft_task_type = "CAUSAL_LM"
     default_target_modules = LLAMA_LINEAR
@@ -329,6 +331,8 @@ class CausalLMTask(SplitTask):
 
     def loss(self, model: nn.Module, batch: Batch, reduction: str = "mean") -> torch.Tensor:
         per_example = self.token_losses(model, batch)
+        if reduction == "none":
+            return per_example
         return per_example.sum() if reduction == "sum" else per_example.mean()
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> tuple[float, int]:

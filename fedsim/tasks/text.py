@@ -241,6 +241,8 @@ class TextClassificationTask(SplitTask):
         Seed of the head's initialisation (``sim.seed``).
     """
 
+    batchable = False  # batches are cut to their longest text (a .item() on the batch)
+
     label_key = "label"
     peft_task_type = "SEQ_CLS"
 

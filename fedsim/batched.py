@@ -1,0 +1,318 @@
+"""Training many clients at once: one vmapped forward and backward over stacked adapters.
+
+The clients of a round share the frozen base model and differ only in small tensors: their
+trained adapter and head, sometimes their frozen factors or folded base. The batched trainer
+stacks the tensors that differ along a new leading client dimension and runs each local step of
+a whole group of clients as one ``torch.func.vmap`` of ``functional_call`` over the shared
+model: the base's matrix products see every client's examples at once and the adapters'
+become batched matrix products (the idea of multi-adapter serving such as S-LoRA, applied to
+training).
+
+Each client keeps what the inline engine gives it: its own parameter leaves, its own optimizer
+(any ``torch.optim`` class from the ``optimizer`` group, with its state when
+``sim.keep_optimizer_state``), its own batch order (its generator) and its own position in the
+learning-rate schedule. The sum of the group's losses has, with respect to each client's leaves,
+exactly that client's gradient, so every client's update is the inline engine's up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fedsim.tasks.base import Batch, Task
+from fedsim.training import LocalResult, Schedule, batches, load_optimizer_state, to_device
+
+
+@dataclass
+class ClientJob:
+    """One client's share of a batched group."""
+
+    params: dict[str, torch.Tensor]  # its trained parameters' starting values, by name
+    context: dict[str, torch.Tensor]  # other tensors of its model that may differ per client
+    data: Batch
+    generator: torch.Generator  # its batch order
+    start_step: int  # its global step count (the schedule's position)
+    optimizer_state: dict | None = None  # fedsim.training.optimizer_state_arrays, if kept
+
+
+@dataclass
+class ClientOutcome:
+    result: LocalResult
+    params: dict[str, torch.Tensor]  # its trained parameters after the local steps
+    #: its optimizer's per-parameter state, as ``torch.optim.Optimizer.state_dict()["state"]``
+    optimizer_state: dict[int, dict[str, torch.Tensor]]
+
+
+class StackedAdamW:
+    """``torch.optim.AdamW`` (or ``Adam``) for every client of a group at once, on parameters
+    stacked along dimension 0, with a learning rate and a step count per client: the update
+    of each slice is, up to float rounding, what the client's own optimizer computes
+    (torch's single-tensor Adam, decoupled weight decay for AdamW)."""
+
+    KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: list[torch.Tensor], defaults: dict, decoupled: bool) -> None:
+        self.params = params
+        self.beta1, self.beta2 = (float(b) for b in defaults["betas"])
+        self.eps, self.weight_decay = float(defaults["eps"]), float(defaults["weight_decay"])
+        self.decoupled = decoupled
+        c = params[0].shape[0]
+        self.steps = torch.zeros(c, dtype=torch.float64)
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+    @staticmethod
+    def supports(opt: torch.optim.Optimizer) -> bool:
+        d = opt.defaults
+        return type(opt) in (torch.optim.AdamW, torch.optim.Adam) and not (
+            d.get("amsgrad") or d.get("maximize") or d.get("capturable") or d.get("differentiable")
+        )
+
+    def load_client(self, i: int, state: dict[int, dict[str, torch.Tensor]]) -> None:
+        if not state:
+            return
+        self.steps[i] = float(state[0]["step"])
+        for k, _ in enumerate(self.params):
+            self.exp_avg[k][i].copy_(state[k]["exp_avg"])
+            self.exp_avg_sq[k][i].copy_(state[k]["exp_avg_sq"])
+
+    def client_state(self, i: int) -> dict[int, dict[str, torch.Tensor]]:
+        if self.steps[i] == 0:
+            return {}
+        step = torch.tensor(float(self.steps[i]), dtype=torch.float32)
+        return {
+            k: {"step": step.clone(), "exp_avg": m[i].clone(), "exp_avg_sq": v[i].clone()}
+            for k, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq))
+        }
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        self.steps += 1
+        bc1 = 1 - self.beta1**self.steps
+        bc2_sqrt = (1 - self.beta2**self.steps).sqrt()
+        step_size = lrs.double() / bc1
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            grad = p.grad
+            if self.weight_decay:
+                if self.decoupled:
+                    p.mul_((1 - lrs.double() * self.weight_decay).to(p.dtype).view(shape))
+                else:
+                    grad = grad.add(p, alpha=self.weight_decay)
+            m.lerp_(grad, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            denom = (v.sqrt() / bc2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
+            p.sub_(step_size.to(p.dtype).view(shape) * m / denom)
+
+
+class StackedSGD:
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay) for every client of
+    a group at once, with a learning rate per client (see :class:`StackedAdamW`)."""
+
+    KEYS = ("momentum_buffer",)
+
+    def __init__(self, params: list[torch.Tensor], defaults: dict) -> None:
+        self.params = params
+        self.momentum, self.dampening = float(defaults["momentum"]), float(defaults["dampening"])
+        self.weight_decay, self.nesterov = float(defaults["weight_decay"]), defaults["nesterov"]
+        c = params[0].shape[0]
+        self.has_buffer = torch.zeros(c, dtype=torch.bool)
+        self.buffers = [torch.zeros_like(p) for p in params]
+
+    @staticmethod
+    def supports(opt: torch.optim.Optimizer) -> bool:
+        d = opt.defaults
+        return type(opt) is torch.optim.SGD and not (d.get("maximize") or d.get("differentiable"))
+
+    def load_client(self, i: int, state: dict[int, dict[str, torch.Tensor]]) -> None:
+        if state and all("momentum_buffer" in state[k] for k in range(len(self.params))):
+            for k in range(len(self.params)):
+                self.buffers[k][i].copy_(state[k]["momentum_buffer"])
+            self.has_buffer[i] = True
+
+    def client_state(self, i: int) -> dict[int, dict[str, torch.Tensor]]:
+        if not self.momentum or not self.has_buffer[i]:
+            return {}
+        return {k: {"momentum_buffer": b[i].clone()} for k, b in enumerate(self.buffers)}
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        for p, buf in zip(self.params, self.buffers):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            grad = p.grad
+            if self.weight_decay:
+                grad = grad.add(p, alpha=self.weight_decay)
+            if self.momentum:
+                new = self.has_buffer.view(shape)
+                buf.copy_(torch.where(new, buf * self.momentum + (1 - self.dampening) * grad, grad))
+                grad = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
+            p.sub_(lrs.to(p.dtype).view(shape) * grad)
+        self.has_buffer[:] = True
+
+
+def stacked_optimizer(probe: torch.optim.Optimizer, params: list[torch.Tensor]):
+    """The stacked counterpart of ``probe``'s class, or None (then each client gets its own
+    optimizer object)."""
+    if StackedAdamW.supports(probe):
+        decoupled = isinstance(probe, torch.optim.AdamW) or probe.defaults.get(
+            "decoupled_weight_decay", False
+        )
+        return StackedAdamW(params, probe.defaults, decoupled)
+    if StackedSGD.supports(probe):
+        return StackedSGD(params, probe.defaults)
+    return None
+
+
+class _Functional:
+    """``model`` called with some of its tensors replaced (what ``task.loss`` calls)."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.model, self.tensors = model, tensors
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.model, self.tensors, args, kwargs, strict=False)
+
+
+def _padded(drawn: list[Batch], device) -> tuple[Batch, torch.Tensor]:
+    """The clients' batches stacked, each padded to the longest with copies of its first
+    example, and the per-example weights that make the padded sum each client's mean loss
+    (``1 / n_i`` for its ``n_i`` real examples, 0 for the padding)."""
+    sizes = [len(next(iter(b.values()))) for b in drawn]
+    width = max(sizes)
+    weights = torch.zeros(len(drawn), width)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in drawn[0]}
+    for i, (b, n) in enumerate(zip(drawn, sizes)):
+        weights[i, :n] = 1.0 / n
+        for k, v in b.items():
+            if n < width:
+                v = torch.cat([v, v[:1].expand(width - n, *v.shape[1:])])
+            out[k].append(v)
+    batch = to_device({k: torch.stack(v) for k, v in out.items()}, device)
+    return batch, weights.to(device if device is not None else "cpu")
+
+
+def _load_state(arrays: dict | None, n: int) -> dict[int, dict[str, torch.Tensor]]:
+    """``fedsim.training.optimizer_state_arrays`` back into torch's per-index state dicts."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in (arrays or {}).items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = torch.as_tensor(value)
+    return state if len(state) == n else {}
+
+
+def train_group(
+    model: nn.Module,
+    task: Task,
+    jobs: Sequence[ClientJob],
+    make_optimizer: Callable[..., torch.optim.Optimizer],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    schedule: Schedule,
+    total_steps: int,
+    device: torch.device | None = None,
+) -> list[ClientOutcome]:
+    """``steps`` local steps of every client in ``jobs``, in lock-step, as one vmapped call
+    per step.
+
+    A context tensor that is the same for every client is loaded into ``model`` once and
+    shared; one that differs is stacked like the trained parameters. A client whose batch is
+    shorter (the end of a pass over its data) is padded with zero-weight examples, so the
+    examples of a batch must not interact (no batch normalisation). AdamW, Adam and SGD step
+    all clients at once (:class:`StackedAdamW`, :class:`StackedSGD`); any other optimizer runs
+    once per client, on that client's slices.
+    """
+    if not jobs:
+        return []
+    names = list(jobs[0].params)
+    params = dict(model.named_parameters())
+    shared, varying = {}, []
+    for name, first in jobs[0].context.items():
+        if all(torch.equal(job.context[name], first) for job in jobs[1:]):
+            shared[name] = first
+        else:
+            varying.append(name)
+    with torch.no_grad():
+        for name, value in shared.items():
+            params[name].copy_(value)
+    context = {n: torch.stack([job.context[n] for job in jobs]).to(device) for n in varying}
+    stacked = [
+        torch.stack([job.params[n].detach() for job in jobs]).to(device).requires_grad_(True)
+        for n in names
+    ]
+    probe = make_optimizer([nn.Parameter(torch.zeros(1))], lr=lr)
+    fast = stacked_optimizer(probe, stacked)
+    per_client: list[torch.optim.Optimizer] = []
+    if fast is not None:
+        for i, job in enumerate(jobs):
+            fast.load_client(i, _load_state(job.optimizer_state, len(names)))
+    else:  # each client's optimizer steps its own copies; their gradients come from the stack
+        mine = [[torch.zeros_like(p[i]) for p in stacked] for i in range(len(jobs))]
+        for job, leaves in zip(jobs, mine):
+            for leaf in leaves:
+                leaf.grad = torch.zeros_like(leaf)
+            opt = make_optimizer(leaves, lr=lr)
+            if job.optimizer_state is not None:
+                load_optimizer_state(opt, job.optimizer_state)
+            per_client.append(opt)
+    streams = [batches(job.data, batch_size, job.generator) for job in jobs]
+
+    def client_loss(tensors: dict[str, torch.Tensor], batch: Batch, w: torch.Tensor):
+        per_example = task.loss(_Functional(model, tensors), batch, reduction="none")
+        return (per_example * w).sum()
+
+    batched_loss = vmap(client_loss)
+    totals = torch.zeros(len(jobs), dtype=torch.float64)
+    model.train()
+    for step in range(steps):
+        batch, weights = _padded([next(s) for s in streams], device)
+        lrs = torch.tensor(
+            [lr * schedule.factor(job.start_step + step, total_steps) for job in jobs],
+            dtype=torch.float64,
+        )
+        for p in stacked:
+            p.grad = None
+        tensors = {n: p for n, p in zip(names, stacked)}
+        tensors.update(context)
+        losses = batched_loss(tensors, batch, weights)
+        losses.sum().backward()
+        totals += losses.detach().double().cpu()
+        if fast is not None:
+            fast.step(lrs.to(stacked[0].device))
+            continue
+        with torch.no_grad():
+            for i, opt in enumerate(per_client):
+                leaves = opt.param_groups[0]["params"]
+                for leaf, p in zip(leaves, stacked):
+                    leaf.copy_(p[i])
+                    leaf.grad.copy_(p.grad[i])
+                for group in opt.param_groups:
+                    group["lr"] = float(lrs[i])
+                opt.step()
+                for leaf, p in zip(leaves, stacked):
+                    p[i].copy_(leaf)
+    outcomes = []
+    for i in range(len(jobs)):
+        if fast is not None:
+            state = fast.client_state(i)
+        else:
+            state = {k: dict(v) for k, v in enumerate(per_client[i].state.values())}
+        outcomes.append(
+            ClientOutcome(
+                result=LocalResult(loss=float(totals[i]) / max(steps, 1), steps=steps),
+                params={n: p[i].detach().clone() for n, p in zip(names, stacked)},
+                optimizer_state=state,
+            )
+        )
+    return outcomes
