@@ -3,6 +3,7 @@
     python benchmarks/engines.py                       # synthetic, 32 clients per round, lora_sb
     python benchmarks/engines.py --ray --sentiment     # also Flower's Ray engine and MiniLM
     python benchmarks/engines.py --threads 2 adapter=lora
+    python benchmarks/engines.py --scale               # also 10,000 registered clients
 
 Workload (printed with the results): the synthetic task, 32 clients, all of them in every
 round, 10 local AdamW steps of batch 32, FedAvg of LoRA-SB's ``R`` and the head
@@ -32,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +56,20 @@ SYNTHETIC = [
     "checkpoint.every=0",
 ]
 SENTIMENT = ["task=sentiment", "strategy=fedavg", "export=false", "checkpoint.every=0"]
+#: --scale: many registered clients, 1000 per round, EF21 memories in every client's state
+SCALE = [
+    "task=synthetic",
+    "strategy=fedavg",
+    "sim.clients_per_round=1000",
+    "sim.rounds=2",
+    "sim.eval_clients=100",
+    "compressor=topk",
+    "compressor.ratio=0.1",
+    "feedback=ef21",
+    "engine=batched",
+    "export=false",
+    "checkpoint.every=0",
+]
 
 
 def client_steps(overrides: list[str]) -> int:
@@ -109,6 +125,44 @@ def fresh(variant: str, base: list[str], threads: int) -> dict:
     }
 
 
+def scale_run(num_clients: int, extra: list[str]) -> dict:
+    """Child process: one run with ``num_clients`` registered clients; its peak memory."""
+    import json as json_
+
+    from fedsim.api import run
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, TreeMemory() as mem:
+        summary = run([*SCALE, f"sim.num_clients={num_clients}", *extra], output_dir=Path(tmp))
+        rows = [json_.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
+    return {
+        "num_clients": num_clients,
+        "peak_rss_mib": mem.peak_kib / 1024,
+        "wall_s": time.perf_counter() - t0,
+        "round_s": [r["round_time_s"] for r in rows if r["round"] >= 1],
+        "client_state_bytes": summary["client_state_bytes"],
+        "clients_trained": sum(r["clients_ok"] for r in rows),
+    }
+
+
+def scale_report(small: dict, big: dict) -> list[str]:
+    per_client = (big["peak_rss_mib"] - small["peak_rss_mib"]) * 2**20
+    per_client /= big["num_clients"] - small["num_clients"]
+    lines = [f"scale: {' '.join(SCALE)}"]
+    for r in (small, big):
+        lines.append(
+            f"  {r['num_clients']:6d} registered clients: peak RSS {r['peak_rss_mib']:7.0f} MiB, "
+            f"rounds {', '.join(f'{t:.1f}' for t in r['round_s'])} s, run {r['wall_s']:.0f} s, "
+            f"client states {r['client_state_bytes'] / 2**20:.1f} MiB"
+        )
+    lines.append(
+        f"  memory per registered client (peak RSS slope): {per_client / 1024:.1f} KiB; "
+        f"client state per trained client: "
+        f"{big['client_state_bytes'] / max(big['clients_trained'], 1) / 1024:.1f} KiB"
+    )
+    return lines
+
+
 def table(title: str, base: list[str], alt: dict, cold: dict, note: str = "") -> list[str]:
     steps = client_steps(base)
     plain = min(alt["plain"])
@@ -138,6 +192,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the engines")
     parser.add_argument("--ray", action="store_true", help="also the ray engine (slow start)")
     parser.add_argument("--sentiment", action="store_true", help="also MiniLM sentiment")
+    parser.add_argument(
+        "--scale", action="store_true", help="also 2,000 and 10,000 registered clients"
+    )
+    parser.add_argument("--num-clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -146,6 +204,9 @@ def main() -> None:
         "sentiment": [*SENTIMENT, "sim.rounds=3", *args.overrides],
     }
     base = workloads[args.workload]
+    if args.child == "scale":
+        print(json.dumps(scale_run(args.num_clients, args.overrides)))
+        return
     if args.child == "alternate":
         print(json.dumps(alternate(base, args.variants.split(","), args.repeats, args.threads)))
         return
@@ -172,6 +233,13 @@ def main() -> None:
             )
         report += table(workload, workloads[workload], alt, cold, note) + [""]
         results[workload] = {"overrides": workloads[workload], "alternating": alt, "fresh": cold}
+    if args.scale:
+        small, big = (
+            child(["--child", "scale", "--num-clients", str(n), *args.overrides])
+            for n in (2000, 10000)
+        )
+        report += scale_report(small, big) + [""]
+        results["scale"] = {"overrides": SCALE, "runs": [small, big]}
     print("\n".join(report).rstrip())
     for workload, r in results.items():
         alt = r["alternating"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -159,12 +160,40 @@ class Components:
         return self.sim["rounds"] * self.sim["local_steps"]
 
 
+_DATA: OrderedDict[str, FederatedData] = OrderedDict()
+_MAX_DATA = 2
+
+
+def shared_data(cfg: dict[str, Any], task: Task, partitioner: Any) -> FederatedData:
+    """The clients' partitions for ``cfg``, shared by every build of the same data settings in
+    this process (the up-front check, the server and the inline clients), so that a
+    partitioner's assignment of a large pool (10,000 clients) is computed once; a small cache,
+    as sweeps build one configuration after another."""
+    import json
+
+    sim = cfg["sim"]
+    key = json.dumps(
+        [cfg["task"], cfg["partition"], sim["client_test_fraction"], sim["seed"]],
+        sort_keys=True,
+        default=str,
+    )
+    data = _DATA.get(key)
+    if data is None:
+        data = FederatedData(task, partitioner, sim["client_test_fraction"], sim["seed"])
+        _DATA[key] = data
+        while len(_DATA) > _MAX_DATA:
+            _DATA.popitem(last=False)
+    else:
+        _DATA.move_to_end(key)
+    return data
+
+
 def build_components(cfg: dict[str, Any]) -> Components:
     task = build("task", cfg["task"])
     adapter = build("adapter", cfg["adapter"])
     strategy = build("strategy", cfg["strategy"])
     partitioner = build("partition", cfg["partition"])
-    data = FederatedData(task, partitioner, cfg["sim"]["client_test_fraction"], cfg["sim"]["seed"])
+    data = shared_data(cfg, task, partitioner)
     make_optimizer = build("optimizer", cfg["optimizer"])
     _check_optimizer(make_optimizer, cfg)
     schedule = build("schedule", cfg["schedule"])

@@ -81,7 +81,8 @@ class FederatedData:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                sizes = [len(self.indices(client)) for client in range(num_clients)]
+                self._setup()
+                sizes = [len(self.partitioner.load_partition(c)) for c in range(num_clients)]
             except ConfigError:  # the task's own settings, already named
                 raise
             except (ValueError, KeyError, IndexError) as e:
