@@ -138,6 +138,11 @@ BAD = [
         "optimizer._target_=torch.optim.Nope: cannot be imported",
     ),
     (["engine=ray", "engine.num_cpus=0"], "engine.num_cpus=0"),
+    (
+        ["engine=ray", "engine.address=auto", "engine.num_cpus=2"],
+        "engine.num_cpus=2: sizes a local Ray; the cluster at engine.address=auto",
+    ),
+    (["engine=ray", "engine.address=' '"], "engine.address= : must be null (a local Ray)"),
     (["engine=batched", "engine.group_size=0"], "engine.group_size=0: must be an integer >= 1"),
     (["engine=batched", "privacy=dpsgd"], "engine=batched: privacy=dpsgd clips each example's"),
     (["schedule=cosine", "schedule.final_factor=3"], "schedule.final_factor=3"),

@@ -1,8 +1,11 @@
 """The ray engine: Flower's own simulation engine (Ray backend) runs the same apps.
 
-Ray is started locally (``address: local``) with ``num_cpus`` CPUs, never attached to a
-cluster fedsim did not start; each client gets ``num_cpus_per_client`` CPUs and
-``num_gpus_per_client`` GPUs. Start-up costs 15-40 s per run on a small machine.
+By default Ray is started locally for the run (``address: null``) with ``num_cpus`` CPUs; with
+``engine.address`` (``auto``, or the head's ``<host>:<port>``) the run attaches to a Ray
+cluster someone started (``ray start --head``, ``ray start --address=...`` on each machine)
+and its client actors spread over the cluster's nodes (docs/scale-out.md). Each client gets
+``num_cpus_per_client`` CPUs and ``num_gpus_per_client`` GPUs. Start-up costs 15-40 s per run
+on a small machine.
 """
 
 from __future__ import annotations
@@ -17,23 +20,42 @@ from fedsim.validate import integer, number
 
 
 class RayEngine:
-    """Parameters: ``num_cpus`` (None: all), ``num_gpus`` (None: all), ``num_cpus_per_client``,
-    ``num_gpus_per_client``, ``num_threads`` (torch threads inside each client actor)."""
+    """Parameters: ``address`` (None: a Ray started here for this run; ``auto`` or
+    ``<host>:<port>``: attach to that running Ray cluster, whose nodes then run the client
+    actors), ``num_cpus`` (None: all; a local Ray only), ``num_gpus`` (None: all; a local Ray
+    only), ``num_cpus_per_client``, ``num_gpus_per_client``, ``num_threads`` (torch threads
+    inside each client actor)."""
 
     name = "ray"
 
     def __init__(
         self,
+        address: str | None = None,
         num_cpus: int | None = None,
         num_gpus: float | None = None,
         num_cpus_per_client: float = 1,
         num_gpus_per_client: float = 0.0,
         num_threads: int = 1,
     ) -> None:
+        if address is not None and (not isinstance(address, str) or not address.strip()):
+            raise ConfigError(
+                "engine.address", address, "must be null (a local Ray), auto or <host>:<port>"
+            )
+        if address in ("local", ""):
+            address = None
         if num_cpus is not None:
             integer("engine.num_cpus", num_cpus, low=1)
         if num_gpus is not None:
             number("engine.num_gpus", num_gpus, low=0)
+        if address is not None and (num_cpus is not None or num_gpus is not None):
+            key = "engine.num_cpus" if num_cpus is not None else "engine.num_gpus"
+            raise ConfigError(
+                key,
+                num_cpus if num_cpus is not None else num_gpus,
+                f"sizes a local Ray; the cluster at engine.address={address} has its own "
+                "resources (set it to null)",
+            )
+        self.address = address
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.num_cpus_per_client = number(
             "engine.num_cpus_per_client", num_cpus_per_client, low=0, low_open=True
@@ -42,9 +64,12 @@ class RayEngine:
         self.num_threads = integer("engine.num_threads", num_threads, low=1)
 
     def check(self, sim: dict) -> None:
-        """Resources must fit, or Ray's actor pool is empty and Flower's engine never returns."""
+        """Resources must fit, or Ray's actor pool is empty and Flower's engine never returns
+        (a cluster's resources are known only once attached: Ray refuses what does not fit)."""
         import torch
 
+        if self.address is not None:
+            return
         cpus = self.num_cpus if self.num_cpus is not None else (os.cpu_count() or 1)
         if self.num_cpus_per_client > cpus:
             raise ConfigError(
@@ -70,7 +95,7 @@ class RayEngine:
 
     def backend_config(self) -> dict:
         init_args = {
-            "address": "local",
+            "address": self.address or "local",
             "include_dashboard": False,
             "logging_level": logging.ERROR,
             "log_to_driver": False,
