@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.overhead import TreeMemory, one_run, steady  # noqa: E402
+from benchmarks.overhead import child as run_child  # noqa: E402
 
 SYNTHETIC = [
     "task=synthetic",
@@ -102,12 +101,7 @@ def alternate(base: list[str], variants: list[str], repeats: int, threads: int) 
 
 
 def child(args: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(args, __file__)
 
 
 def fresh(variant: str, base: list[str], threads: int) -> dict:

@@ -131,8 +131,9 @@ def alternate(overrides: list[str], repeats: int) -> dict:
     return out
 
 
-def child(args: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *args]
+def child(args: list[str], script: str | None = None) -> dict:
+    """Run ``script`` (default: this file) in a fresh process; its last stdout line, as JSON."""
+    cmd = [sys.executable, script or __file__, *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:

@@ -160,15 +160,26 @@ class Components:
         return self.sim["rounds"] * self.sim["local_steps"]
 
 
+def small_cache(cache: OrderedDict, key: str, make: Callable[[], Any], size: int = 2) -> Any:
+    """``cache[key]``, made with ``make()`` if missing; the least recently used entries go
+    beyond ``size`` (sweeps build one configuration after another in one process)."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        while len(cache) > size:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
 _DATA: OrderedDict[str, FederatedData] = OrderedDict()
-_MAX_DATA = 2
 
 
 def shared_data(cfg: dict[str, Any], task: Task, partitioner: Any) -> FederatedData:
     """The clients' partitions for ``cfg``, shared by every build of the same data settings in
     this process (the up-front check, the server and the inline clients), so that a
-    partitioner's assignment of a large pool (10,000 clients) is computed once; a small cache,
-    as sweeps build one configuration after another."""
+    partitioner's assignment of a large pool (10,000 clients) is computed once."""
     import json
 
     sim = cfg["sim"]
@@ -177,15 +188,11 @@ def shared_data(cfg: dict[str, Any], task: Task, partitioner: Any) -> FederatedD
         sort_keys=True,
         default=str,
     )
-    data = _DATA.get(key)
-    if data is None:
-        data = FederatedData(task, partitioner, sim["client_test_fraction"], sim["seed"])
-        _DATA[key] = data
-        while len(_DATA) > _MAX_DATA:
-            _DATA.popitem(last=False)
-    else:
-        _DATA.move_to_end(key)
-    return data
+    return small_cache(
+        _DATA,
+        key,
+        lambda: FederatedData(task, partitioner, sim["client_test_fraction"], sim["seed"]),
+    )
 
 
 def build_components(cfg: dict[str, Any]) -> Components:

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim import keys
-from fedsim.build import Components, build_components
+from fedsim.build import Components, build_components, small_cache
 from fedsim.compression import scale_to_norm
 from fedsim.faults import FaultDraw, corrupt_arrays
 from fedsim.privacy import (
@@ -373,21 +373,11 @@ def state_bytes(state: RecordDict) -> int:
 
 
 _RUNTIMES: OrderedDict[str, ClientRuntime] = OrderedDict()
-_MAX_RUNTIMES = 2
 
 
 def runtime_for(cfg: dict[str, Any]) -> ClientRuntime:
     """The process's runtime for ``cfg`` (a small cache: sweeps run configs one after another)."""
-    key = json.dumps(cfg, sort_keys=True)
-    rt = _RUNTIMES.get(key)
-    if rt is None:
-        rt = ClientRuntime(cfg)
-        _RUNTIMES[key] = rt
-        while len(_RUNTIMES) > _MAX_RUNTIMES:
-            _RUNTIMES.popitem(last=False)
-    else:
-        _RUNTIMES.move_to_end(key)
-    return rt
+    return small_cache(_RUNTIMES, json.dumps(cfg, sort_keys=True), lambda: ClientRuntime(cfg))
 
 
 def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
