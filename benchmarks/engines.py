@@ -236,6 +236,8 @@ def main() -> None:
         results["scale"] = {"overrides": SCALE, "runs": [small, big]}
     print("\n".join(report).rstrip())
     for workload, r in results.items():
+        if "alternating" not in r:  # --scale: single runs
+            continue
         alt = r["alternating"]
         pairs = {v: [p / x for p, x in zip(alt["plain"], t)] for v, t in alt.items()}
         spread = {v: f"{min(p):.2f}-{max(p):.2f}" for v, p in pairs.items() if v != "plain"}

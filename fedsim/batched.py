@@ -62,8 +62,8 @@ class StackedAdamW:
         self.beta1, self.beta2 = (float(b) for b in defaults["betas"])
         self.eps, self.weight_decay = float(defaults["eps"]), float(defaults["weight_decay"])
         self.decoupled = decoupled
-        c = params[0].shape[0]
-        self.steps = torch.zeros(c, dtype=torch.float64)
+        c, device = params[0].shape[0], params[0].device
+        self.steps = torch.zeros(c, dtype=torch.float64, device=device)
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
 
@@ -77,6 +77,8 @@ class StackedAdamW:
     def load_client(self, i: int, state: dict[int, dict[str, torch.Tensor]]) -> None:
         if not state:
             return
+        if any(state[k]["exp_avg"].shape != p.shape[1:] for k, p in enumerate(self.params)):
+            raise ValueError("the kept optimizer state does not fit the trained parameters")
         self.steps[i] = float(state[0]["step"])
         for k, _ in enumerate(self.params):
             self.exp_avg[k][i].copy_(state[k]["exp_avg"])
@@ -124,7 +126,7 @@ class StackedSGD:
         self.momentum, self.dampening = float(defaults["momentum"]), float(defaults["dampening"])
         self.weight_decay, self.nesterov = float(defaults["weight_decay"]), defaults["nesterov"]
         c = params[0].shape[0]
-        self.has_buffer = torch.zeros(c, dtype=torch.bool)
+        self.has_buffer = torch.zeros(c, dtype=torch.bool, device=params[0].device)
         self.buffers = [torch.zeros_like(p) for p in params]
 
     @staticmethod
@@ -296,7 +298,10 @@ def train_group(
                 leaves = opt.param_groups[0]["params"]
                 for leaf, p in zip(leaves, stacked):
                     leaf.copy_(p[i])
-                    leaf.grad.copy_(p.grad[i])
+                    if p.grad is None:  # a parameter the loss does not reach
+                        leaf.grad.zero_()
+                    else:
+                        leaf.grad.copy_(p.grad[i])
                 for group in opt.param_groups:
                     group["lr"] = float(lrs[i])
                 opt.step()
@@ -307,7 +312,7 @@ def train_group(
         if fast is not None:
             state = fast.client_state(i)
         else:
-            state = {k: dict(v) for k, v in enumerate(per_client[i].state.values())}
+            state = per_client[i].state_dict()["state"]  # by parameter index
         outcomes.append(
             ClientOutcome(
                 result=LocalResult(loss=float(totals[i]) / max(steps, 1), steps=steps),

@@ -404,7 +404,7 @@ def check(cfg: dict[str, Any]) -> None:
             "resume",
             cfg["resume"],
             f"engine {components.engine.name} keeps client states in its own processes; "
-            "checkpoints and resume need engine=inline",
+            "checkpoints and resume need engine=inline or engine=batched",
         )
     from fedsim.training import resolve_device
 

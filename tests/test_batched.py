@@ -137,6 +137,45 @@ def test_train_group_equals_each_client_trained_alone():
             torch.testing.assert_close(outcome.params[n], v, rtol=1e-5, atol=1e-6)
 
 
+def test_clients_with_different_frozen_bases_train_on_their_own():
+    """The stacked-context path: tensors that differ between clients (folded bases) are
+    stacked, each client trains against its own."""
+    cfg, _ = compose(tiny(*UNEQUAL, "adapter=lora"))
+    c = build_components(cfg)
+    torch.set_num_threads(1)
+    model, spec = c.model()
+    params = spec.parameters_of(model)
+    base = spec.base_weight(spec.adapted_modules[0])
+    w0 = params[base].detach().clone()
+    init = {n: params[n].detach().clone() for n in spec.trained}
+    kw = {"batch_size": 16, "lr": 0.01, "schedule": c.schedule, "total_steps": 20}
+    alone, jobs = [], []
+    for client in range(3):
+        mine = w0 + 0.05 * (client + 1) * torch.randn(
+            w0.shape, generator=torch.Generator().manual_seed(client)
+        )
+        spec.load(model, {**{n: v.numpy() for n, v in init.items()}, base: mine.numpy()})
+        opt = c.make_optimizer(spec.trained_parameters(model), lr=0.01)
+        data = c.data.client(client).train
+        train_local(
+            model,
+            c.task,
+            data,
+            opt,
+            steps=4,
+            start_step=0,
+            generator=client_generator(0, 2, client),
+            **kw,
+        )
+        alone.append({n: params[n].detach().clone() for n in spec.trained})
+        jobs.append(ClientJob(dict(init), {base: mine}, data, client_generator(0, 2, client), 0))
+    out = train_group(model, c.task, jobs, c.make_optimizer, steps=4, **kw)
+    for want, outcome in zip(alone, out):
+        for n, v in want.items():
+            torch.testing.assert_close(outcome.params[n], v, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out[0].params[spec.trained[0]], out[1].params[spec.trained[0]])
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -203,6 +242,22 @@ def test_what_the_batched_engine_cannot_do_is_one_line(extra, message, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_task_without_per_example_losses_is_refused(tmp_path, monkeypatch):
+    """A user's task whose loss knows only "mean" and "sum": padded batches would bias it."""
+    from fedsim.config import check
+    from fedsim.errors import ConfigError
+    from fedsim.tasks.synthetic import SyntheticTask
+
+    def mean_only(self, model, batch, reduction="mean"):
+        loss = torch.nn.functional.cross_entropy(self.logits(model, batch), batch["label"])
+        return loss * len(batch["label"]) if reduction == "sum" else loss
+
+    monkeypatch.setattr(SyntheticTask, "loss", mean_only)
+    cfg, _ = compose(tiny("engine=batched", "sim.seed=5"))
+    with pytest.raises(ConfigError, match="must return one loss per example"):
+        check(cfg)
 
 
 def test_text_tasks_are_refused_with_the_reason(hf_task, tmp_path, capsys):

@@ -47,13 +47,21 @@ def same_results(got_rows, want_rows):
 
 def test_the_ray_engine_attaches_to_a_running_cluster(tmp_path, run_tiny):
     port = free_port()
-    ray = str(BIN / "ray")
     short = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    start = [ray, "start", "--head", f"--port={port}", "--num-cpus=2"]
-    start += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={short}"]
-    started = subprocess.run(start, capture_output=True, text=True, timeout=300)
-    assert started.returncode == 0, started.stderr[-2000:]
+    head = subprocess.Popen(  # --block: this process owns the cluster; stopping it stops Ray
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={short}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        time.sleep(3)
         args = tiny("sim.clients_per_round=3")
         out = tmp_path / "run"
         proc = subprocess.run(
@@ -72,8 +80,19 @@ def test_the_ray_engine_attaches_to_a_running_cluster(tmp_path, run_tiny):
             cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+        too_big = subprocess.run(
+            [sys.executable, "-m", "fedsim", *args, "engine=ray", "engine.num_cpus_per_client=8",
+             f"engine.address=127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'big'}"],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+        assert too_big.returncode == 2, too_big.stderr[-2000:]
+        assert "no node of the Ray cluster" in too_big.stderr
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
     _, inline, _ = run_tiny(base=args)
     same_results(read_metrics(out), inline)
 

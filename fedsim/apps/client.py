@@ -214,8 +214,10 @@ class ClientRuntime:
                 )
             )
             started.append((k, job))
-        if jobs:
-            common = started[0][1].common
+        if not jobs:
+            return out
+        common = started[0][1].common
+        try:
             outcomes = train_group(
                 self.model,
                 c.task,
@@ -228,14 +230,21 @@ class ClientRuntime:
                 total_steps=common["total_steps"],
                 device=self.device,
             )
-            keep = c.sim["keep_optimizer_state"]
-            for (k, job), client_job, outcome in zip(started, jobs, outcomes):
-                try:
-                    self.spec.load(self.model, {**client_job.context, **outcome.params})
-                    opt_state = state_arrays(outcome.optimizer_state) if keep else None
-                    out[k] = self.finish_train(job, outcome.result, opt_state)
-                except Exception as e:
-                    out[k] = e
+        except Exception as e:  # the group's training failed: each of its clients failed
+            for k, _ in started:
+                out[k] = e
+            return out
+        keep = c.sim["keep_optimizer_state"]
+        params = self.spec.parameters_of(self.model)
+        for (k, job), client_job, outcome in zip(started, jobs, outcomes):
+            try:
+                with torch.no_grad():  # the client's own tensors back into the model
+                    for name, value in {**client_job.context, **outcome.params}.items():
+                        params[name].copy_(value)
+                opt_state = state_arrays(outcome.optimizer_state) if keep else None
+                out[k] = self.finish_train(job, outcome.result, opt_state)
+            except Exception as e:
+                out[k] = e
         return out
 
     @property

@@ -738,7 +738,7 @@ class FederatedRun:
                 "written": 0,
                 "skipped": (
                     "this engine keeps client states in its own processes; checkpoints need "
-                    "engine=inline"
+                    "engine=inline or engine=batched"
                 ),
             }
         return {**self.checkpoint_info, "kept": self.checkpoint_keep}

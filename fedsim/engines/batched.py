@@ -13,6 +13,7 @@ engine's.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fedsim.config import RunSpec
@@ -54,8 +55,8 @@ class BatchedEngine(InlineEngine):
     group_size : int
         Clients trained together (>= 1); a round's clients are split into groups of this size.
     num_threads : int
-        torch threads (the batched matrix products are larger than one client's: on a few
-        cores 2 can pay off where the inline engine wants 1).
+        torch threads (1 was fastest on the project's 2-core machine; larger models and
+        groups may gain from more).
     """
 
     name = "batched"
@@ -84,6 +85,28 @@ class BatchedEngine(InlineEngine):
                 "(task=synthetic) for now: use engine=inline",
             )
         model, _ = c.model()
+        batch_norm = nn.modules.batchnorm._NormBase
+        norms = [n for n, m in model.named_modules() if isinstance(m, batch_norm)]
+        if norms:
+            raise ConfigError(
+                "engine",
+                "batched",
+                f"the model normalises over the batch ({norms[0]}), so padded examples would "
+                "change it: use engine=inline",
+            )
+        probe = {k: v[:2] for k, v in c.task.test_set().items()}
+        try:
+            per_example = c.task.loss(model, probe, reduction="none")
+        except Exception as e:
+            per_example = e
+        n = len(probe[c.task.label_key])
+        if not isinstance(per_example, torch.Tensor) or tuple(per_example.shape) != (n,):
+            raise ConfigError(
+                "engine",
+                "batched",
+                f"task {c.task.name}'s loss(..., reduction='none') must return one loss per "
+                "example (the batched engine weights them); it does not: use engine=inline",
+            )
         dropout = sorted(
             {m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p}
         )

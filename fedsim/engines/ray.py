@@ -93,6 +93,23 @@ class RayEngine:
                     "(or auto), or 0",
                 )
 
+    def check_cluster(self, nodes: list[dict]) -> None:
+        """A client actor must fit on one live node of the attached cluster, or Ray leaves it
+        pending and Flower's engine never returns."""
+        alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+        for key, name, need in (
+            ("CPU", "engine.num_cpus_per_client", self.num_cpus_per_client),
+            ("GPU", "engine.num_gpus_per_client", self.num_gpus_per_client),
+        ):
+            most = max((r.get(key, 0.0) for r in alive), default=0.0)
+            if need > most:
+                raise ConfigError(
+                    name,
+                    need,
+                    f"no node of the Ray cluster at {self.address} has that many {key}s "
+                    f"(the most on one node: {most:g})",
+                )
+
     def backend_config(self) -> dict:
         init_args = {
             "address": self.address or "local",
@@ -124,6 +141,13 @@ class RayEngine:
         flwr_log.setLevel(logging.WARNING)
         flwr_log.addFilter(_drop_run_simulation_notice)
         abort = threading.Event()  # tells the ServerApp thread to stop if the engine dies
+        if self.address is not None:  # Flower's backend reuses this connection
+            ray.init(**self.backend_config()["init_args"])
+            try:
+                self.check_cluster(ray.nodes())
+            except BaseException:
+                ray.shutdown()
+                raise
         try:
             run_simulation(
                 server_app=make_server_app(spec, abort),

@@ -404,7 +404,19 @@ def _math_modules() -> dict[str, object]:
         package.base_solution_linear = inner.base_solution_linear
     from mathematics_dataset.modules import modules
 
+    _tame_absl()
     return modules
+
+
+def _tame_absl() -> None:
+    """absl (imported by mathematics_dataset) binds its log handler to whatever ``sys.stderr``
+    was at import (a notebook's or a test's captured stream) and closes that stream when Hydra
+    reconfigures logging; bind it to the process's own stderr, which it never closes."""
+    import sys
+
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
