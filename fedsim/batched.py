@@ -10,8 +10,9 @@ training).
 
 Each client keeps what the inline engine gives it: its own parameter leaves, its own optimizer
 (any ``torch.optim`` class from the ``optimizer`` group, with its state when
-``sim.keep_optimizer_state``), its own batch order (its generator) and its own position in the
-learning-rate schedule. The sum of the group's losses has, with respect to each client's leaves,
+``sim.keep_optimizer_state``), its own batch order (its generator), its own adapter-dropout
+masks (:func:`fedsim.adapters.base.client_streams`) and its own position in the learning-rate
+schedule. The sum of the group's losses has, with respect to each client's leaves,
 exactly that client's gradient, so every client's update is the inline engine's up to float
 rounding.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedsim.adapters.base import client_streams
 from fedsim.tasks.base import Batch, Task
 from fedsim.training import LocalResult, Schedule, batches, load_optimizer_state, to_device
 
@@ -185,7 +187,7 @@ class _Functional:
         return functional_call(self.model, self.tensors, args, kwargs, strict=False)
 
 
-def _padded(drawn: list[Batch], device) -> tuple[Batch, torch.Tensor]:
+def _padded(drawn: list[Batch], device) -> tuple[Batch, torch.Tensor, list[int]]:
     """The clients' batches stacked, each padded to the longest with copies of its first
     example, and the per-example weights that make the padded sum each client's mean loss
     (``1 / n_i`` for its ``n_i`` real examples, 0 for the padding)."""
@@ -200,7 +202,7 @@ def _padded(drawn: list[Batch], device) -> tuple[Batch, torch.Tensor]:
                 v = torch.cat([v, v[:1].expand(width - n, *v.shape[1:])])
             out[k].append(v)
     batch = to_device({k: torch.stack(v) for k, v in out.items()}, device)
-    return batch, weights.to(device if device is not None else "cpu")
+    return batch, weights.to(device if device is not None else "cpu"), sizes
 
 
 def _load_state(arrays: dict | None, n: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -269,6 +271,11 @@ def train_group(
                 load_optimizer_state(opt, job.optimizer_state)
             per_client.append(opt)
     streams = [batches(job.data, batch_size, job.generator) for job in jobs]
+    # each client's dropout stream: the global generator the inline engine seeds for it
+    on = device if device is not None else torch.device("cpu")
+    dropout = [
+        torch.Generator(device=on).manual_seed(job.generator.initial_seed() + 1) for job in jobs
+    ]
 
     def client_loss(tensors: dict[str, torch.Tensor], batch: Batch, w: torch.Tensor):
         per_example = task.loss(_Functional(model, tensors), batch, reduction="none")
@@ -278,7 +285,7 @@ def train_group(
     totals = torch.zeros(len(jobs), dtype=torch.float64)
     model.train()
     for step in range(steps):
-        batch, weights = _padded([next(s) for s in streams], device)
+        batch, weights, sizes = _padded([next(s) for s in streams], device)
         lrs = torch.tensor(
             [lr * schedule.factor(job.start_step + step, total_steps) for job in jobs],
             dtype=torch.float64,
@@ -287,7 +294,8 @@ def train_group(
             p.grad = None
         tensors = {n: p for n, p in zip(names, stacked)}
         tensors.update(context)
-        losses = batched_loss(tensors, batch, weights)
+        with client_streams(dropout, sizes):
+            losses = batched_loss(tensors, batch, weights)
         losses.sum().backward()
         totals += losses.detach().double().cpu()
         if fast is not None:

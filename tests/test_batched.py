@@ -40,6 +40,8 @@ def _close(inline_rows, batched_rows, rel=1e-5):
     "extra",
     [
         ("adapter=lora",),
+        ("adapter=lora", "adapter.dropout=0.2"),
+        ("strategy=fedsb", "adapter.dropout=0.3"),
         ("adapter=ffa", "strategy=ffa"),
         ("strategy=fedsb",),
         ("strategy=fedsb", "adapter.init.source=clients"),
@@ -57,6 +59,8 @@ def _close(inline_rows, batched_rows, rel=1e-5):
     ],
     ids=[
         "lora",
+        "lora-dropout",
+        "lora_sb-dropout",
         "ffa",
         "lora_sb",
         "lora_sb-setup-round",
@@ -228,7 +232,6 @@ def test_stacked_optimizers_equal_one_torch_optimizer_per_client(make):
     "extra, message",
     [
         (["privacy=dpsgd"], "privacy=dpsgd clips each example's gradient"),
-        (["adapter.dropout=0.1"], "the model uses dropout (p=0.1)"),
         (["strategy=flora", "strategy.client_ranks=[2,4]"], "strategy.client_ranks=[2, 4]"),
         (["engine.group_size=0"], "engine.group_size=0: must be an integer >= 1"),
     ],

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.adapters.base import AdaptedLinear, Adapter
+from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterDropout
 from fedsim.validate import integer, number
 
 
@@ -39,7 +39,7 @@ class LoRALinear(AdaptedLinear):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = AdapterDropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterSpec
+from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterDropout, AdapterSpec
 from fedsim.errors import ConfigError
 from fedsim.validate import integer, number
 
@@ -54,7 +54,7 @@ class LoRASBLinear(AdaptedLinear):
             self.lora_A.weight.copy_(a.T)
             self.lora_B.weight.copy_(b)
             self.lora_R.weight.zero_()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = AdapterDropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora_B(self.lora_R(self.lora_A(self.dropout(x))))

@@ -114,9 +114,9 @@ class BatchedEngine(InlineEngine):
             raise ConfigError(
                 "engine",
                 "batched",
-                f"the model uses dropout (p={dropout[0]:g}), whose per-client random streams "
-                "the batched engine does not reproduce yet: set adapter.dropout=0 or use "
-                "engine=inline",
+                f"the task's model uses dropout (p={dropout[0]:g}) whose per-client random "
+                "streams the batched engine does not reproduce yet (adapter.dropout it does): "
+                "use engine=inline",
             )
         ranks = getattr(c.strategy, "client_ranks", None)
         if ranks is not None and len(set(ranks)) > 1:
