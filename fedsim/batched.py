@@ -19,14 +19,17 @@ rounding.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 
 from fedsim.adapters.base import client_streams
+from fedsim.privacy import ClientDP, poisson_indices
 from fedsim.tasks.base import Batch, Task
 from fedsim.training import LocalResult, Schedule, batches, load_optimizer_state, to_device
 
@@ -41,6 +44,7 @@ class ClientJob:
     generator: torch.Generator  # its batch order
     start_step: int  # its global step count (the schedule's position)
     optimizer_state: dict | None = None  # fedsim.training.optimizer_state_arrays, if kept
+    dp: ClientDP | None = None  # DP-SGD: its Poisson rate, noise and accountant
 
 
 @dataclass
@@ -187,7 +191,105 @@ class _Functional:
         return functional_call(self.model, self.tensors, args, kwargs, strict=False)
 
 
-def _padded(drawn: list[Batch], device) -> tuple[Batch, torch.Tensor, list[int]]:
+@contextmanager
+def quiet_fallbacks():
+    """torch warns once per operator without a vmap batching rule (the CPU's fused
+    attention: it then loops over the clients); that is a speed note, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        yield
+
+
+def vmapped_loss(model: nn.Module, task: Task) -> Callable:
+    """``f(tensors, batch, weights)``: each client's weighted loss, one vmapped call over
+    the stacked ``tensors`` (parameters by name), ``batch`` (from :meth:`Task.group_batch`)
+    and ``weights`` (per example)."""
+
+    def client_loss(tensors: dict[str, torch.Tensor], batch: Batch, w: torch.Tensor):
+        per_example = task.loss(_Functional(model, tensors), batch, reduction="none")
+        return (per_example * w).sum()
+
+    return vmap(client_loss)
+
+
+def per_example_gradients(model: nn.Module, task: Task) -> Callable:
+    """``f(trained, context, batch)``: every example's gradient of its own loss with respect
+    to its client's trained tensors, ``{name: (clients, examples, *shape)}``, and the
+    examples' losses ``(clients, examples)``: a vmap over examples inside a vmap over
+    clients (DP-SGD's per-example clipping; Opacus computes the same per client)."""
+
+    def one(trained: dict, context: dict, example: Batch):
+        batch = {k: v.unsqueeze(0) for k, v in example.items()}
+        tensors = {**trained, **context}
+        loss = task.loss(_Functional(model, tensors), batch, reduction="none")[0]
+        return loss, loss.detach()
+
+    return vmap(vmap(grad(one, has_aux=True), in_dims=(None, None, 0)))
+
+
+def _dp_gradients(
+    per_example: Callable,
+    task: Task,
+    jobs: Sequence[ClientJob],
+    trained: dict[str, torch.Tensor],
+    context: dict[str, torch.Tensor],
+    clip_norm: float,
+    device,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One DP-SGD step's gradients of every client, as Opacus' ``DPOptimizer`` computes a
+    client's (``loss_reduction="mean"``): a Poisson batch drawn with the client's generator,
+    each example's gradient clipped to ``clip_norm`` (its norm over all trained tensors), the
+    sum, Gaussian noise of std ``sigma * clip_norm`` drawn from the client's noise generator
+    tensor by tensor in the optimizer's order, divided by the expected batch size. An empty
+    batch is noise only. Returns the stacked gradients, each client's mean loss and whether
+    its batch had examples."""
+    drawn, sizes = [], []
+    for job in jobs:
+        n = len(job.data[task.label_key])
+        idx = poisson_indices(n, job.dp.sample_rate, job.generator)
+        sizes.append(len(idx))
+        # an empty batch: one stand-in example that the clipping weights by 0
+        drawn.append({k: (v[idx] if len(idx) else v[:1]) for k, v in job.data.items()})
+    batch, _, _ = padded_group(drawn, device)
+    batch, _ = task.group_batch(batch)
+    width = len(batch[task.label_key][0])
+    on = next(iter(trained.values())).device
+    real = torch.arange(width, device=on)[None, :] < torch.tensor(sizes, device=on)[:, None]
+    with torch.no_grad(), quiet_fallbacks():
+        grads, losses = per_example(trained, context, batch)
+    names = list(trained)
+    norms = torch.stack(
+        [grads[n].reshape(len(jobs), width, -1).norm(2, dim=-1) for n in names], dim=-1
+    ).norm(2, dim=-1)
+    factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0) * real
+    summed = [torch.einsum("ci,ci...->c...", factor.to(grads[n].dtype), grads[n]) for n in names]
+    for i, job in enumerate(jobs):  # each client's noise, in its optimizer's order
+        std = job.dp.sigma * clip_norm
+        for s in summed:
+            if std:
+                s[i] += torch.normal(0.0, std, size=s[i].shape, generator=job.dp.noise).to(on)
+            s[i] /= job.dp.expected_batch
+    counts = torch.tensor(sizes, dtype=torch.float64)
+    mean = (losses.double().cpu() * real.cpu()).sum(1) / counts.clamp(min=1)
+    return summed, mean, counts > 0
+
+
+def group_mean_losses(model: nn.Module, task: Task, drawn: list[Batch]) -> torch.Tensor:
+    """Each client's mean loss on its batch in ``drawn`` computed as the batched engine
+    computes it (padded, :meth:`Task.group_batch`, one vmapped call), with ``model``'s own
+    trained parameters for every client: what the engine checks against the task's plain loss
+    before a run."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    batch, weights, _ = padded_group(drawn, device)
+    batch, _ = task.group_batch(batch)
+    tensors = {n: params[n].detach().expand(len(drawn), *params[n].shape) for n in names}
+    with torch.no_grad(), quiet_fallbacks():
+        return vmapped_loss(model, task)(tensors, batch, weights)
+
+
+def padded_group(drawn: list[Batch], device) -> tuple[Batch, torch.Tensor, list[int]]:
     """The clients' batches stacked, each padded to the longest with copies of its first
     example, and the per-example weights that make the padded sum each client's mean loss
     (``1 / n_i`` for its ``n_i`` real examples, 0 for the padding)."""
@@ -226,6 +328,7 @@ def train_group(
     schedule: Schedule,
     total_steps: int,
     device: torch.device | None = None,
+    clip_norm: float | None = None,
 ) -> list[ClientOutcome]:
     """``steps`` local steps of every client in ``jobs``, in lock-step, as one vmapped call
     per step.
@@ -236,6 +339,10 @@ def train_group(
     examples of a batch must not interact (no batch normalisation). AdamW, Adam and SGD step
     all clients at once (:class:`StackedAdamW`, :class:`StackedSGD`); any other optimizer runs
     once per client, on that client's slices.
+
+    Jobs with ``dp`` settings train with DP-SGD instead (:func:`_dp_gradients`: Poisson
+    batches, per-example clipping to ``clip_norm``, each client's own noise); each client's
+    accountant records its steps.
     """
     if not jobs:
         return []
@@ -277,27 +384,38 @@ def train_group(
         torch.Generator(device=on).manual_seed(job.generator.initial_seed() + 1) for job in jobs
     ]
 
-    def client_loss(tensors: dict[str, torch.Tensor], batch: Batch, w: torch.Tensor):
-        per_example = task.loss(_Functional(model, tensors), batch, reduction="none")
-        return (per_example * w).sum()
-
-    batched_loss = vmap(client_loss)
+    private = jobs[0].dp is not None
+    batched_loss = vmapped_loss(model, task)
+    per_example = per_example_gradients(model, task) if private else None
     totals = torch.zeros(len(jobs), dtype=torch.float64)
+    counted = torch.zeros(len(jobs), dtype=torch.float64)
     model.train()
     for step in range(steps):
-        batch, weights, sizes = _padded([next(s) for s in streams], device)
         lrs = torch.tensor(
             [lr * schedule.factor(job.start_step + step, total_steps) for job in jobs],
             dtype=torch.float64,
         )
         for p in stacked:
             p.grad = None
-        tensors = {n: p for n, p in zip(names, stacked)}
-        tensors.update(context)
-        with client_streams(dropout, sizes):
-            losses = batched_loss(tensors, batch, weights)
-        losses.sum().backward()
-        totals += losses.detach().double().cpu()
+        if private:
+            trained = {n: p.detach() for n, p in zip(names, stacked)}
+            grads, losses, nonempty = _dp_gradients(
+                per_example, task, jobs, trained, context, clip_norm, device
+            )
+            for p, g in zip(stacked, grads):
+                p.grad = g
+            totals += torch.where(nonempty, losses, 0.0)
+            counted += nonempty
+        else:
+            batch, weights, sizes = padded_group([next(s) for s in streams], device)
+            batch, lengths = task.group_batch(batch)
+            tensors = {n: p for n, p in zip(names, stacked)}
+            tensors.update(context)
+            with client_streams(dropout, sizes, lengths), quiet_fallbacks():
+                losses = batched_loss(tensors, batch, weights)
+                losses.sum().backward()
+            totals += losses.detach().double().cpu()
+            counted += 1
         if fast is not None:
             fast.step(lrs.to(stacked[0].device))
             continue
@@ -315,6 +433,9 @@ def train_group(
                 opt.step()
                 for leaf, p in zip(leaves, stacked):
                     p[i].copy_(leaf)
+    for job in jobs:
+        if job.dp is not None:
+            job.dp.accountant.step(job.dp.sigma, job.dp.sample_rate, steps)
     outcomes = []
     for i in range(len(jobs)):
         if fast is not None:
@@ -323,7 +444,7 @@ def train_group(
             state = per_client[i].state_dict()["state"]  # by parameter index
         outcomes.append(
             ClientOutcome(
-                result=LocalResult(loss=float(totals[i]) / max(steps, 1), steps=steps),
+                result=LocalResult(loss=float(totals[i]) / max(float(counted[i]), 1), steps=steps),
                 params={n: p[i].detach().clone() for n, p in zip(names, stacked)},
                 optimizer_state=state,
             )

@@ -222,6 +222,18 @@ def _rdp_curve(sigma: float, q: float) -> np.ndarray:
     return np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(_orders())))
 
 
+@dataclass
+class ClientDP:
+    """One client's DP-SGD settings for a round (:meth:`ClientRuntime.dp_start`)."""
+
+    accountant: Accountant
+    sigma: float  # noise multiplier
+    sample_rate: float  # Poisson rate q of its batches
+    expected_batch: int  # round(q n): what the clipped sum is divided by
+    noise: torch.Generator  # its noise draws
+    num_examples: int
+
+
 def poisson_indices(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
     """Each of ``n`` examples independently with probability ``q``."""
     return torch.nonzero(torch.rand(n, generator=generator) < q).flatten()
@@ -273,7 +285,8 @@ def train_local_dp(
             for p in dp.params:
                 p.summed_grad = torch.zeros_like(p)
             dp.add_noise()
-            dp.scale_grad()
+            for p in dp.params:  # scale_grad() reads grad_sample, which an empty batch lacks
+                p.grad /= dp.expected_batch_size
             dp.original_optimizer.step()
             for p in dp.params:
                 p.summed_grad = None

@@ -1,7 +1,8 @@
 """The batched engine: each round's clients trained together in vmapped groups give the inline
 engine's results (eval loss within 1e-5 relative after 3 rounds), for every adapter, strategy,
-compressor and optimizer, with clients of unequal dataset sizes; its stacked optimizers equal
-torch's; what it cannot do yet is a one-line error."""
+compressor, optimizer and privacy setting (DP-SGD's per-example clipping and noise included),
+on the synthetic task and on text, with clients of unequal dataset sizes; its stacked
+optimizers equal torch's; what it cannot do yet is a one-line error."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ UNEQUAL = [
 def _close(inline_rows, batched_rows, rel=1e-5):
     assert len(inline_rows) == len(batched_rows)
     for a, b in zip(inline_rows, batched_rows):
-        for key in ("eval_loss", "train_loss", "eval_loss_client_mean"):
+        for key in ("eval_loss", "train_loss", "eval_loss_client_mean", "epsilon"):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=rel), (a["round"], key)
         for key in ("bytes_up", "bytes_down", "clients_ok", "failures", "round_skipped"):
@@ -56,6 +57,20 @@ def _close(inline_rows, batched_rows, rel=1e-5):
         ("optimizer=sgd", "optimizer.momentum=0.9", "sim.keep_optimizer_state=true"),
         ("optimizer=sgd", "optimizer._target_=torch.optim.RMSprop", "sim.lr=0.002"),
         ("faults=mixed", "faults.corrupt_prob=0.3", "sim.clients_per_round=4"),
+        ("privacy=dpsgd",),
+        # clipping active, empty Poisson batches (noise-only steps), kept AdamW state
+        (
+            "privacy=dpsgd",
+            "privacy.clip_norm=0.05",
+            "sim.batch_size=1",
+            "sim.keep_optimizer_state=true",
+        ),
+        (
+            "strategy=fedsb",
+            "privacy=dpsgd",
+            "privacy.target_epsilon=null",
+            "privacy.noise_multiplier=0.8",
+        ),
     ],
     ids=[
         "lora",
@@ -75,6 +90,9 @@ def _close(inline_rows, batched_rows, rel=1e-5):
         "sgd-momentum-kept",
         "rmsprop-per-client",
         "faults",
+        "dpsgd",
+        "dpsgd-clipped-empty-batches",
+        "dpsgd-fedsb-sigma",
     ],
 )
 def test_batched_equals_inline(extra, run_tiny):
@@ -231,7 +249,7 @@ def test_stacked_optimizers_equal_one_torch_optimizer_per_client(make):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["privacy=dpsgd"], "privacy=dpsgd clips each example's gradient"),
+        (["privacy=dpsgd", "adapter.dropout=0.1"], "adapter.dropout=0.1: with privacy=dpsgd"),
         (["strategy=flora", "strategy.client_ranks=[2,4]"], "strategy.client_ranks=[2, 4]"),
         (["engine.group_size=0"], "engine.group_size=0: must be an integer >= 1"),
     ],
@@ -263,9 +281,74 @@ def test_a_task_without_per_example_losses_is_refused(tmp_path, monkeypatch):
         check(cfg)
 
 
-def test_text_tasks_are_refused_with_the_reason(hf_task, tmp_path, capsys):
+#: text: 6 clients with unequal numbers of snippets of unequal lengths, the model's own
+#: dropout off (what the batched engine needs)
+TEXT = ["sim.rounds=3", "sim.num_clients=6", "partition=dirichlet", "task.dropout=0"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("adapter=lora", "adapter.dropout=0.2"),
+        ("strategy=fedsb",),
+        ("strategy=fedex",),
+        ("privacy=dpsgd", "privacy.clip_norm=0.1"),
+    ],
+    ids=["lora-dropout", "lora_sb", "fedex", "dpsgd"],
+)
+def test_text_task_batched_equals_inline(extra, hf_task, run_tiny):
+    """A group's batch is cut to its longest text (each client alone: to its own), masks
+    are 4-D, adapter dropout draws each client's masks at its own cut length."""
+    _, inline, _ = run_tiny(*hf_task, *TEXT, *extra)
+    _, batched, _ = run_tiny(*hf_task, *TEXT, *extra, "engine=batched", "engine.group_size=4")
+    _close(inline, batched)
+
+
+def test_group_batches_are_cut_to_the_longest_text(hf_task):
+    from fedsim.tasks.text import GROUP_MASK
+
+    c = build_components(compose(tiny(*hf_task, "task.dropout=0"))[0])
+    data = c.task.eval_order(c.task.test_set())
+    lengths = data["attention_mask"].sum(1)
+    short, long = {k: v[:4] for k, v in data.items()}, {k: v[-4:] for k, v in data.items()}
+    stacked = {k: torch.stack([short[k], long[k]]) for k in data}
+    batch, cut = c.task.group_batch(stacked)
+    assert cut == [int(lengths[:4].max()), int(lengths[-4:].max())] and cut[0] < cut[1]
+    assert batch["input_ids"].shape == (2, 4, cut[1])
+    assert batch[GROUP_MASK].shape == (2, 4, 1, 1, cut[1])
+    assert torch.equal(batch[GROUP_MASK][:, :, 0, 0], batch["attention_mask"].bool())
+
+
+def test_text_model_dropout_is_refused_with_the_setting_that_fixes_it(hf_task, tmp_path, capsys):
     from fedsim.cli import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main([*tiny(*hf_task, "engine=batched"), f"hydra.run.dir={tmp_path / 'r'}"])
-    assert "cuts each batch to its longest example" in capsys.readouterr().err
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set task.dropout=0 or use engine=inline" in err, err
+
+
+def test_a_causal_model_is_refused_by_the_group_check(hf_task, tmp_path, capsys):
+    """A Llama as a sequence classifier: a bidirectional 4-D mask is not its attention, so
+    the group's losses differ from the plain ones and the check refuses before the run."""
+    from fedsim.cli import main
+    from tests.tiny_lm import make_llama
+
+    llama = make_llama(tmp_path / "llama")
+    task = [o if not o.startswith("task.model=") else f"task.model={llama}" for o in hf_task]
+    with pytest.raises(SystemExit) as info:
+        main(tiny(*task, "task.dropout=0", "engine=batched", f"hydra.run.dir={tmp_path / 'r'}"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "differs from each client's own" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_task_that_is_not_batchable_is_refused(math_task, tmp_path, capsys):
+    from fedsim.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*tiny(*math_task, "engine=batched"), f"hydra.run.dir={tmp_path / 'r'}"])
+    assert info.value.code == 2
+    assert "task math cannot train clients together" in capsys.readouterr().err

@@ -144,7 +144,10 @@ BAD = [
     ),
     (["engine=ray", "engine.address=' '"], "engine.address= : must be null (a local Ray)"),
     (["engine=batched", "engine.group_size=0"], "engine.group_size=0: must be an integer >= 1"),
-    (["engine=batched", "privacy=dpsgd"], "engine=batched: privacy=dpsgd clips each example's"),
+    (
+        ["engine=batched", "privacy=dpsgd", "adapter.dropout=0.1"],
+        "adapter.dropout=0.1: with privacy=dpsgd the batched engine",
+    ),
     (["schedule=cosine", "schedule.final_factor=3"], "schedule.final_factor=3"),
     (["task.hidden_dim=0"], "task.hidden_dim=0"),
     (["task.signal_dim=64"], "task.signal_dim=64"),

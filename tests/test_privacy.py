@@ -139,6 +139,20 @@ def test_noise_has_standard_deviation_sigma_clip_over_batch():
     assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 8, rel=0.1)
 
 
+def test_empty_poisson_batches_are_noise_only_steps(run_tiny):
+    """Batch size 1 of ~64 examples: most Poisson batches are empty. Each such step adds
+    noise / expected batch size and trains on; no client fails (Opacus' scale_grad reads
+    per-example gradients that an empty batch does not have, so fedsim scales itself)."""
+    _, rows, _ = run_tiny(
+        "privacy=dpsgd",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+        "sim.batch_size=1",
+    )
+    assert all(r["clients_failed"] == 0 for r in rows[1:]), rows[-1]["failures"]
+    assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]
+
+
 def test_bad_privacy_settings():
     from fedsim.errors import ConfigError
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tests.tiny_text import make_corpus, make_model
 
@@ -66,6 +67,8 @@ def test_bad_columns_and_files_are_one_line_errors(tmp_path, capsys):
         (["partition=natural", "task.group_column=author", "sim.num_clients=30"], "23 natural"),
         (["task.precision=float16"], "task.precision=float16: must be one of float32, bfloat16"),
         (["task.precision=bfloat16", "privacy=dpsgd", "partition=iid"], "in float32"),
+        (["task.dropout=1"], "task.dropout=1: must be null or a number in [0, 1)"),
+        (["task.dropout=-0.1"], "task.dropout=-0.1"),
     ]
     for extra, expected in cases:
         with pytest.raises(SystemExit) as info:
@@ -169,3 +172,26 @@ def test_seeds_share_the_test_set_and_differ_in_the_head():
     assert not np.allclose(heads[0].detach().numpy(), heads[1].detach().numpy())
     other = build_components(compose(["task.split_seed=1"])[0]).task.split()
     assert not np.array_equal(other[0], a[0])
+
+
+def test_task_dropout_sets_every_dropout_of_the_model(hf_task):
+    """task.dropout: every dropout layer (hidden, attention, classifier) takes the value;
+    at 0 the model is deterministic in training, at 0.3 it is not."""
+    from fedsim.build import build_components
+    from fedsim.config import compose
+    from tests.conftest import tiny
+
+    for p in (0.0, 0.3):
+        c = build_components(compose(tiny(*hf_task, f"task.dropout={p}"))[0])
+        model, _ = c.model()
+        rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert rates == {p}
+        model.train()
+        batch = {k: v[:8] for k, v in c.task.test_set().items()}
+        torch.manual_seed(1)
+        a = c.task.loss(model, batch, reduction="none")
+        torch.manual_seed(2)
+        b = c.task.loss(model, batch, reduction="none")
+        assert torch.equal(a, b) == (p == 0.0)
+    c = build_components(compose(tiny(*hf_task))[0])  # null: the checkpoint's (BERT: 0.1)
+    assert {m.p for m in c.model()[0].modules() if isinstance(m, torch.nn.Dropout)} == {0.1}

@@ -138,22 +138,34 @@ class _DropoutMask(torch.autograd.Function):
         generators, sizes = getattr(_GROUP, "generators", None), getattr(_GROUP, "sizes", None)
         if generators is None or len(generators) != info.batch_size:
             raise RuntimeError("adapter dropout under vmap needs fedsim.adapters.client_streams")
+        lengths = getattr(_GROUP, "lengths", None)
         x = x.movedim(in_dims[0], 0)
         masks = torch.ones_like(x)
         for i, (g, n) in enumerate(zip(generators, sizes)):  # padding rows keep 1 (weight 0)
-            masks[i, :n] = torch.empty_like(x[i, :n]).bernoulli_(keep, generator=g)
+            if lengths is not None and x.dim() >= 4:  # (examples, tokens, features) per client
+                cut = x[i, :n, : lengths[i]]  # the client's own batch is cut to its longest
+                masks[i, :n, : lengths[i]] = torch.empty_like(cut).bernoulli_(keep, generator=g)
+            else:
+                masks[i, :n] = torch.empty_like(x[i, :n]).bernoulli_(keep, generator=g)
         return masks, 0
 
 
 @contextmanager
-def client_streams(generators: Sequence[torch.Generator], sizes: Sequence[int]):
+def client_streams(
+    generators: Sequence[torch.Generator],
+    sizes: Sequence[int],
+    lengths: Sequence[int] | None = None,
+):
     """Inside: adapter dropout under vmap draws client ``i``'s mask for its first
-    ``sizes[i]`` examples from ``generators[i]`` (the batched engine's forward passes)."""
+    ``sizes[i]`` examples from ``generators[i]`` (the batched engine's forward passes); with
+    ``lengths`` (sequences: inputs of shape examples x tokens x features), for its first
+    ``lengths[i]`` tokens, the shape its own batch has when it trains alone."""
     _GROUP.generators, _GROUP.sizes = list(generators), list(sizes)
+    _GROUP.lengths = None if lengths is None else list(lengths)
     try:
         yield
     finally:
-        _GROUP.generators = _GROUP.sizes = None
+        _GROUP.generators = _GROUP.sizes = _GROUP.lengths = None
 
 
 class AdapterDropout(nn.Module):

@@ -24,6 +24,7 @@ from fedsim.compression import scale_to_norm
 from fedsim.faults import FaultDraw, corrupt_arrays
 from fedsim.privacy import (
     Accountant,
+    ClientDP,
     clip_update,
     private_base_gradients,
     train_local_dp,
@@ -57,7 +58,7 @@ class ClientRuntime:
         self.codec = self.c.codec()
         self.downlink = self.c.downlink_codec()
         self.privacy = self.c.privacy
-        self.gsm = wrap(self.model, self.privacy) if self.privacy.client_dp else None
+        self._gsm = None  # Opacus' per-example wrapper, made when the inline path needs it
 
     def _client(self, context: Context) -> int:
         return int(context.node_config[keys.PARTITION_ID])
@@ -78,12 +79,10 @@ class ClientRuntime:
             load_optimizer_state(optimizer, job.optimizer_state)
         seed_torch(job.generator.initial_seed() + 1)  # dropout and other global-RNG draws
         privacy_metrics = {}
-        if self.gsm is None:
+        if not self.privacy.client_dp:
             result = train_local(self.model, self.c.task, job.data, optimizer, **job.common)
         else:
-            result, privacy_metrics = self._train_dp(
-                job.data, optimizer, job.call.state, job.common
-            )
+            result, privacy_metrics = self._train_dp(job, optimizer)
         opt_state = (
             optimizer_state_arrays(optimizer) if self.c.sim["keep_optimizer_state"] else None
         )
@@ -211,6 +210,7 @@ class ClientRuntime:
                     generator=job.generator,
                     start_step=int(job.common["start_step"]),
                     optimizer_state=job.optimizer_state,
+                    dp=self.dp_start(job) if self.privacy.client_dp else None,
                 )
             )
             started.append((k, job))
@@ -229,6 +229,7 @@ class ClientRuntime:
                 schedule=c.schedule,
                 total_steps=common["total_steps"],
                 device=self.device,
+                clip_norm=self.privacy.clip_norm if self.privacy.client_dp else None,
             )
         except Exception as e:  # the group's training failed: each of its clients failed
             for k, _ in started:
@@ -242,7 +243,10 @@ class ClientRuntime:
                     for name, value in {**client_job.context, **outcome.params}.items():
                         params[name].copy_(value)
                 opt_state = state_arrays(outcome.optimizer_state) if keep else None
-                out[k] = self.finish_train(job, outcome.result, opt_state)
+                privacy_metrics = (
+                    self.dp_finish(client_job.dp, job.call.state) if client_job.dp else None
+                )
+                out[k] = self.finish_train(job, outcome.result, opt_state, privacy_metrics)
             except Exception as e:
                 out[k] = e
         return out
@@ -265,36 +269,59 @@ class ClientRuntime:
         batch_size = c.strategy.client_batch_size(c.sim["batch_size"])
         return self.privacy.sigma_for(n, batch_size, c.total_local_steps, init)
 
-    def _train_dp(self, data, optimizer, state, common) -> tuple[Any, dict]:
-        """DP-SGD local steps; the client's accountant history persists in its state."""
-        c = self.c
-        n = len(data[c.task.label_key])
-        accountant = Accountant.from_array(
+    @property
+    def gsm(self):
+        """The model wrapped by Opacus for per-example gradients (once per process: its hooks
+        stay on the model; the batched engine computes per-example gradients itself)."""
+        if self._gsm is None:
+            self._gsm = wrap(self.model, self.privacy)
+        return self._gsm
+
+    def dp_start(self, job: TrainJob) -> ClientDP:
+        """A client's DP-SGD settings for this round: its accountant (from its state), noise
+        multiplier, Poisson rate and noise generator (seeded from its batch generator)."""
+        state, n = job.call.state, len(job.data[self.c.task.label_key])
+        history = (
             numpy_dict(state[keys.STATE_PRIVACY])["history"]
             if keys.STATE_PRIVACY in state
             else None
         )
-        sigma = self.sigma(n)
-        noise = torch.Generator().manual_seed(common["generator"].initial_seed() + 2)
+        q = self.privacy.sample_rate(n, job.common["batch_size"])
+        return ClientDP(
+            accountant=Accountant.from_array(history),
+            sigma=self.sigma(n),
+            sample_rate=q,
+            expected_batch=max(1, int(round(q * n))),
+            noise=torch.Generator().manual_seed(job.generator.initial_seed() + 2),
+            num_examples=n,
+        )
+
+    def dp_finish(self, dp: ClientDP, state) -> dict:
+        """The client's accountant back into its state; the reply's privacy metrics."""
+        state[keys.STATE_PRIVACY] = array_record({"history": dp.accountant.to_array()})
+        delta = self.privacy.delta_for(dp.num_examples)
+        return {
+            keys.EPSILON: dp.accountant.epsilon(delta),
+            keys.DELTA: delta,
+            keys.NOISE_MULTIPLIER: dp.sigma,
+        }
+
+    def _train_dp(self, job: TrainJob, optimizer) -> tuple[Any, dict]:
+        """DP-SGD local steps; the client's accountant history persists in its state."""
+        dp = self.dp_start(job)
         result = train_local_dp(
             self.model,
             self.gsm,
-            c.task,
-            data,
+            self.c.task,
+            job.data,
             optimizer,
             self.privacy,
-            accountant,
-            sigma=sigma,
-            noise_generator=noise,
-            **common,
+            dp.accountant,
+            sigma=dp.sigma,
+            noise_generator=dp.noise,
+            **job.common,
         )
-        state[keys.STATE_PRIVACY] = array_record({"history": accountant.to_array()})
-        delta = self.privacy.delta_for(n)
-        return result, {
-            keys.EPSILON: accountant.epsilon(delta),
-            keys.DELTA: delta,
-            keys.NOISE_MULTIPLIER: sigma,
-        }
+        return result, self.dp_finish(dp, job.call.state)
 
     def init_gradients(self, msg: Message, context: Context) -> Message:
         """LoRA-SB's set-up round: the base-weight gradients on the client's first examples."""

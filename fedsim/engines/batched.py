@@ -67,22 +67,31 @@ class BatchedEngine(InlineEngine):
         self.group_size = integer("engine.group_size", group_size, low=1)
 
     def check_components(self, components) -> None:
-        """Refuse, in one line, what the batched trainer cannot do yet."""
+        """Refuse, in one line, what the batched trainer cannot do yet; then check on a few
+        test examples that the task's loss computed for a group equals its plain loss."""
         c = components
-        if c.privacy.client_dp:
+        if c.privacy.client_dp and getattr(c.adapter, "dropout", 0):
             raise ConfigError(
-                "engine",
-                "batched",
-                "privacy=dpsgd clips each example's gradient inside every client's steps, "
-                "which the batched engine does not do yet: use engine=inline",
+                "adapter.dropout",
+                c.adapter.dropout,
+                "with privacy=dpsgd the batched engine computes each example's gradient in "
+                "a nested vmap, where adapter dropout's per-client streams are not drawn yet: "
+                "set adapter.dropout=0 or use engine=inline",
             )
         if not getattr(c.task, "batchable", False):
             raise ConfigError(
                 "engine",
                 "batched",
-                f"task {c.task.name} cuts each batch to its longest example, so clients' "
-                "batches differ in shape; the batched engine needs batchable tasks "
-                "(task=synthetic) for now: use engine=inline",
+                f"task {c.task.name} cannot train clients together in one vmapped call "
+                "(its batchable is false): use engine=inline",
+            )
+        ranks = getattr(c.strategy, "client_ranks", None)
+        if ranks is not None and len(set(ranks)) > 1:
+            raise ConfigError(
+                "strategy.client_ranks",
+                ranks,
+                "clients of different ranks cannot train in one batched call: give every "
+                "client the same rank or use engine=inline",
             )
         model, _ = c.model()
         batch_norm = nn.modules.batchnorm._NormBase
@@ -94,7 +103,8 @@ class BatchedEngine(InlineEngine):
                 f"the model normalises over the batch ({norms[0]}), so padded examples would "
                 "change it: use engine=inline",
             )
-        probe = {k: v[:2] for k, v in c.task.test_set().items()}
+        data = c.task.eval_order(c.task.test_set())
+        probe = {k: v[:2] for k, v in data.items()}
         try:
             per_example = c.task.loss(model, probe, reduction="none")
         except Exception as e:
@@ -107,25 +117,7 @@ class BatchedEngine(InlineEngine):
                 f"task {c.task.name}'s loss(..., reduction='none') must return one loss per "
                 "example (the batched engine weights them); it does not: use engine=inline",
             )
-        dropout = sorted(
-            {m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p}
-        )
-        if dropout:
-            raise ConfigError(
-                "engine",
-                "batched",
-                f"the task's model uses dropout (p={dropout[0]:g}) whose per-client random "
-                "streams the batched engine does not reproduce yet (adapter.dropout it does): "
-                "use engine=inline",
-            )
-        ranks = getattr(c.strategy, "client_ranks", None)
-        if ranks is not None and len(set(ranks)) > 1:
-            raise ConfigError(
-                "strategy.client_ranks",
-                ranks,
-                "clients of different ranks cannot train in one batched call: give every "
-                "client the same rank or use engine=inline",
-            )
+        _check_group_loss(c.task, model, data, private=c.privacy.client_dp)
 
     def run(self, spec: RunSpec) -> None:
         from fedsim.apps.client import runtime_for
@@ -136,3 +128,82 @@ class BatchedEngine(InlineEngine):
                 app, n, lambda: runtime_for(spec.cfg), self.group_size, seed=seed
             ),
         )
+
+
+def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> None:
+    """The model must be deterministic in training apart from adapter dropout (whose
+    per-client streams the engine reproduces), and two clients' losses computed as one group
+    (the shortest and the longest test examples: different cuts for text, and padding) must
+    equal their plain losses; under DP-SGD, so must each example's gradient."""
+    from fedsim.adapters.base import AdapterDropout
+    from fedsim.batched import group_mean_losses
+    from fedsim.training import seed_torch
+
+    model.train()
+    for m in model.modules():
+        if isinstance(m, AdapterDropout):
+            m.eval()
+    n = len(data[task.label_key])
+    k = max(1, min(3, n // 2))
+    drawn = [{key: v[: max(1, k - 1)] for key, v in data.items()}]
+    drawn.append({key: v[n - k :] for key, v in data.items()})
+    with torch.no_grad():
+        seed_torch(1)
+        first = task.loss(model, drawn[0], reduction="none")
+        seed_torch(2)
+        again = task.loss(model, drawn[0], reduction="none")
+        if not torch.equal(first, again):
+            hint = "set task.dropout=0 or " if hasattr(task, "dropout") else ""
+            raise ConfigError(
+                "engine",
+                "batched",
+                f"task {task.name}'s model is random in training (its own dropout), whose "
+                "per-client random streams the batched engine does not reproduce "
+                f"(adapter.dropout it does): {hint}use engine=inline",
+            )
+        alone = torch.stack([task.loss(model, b) for b in drawn]).double()
+    try:
+        together = group_mean_losses(model, task, drawn).double()
+    except Exception as e:  # noqa: BLE001 - any failure under vmap is the user's answer
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            "engine",
+            "batched",
+            f"task {task.name}'s loss cannot run for a group of clients under torch.func.vmap "
+            f"({type(e).__name__}: {reason}): use engine=inline",
+        ) from None
+    error = float(((together - alone).abs() / alone.abs().clamp(min=1e-12)).max())
+    if private and error <= 1e-4:
+        error = max(error, _per_example_error(task, model, drawn))
+    if error > 1e-4:
+        raise ConfigError(
+            "engine",
+            "batched",
+            f"task {task.name}'s loss computed for a group of clients differs from each "
+            f"client's own (relative {error:.1e}; a model whose attention does not take a "
+            "4-D padding mask, such as a causal one?): use engine=inline",
+        )
+
+
+def _per_example_error(task, model: nn.Module, drawn) -> float:
+    """The largest relative difference between the batched engine's per-example gradients
+    (a nested vmap) and autograd's, example by example, over the probe's clients."""
+    from fedsim.batched import padded_group, per_example_gradients, quiet_fallbacks
+
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    batch, _, sizes = padded_group(drawn, next(model.parameters()).device)
+    batch, _ = task.group_batch(batch)
+    stacked = {n: p.detach().expand(len(drawn), *p.shape) for n, p in trained.items()}
+    with quiet_fallbacks():
+        grads, _ = per_example_gradients(model, task)(stacked, {}, batch)
+    worst = 0.0
+    for i, b in enumerate(drawn):
+        for j in range(sizes[i]):
+            model.zero_grad(set_to_none=True)
+            task.loss(model, {k: v[j : j + 1] for k, v in b.items()}).backward()
+            for n, p in trained.items():
+                want = p.grad if p.grad is not None else torch.zeros_like(p)
+                scale = float(want.abs().max().clamp(min=1e-12))
+                worst = max(worst, float((grads[n][i, j] - want).abs().max()) / scale)
+    model.zero_grad(set_to_none=True)
+    return worst

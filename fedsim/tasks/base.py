@@ -29,9 +29,10 @@ class Task(ABC):
     #: PEFT's task type of the exported adapter (``SEQ_CLS``, ``CAUSAL_LM``; None: a plain
     #: ``torch.nn`` model that only ``PeftModel.from_pretrained`` loads)
     peft_task_type: str | None = None
-    #: the batched engine may train clients together: batches of the same size have the same
-    #: shape, the loss is traceable under ``torch.func.vmap`` (no ``.item()`` on the batch),
-    #: and a batch's examples do not interact (no batch normalisation)
+    #: the batched engine may train clients together: after :meth:`group_batch`, a client's
+    #: slice of a group's batch has the same shape as every other's and the loss is traceable
+    #: under ``torch.func.vmap`` (no ``.item()`` on the batch); a batch's examples do not
+    #: interact (no batch normalisation)
     batchable = True
 
     @abstractmethod
@@ -62,6 +63,15 @@ class Task(ABC):
         """Examples the server holds (a public, held-out split, disjoint from the clients'
         pool and the test set), e.g. for LoRA-SB's initialisation."""
         raise NotImplementedError(f"task {self.name} has no server split")
+
+    def group_batch(self, batch: Batch) -> tuple[Batch, list[int] | None]:
+        """A group's batch for the batched engine: every tensor has a leading client
+        dimension (``batch[k][i]`` is client ``i``'s batch). Called once per local step,
+        outside ``torch.func.vmap``, where the task may look at the data (text tasks cut the
+        group's batch to its longest text); returns the batch that :meth:`loss` sees, client
+        by client, under vmap, and each client's own sequence length (what its batch is cut
+        to when it trains alone, for per-client dropout masks), or None."""
+        return batch, None
 
     #: batch size of evaluation passes (under ``torch.no_grad()``)
     eval_batch_size = 1024

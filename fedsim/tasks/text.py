@@ -237,11 +237,13 @@ class TextClassificationTask(SplitTask):
     split_seed : int
         Seed of the test / server / pool split: fixed by default, so that runs with
         different ``sim.seed`` are tested on the same examples.
+    dropout : float, optional
+        The model's own dropout probability in training (every dropout layer and dropout
+        rate of its modules); None keeps the checkpoint's (MiniLM's: 0.1). The batched
+        engine needs 0.
     seed : int
         Seed of the head's initialisation (``sim.seed``).
     """
-
-    batchable = False  # batches are cut to their longest text (a .item() on the batch)
 
     label_key = "label"
     peft_task_type = "SEQ_CLS"
@@ -257,9 +259,17 @@ class TextClassificationTask(SplitTask):
         eval_batch_size: int = 128,
         precision: str = "float32",
         split_seed: int = 0,
+        dropout: float | None = None,
         seed: int = 0,
     ) -> None:
         self.model_path = str(model)
+        if dropout is not None and not (
+            isinstance(dropout, (int, float))
+            and not isinstance(dropout, bool)
+            and 0.0 <= dropout < 1.0
+        ):
+            raise ConfigError("task.dropout", dropout, "must be null or a number in [0, 1)")
+        self.dropout = None if dropout is None else float(dropout)
         self.precision = check_precision(precision)
         self.max_length = integer("task.max_length", max_length, low=2)
         self.test_examples = integer("task.test_examples", test_examples, low=1)
@@ -350,6 +360,8 @@ class TextClassificationTask(SplitTask):
         model, _ = load_classifier(self.model_path, self.num_classes, self.seed)
         if getattr(model.config, "pad_token_id", None) is None:  # decoder models: as tokenised
             model.config.pad_token_id = self.tokenizer().pad_token_id
+        if self.dropout is not None:
+            set_dropout(model, self.dropout)
         return model
 
     @property
@@ -358,15 +370,69 @@ class TextClassificationTask(SplitTask):
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The model's logits (float32); batches are cut to their longest text (the tokenizer
-        pads on the right); ``precision=bfloat16`` runs the forward pass under autocast."""
-        mask = batch["attention_mask"]
-        length = max(int(mask.sum(1).max()), 1)
-        ids = batch["input_ids"][:, :length]
+        pads on the right); ``precision=bfloat16`` runs the forward pass under autocast.
+
+        A group's batch from :meth:`group_batch` is already cut and carries the attention
+        mask in the model's own 4-D form, which Hugging Face models take as it is (their
+        2-D mask handling looks at the data, which ``torch.func.vmap`` cannot)."""
+        if GROUP_MASK in batch:
+            ids, mask = batch["input_ids"], batch[GROUP_MASK]
+        else:
+            mask = batch["attention_mask"]
+            length = max(int(mask.sum(1).max()), 1)
+            ids, mask = batch["input_ids"][:, :length], mask[:, :length]
         with torch.autocast(
             ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
         ):
-            out = model(input_ids=ids, attention_mask=mask[:, :length]).logits
+            out = model(input_ids=ids, attention_mask=mask).logits
         return out.float()
+
+    def group_batch(self, batch: Batch) -> tuple[Batch, list[int] | None]:
+        """The group's batch cut to its longest text, with the 4-D attention mask of the
+        model's attention (``sdpa``: True where a key is attended; ``eager``: 0 there and the
+        float minimum elsewhere); each client's own cut length. Padding keys get no weight,
+        so each client's logits are those of its own cut batch up to float rounding; that the
+        model's attention takes such a mask (an encoder's, not a causal one) is checked by the
+        batched engine on examples before a run starts."""
+        mask = batch["attention_mask"]  # (clients, examples, max_length)
+        lengths = mask.sum(-1).amax(-1).clamp(min=1)
+        length = int(lengths.max())
+        out = dict(batch)
+        out["input_ids"] = batch["input_ids"][..., :length]
+        out["attention_mask"] = mask = mask[..., :length]
+        keys = mask[:, :, None, None, :]  # (clients, examples, heads, queries, keys)
+        kind = self.attention_kind()
+        if kind == "sdpa":
+            out[GROUP_MASK] = keys.bool()
+        elif kind == "eager":
+            out[GROUP_MASK] = (1.0 - keys.float()) * torch.finfo(torch.float32).min
+        else:
+            raise ValueError(
+                f"the model's attention implementation {kind!r} takes no 4-D mask here "
+                "(sdpa and eager do)"
+            )
+        return out, [int(n) for n in lengths]
+
+    def attention_kind(self) -> str:
+        """The model's attention implementation (Hugging Face's ``_attn_implementation``)."""
+        config = _pristine(self.model_path, self.num_classes, self.seed)[0].config
+        return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+#: the key of a group's 4-D attention mask in a batch (:meth:`TextClassificationTask.group_batch`)
+GROUP_MASK = "group_attention_mask"
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout layer's probability, and every module's float dropout rate (attributes
+    named ``*dropout*`` or ``*pdrop``, which some models pass to functional dropout), to
+    ``p``."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = p
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(module, name, p)
 
 
 # ----------------------------------------------------------------------------- corpora
