@@ -266,8 +266,10 @@ def _dp_gradients(
     for i, job in enumerate(jobs):  # each client's noise, in its optimizer's order
         std = job.dp.sigma * clip_norm
         for s in summed:
-            if std:
-                s[i] += torch.normal(0.0, std, size=s[i].shape, generator=job.dp.noise).to(on)
+            if std:  # as Opacus draws it: on the tensor's device, from the client's generator
+                s[i] += torch.normal(
+                    0.0, std, size=s[i].shape, generator=job.dp.noise, device=s[i].device
+                )
             s[i] /= job.dp.expected_batch
     counts = torch.tensor(sizes, dtype=torch.float64)
     mean = (losses.double().cpu() * real.cpu()).sum(1) / counts.clamp(min=1)

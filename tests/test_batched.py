@@ -329,14 +329,40 @@ def test_text_model_dropout_is_refused_with_the_setting_that_fixes_it(hf_task, t
     assert len(err.splitlines()) == 1 and "set task.dropout=0 or use engine=inline" in err, err
 
 
-def test_a_causal_model_is_refused_by_the_group_check(hf_task, tmp_path, capsys):
-    """A Llama as a sequence classifier: a bidirectional 4-D mask is not its attention, so
-    the group's losses differ from the plain ones and the check refuses before the run."""
-    from fedsim.cli import main
+def _llama_classifier(hf_task, folder):
     from tests.tiny_lm import make_llama
 
-    llama = make_llama(tmp_path / "llama")
-    task = [o if not o.startswith("task.model=") else f"task.model={llama}" for o in hf_task]
+    llama = make_llama(folder)
+    return [o if not o.startswith("task.model=") else f"task.model={llama}" for o in hf_task]
+
+
+def test_a_causal_classifier_trains_batched_with_a_causal_mask(hf_task, run_tiny, tmp_path):
+    """A Llama as a sequence classifier through task=hf: its attention is found causal, the
+    group's 4-D mask is causal and padded, and the results are the inline engine's."""
+    from fedsim.tasks.base import is_causal
+    from fedsim.tasks.text import load_classifier
+
+    task = _llama_classifier(hf_task, tmp_path / "llama")
+    for overrides, causal in ((task, True), (hf_task, False)):
+        path = dict(o.split("=", 1) for o in overrides)["task.model"]
+        model = load_classifier(path, 2, 0)[0]
+        assert is_causal(model, int(model.config.vocab_size)) == causal
+    _, inline, _ = run_tiny(*task, *TEXT, "adapter=lora", "adapter.dropout=0.2")
+    _, batched, _ = run_tiny(
+        *task, *TEXT, "adapter=lora", "adapter.dropout=0.2", "engine=batched", "engine.group_size=4"
+    )
+    _close(inline, batched)
+
+
+def test_a_wrong_attention_mask_is_refused_by_the_group_check(
+    hf_task, tmp_path, capsys, monkeypatch
+):
+    """The check before a run: were the causal model given a bidirectional mask, the group's
+    losses would differ from the plain ones; the run is refused, nothing written."""
+    from fedsim.cli import main
+
+    monkeypatch.setattr("fedsim.tasks.text.is_causal", lambda model, vocab: False)
+    task = _llama_classifier(hf_task, tmp_path / "llama")
     with pytest.raises(SystemExit) as info:
         main(tiny(*task, "task.dropout=0", "engine=batched", f"hydra.run.dir={tmp_path / 'r'}"))
     assert info.value.code == 2
@@ -345,10 +371,75 @@ def test_a_causal_model_is_refused_by_the_group_check(hf_task, tmp_path, capsys)
     assert not (tmp_path / "r").exists()
 
 
-def test_a_task_that_is_not_batchable_is_refused(math_task, tmp_path, capsys):
+def test_math_task_batched_equals_inline(math_task, run_tiny):
+    """Causal-LM answers: the group's batch is cut to its longest example under a causal
+    mask; answer-token losses, adapter dropout at each client's own cut length."""
+    extra = ["sim.rounds=2", "adapter=lora", "adapter.dropout=0.2"]
+    _, inline, _ = run_tiny(*math_task, *extra)
+    _, batched, _ = run_tiny(*math_task, *extra, "engine=batched", "engine.group_size=4")
+    _close(inline, batched)
+
+
+def test_dp_settings_a_client_cannot_meet_fail_that_client_not_the_run(tmp_path, capsys):
+    """An unreachable target epsilon: each client's DP set-up fails, as on the inline engine,
+    and the run ends with one line, not a traceback."""
     from fedsim.cli import main
 
+    for engine in ("inline", "batched"):
+        with pytest.raises(SystemExit) as info:
+            main(
+                tiny(
+                    "privacy=dpsgd",
+                    "privacy.target_epsilon=1e-9",
+                    f"engine={engine}",
+                    f"hydra.run.dir={tmp_path / engine}",
+                )
+            )
+        assert info.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "privacy budget is too low" in err, err
+
+
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("wrong", "per-example gradients computed for a group of clients differ"),
+        ("raises", "per-example gradients cannot be computed in a nested"),
+    ],
+)
+def test_per_example_gradients_are_checked_before_a_dp_run(
+    broken, message, tmp_path, capsys, monkeypatch
+):
+    import fedsim.batched
+    from fedsim.cli import main
+
+    real = fedsim.batched.per_example_gradients
+
+    def spoiled(model, task):
+        f = real(model, task)
+
+        def g(trained, context, batch):
+            if broken == "raises":
+                raise RuntimeError("no batching rule for this operator")
+            grads, losses = f(trained, context, batch)
+            return {n: 1.01 * v for n, v in grads.items()}, losses
+
+        return g
+
+    monkeypatch.setattr(fedsim.batched, "per_example_gradients", spoiled)
     with pytest.raises(SystemExit) as info:
-        main([*tiny(*math_task, "engine=batched"), f"hydra.run.dir={tmp_path / 'r'}"])
+        main(tiny("privacy=dpsgd", "engine=batched", f"hydra.run.dir={tmp_path / 'r'}"))
     assert info.value.code == 2
-    assert "task math cannot train clients together" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_task_that_is_not_batchable_is_refused(tmp_path, capsys, monkeypatch):
+    from fedsim.cli import main
+    from fedsim.tasks.synthetic import SyntheticTask
+
+    monkeypatch.setattr(SyntheticTask, "batchable", False)
+    with pytest.raises(SystemExit) as info:
+        main([*tiny("engine=batched"), f"hydra.run.dir={tmp_path / 'r'}"])
+    assert info.value.code == 2
+    assert "task synthetic cannot train clients together" in capsys.readouterr().err

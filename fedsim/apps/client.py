@@ -196,9 +196,10 @@ class ClientRuntime:
         started, jobs = [], []
         names = self.spec.trained
         for k, (msg, context) in enumerate(items):
-            try:
+            try:  # an (injected) crash, DP settings it cannot meet, a bug: that client's error
                 job = self.begin_train(msg, context)
-            except Exception as e:  # an (injected) crash, or a bug: that client's error
+                dp = self.dp_start(job) if self.privacy.client_dp else None
+            except Exception as e:
                 out[k] = e
                 continue
             params = self.spec.parameters_of(self.model)
@@ -210,7 +211,7 @@ class ClientRuntime:
                     generator=job.generator,
                     start_step=int(job.common["start_step"]),
                     optimizer_state=job.optimizer_state,
-                    dp=self.dp_start(job) if self.privacy.client_dp else None,
+                    dp=dp,
                 )
             )
             started.append((k, job))
@@ -292,7 +293,10 @@ class ClientRuntime:
             sigma=self.sigma(n),
             sample_rate=q,
             expected_batch=max(1, int(round(q * n))),
-            noise=torch.Generator().manual_seed(job.generator.initial_seed() + 2),
+            # on the model's device: Opacus draws the noise there (a CPU generator cannot)
+            noise=torch.Generator(device=self.device or "cpu").manual_seed(
+                job.generator.initial_seed() + 2
+            ),
             num_examples=n,
         )
 

@@ -100,6 +100,62 @@ class Task(ABC):
         return loss, int((logits.argmax(dim=-1) == y).sum())
 
 
+#: the key of a group's 4-D attention mask in a batch (:func:`cut_group`)
+GROUP_MASK = "group_attention_mask"
+
+
+def cut_group(
+    batch: Batch, attention: str, causal: bool, min_length: int = 1
+) -> tuple[Batch, list[int]]:
+    """A group's right-padded batch (``batch[k][i]``: client ``i``'s) cut to the group's
+    longest text, with the model's 4-D attention mask under :data:`GROUP_MASK` (``sdpa``:
+    True where a query attends a key; ``eager``: 0 there and the float minimum elsewhere;
+    ``causal``: only keys at or before the query), and each client's own cut length (at least
+    ``min_length``), the length its batch is cut to when it trains alone. Padding keys get no
+    weight, so each client's outputs at its real tokens are those of its own cut batch up to
+    float rounding."""
+    mask = batch["attention_mask"]  # (clients, examples, max_length)
+    lengths = mask.sum(-1).amax(-1).clamp(min=min_length)
+    length = int(lengths.max())
+    out = dict(batch)
+    out["input_ids"] = batch["input_ids"][..., :length]
+    out["attention_mask"] = mask = mask[..., :length]
+    keys = mask[:, :, None, None, :].bool()  # (clients, examples, heads, queries, keys)
+    if causal:
+        keys = keys & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if attention == "sdpa":
+        out[GROUP_MASK] = keys
+    elif attention == "eager":
+        out[GROUP_MASK] = (~keys).float() * torch.finfo(torch.float32).min
+    else:
+        raise ValueError(
+            f"the model's attention implementation {attention!r} takes no 4-D mask here "
+            "(sdpa and eager do)"
+        )
+    return out, [int(n) for n in lengths]
+
+
+def attention_of(model: nn.Module) -> str:
+    """A Hugging Face model's attention implementation (``sdpa``, ``eager``, ...)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def is_causal(model: nn.Module, vocab: int) -> bool:
+    """Whether a Hugging Face model's attention is causal: its first position's hidden state
+    does not change when a later token does (two tiny forward passes in eval mode)."""
+    base = getattr(model, "base_model", model)
+    a = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]])
+    b = a.clone()
+    b[0, -1] = 4 % vocab
+    was = base.training
+    base.eval()
+    with torch.no_grad():
+        ha = base(input_ids=a).last_hidden_state[0, 0]
+        hb = base(input_ids=b).last_hidden_state[0, 0]
+    base.train(was)
+    return bool(torch.equal(ha, hb))
+
+
 def by_length(data: Batch) -> Batch:
     """``data`` with the shortest examples (by attention mask) first: evaluation batches of
     right-padded text are then cut short."""

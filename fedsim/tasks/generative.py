@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.tasks.base import Batch, SplitTask, seeded_split
+from fedsim.tasks.base import GROUP_MASK, Batch, SplitTask, attention_of, cut_group, seeded_split
 from fedsim.tasks.text import (
     _quiet_transformers,
     _why_not,
@@ -161,8 +161,6 @@ class CausalLMTask(SplitTask):
     split_seed : int
         Seed of the test / server / pool split.
     """
-
-    batchable = False  # batches are cut to their longest text (a .item() on the batch)
 
     label_key = "labels"
     peft_task_type = "CAUSAL_LM"
@@ -310,13 +308,24 @@ class CausalLMTask(SplitTask):
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Next-token logits at every position (float32), the batch cut to its longest example
-        (right padding)."""
-        mask = batch["attention_mask"]
-        length = max(int(mask.sum(1).max()), 2)
-        ids = batch["input_ids"][:, :length]
+        (right padding); a group's batch (:meth:`group_batch`) comes cut, with its causal 4-D
+        mask."""
+        if GROUP_MASK in batch:
+            ids, mask = batch["input_ids"], batch[GROUP_MASK]
+        else:
+            mask = batch["attention_mask"]
+            length = max(int(mask.sum(1).max()), 2)
+            ids, mask = batch["input_ids"][:, :length], mask[:, :length]
         with self._autocast(ids.device):
-            out = model(input_ids=ids, attention_mask=mask[:, :length]).logits
+            out = model(input_ids=ids, attention_mask=mask).logits
         return out.float()
+
+    def group_batch(self, batch: Batch) -> tuple[Batch, list[int] | None]:
+        """The group's batch cut to its longest example, with the causal 4-D attention mask
+        of the model's attention (:func:`fedsim.tasks.base.cut_group`)."""
+        if getattr(self, "_attention", None) is None:  # one model copy, once
+            self._attention = attention_of(load_causal_lm(self.model_path))
+        return cut_group(batch, self._attention, True, 2)
 
     def token_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Each example's mean cross-entropy over its answer tokens (teacher-forced), float32."""

@@ -34,7 +34,15 @@ import torch
 from torch import nn
 
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.tasks.base import Batch, SplitTask, seeded_split
+from fedsim.tasks.base import (
+    GROUP_MASK,
+    Batch,
+    SplitTask,
+    attention_of,
+    cut_group,
+    is_causal,
+    seeded_split,
+)
 from fedsim.validate import integer
 
 #: the linear layers of a BERT block: attention projections, attention output, MLP
@@ -287,6 +295,7 @@ class TextClassificationTask(SplitTask):
         self._corpus: TextCorpus | None = None
         self._tokens: dict[str, torch.Tensor] | None = None
         self._split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._causal: bool | None = None  # the model's attention (group_batch)
 
     # ------------------------------------------------------------------ data
     def load_corpus(self) -> TextCorpus:
@@ -388,39 +397,14 @@ class TextClassificationTask(SplitTask):
         return out.float()
 
     def group_batch(self, batch: Batch) -> tuple[Batch, list[int] | None]:
-        """The group's batch cut to its longest text, with the 4-D attention mask of the
-        model's attention (``sdpa``: True where a key is attended; ``eager``: 0 there and the
-        float minimum elsewhere); each client's own cut length. Padding keys get no weight,
-        so each client's logits are those of its own cut batch up to float rounding; that the
-        model's attention takes such a mask (an encoder's, not a causal one) is checked by the
-        batched engine on examples before a run starts."""
-        mask = batch["attention_mask"]  # (clients, examples, max_length)
-        lengths = mask.sum(-1).amax(-1).clamp(min=1)
-        length = int(lengths.max())
-        out = dict(batch)
-        out["input_ids"] = batch["input_ids"][..., :length]
-        out["attention_mask"] = mask = mask[..., :length]
-        keys = mask[:, :, None, None, :]  # (clients, examples, heads, queries, keys)
-        kind = self.attention_kind()
-        if kind == "sdpa":
-            out[GROUP_MASK] = keys.bool()
-        elif kind == "eager":
-            out[GROUP_MASK] = (1.0 - keys.float()) * torch.finfo(torch.float32).min
-        else:
-            raise ValueError(
-                f"the model's attention implementation {kind!r} takes no 4-D mask here "
-                "(sdpa and eager do)"
-            )
-        return out, [int(n) for n in lengths]
-
-    def attention_kind(self) -> str:
-        """The model's attention implementation (Hugging Face's ``_attn_implementation``)."""
-        config = _pristine(self.model_path, self.num_classes, self.seed)[0].config
-        return str(getattr(config, "_attn_implementation", None) or "eager")
-
-
-#: the key of a group's 4-D attention mask in a batch (:meth:`TextClassificationTask.group_batch`)
-GROUP_MASK = "group_attention_mask"
+        """The group's batch cut to its longest text with the model's own 4-D attention mask
+        (bidirectional for an encoder, causal for a decoder used as a classifier): see
+        :func:`fedsim.tasks.base.cut_group`; the batched engine checks on examples that the
+        group's losses equal the plain ones before a run starts."""
+        model = _pristine(self.model_path, self.num_classes, self.seed)[0]
+        if self._causal is None:
+            self._causal = is_causal(model, int(model.config.vocab_size))
+        return cut_group(batch, attention_of(model), self._causal)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
