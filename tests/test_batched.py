@@ -305,7 +305,7 @@ def test_text_task_batched_equals_inline(extra, hf_task, run_tiny):
 
 
 def test_group_batches_are_cut_to_the_longest_text(hf_task):
-    from fedsim.tasks.text import GROUP_MASK
+    from fedsim.tasks.base import GROUP_MASK
 
     c = build_components(compose(tiny(*hf_task, "task.dropout=0"))[0])
     data = c.task.eval_order(c.task.test_set())

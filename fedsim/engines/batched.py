@@ -167,16 +167,10 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
                 f"(adapter.dropout it does): {hint}use engine=inline",
             )
         alone = torch.stack([task.loss(model, b) for b in drawn]).double()
-    try:
-        together = group_mean_losses(model, task, drawn).double()
-    except Exception as e:  # noqa: BLE001 - any failure under vmap is the user's answer
-        reason = " ".join(str(e).split())[:200]
-        raise ConfigError(
-            "engine",
-            "batched",
-            f"task {task.name}'s loss cannot run for a group of clients under torch.func.vmap "
-            f"({type(e).__name__}: {reason}): use engine=inline",
-        ) from None
+    together = _or_refuse(
+        lambda: group_mean_losses(model, task, drawn).double(),
+        f"task {task.name}'s loss cannot run for a group of clients under torch.func.vmap",
+    )
     # bfloat16 forward passes round differently with different cuts and groupings
     tolerance = 1e-2 if getattr(task, "precision", "float32") == "bfloat16" else 1e-4
     error = float(((together - alone).abs() / alone.abs().clamp(min=1e-12)).max())
@@ -190,16 +184,11 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
         )
     if not private:
         return
-    try:
-        error = _per_example_error(task, model, drawn)
-    except Exception as e:  # noqa: BLE001 - as above
-        reason = " ".join(str(e).split())[:200]
-        raise ConfigError(
-            "engine",
-            "batched",
-            f"with privacy=dpsgd, task {task.name}'s per-example gradients cannot be computed "
-            f"in a nested torch.func.vmap ({type(e).__name__}: {reason}): use engine=inline",
-        ) from None
+    error = _or_refuse(
+        lambda: _per_example_error(task, model, drawn),
+        f"with privacy=dpsgd, task {task.name}'s per-example gradients cannot be computed "
+        "in a nested torch.func.vmap",
+    )
     if error > tolerance:
         raise ConfigError(
             "engine",
@@ -208,6 +197,19 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
             f"group of clients differ from autograd's (relative {error:.1e}): "
             "use engine=inline",
         )
+
+
+def _or_refuse(compute, what: str):
+    """``compute()``, or a one-line refusal saying ``what`` failed and why: any failure under
+    vmap (an operator without a batching rule, data-dependent control flow) is the user's
+    answer."""
+    try:
+        return compute()
+    except Exception as e:  # noqa: BLE001
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            "engine", "batched", f"{what} ({type(e).__name__}: {reason}): use engine=inline"
+        ) from None
 
 
 def _per_example_error(task, model: nn.Module, drawn) -> float:

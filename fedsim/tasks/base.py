@@ -135,6 +135,17 @@ def cut_group(
     return out, [int(n) for n in lengths]
 
 
+def model_inputs(batch: Batch, min_length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and the attention mask a Hugging Face model is called with: a group's
+    batch (:func:`cut_group`) as it comes, cut and with its 4-D mask; any other batch cut to
+    its longest text (at least ``min_length`` tokens; right padding)."""
+    if GROUP_MASK in batch:
+        return batch["input_ids"], batch[GROUP_MASK]
+    mask = batch["attention_mask"]
+    length = max(int(mask.sum(1).max()), min_length)
+    return batch["input_ids"][:, :length], mask[:, :length]
+
+
 def attention_of(model: nn.Module) -> str:
     """A Hugging Face model's attention implementation (``sdpa``, ``eager``, ...)."""
     return str(getattr(model.config, "_attn_implementation", None) or "eager")

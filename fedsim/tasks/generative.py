@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.tasks.base import GROUP_MASK, Batch, SplitTask, attention_of, cut_group, seeded_split
+from fedsim.tasks.base import (
+    Batch,
+    SplitTask,
+    attention_of,
+    cut_group,
+    model_inputs,
+    seeded_split,
+)
 from fedsim.tasks.text import (
     _quiet_transformers,
     _why_not,
@@ -310,12 +317,7 @@ class CausalLMTask(SplitTask):
         """Next-token logits at every position (float32), the batch cut to its longest example
         (right padding); a group's batch (:meth:`group_batch`) comes cut, with its causal 4-D
         mask."""
-        if GROUP_MASK in batch:
-            ids, mask = batch["input_ids"], batch[GROUP_MASK]
-        else:
-            mask = batch["attention_mask"]
-            length = max(int(mask.sum(1).max()), 2)
-            ids, mask = batch["input_ids"][:, :length], mask[:, :length]
+        ids, mask = model_inputs(batch, 2)
         with self._autocast(ids.device):
             out = model(input_ids=ids, attention_mask=mask).logits
         return out.float()

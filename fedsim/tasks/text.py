@@ -35,12 +35,12 @@ from torch import nn
 
 from fedsim.errors import ComponentError, ConfigError
 from fedsim.tasks.base import (
-    GROUP_MASK,
     Batch,
     SplitTask,
     attention_of,
     cut_group,
     is_causal,
+    model_inputs,
     seeded_split,
 )
 from fedsim.validate import integer
@@ -384,12 +384,7 @@ class TextClassificationTask(SplitTask):
         A group's batch from :meth:`group_batch` is already cut and carries the attention
         mask in the model's own 4-D form, which Hugging Face models take as it is (their
         2-D mask handling looks at the data, which ``torch.func.vmap`` cannot)."""
-        if GROUP_MASK in batch:
-            ids, mask = batch["input_ids"], batch[GROUP_MASK]
-        else:
-            mask = batch["attention_mask"]
-            length = max(int(mask.sum(1).max()), 1)
-            ids, mask = batch["input_ids"][:, :length], mask[:, :length]
+        ids, mask = model_inputs(batch, 1)
         with torch.autocast(
             ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
         ):
