@@ -67,7 +67,7 @@ def test_bad_columns_and_files_are_one_line_errors(tmp_path, capsys):
         (["partition=natural", "task.group_column=author", "sim.num_clients=30"], "23 natural"),
         (["task.precision=float16"], "task.precision=float16: must be one of float32, bfloat16"),
         (["task.precision=bfloat16", "privacy=dpsgd", "partition=iid"], "in float32"),
-        (["task.dropout=1"], "task.dropout=1: must be null or a number in [0, 1)"),
+        (["task.dropout=1"], "task.dropout=1: must be a number in [0, 1)"),
         (["task.dropout=-0.1"], "task.dropout=-0.1"),
     ]
     for extra, expected in cases:

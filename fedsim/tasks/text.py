@@ -43,7 +43,7 @@ from fedsim.tasks.base import (
     model_inputs,
     seeded_split,
 )
-from fedsim.validate import integer
+from fedsim.validate import integer, number
 
 #: the linear layers of a BERT block: attention projections, attention output, MLP
 BERT_LINEAR = (
@@ -271,13 +271,9 @@ class TextClassificationTask(SplitTask):
         seed: int = 0,
     ) -> None:
         self.model_path = str(model)
-        if dropout is not None and not (
-            isinstance(dropout, (int, float))
-            and not isinstance(dropout, bool)
-            and 0.0 <= dropout < 1.0
-        ):
-            raise ConfigError("task.dropout", dropout, "must be null or a number in [0, 1)")
-        self.dropout = None if dropout is None else float(dropout)
+        self.dropout = (
+            None if dropout is None else number("task.dropout", dropout, 0, 1, high_open=True)
+        )
         self.precision = check_precision(precision)
         self.max_length = integer("task.max_length", max_length, low=2)
         self.test_examples = integer("task.test_examples", test_examples, low=1)
