@@ -11,7 +11,7 @@ training).
 Each client keeps what the inline engine gives it: its own parameter leaves, its own optimizer
 (any ``torch.optim`` class from the ``optimizer`` group, with its state when
 ``sim.keep_optimizer_state``), its own batch order (its generator), its own adapter-dropout
-masks (:func:`fedsim.adapters.base.client_streams`) and its own position in the learning-rate
+masks and the model's own (:mod:`fedsim.dropout`) and its own position in the learning-rate
 schedule. The sum of the group's losses has, with respect to each client's leaves,
 exactly that client's gradient, so every client's update is the inline engine's up to float
 rounding.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.adapters.base import client_streams
+from fedsim.dropout import client_streams
 from fedsim.privacy import ClientDP, poisson_indices
 from fedsim.tasks.base import Batch, Task
 from fedsim.training import LocalResult, Schedule, batches, load_optimizer_state, to_device
@@ -190,6 +190,10 @@ class _Functional:
     def __call__(self, *args, **kwargs):
         return functional_call(self.model, self.tensors, args, kwargs, strict=False)
 
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
 
 @contextmanager
 def quiet_fallbacks():
@@ -276,18 +280,22 @@ def _dp_gradients(
     return summed, mean, counts > 0
 
 
-def group_mean_losses(model: nn.Module, task: Task, drawn: list[Batch]) -> torch.Tensor:
+def group_mean_losses(
+    model: nn.Module, task: Task, drawn: list[Batch], seeds: Sequence[int] | None = None
+) -> torch.Tensor:
     """Each client's mean loss on its batch in ``drawn`` computed as the batched engine
     computes it (padded, :meth:`Task.group_batch`, one vmapped call), with ``model``'s own
-    trained parameters for every client: what the engine checks against the task's plain loss
-    before a run."""
+    trained parameters for every client, and client ``i``'s dropout drawn from a generator
+    seeded ``seeds[i]`` (as the inline engine seeds torch's for it): what the engine checks
+    against the task's plain loss before a run."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
-    batch, weights, _ = padded_group(drawn, device)
-    batch, _ = task.group_batch(batch)
+    batch, weights, sizes = padded_group(drawn, device)
+    batch, lengths = task.group_batch(batch)
     tensors = {n: params[n].detach().expand(len(drawn), *params[n].shape) for n in names}
-    with torch.no_grad(), quiet_fallbacks():
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds or [0] * len(drawn)]
+    with torch.no_grad(), quiet_fallbacks(), client_streams(generators, sizes, lengths):
         return vmapped_loss(model, task)(tensors, batch, weights)
 
 

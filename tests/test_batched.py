@@ -6,6 +6,8 @@ optimizers equal torch's; what it cannot do yet is a one-line error."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -282,8 +284,10 @@ def test_a_task_without_per_example_losses_is_refused(tmp_path, monkeypatch):
 
 
 #: text: 6 clients with unequal numbers of snippets of unequal lengths, the model's own
-#: dropout off (what the batched engine needs)
+#: dropout off (the tests that turn it on say so)
 TEXT = ["sim.rounds=3", "sim.num_clients=6", "partition=dirichlet", "task.dropout=0"]
+#: the same with the model's own dropout on (hidden states and attention weights)
+DROPPED = [o if o != "task.dropout=0" else "task.dropout=0.3" for o in TEXT]
 
 
 @pytest.mark.parametrize(
@@ -328,14 +332,85 @@ def test_group_batches_are_cut_to_the_longest_text(hf_task):
     assert torch.equal(batch[GROUP_MASK][:, :, 0, 0], batch["attention_mask"].bool())
 
 
-def test_text_model_dropout_is_refused_with_the_setting_that_fixes_it(hf_task, tmp_path, capsys):
+def _eager(monkeypatch):
+    """Every text model loaded from here on attends with Hugging Face's eager attention (its
+    dropout is functional dropout on the 4-D attention weights) instead of sdpa."""
+    import fedsim.tasks.text as text
+
+    loaded = text._pristine
+
+    def eager(*args, **kwargs):
+        model, head = loaded(*args, **kwargs)
+        model.config._attn_implementation = "eager"
+        return model, head
+
+    monkeypatch.setattr(text, "_pristine", eager)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_models_own_dropout_is_each_clients_on_the_batched_engine(
+    attention, hf_task, run_tiny, monkeypatch
+):
+    """The model's dropout layers and attention-weight dropout (sdpa's dropout_p, or eager's
+    functional dropout) draw each client's masks from its own stream at its own cut length,
+    together with adapter dropout: the inline engine's results."""
+    if attention == "eager":
+        _eager(monkeypatch)
+    extra = [*hf_task, *DROPPED, "adapter=lora", "adapter.dropout=0.2"]
+    _, inline, _ = run_tiny(*extra)
+    _, batched, _ = run_tiny(*extra, "engine=batched", "engine.group_size=4")
+    _close(inline, batched)
+    _, undropped, _ = run_tiny(*hf_task, *TEXT, "adapter=lora", "adapter.dropout=0.2")
+    assert inline[-1]["eval_loss"] != undropped[-1]["eval_loss"]  # the dropout was on
+
+
+def test_the_models_own_dropout_matches_plain_pytorch(hf_task, monkeypatch):
+    """fedsim's dropout changes nothing for a client that trains alone: the same masks as
+    torch's own dropout on a CPU, so the inline engine's results are plain PyTorch's."""
+    c = build_components(compose(tiny(*hf_task, "task.dropout=0.3"))[0])
+    model, _ = c.model()
+    model.train()
+    data = c.task.eval_order(c.task.test_set())
+    batch = {k: v[:8] for k, v in data.items()}
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(4)
+        losses.append(c.task.loss(model, batch, reduction="none"))
+        # then torch's own dropout layers and sdpa's own dropout
+        monkeypatch.setattr("fedsim.tasks.text.model_dropout", lambda m: contextlib.nullcontext())
+    torch.manual_seed(5)
+    assert not torch.allclose(losses[0], c.task.loss(model, batch, reduction="none"))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+
+
+def test_dropout_drawn_at_the_wrong_shape_is_refused_by_the_group_check(
+    hf_task, tmp_path, capsys, monkeypatch
+):
+    """Were the masks drawn at the group's cut length instead of each client's own, the
+    group's losses with dropout would differ from the plain ones: refused, nothing written."""
+    from fedsim.cli import main
+
+    monkeypatch.setattr("fedsim.dropout.sequence_dims", lambda shape, length: ())
+    with pytest.raises(SystemExit) as info:
+        main(tiny(*hf_task, "engine=batched", f"hydra.run.dir={tmp_path / 'r'}"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "loss with dropout computed for a group" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_models_dropout_with_dpsgd_is_refused_with_the_setting_that_fixes_it(
+    hf_task, tmp_path, capsys
+):
     from fedsim.cli import main
 
     with pytest.raises(SystemExit) as info:
-        main([*tiny(*hf_task, "engine=batched"), f"hydra.run.dir={tmp_path / 'r'}"])
+        args = tiny(*hf_task, "privacy=dpsgd", "engine=batched", f"hydra.run.dir={tmp_path / 'r'}")
+        main(args)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "set task.dropout=0 or use engine=inline" in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "with privacy=dpsgd" in err and "set task.dropout=0 or use engine=inline" in err, err
 
 
 def _llama_classifier(hf_task, folder):
@@ -347,7 +422,8 @@ def _llama_classifier(hf_task, folder):
 
 def test_a_causal_classifier_trains_batched_with_a_causal_mask(hf_task, run_tiny, tmp_path):
     """A Llama as a sequence classifier through task=hf: its attention is found causal, the
-    group's 4-D mask is causal and padded, and the results are the inline engine's."""
+    group's 4-D mask is causal and padded, and the results are the inline engine's, with its
+    own attention dropout on."""
     from fedsim.tasks.base import is_causal
     from fedsim.tasks.text import load_classifier
 
@@ -356,9 +432,15 @@ def test_a_causal_classifier_trains_batched_with_a_causal_mask(hf_task, run_tiny
         path = dict(o.split("=", 1) for o in overrides)["task.model"]
         model = load_classifier(path, 2, 0)[0]
         assert is_causal(model, int(model.config.vocab_size)) == causal
-    _, inline, _ = run_tiny(*task, *TEXT, "adapter=lora", "adapter.dropout=0.2")
+    # its own attention dropout on too: causal attention weights with grouped key-value heads
+    _, inline, _ = run_tiny(*task, *DROPPED, "adapter=lora", "adapter.dropout=0.2")
     _, batched, _ = run_tiny(
-        *task, *TEXT, "adapter=lora", "adapter.dropout=0.2", "engine=batched", "engine.group_size=4"
+        *task,
+        *DROPPED,
+        "adapter=lora",
+        "adapter.dropout=0.2",
+        "engine=batched",
+        "engine.group_size=4",
     )
     _close(inline, batched)
 

@@ -13,9 +13,7 @@ Every adapter also states, in numpy, what it adds to a layer's effective weight
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,81 +106,6 @@ class AdapterSpec:
                 if name not in params:
                     raise KeyError(f"the model has no parameter named {name!r}")
                 params[name].copy_(torch.from_numpy(np.asarray(value)))
-
-
-_GROUP = threading.local()  # the batched engine's per-client random streams (see below)
-
-
-class _DropoutMask(torch.autograd.Function):
-    """A dropout mask (keep probability ``keep``), drawn from torch's default generator, or,
-    under the batched engine's ``torch.func.vmap`` (:func:`client_streams`), from each client's
-    own generator for its real examples: each client draws exactly the masks it draws when it
-    trains alone."""
-
-    generate_vmap_rule = False
-
-    @staticmethod
-    def forward(x: torch.Tensor, keep: float) -> torch.Tensor:
-        return torch.empty_like(x).bernoulli_(keep)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.mark_non_differentiable(output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, None
-
-    @staticmethod
-    def vmap(info, in_dims, x: torch.Tensor, keep: float):
-        generators, sizes = getattr(_GROUP, "generators", None), getattr(_GROUP, "sizes", None)
-        if generators is None or len(generators) != info.batch_size:
-            raise RuntimeError("adapter dropout under vmap needs fedsim.adapters.client_streams")
-        lengths = getattr(_GROUP, "lengths", None)
-        x = x.movedim(in_dims[0], 0)
-        masks = torch.ones_like(x)
-        for i, (g, n) in enumerate(zip(generators, sizes)):  # padding rows keep 1 (weight 0)
-            if lengths is not None and x.dim() >= 4:  # (examples, tokens, features) per client
-                cut = x[i, :n, : lengths[i]]  # the client's own batch is cut to its longest
-                masks[i, :n, : lengths[i]] = torch.empty_like(cut).bernoulli_(keep, generator=g)
-            else:
-                masks[i, :n] = torch.empty_like(x[i, :n]).bernoulli_(keep, generator=g)
-        return masks, 0
-
-
-@contextmanager
-def client_streams(
-    generators: Sequence[torch.Generator],
-    sizes: Sequence[int],
-    lengths: Sequence[int] | None = None,
-):
-    """Inside: adapter dropout under vmap draws client ``i``'s mask for its first
-    ``sizes[i]`` examples from ``generators[i]`` (the batched engine's forward passes); with
-    ``lengths`` (sequences: inputs of shape examples x tokens x features), for its first
-    ``lengths[i]`` tokens, the shape its own batch has when it trains alone."""
-    _GROUP.generators, _GROUP.sizes = list(generators), list(sizes)
-    _GROUP.lengths = None if lengths is None else list(lengths)
-    try:
-        yield
-    finally:
-        _GROUP.generators = _GROUP.sizes = _GROUP.lengths = None
-
-
-class AdapterDropout(nn.Module):
-    """Dropout on an adapter's input (``y = x * mask / (1 - p)`` in training), with per-client
-    random streams under the batched engine (:class:`_DropoutMask`)."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        return x * _DropoutMask.apply(x, 1.0 - self.p) / (1.0 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class AdaptedLinear(nn.Module):

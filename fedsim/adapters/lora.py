@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterDropout
+from fedsim.adapters.base import AdaptedLinear, Adapter
+from fedsim.dropout import AdapterDropout
 from fedsim.validate import integer, number
 
 

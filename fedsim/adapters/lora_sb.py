@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterDropout, AdapterSpec
+from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterSpec
+from fedsim.dropout import AdapterDropout
 from fedsim.errors import ConfigError
 from fedsim.validate import integer, number
 

@@ -131,18 +131,17 @@ class BatchedEngine(InlineEngine):
 
 
 def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> None:
-    """The model must be deterministic in training apart from adapter dropout (whose
-    per-client streams the engine reproduces), and two clients' losses computed as one group
-    (the shortest and the longest test examples: different cuts for text, and padding) must
-    equal their plain losses; under DP-SGD, so must each example's gradient."""
-    from fedsim.adapters.base import AdapterDropout
+    """The model's only randomness in training must be dropout that goes through
+    :mod:`fedsim.dropout` (whose per-client streams the engine reproduces), and two clients'
+    losses computed as one group (the shortest and the longest test examples: different cuts
+    for text, and padding) must equal their plain losses, without dropout and with it (each
+    client's masks from its own stream); under DP-SGD, so must each example's gradient, and
+    the model must have no dropout (the per-example vmap draws no per-client masks)."""
     from fedsim.batched import group_mean_losses
+    from fedsim.dropout import without_dropout
     from fedsim.training import seed_torch
 
     model.train()
-    for m in model.modules():
-        if isinstance(m, AdapterDropout):
-            m.eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a throwaway copy: move off LoRA's B = 0, where A has no gradient
         for p in model.parameters():
@@ -152,49 +151,93 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
     k = max(1, min(3, n // 2))
     drawn = [{key: v[: max(1, k - 1)] for key, v in data.items()}]
     drawn.append({key: v[n - k :] for key, v in data.items()})
+    seeds = [1, 2]
+
+    def alone() -> torch.Tensor:
+        losses = []
+        for seed, b in zip(seeds, drawn):
+            seed_torch(seed)
+            losses.append(task.loss(model, b))
+        return torch.stack(losses).double()
+
     with torch.no_grad():
+        with without_dropout():
+            seed_torch(1)
+            first = task.loss(model, drawn[0], reduction="none")
+            seed_torch(2)
+            again = task.loss(model, drawn[0], reduction="none")
+            if not torch.equal(first, again):
+                raise ConfigError(
+                    "engine",
+                    "batched",
+                    f"task {task.name}'s model is random in training other than through "
+                    "dropout layers or functional dropout (whose per-client streams the batched "
+                    "engine reproduces): use engine=inline",
+                )
+            plain = alone()
         seed_torch(1)
-        first = task.loss(model, drawn[0], reduction="none")
-        seed_torch(2)
-        again = task.loss(model, drawn[0], reduction="none")
-        if not torch.equal(first, again):
-            hint = "set task.dropout=0 or " if hasattr(task, "dropout") else ""
-            raise ConfigError(
-                "engine",
-                "batched",
-                f"task {task.name}'s model is random in training (its own dropout), whose "
-                "per-client random streams the batched engine does not reproduce "
-                f"(adapter.dropout it does): {hint}use engine=inline",
-            )
-        alone = torch.stack([task.loss(model, b) for b in drawn]).double()
-    together = _or_refuse(
-        lambda: group_mean_losses(model, task, drawn).double(),
-        f"task {task.name}'s loss cannot run for a group of clients under torch.func.vmap",
-    )
+        dropped = not torch.equal(first, task.loss(model, drawn[0], reduction="none"))
+        plain_dropped = alone() if dropped else None
+    if private and dropped:
+        key, value = (
+            ("task.dropout", task.dropout) if hasattr(task, "dropout") else ("engine", "batched")
+        )
+        raise ConfigError(
+            key,
+            value,
+            "with privacy=dpsgd the batched engine computes each example's gradient in a nested "
+            "vmap, where dropout's per-client streams are not drawn: "
+            f"{'set task.dropout=0 or ' if hasattr(task, 'dropout') else ''}use engine=inline",
+        )
     # bfloat16 forward passes round differently with different cuts and groupings
     tolerance = 1e-2 if getattr(task, "precision", "float32") == "bfloat16" else 1e-4
-    error = float(((together - alone).abs() / alone.abs().clamp(min=1e-12)).max())
-    if error > tolerance:
+
+    def error(together: torch.Tensor, want: torch.Tensor) -> float:
+        return float(((together.double() - want).abs() / want.abs().clamp(min=1e-12)).max())
+
+    with without_dropout():
+        together = _or_refuse(
+            lambda: group_mean_losses(model, task, drawn),
+            f"task {task.name}'s loss cannot run for a group of clients under torch.func.vmap",
+        )
+    if error(together, plain) > tolerance:
         raise ConfigError(
             "engine",
             "batched",
             f"task {task.name}'s loss computed for a group of clients differs from each "
-            f"client's own (relative {error:.1e}; a model whose attention takes the 4-D "
-            "padding mask differently?): use engine=inline",
+            f"client's own (relative {error(together, plain):.1e}; a model whose attention "
+            "takes the 4-D padding mask differently?): use engine=inline",
         )
+    if dropped:
+        together = _or_refuse(
+            lambda: group_mean_losses(model, task, drawn, seeds),
+            f"task {task.name}'s dropout cannot be drawn for a group of clients under "
+            "torch.func.vmap",
+        )
+        if error(together, plain_dropped) > tolerance:
+            hint = "task.dropout=0 and " if hasattr(task, "dropout") else ""
+            raise ConfigError(
+                "engine",
+                "batched",
+                f"task {task.name}'s loss with dropout computed for a group of clients differs "
+                f"from each client's own (relative {error(together, plain_dropped):.1e}; "
+                "dropout on tensors that are not (examples, tokens, features) or attention "
+                f"weights?): set {hint}adapter.dropout=0 or use engine=inline",
+            )
     if not private:
         return
-    error = _or_refuse(
-        lambda: _per_example_error(task, model, drawn),
-        f"with privacy=dpsgd, task {task.name}'s per-example gradients cannot be computed "
-        "in a nested torch.func.vmap",
-    )
-    if error > tolerance:
+    with without_dropout():
+        worst = _or_refuse(
+            lambda: _per_example_error(task, model, drawn),
+            f"with privacy=dpsgd, task {task.name}'s per-example gradients cannot be computed "
+            "in a nested torch.func.vmap",
+        )
+    if worst > tolerance:
         raise ConfigError(
             "engine",
             "batched",
             f"with privacy=dpsgd, task {task.name}'s per-example gradients computed for a "
-            f"group of clients differ from autograd's (relative {error:.1e}): "
+            f"group of clients differ from autograd's (relative {worst:.1e}): "
             "use engine=inline",
         )
 

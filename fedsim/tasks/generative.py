@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsim.dropout import model_dropout
 from fedsim.errors import ComponentError, ConfigError
 from fedsim.tasks.base import (
     Batch,
@@ -318,7 +319,7 @@ class CausalLMTask(SplitTask):
         (right padding); a group's batch (:meth:`group_batch`) comes cut, with its causal 4-D
         mask."""
         ids, mask = model_inputs(batch, 2)
-        with self._autocast(ids.device):
+        with self._autocast(ids.device), model_dropout(model):
             out = model(input_ids=ids, attention_mask=mask).logits
         return out.float()
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.dropout import model_dropout
 from fedsim.errors import ComponentError, ConfigError
 from fedsim.tasks.base import (
     Batch,
@@ -248,7 +249,8 @@ class TextClassificationTask(SplitTask):
     dropout : float, optional
         The model's own dropout probability in training (every dropout layer and dropout
         rate of its modules); None keeps the checkpoint's (MiniLM's: 0.1). The batched
-        engine needs 0.
+        engine draws each client's masks from its own stream (:mod:`fedsim.dropout`); with
+        DP-SGD it needs 0.
     seed : int
         Seed of the head's initialisation (``sim.seed``).
     """
@@ -381,8 +383,11 @@ class TextClassificationTask(SplitTask):
         mask in the model's own 4-D form, which Hugging Face models take as it is (their
         2-D mask handling looks at the data, which ``torch.func.vmap`` cannot)."""
         ids, mask = model_inputs(batch, 1)
-        with torch.autocast(
-            ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
+        with (
+            torch.autocast(
+                ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
+            ),
+            model_dropout(model),
         ):
             out = model(input_ids=ids, attention_mask=mask).logits
         return out.float()
