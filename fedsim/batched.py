@@ -239,14 +239,16 @@ def _dp_gradients(
     context: dict[str, torch.Tensor],
     clip_norm: float,
     device,
+    dropout: Sequence[torch.Generator],
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """One DP-SGD step's gradients of every client, as Opacus' ``DPOptimizer`` computes a
     client's (``loss_reduction="mean"``): a Poisson batch drawn with the client's generator,
     each example's gradient clipped to ``clip_norm`` (its norm over all trained tensors), the
     sum, Gaussian noise of std ``sigma * clip_norm`` drawn from the client's noise generator
     tensor by tensor in the optimizer's order, divided by the expected batch size. An empty
-    batch is noise only. Returns the stacked gradients, each client's mean loss and whether
-    its batch had examples."""
+    batch is noise only. Dropout masks come from the ``dropout`` generators, each client's
+    for its whole Poisson batch (:func:`fedsim.dropout.client_streams`). Returns the stacked
+    gradients, each client's mean loss and whether its batch had examples."""
     drawn, sizes = [], []
     for job in jobs:
         n = len(job.data[task.label_key])
@@ -255,11 +257,12 @@ def _dp_gradients(
         # an empty batch: one stand-in example that the clipping weights by 0
         drawn.append({k: (v[idx] if len(idx) else v[:1]) for k, v in job.data.items()})
     batch, _, _ = padded_group(drawn, device)
-    batch, _ = task.group_batch(batch)
+    batch, lengths = task.group_batch(batch)
     width = len(batch[task.label_key][0])
     on = next(iter(trained.values())).device
     real = torch.arange(width, device=on)[None, :] < torch.tensor(sizes, device=on)[:, None]
-    with torch.no_grad(), quiet_fallbacks():
+    streams = client_streams(dropout, sizes, lengths, per_example=True)
+    with torch.no_grad(), quiet_fallbacks(), streams:
         grads, losses = per_example(trained, context, batch)
     names = list(trained)
     norms = torch.stack(
@@ -410,7 +413,7 @@ def train_group(
         if private:
             trained = {n: p.detach() for n, p in zip(names, stacked)}
             grads, losses, nonempty = _dp_gradients(
-                per_example, task, jobs, trained, context, clip_norm, device
+                per_example, task, jobs, trained, context, clip_norm, device, dropout
             )
             for p, g in zip(stacked, grads):
                 p.grad = g

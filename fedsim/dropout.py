@@ -63,6 +63,15 @@ class _DropoutMask(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x: torch.Tensor, keep: float):
+        if getattr(_GROUP, "per_example", False) and not getattr(_GROUP, "nested", False):
+            # DP-SGD's vmap over a client's examples (each a batch of one) inside the vmap over
+            # clients: the client's masks are those of its whole batch, as when it trains alone
+            _GROUP.nested = True
+            try:
+                whole = x.movedim(in_dims[0], 0).squeeze(1)
+                return _DropoutMask.apply(whole, keep).unsqueeze(1), 0
+            finally:
+                _GROUP.nested = False
         generators, sizes = getattr(_GROUP, "generators", None), getattr(_GROUP, "sizes", None)
         if generators is None or len(generators) != info.batch_size:
             raise RuntimeError(
@@ -99,17 +108,22 @@ def client_streams(
     generators: Sequence[torch.Generator],
     sizes: Sequence[int],
     lengths: Sequence[int] | None = None,
+    per_example: bool = False,
 ):
     """Inside: dropout under vmap draws client ``i``'s masks for its first ``sizes[i]``
     examples from ``generators[i]`` (the batched engine's forward passes); with ``lengths``
     (text), for its first ``lengths[i]`` tokens (:func:`sequence_dims`), the shape its own
-    batch has when it trains alone."""
+    batch has when it trains alone. ``per_example``: the forward pass is a vmap over each
+    client's examples, one at a time, inside the vmap over clients (DP-SGD's per-example
+    gradients); each example's mask is its slice of its client's whole-batch mask."""
     _GROUP.generators, _GROUP.sizes = list(generators), list(sizes)
     _GROUP.lengths = None if lengths is None else list(lengths)
+    _GROUP.per_example = per_example
     try:
         yield
     finally:
         _GROUP.generators = _GROUP.sizes = _GROUP.lengths = None
+        _GROUP.per_example = False
 
 
 @contextmanager

@@ -66,6 +66,8 @@ def _close(inline_rows, batched_rows, rel=1e-5):
             "privacy.clip_norm=0.05",
             "sim.batch_size=1",
             "sim.keep_optimizer_state=true",
+            "adapter=lora",
+            "adapter.dropout=0.3",
         ),
         (
             "strategy=fedsb",
@@ -93,7 +95,7 @@ def _close(inline_rows, batched_rows, rel=1e-5):
         "rmsprop-per-client",
         "faults",
         "dpsgd",
-        "dpsgd-clipped-empty-batches",
+        "dpsgd-clipped-empty-batches-dropout",
         "dpsgd-fedsb-sigma",
     ],
 )
@@ -251,7 +253,6 @@ def test_stacked_optimizers_equal_one_torch_optimizer_per_client(make):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["privacy=dpsgd", "adapter.dropout=0.1"], "adapter.dropout=0.1: with privacy=dpsgd"),
         (["strategy=flora", "strategy.client_ranks=[2,4]"], "strategy.client_ranks=[2, 4]"),
         (["engine.group_size=0"], "engine.group_size=0: must be an integer >= 1"),
     ],
@@ -347,20 +348,25 @@ def _eager(monkeypatch):
     monkeypatch.setattr(text, "_pristine", eager)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "attention, private",
+    [("sdpa", []), ("eager", []), ("sdpa", ["privacy=dpsgd", "privacy.clip_norm=0.1"])],
+    ids=["sdpa", "eager", "sdpa-dpsgd"],
+)
 def test_the_models_own_dropout_is_each_clients_on_the_batched_engine(
-    attention, hf_task, run_tiny, monkeypatch
+    attention, private, hf_task, run_tiny, monkeypatch
 ):
     """The model's dropout layers and attention-weight dropout (sdpa's dropout_p, or eager's
     functional dropout) draw each client's masks from its own stream at its own cut length,
-    together with adapter dropout: the inline engine's results."""
+    together with adapter dropout: the inline engine's results. Under DP-SGD each example's
+    masks are its slice of its client's Poisson batch's, as under Opacus."""
     if attention == "eager":
         _eager(monkeypatch)
-    extra = [*hf_task, *DROPPED, "adapter=lora", "adapter.dropout=0.2"]
+    extra = [*hf_task, *DROPPED, "adapter=lora", "adapter.dropout=0.2", *private]
     _, inline, _ = run_tiny(*extra)
     _, batched, _ = run_tiny(*extra, "engine=batched", "engine.group_size=4")
     _close(inline, batched)
-    _, undropped, _ = run_tiny(*hf_task, *TEXT, "adapter=lora", "adapter.dropout=0.2")
+    _, undropped, _ = run_tiny(*hf_task, *TEXT, "adapter=lora", "adapter.dropout=0.2", *private)
     assert inline[-1]["eval_loss"] != undropped[-1]["eval_loss"]  # the dropout was on
 
 
@@ -397,20 +403,6 @@ def test_dropout_drawn_at_the_wrong_shape_is_refused_by_the_group_check(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "loss with dropout computed for a group" in err, err
     assert not (tmp_path / "r").exists()
-
-
-def test_the_models_dropout_with_dpsgd_is_refused_with_the_setting_that_fixes_it(
-    hf_task, tmp_path, capsys
-):
-    from fedsim.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        args = tiny(*hf_task, "privacy=dpsgd", "engine=batched", f"hydra.run.dir={tmp_path / 'r'}")
-        main(args)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "with privacy=dpsgd" in err and "set task.dropout=0 or use engine=inline" in err, err
 
 
 def _llama_classifier(hf_task, folder):

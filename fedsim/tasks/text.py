@@ -249,8 +249,7 @@ class TextClassificationTask(SplitTask):
     dropout : float, optional
         The model's own dropout probability in training (every dropout layer and dropout
         rate of its modules); None keeps the checkpoint's (MiniLM's: 0.1). The batched
-        engine draws each client's masks from its own stream (:mod:`fedsim.dropout`); with
-        DP-SGD it needs 0.
+        engine draws each client's masks from its own stream (:mod:`fedsim.dropout`).
     seed : int
         Seed of the head's initialisation (``sim.seed``).
     """
