@@ -4,12 +4,15 @@ Same clients (fedsim's sampler), same data, batches, seeds, optimizer, schedule,
 (weighted mean in float64, cast back) and evaluation (server test set and every client's local
 test split), but no Flower: no messages, records, copies or grid. It is the floor the engines
 are measured against (``benchmarks/overhead.py``), and tests/test_end_to_end.py checks that
-the inline engine reproduces its numbers.
+the inline engine reproduces its numbers. A text model's dropout is torch's own layers and
+sdpa's own dropout here (fedsim's engines route it through :mod:`fedsim.dropout`, which draws
+the same masks on a CPU).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -18,8 +21,27 @@ from fedsim.build import build_components
 from fedsim.training import client_generator, evaluate, seed_torch, train_local
 
 
+@contextmanager
+def torch_dropout():
+    """Inside: the text tasks' forward passes use torch's own dropout, not fedsim's."""
+    import fedsim.tasks.generative as generative
+    import fedsim.tasks.text as text
+
+    saved = text.model_dropout, generative.model_dropout
+    text.model_dropout = generative.model_dropout = lambda model: nullcontext()
+    try:
+        yield
+    finally:
+        text.model_dropout, generative.model_dropout = saved
+
+
 def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Run ``cfg`` (a composed fedsim config using FedAvg) directly; one record per round."""
+    with torch_dropout():
+        return _plain_fedavg(cfg)
+
+
+def _plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     c = build_components(cfg)
     sim = c.sim
     torch.set_num_threads(int(getattr(c.engine, "num_threads", 1)))

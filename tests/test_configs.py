@@ -145,8 +145,8 @@ BAD = [
     (["engine=ray", "engine.address=' '"], "engine.address= : must be null (a local Ray)"),
     (["engine=batched", "engine.group_size=0"], "engine.group_size=0: must be an integer >= 1"),
     (
-        ["engine=batched", "privacy=dpsgd", "adapter.dropout=0.1"],
-        "adapter.dropout=0.1: with privacy=dpsgd the batched engine",
+        ["engine=batched", "strategy=flora", "strategy.client_ranks=[2,4]"],
+        "strategy.client_ranks=[2, 4]: clients of different ranks cannot train in one batched",
     ),
     (["schedule=cosine", "schedule.final_factor=3"], "schedule.final_factor=3"),
     (["task.hidden_dim=0"], "task.hidden_dim=0"),

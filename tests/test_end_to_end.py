@@ -219,3 +219,22 @@ def test_no_path_appends_to_a_finished_run(tmp_path):
     with pytest.raises(FileExistsError):
         ResultsWriter(done).append_round({"round": 0})
     assert (done / "metrics.jsonl").read_text() == '{"round": 0}\n'
+
+
+def test_inline_engine_matches_a_plain_pytorch_loop_on_text_with_dropout(run_tiny, hf_task):
+    """fedsim runs a text model's dropout through fedsim.dropout (so that the batched engine
+    can give each client its own masks); the plain loop runs torch's own dropout layers and
+    sdpa's own attention dropout: on a CPU the runs are the same."""
+    from benchmarks.plain_loop import plain_fedavg
+    from fedsim.config import compose
+
+    overrides = tiny(
+        *hf_task, "adapter=lora", "sim.num_clients=6", "sim.rounds=2", "task.dropout=0.3"
+    )
+    _, rows, _ = run_tiny(base=overrides)
+    ref = plain_fedavg(compose(overrides)[0])
+    assert len(rows) == len(ref) == 3
+    for got, want in zip(rows, ref):
+        assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+    undropped = plain_fedavg(compose([*overrides[:-1], "task.dropout=0"])[0])
+    assert undropped[-1]["eval_loss"] != pytest.approx(ref[-1]["eval_loss"], rel=1e-6)
