@@ -18,9 +18,9 @@ Two kinds of dropout go through it:
   ``dropout_p > 0`` (what ``sdpa`` attention runs in training) by its plain definition with
   the attention weights dropped the same way.
 
-On a CPU the masks are those of torch's own dropout (``empty_like(x).bernoulli_(1 - p)``
-from the default generator, then ``x * (mask / (1 - p))``), so a client that trains alone gets
-exactly what plain PyTorch gives it. Sequence dimensions follow Hugging Face's layouts: a
+On a CPU the masks are those of torch's own dropout for contiguous inputs (what Hugging Face
+models drop: ``bernoulli_(1 - p)`` from the default generator, then ``x * (mask / (1 - p))``),
+so a client that trains alone gets exactly what plain PyTorch gives it. Sequence dimensions follow Hugging Face's layouts: a
 tensor of rank 3 is (examples, tokens, features), one of rank 4 is attention weights
 (examples, heads, queries, keys); a dimension is cut to the client's length only where it has
 the group's length. The batched engine checks on test examples, with dropout on, that a
@@ -51,7 +51,7 @@ class _DropoutMask(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, keep: float) -> torch.Tensor:
-        return torch.empty_like(x).bernoulli_(keep)
+        return _draw(x.shape, keep, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -66,12 +66,21 @@ class _DropoutMask(torch.autograd.Function):
         if getattr(_GROUP, "per_example", False) and not getattr(_GROUP, "nested", False):
             # DP-SGD's vmap over a client's examples (each a batch of one) inside the vmap over
             # clients: the client's masks are those of its whole batch, as when it trains alone
-            _GROUP.nested = True
+            if x.movedim(in_dims[0], 0).shape[1] != 1:
+                raise RuntimeError("per-example dropout expects each example as a batch of one")
+            _GROUP.nested, _GROUP.reached = True, False
             try:
                 whole = x.movedim(in_dims[0], 0).squeeze(1)
-                return _DropoutMask.apply(whole, keep).unsqueeze(1), 0
+                mask = _DropoutMask.apply(whole, keep).unsqueeze(1)
+                if not _GROUP.reached:  # not under the vmap over clients: no client's stream
+                    raise RuntimeError(
+                        "per-example dropout ran outside the vmap over clients (a tensor that "
+                        "does not depend on the client?)"
+                    )
+                return mask, 0
             finally:
                 _GROUP.nested = False
+        _GROUP.reached = True
         generators, sizes = getattr(_GROUP, "generators", None), getattr(_GROUP, "sizes", None)
         if generators is None or len(generators) != info.batch_size:
             raise RuntimeError(
@@ -86,8 +95,16 @@ class _DropoutMask(torch.autograd.Function):
             for d in cut:
                 own[d + 1] = slice(0, lengths[i])
             own = tuple(own)
-            masks[own] = torch.empty_like(x[own]).bernoulli_(keep, generator=g)
+            masks[own] = _draw(x[own].shape, keep, x, g)
         return masks, 0
+
+
+def _draw(shape, keep: float, like: torch.Tensor, generator=None) -> torch.Tensor:
+    """A mask of ``shape`` (contiguous, ``like``'s dtype and device): 1 with probability
+    ``keep``, drawn in row-major order, as torch's CPU dropout draws one for a contiguous
+    input."""
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return out.bernoulli_(keep, generator=generator)
 
 
 def sequence_dims(shape: Sequence[int], length: int) -> tuple[int, ...]:
@@ -116,37 +133,42 @@ def client_streams(
     batch has when it trains alone. ``per_example``: the forward pass is a vmap over each
     client's examples, one at a time, inside the vmap over clients (DP-SGD's per-example
     gradients); each example's mask is its slice of its client's whole-batch mask."""
+    keys = ("generators", "sizes", "lengths", "per_example")
+    saved = {k: getattr(_GROUP, k, None) for k in keys}
     _GROUP.generators, _GROUP.sizes = list(generators), list(sizes)
     _GROUP.lengths = None if lengths is None else list(lengths)
     _GROUP.per_example = per_example
     try:
         yield
     finally:
-        _GROUP.generators = _GROUP.sizes = _GROUP.lengths = None
-        _GROUP.per_example = False
+        for k, v in saved.items():
+            setattr(_GROUP, k, v)
 
 
 @contextmanager
 def without_dropout():
     """Inside: :func:`drop` is the identity (the batched engine's check that a model has no
     other randomness)."""
+    saved = getattr(_GROUP, "off", False)
     _GROUP.off = True
     try:
         yield
     finally:
-        _GROUP.off = False
+        _GROUP.off = saved
 
 
-def drop(x: torch.Tensor, p: float) -> torch.Tensor:
+def drop(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
     """``x`` with each entry zeroed with probability ``p`` and the rest scaled by
-    ``1 / (1 - p)``: torch's dropout on a CPU, value for value, with the mask from
-    :class:`_DropoutMask`."""
+    ``1 / (1 - p)`` (``inplace``: ``x`` itself): torch's dropout on a CPU, value for value for a
+    contiguous ``x``, with the mask from :class:`_DropoutMask`."""
     if p == 0.0 or getattr(_GROUP, "off", False):
         return x
     if p == 1.0:
-        return x * 0.0
-    keep = 1.0 - p
-    return x * _DropoutMask.apply(x, keep).div_(keep)
+        factor = torch.zeros((), dtype=x.dtype, device=x.device)
+    else:
+        keep = 1.0 - p
+        factor = _DropoutMask.apply(x, keep).div_(keep)
+    return x.mul_(factor) if inplace else x * factor
 
 
 class AdapterDropout(nn.Module):
@@ -206,7 +228,7 @@ class StreamedDropout(TorchFunctionMode):
             p = float(_argument(args, kwargs, 1, "p", 0.5))
             if not _argument(args, kwargs, 2, "training", True) or p == 0.0:
                 return x
-            return drop(x, p)
+            return drop(x, p, bool(_argument(args, kwargs, 3, "inplace", False)))
         if func is F.scaled_dot_product_attention and _argument(args, kwargs, 4, "dropout_p", 0.0):
             return attention(*args, **kwargs)
         return func(*args, **kwargs)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedsim.compression import clip_joint
+from fedsim.dropout import without_dropout
 from fedsim.errors import ConfigError
 from fedsim.tasks.base import Batch, Task
 from fedsim.training import LocalResult, Schedule, to_device
@@ -440,15 +441,16 @@ def private_base_gradients(
     for lin in bases.values():
         lin.weight.requires_grad_(True)
     gsm = prepare_module(model, "hooks", batch_first=True, loss_reduction="sum")
-    model.train()  # Opacus records activations in training mode; dropout stays off
-    for module in model.modules():
+    model.train()  # Opacus records activations in training mode; dropout stays off:
+    for module in model.modules():  # torch's layers, and fedsim's (text models' own too)
         if isinstance(module, nn.Dropout):
             module.eval()
     total = {m: torch.zeros_like(lin.weight, dtype=torch.float64) for m, lin in bases.items()}
     n = len(next(iter(data.values())))
     for start in range(0, n, batch_size):
         batch = to_device({k: v[start : start + batch_size] for k, v in data.items()}, device)
-        loss = loss_fn(gsm, batch, reduction="sum")
+        with without_dropout():
+            loss = loss_fn(gsm, batch, reduction="sum")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()

@@ -21,13 +21,24 @@ from fedsim.dropout import (
 
 def test_streamed_dropout_is_torchs_dropout_on_a_cpu():
     x = torch.randn(4, 7, 5)
-    for layer in (torch.nn.Dropout(0.3), lambda t: F.dropout(t, 0.3), lambda t: F.dropout(t)):
+    layers = (
+        torch.nn.Dropout(0.3),
+        lambda t: F.dropout(t, 0.3),
+        lambda t: F.dropout(t),
+        lambda t: torch.nn.Dropout(0.3, inplace=True)(t.clone()),
+    )
+    for layer in layers:
         torch.manual_seed(11)
         want = layer(x)
         torch.manual_seed(11)
         with StreamedDropout():
             got = layer(x)
         assert torch.equal(got, want)
+    y = x.clone()
+    torch.manual_seed(11)
+    with StreamedDropout():
+        F.dropout(y, 0.3, inplace=True)  # the result unused: y itself is dropped
+    assert torch.equal(y, want)
     with StreamedDropout():
         assert F.dropout(x, 0.3, training=False) is x
         assert F.dropout(x, 0.0) is x
@@ -119,6 +130,41 @@ def test_each_client_draws_its_own_masks_under_vmap(shape):
 def test_dropout_under_vmap_needs_the_clients_streams():
     with pytest.raises(RuntimeError, match="client_streams"):
         vmap(lambda t: drop(t, 0.5), randomness="different")(torch.ones(2, 3))
+
+
+def test_per_example_dropout_must_run_inside_the_vmap_over_clients():
+    """DP-SGD's examples' level hands each client's whole batch to the clients' level; with no
+    clients' level (no client's stream) it is an error, not a draw from torch's generator."""
+    one = torch.ones(4, 1, 3)  # 4 examples, each a batch of one
+    with client_streams([torch.Generator()], [4], per_example=True):
+        with pytest.raises(RuntimeError, match="outside the vmap over clients"):
+            vmap(lambda t: drop(t, 0.5), randomness="different")(one)
+
+
+def test_per_example_masks_are_slices_of_the_clients_batch_masks():
+    sizes, seeds, p = [3, 2], [5, 6], 0.5
+    x = torch.randn(2, 3, 1, 7)  # (clients, examples, a batch of one, features)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    inner = vmap(lambda t: drop(t, p), randomness="different")
+    with client_streams(generators, sizes, per_example=True):
+        got = vmap(inner, randomness="different")(x)
+    for i, (n, seed) in enumerate(zip(sizes, seeds)):
+        keep = torch.empty(n, 7).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got[i, :n, 0], x[i, :n, 0] * keep / (1 - p), rtol=0, atol=0)
+
+
+def test_the_streams_nest():
+    g = [torch.Generator()]
+    with client_streams(g, [1], [3]):
+        with client_streams(g, [2]):
+            pass
+        from fedsim.dropout import _GROUP
+
+        assert _GROUP.sizes == [1] and _GROUP.lengths == [3]
+        with without_dropout():
+            with without_dropout():
+                pass
+            assert drop(torch.ones(3), 0.5).eq(1).all()
 
 
 def test_without_dropout_drop_is_the_identity():

@@ -13,12 +13,15 @@ engine's.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from fedsim.config import RunSpec
 from fedsim.engines.inline import InlineEngine, InlineGrid
 from fedsim.errors import ConfigError
+from fedsim.training import to_device
 from fedsim.validate import integer
 
 
@@ -85,7 +88,8 @@ class BatchedEngine(InlineEngine):
                 "clients of different ranks cannot train in one batched call: give every "
                 "client the same rank or use engine=inline",
             )
-        model, _ = c.model()
+        device = c.device  # the check runs where the clients will train
+        model, _ = c.model(device)
         batch_norm = nn.modules.batchnorm._NormBase
         norms = [n for n, m in model.named_modules() if isinstance(m, batch_norm)]
         if norms:
@@ -95,7 +99,7 @@ class BatchedEngine(InlineEngine):
                 f"the model normalises over the batch ({norms[0]}), so padded examples would "
                 "change it: use engine=inline",
             )
-        data = c.task.eval_order(c.task.test_set())
+        data = to_device(c.task.eval_order(c.task.test_set()), device)
         probe = {k: v[:2] for k, v in data.items()}
         try:
             per_example = c.task.loss(model, probe, reduction="none")
@@ -122,14 +126,28 @@ class BatchedEngine(InlineEngine):
         )
 
 
+@contextmanager
+def _float32(task):
+    """Inside: the task's forward passes run in float32 (dropout's masks do not depend on the
+    precision, and bfloat16's rounding would hide a wrong one)."""
+    precision = getattr(task, "precision", None)
+    if precision is not None:
+        task.precision = "float32"
+    try:
+        yield
+    finally:
+        if precision is not None:
+            task.precision = precision
+
+
 def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> None:
     """The model's only randomness in training must be dropout that goes through
     :mod:`fedsim.dropout` (whose per-client streams the engine reproduces), and two clients'
     losses computed as one group (the shortest and the longest test examples: different cuts
     for text, and padding) must equal their plain losses, without dropout and with it (each
-    client's masks from its own stream); under DP-SGD, so must each example's gradient
-    (without dropout; with it, each example's mask is its slice of its client's batch mask,
-    which the loss check covers)."""
+    client's masks from its own stream, in float32); under DP-SGD, so must each example's
+    gradient (without dropout) and, with dropout, the mean of each client's per-example losses
+    from the nested vmap."""
     from fedsim.batched import group_mean_losses
     from fedsim.dropout import without_dropout
     from fedsim.training import seed_torch
@@ -164,13 +182,16 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
                     "engine",
                     "batched",
                     f"task {task.name}'s model is random in training other than through "
-                    "dropout layers or functional dropout (whose per-client streams the batched "
-                    "engine reproduces): use engine=inline",
+                    "fedsim.dropout (adapter dropout; the text tasks' dropout layers and "
+                    "attention dropout), whose per-client streams the batched engine "
+                    "reproduces: use engine=inline",
                 )
             plain = alone()
         seed_torch(1)
         dropped = not torch.equal(first, task.loss(model, drawn[0], reduction="none"))
-        plain_dropped = alone() if dropped else None
+        if dropped:
+            with _float32(task):
+                plain_dropped = alone()
     # bfloat16 forward passes round differently with different cuts and groupings
     tolerance = 1e-2 if getattr(task, "precision", "float32") == "bfloat16" else 1e-4
 
@@ -190,14 +211,15 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
             f"client's own (relative {error(together, plain):.1e}; a model whose attention "
             "takes the 4-D padding mask differently?): use engine=inline",
         )
+    hint = "task.dropout=0 and " if hasattr(task, "dropout") else ""
     if dropped:
-        together = _or_refuse(
-            lambda: group_mean_losses(model, task, drawn, seeds),
-            f"task {task.name}'s dropout cannot be drawn for a group of clients under "
-            "torch.func.vmap",
-        )
-        if error(together, plain_dropped) > tolerance:
-            hint = "task.dropout=0 and " if hasattr(task, "dropout") else ""
+        with _float32(task):
+            together = _or_refuse(
+                lambda: group_mean_losses(model, task, drawn, seeds),
+                f"task {task.name}'s dropout cannot be drawn for a group of clients under "
+                "torch.func.vmap",
+            )
+        if error(together, plain_dropped) > 1e-4:
             raise ConfigError(
                 "engine",
                 "batched",
@@ -222,6 +244,41 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
             f"group of clients differ from autograd's (relative {worst:.1e}): "
             "use engine=inline",
         )
+    if not dropped:
+        return
+    with _float32(task):
+        per_example = _or_refuse(
+            lambda: _per_example_dropped_losses(task, model, drawn, seeds),
+            f"with privacy=dpsgd, task {task.name}'s dropout cannot be drawn for each example "
+            "in a nested torch.func.vmap",
+        )
+    if error(per_example, plain_dropped) > 1e-4:
+        raise ConfigError(
+            "engine",
+            "batched",
+            f"with privacy=dpsgd, task {task.name}'s losses with dropout computed example by "
+            f"example for a group of clients differ from each client's own (relative "
+            f"{error(per_example, plain_dropped):.1e}): set {hint}adapter.dropout=0 or use "
+            "engine=inline",
+        )
+
+
+def _per_example_dropped_losses(task, model: nn.Module, drawn, seeds) -> torch.Tensor:
+    """Each probe client's mean loss over its examples as DP-SGD's nested vmap computes them
+    (each example a batch of one), with dropout drawn from the client's generator seeded
+    ``seeds[i]`` for its whole batch."""
+    from fedsim.batched import padded_group, per_example_gradients, quiet_fallbacks
+    from fedsim.dropout import client_streams
+
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = next(model.parameters()).device
+    batch, _, sizes = padded_group(drawn, device)
+    batch, lengths = task.group_batch(batch)
+    stacked = {n: p.detach().expand(len(drawn), *p.shape) for n, p in trained.items()}
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    with quiet_fallbacks(), client_streams(generators, sizes, lengths, per_example=True):
+        _, losses = per_example_gradients(model, task)(stacked, {}, batch)
+    return torch.stack([losses[i, :n].double().mean() for i, n in enumerate(sizes)])
 
 
 def _or_refuse(compute, what: str):
