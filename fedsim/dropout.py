@@ -20,11 +20,11 @@ Two kinds of dropout go through it:
 
 On a CPU the masks are those of torch's own dropout for contiguous inputs (what Hugging Face
 models drop: ``bernoulli_(1 - p)`` from the default generator, then ``x * (mask / (1 - p))``),
-so a client that trains alone gets exactly what plain PyTorch gives it. Sequence dimensions follow Hugging Face's layouts: a
-tensor of rank 3 is (examples, tokens, features), one of rank 4 is attention weights
-(examples, heads, queries, keys); a dimension is cut to the client's length only where it has
-the group's length. The batched engine checks on test examples, with dropout on, that a
-group's losses equal each client's own before a run starts.
+so a client that trains alone gets exactly what plain PyTorch gives it. Sequence dimensions
+follow Hugging Face's layouts: a tensor of rank 3 is (examples, tokens, features), one of rank
+4 is attention weights (examples, heads, queries, keys); a dimension is cut to the client's
+length only where it has the group's length. The batched engine checks on test examples, with
+dropout on, that a group's losses equal each client's own before a run starts.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ class _DropoutMask(torch.autograd.Function):
         if getattr(_GROUP, "per_example", False) and not getattr(_GROUP, "nested", False):
             # DP-SGD's vmap over a client's examples (each a batch of one) inside the vmap over
             # clients: the client's masks are those of its whole batch, as when it trains alone
-            if x.movedim(in_dims[0], 0).shape[1] != 1:
+            examples = x.movedim(in_dims[0], 0)
+            if examples.shape[1] != 1:
                 raise RuntimeError("per-example dropout expects each example as a batch of one")
             _GROUP.nested, _GROUP.reached = True, False
             try:
-                whole = x.movedim(in_dims[0], 0).squeeze(1)
-                mask = _DropoutMask.apply(whole, keep).unsqueeze(1)
+                mask = _DropoutMask.apply(examples.squeeze(1), keep).unsqueeze(1)
                 if not _GROUP.reached:  # not under the vmap over clients: no client's stream
                     raise RuntimeError(
                         "per-example dropout ran outside the vmap over clients (a tensor that "

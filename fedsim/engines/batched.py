@@ -194,73 +194,72 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
                 plain_dropped = alone()
     # bfloat16 forward passes round differently with different cuts and groupings
     tolerance = 1e-2 if getattr(task, "precision", "float32") == "bfloat16" else 1e-4
-
-    def error(together: torch.Tensor, want: torch.Tensor) -> float:
-        return float(((together.double() - want).abs() / want.abs().clamp(min=1e-12)).max())
-
-    with without_dropout():
-        together = _or_refuse(
-            lambda: group_mean_losses(model, task, drawn),
-            f"task {task.name}'s loss cannot run for a group of clients under torch.func.vmap",
-        )
-    if error(together, plain) > tolerance:
-        raise ConfigError(
-            "engine",
-            "batched",
-            f"task {task.name}'s loss computed for a group of clients differs from each "
-            f"client's own (relative {error(together, plain):.1e}; a model whose attention "
-            "takes the 4-D padding mask differently?): use engine=inline",
-        )
+    name = task.name
     hint = "task.dropout=0 and " if hasattr(task, "dropout") else ""
+    off = "use engine=inline"
+    with without_dropout():
+        _must_agree(
+            lambda: _relative(group_mean_losses(model, task, drawn), plain),
+            tolerance,
+            f"task {name}'s loss cannot run for a group of clients under torch.func.vmap",
+            f"task {name}'s loss computed for a group of clients differs from each client's own",
+            "a model whose attention takes the 4-D padding mask differently?",
+            off,
+        )
     if dropped:
         with _float32(task):
-            together = _or_refuse(
-                lambda: group_mean_losses(model, task, drawn, seeds),
-                f"task {task.name}'s dropout cannot be drawn for a group of clients under "
+            _must_agree(
+                lambda: _relative(group_mean_losses(model, task, drawn, seeds), plain_dropped),
+                1e-4,
+                f"task {name}'s dropout cannot be drawn for a group of clients under "
                 "torch.func.vmap",
-            )
-        if error(together, plain_dropped) > 1e-4:
-            raise ConfigError(
-                "engine",
-                "batched",
-                f"task {task.name}'s loss with dropout computed for a group of clients differs "
-                f"from each client's own (relative {error(together, plain_dropped):.1e}; "
+                f"task {name}'s loss with dropout computed for a group of clients differs from "
+                "each client's own",
                 "dropout on tensors that are not (examples, tokens, features) or attention "
-                f"weights?): set {hint}adapter.dropout=0 or use engine=inline",
+                "weights?",
+                f"set {hint}adapter.dropout=0 or {off}",
             )
     if not private:
         return
     with without_dropout():
-        worst = _or_refuse(
+        _must_agree(
             lambda: _per_example_error(task, model, drawn),
-            f"with privacy=dpsgd, task {task.name}'s per-example gradients cannot be computed "
-            "in a nested torch.func.vmap",
+            tolerance,
+            f"with privacy=dpsgd, task {name}'s per-example gradients cannot be computed in a "
+            "nested torch.func.vmap",
+            f"with privacy=dpsgd, task {name}'s per-example gradients computed for a group of "
+            "clients differ from autograd's",
+            "",
+            off,
         )
-    if worst > tolerance:
-        raise ConfigError(
-            "engine",
-            "batched",
-            f"with privacy=dpsgd, task {task.name}'s per-example gradients computed for a "
-            f"group of clients differ from autograd's (relative {worst:.1e}): "
-            "use engine=inline",
-        )
-    if not dropped:
-        return
-    with _float32(task):
-        per_example = _or_refuse(
-            lambda: _per_example_dropped_losses(task, model, drawn, seeds),
-            f"with privacy=dpsgd, task {task.name}'s dropout cannot be drawn for each example "
-            "in a nested torch.func.vmap",
-        )
-    if error(per_example, plain_dropped) > 1e-4:
-        raise ConfigError(
-            "engine",
-            "batched",
-            f"with privacy=dpsgd, task {task.name}'s losses with dropout computed example by "
-            f"example for a group of clients differ from each client's own (relative "
-            f"{error(per_example, plain_dropped):.1e}): set {hint}adapter.dropout=0 or use "
-            "engine=inline",
-        )
+    if dropped:
+        with _float32(task):
+            _must_agree(
+                lambda: _relative(
+                    _per_example_dropped_losses(task, model, drawn, seeds), plain_dropped
+                ),
+                1e-4,
+                f"with privacy=dpsgd, task {name}'s dropout cannot be drawn for each example "
+                "in a nested torch.func.vmap",
+                f"with privacy=dpsgd, task {name}'s losses with dropout computed example by "
+                "example for a group of clients differ from each client's own",
+                "",
+                f"set {hint}adapter.dropout=0 or {off}",
+            )
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got.double() - want).abs() / want.abs().clamp(min=1e-12)).max())
+
+
+def _must_agree(compute, within: float, cannot: str, differs: str, why: str, remedy: str):
+    """``compute()``, a relative error, must be at most ``within``; otherwise a one-line
+    refusal: ``differs`` with the error (and the likely ``why``), then ``remedy``. A failure of
+    ``compute`` itself is refused as ``cannot`` (:func:`_or_refuse`)."""
+    error = _or_refuse(compute, cannot)
+    if error > within:
+        cause = f"; {why}" if why else ""
+        raise ConfigError("engine", "batched", f"{differs} (relative {error:.1e}{cause}): {remedy}")
 
 
 def _per_example_dropped_losses(task, model: nn.Module, drawn, seeds) -> torch.Tensor:
