@@ -1,0 +1,145 @@
+"""Finding run folders and reading each into a :class:`Run` (the row of ``report.csv``, the
+Hydra overrides, the test-accuracy curve)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+
+
+@dataclass
+class Run:
+    """One run folder, read."""
+
+    path: Path
+    row: dict[str, Any]
+    overrides: dict[str, str]
+    curve: list[tuple[int, float | None]] = field(default_factory=list)
+
+
+def find_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run folders under ``paths`` (each a run folder or a folder holding some), sorted."""
+    found: set[Path] = set()
+    for root in paths:
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        if root.is_file():
+            root = root.parent
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .hydra, .git
+            if CONFIG_FILE in files and (METRICS_FILE in files or SUMMARY_FILE in files):
+                found.add(Path(folder))
+    return sorted(found, key=_natural)
+
+
+def _natural(path: Path) -> list:
+    """Sort key: sweep job folders 2 before 10."""
+    return [int(p) if p.isdigit() else p for p in path.parts]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut short by a kill
+                    break
+    except OSError:
+        pass
+    return rows
+
+
+def _overrides(folder: Path) -> dict[str, str]:
+    """The command-line overrides of a Hydra job (``.hydra/overrides.yaml``), as key: value."""
+    path = folder / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return {}
+    out = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def read_run(folder: Path) -> Run:
+    cfg = {}
+    try:
+        cfg = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        pass
+    summary = _read_json(folder / SUMMARY_FILE)
+    metrics = _read_metrics(folder / METRICS_FILE)
+    sim = cfg.get("sim", {}) if isinstance(cfg, dict) else {}
+    adapter = cfg.get("adapter", {}) if isinstance(cfg, dict) else {}
+    last = metrics[-1] if metrics else {}
+    s = summary or {}
+    choice = _choices(folder, cfg) if summary is None else {}
+    row: dict[str, Any] = {
+        "task": s.get("task", choice.get("task")),
+        "strategy": s.get("strategy", choice.get("strategy")),
+        "adapter": s.get("adapter", choice.get("adapter")),
+        "r": adapter.get("r"),
+        "compressor": s.get("compressor", choice.get("compressor")),
+        "feedback": s.get("feedback", choice.get("feedback")),
+        "privacy": s.get("privacy", choice.get("privacy")),
+        "partition": s.get("partition", choice.get("partition")),
+        "num_clients": s.get("num_clients", sim.get("num_clients")),
+        "clients_per_round": s.get("clients_per_round", sim.get("clients_per_round")),
+        "rounds": s.get("rounds", sim.get("rounds")),
+        "lr": sim.get("lr"),
+        "seed": s.get("seed", sim.get("seed")),
+        "rounds_completed": s.get("rounds_completed", last.get("round", 0)),
+        "final_accuracy": s.get("final_eval_accuracy", last.get("eval_accuracy")),
+        "final_loss": s.get("final_eval_loss", last.get("eval_loss")),
+        "final_val_accuracy": s.get("final_val_accuracy", last.get("val_accuracy")),
+        "final_val_loss": s.get("final_val_loss", last.get("val_loss")),
+        "bytes_up": s.get("bytes_up_total", sum(m.get("bytes_up", 0) or 0 for m in metrics)),
+        "bytes_down": s.get("bytes_down_total", sum(m.get("bytes_down", 0) or 0 for m in metrics)),
+        "epsilon": s.get("epsilon", last.get("epsilon")),
+        "wall_time_s": s.get("wall_time_s"),
+    }
+    if summary is None:
+        row["status"] = "incomplete"
+        row["reason"] = (
+            f"no {SUMMARY_FILE}: killed or still running ({len(metrics)} rounds in {METRICS_FILE})"
+        )
+    else:
+        row["status"] = "ok" if s.get("status") == "ok" else "failed"
+        row["reason"] = "" if row["status"] == "ok" else str(s.get("error") or s.get("status"))
+    curve = [(int(m["round"]), m.get("eval_accuracy")) for m in metrics if "round" in m]
+    return Run(folder, row, _overrides(folder), curve)
+
+
+def _choices(folder: Path, cfg: Any) -> dict[str, Any]:
+    """Config-group choices of a run without a summary: Hydra's record of them
+    (``.hydra/hydra.yaml``), else the class each group built."""
+    try:
+        hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+        choices = hydra_cfg["hydra"]["runtime"]["choices"]
+        return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        pass
+    out = {}
+    for group, value in cfg.items() if isinstance(cfg, dict) else []:
+        if isinstance(value, dict) and "_target_" in value:
+            out[group] = str(value["_target_"]).rsplit(".", 1)[-1]
+    return out
