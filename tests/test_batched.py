@@ -337,16 +337,16 @@ def test_group_batches_are_cut_to_the_longest_text(hf_task):
 def _eager(monkeypatch):
     """Every text model loaded from here on attends with Hugging Face's eager attention (its
     dropout is functional dropout on the 4-D attention weights) instead of sdpa."""
-    import fedsim.tasks.text as text
+    import fedsim.tasks.hf_models as hf_models
 
-    loaded = text._pristine
+    loaded = hf_models._pristine
 
     def eager(*args, **kwargs):
         model, head = loaded(*args, **kwargs)  # the cached model: undone after the test
         monkeypatch.setattr(model.config, "_attn_implementation", "eager")
         return model, head
 
-    monkeypatch.setattr(text, "_pristine", eager)
+    monkeypatch.setattr(hf_models, "_pristine", eager)  # every caller looks it up there
 
 
 @pytest.mark.parametrize(

