@@ -39,6 +39,24 @@ class ClientOutcome:
     optimizer_state: dict[int, dict[str, torch.Tensor]]
 
 
+@dataclass
+class _Stack:
+    """What a group trains on: its trained tensors stacked along a leading client dimension
+    (``names`` in their order), the stacked context tensors that differ between its clients
+    and each client's dropout stream (the global generator the inline engine seeds for it)."""
+
+    names: list[str]
+    trained: list[torch.Tensor]
+    context: dict[str, torch.Tensor]
+    dropout: list[torch.Generator]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The trained tensors by name, then the varying context: what the vmapped loss takes."""
+        tensors = {n: p for n, p in zip(self.names, self.trained)}
+        tensors.update(self.context)
+        return tensors
+
+
 def train_group(
     model: nn.Module,
     task: Task,
@@ -69,6 +87,49 @@ def train_group(
     """
     if not jobs:
         return []
+    group = _stack(model, jobs, device)
+    optimizer = _group_optimizer(jobs, group.trained, make_optimizer, lr)
+    if jobs[0].dp is not None:
+        gradients = _private_gradients(model, task, jobs, group, clip_norm, device)
+    else:
+        gradients = _plain_gradients(model, task, jobs, group, batch_size, device)
+    totals = torch.zeros(len(jobs), dtype=torch.float64)
+    counted = torch.zeros(len(jobs), dtype=torch.float64)
+    model.train()
+    for step in range(steps):
+        lrs = _learning_rates(jobs, lr, schedule, step, total_steps)
+        for p in group.trained:
+            p.grad = None
+        losses, took = gradients()  # each client's loss; the stacked tensors' gradients set
+        totals += losses
+        counted += took
+        optimizer.step(lrs.to(group.trained[0].device))
+    for job in jobs:
+        if job.dp is not None:
+            job.dp.accountant.step(job.dp.sigma, job.dp.sample_rate, steps)
+    return [
+        ClientOutcome(
+            result=LocalResult(loss=float(totals[i]) / max(float(counted[i]), 1), steps=steps),
+            params={n: p[i].detach().clone() for n, p in zip(group.names, group.trained)},
+            optimizer_state=optimizer.client_state(i),
+        )
+        for i in range(len(jobs))
+    ]
+
+
+def _learning_rates(
+    jobs: Sequence[ClientJob], lr: float, schedule: Schedule, step: int, total_steps: int
+) -> torch.Tensor:
+    """Each client's learning rate at local step ``step``: at its own place in the schedule."""
+    return torch.tensor(
+        [lr * schedule.factor(job.start_step + step, total_steps) for job in jobs],
+        dtype=torch.float64,
+    )
+
+
+def _stack(model: nn.Module, jobs: Sequence[ClientJob], device) -> _Stack:
+    """The group's stacked tensors on ``device``; the context that every client shares is
+    loaded into ``model`` instead."""
     names = list(jobs[0].params)
     params = dict(model.named_parameters())
     shared, varying = {}, []
@@ -81,17 +142,48 @@ def train_group(
         for name, value in shared.items():
             params[name].copy_(value)
     context = {n: torch.stack([job.context[n] for job in jobs]).to(device) for n in varying}
-    stacked = [
+    trained = [
         torch.stack([job.params[n].detach() for job in jobs]).to(device).requires_grad_(True)
         for n in names
     ]
+    on = device if device is not None else torch.device("cpu")
+    dropout = [
+        torch.Generator(device=on).manual_seed(job.generator.initial_seed() + 1) for job in jobs
+    ]
+    return _Stack(names, trained, context, dropout)
+
+
+def _group_optimizer(
+    jobs: Sequence[ClientJob],
+    stacked: list[torch.Tensor],
+    make_optimizer: Callable[..., torch.optim.Optimizer],
+    lr: float,
+):
+    """The stacked optimizer of ``make_optimizer``'s class with each client's kept state, or,
+    for a class without one, :class:`_PerClient` optimizers."""
     probe = make_optimizer([nn.Parameter(torch.zeros(1))], lr=lr)
     fast = stacked_optimizer(probe, stacked)
-    per_client: list[torch.optim.Optimizer] = []
-    if fast is not None:
-        for i, job in enumerate(jobs):
-            fast.load_client(i, state_from_arrays(job.optimizer_state, len(names)))
-    else:  # each client's optimizer steps its own copies; their gradients come from the stack
+    if fast is None:
+        return _PerClient(jobs, stacked, make_optimizer, lr)
+    for i, job in enumerate(jobs):
+        fast.load_client(i, state_from_arrays(job.optimizer_state, len(stacked)))
+    return fast
+
+
+class _PerClient:
+    """Each client's own optimizer on its own copies of its slices of the stacked tensors:
+    before each step the copies take the slices and their gradients, after it the slices
+    take the copies back."""
+
+    def __init__(
+        self,
+        jobs: Sequence[ClientJob],
+        stacked: list[torch.Tensor],
+        make_optimizer: Callable[..., torch.optim.Optimizer],
+        lr: float,
+    ) -> None:
+        self.stacked = stacked
+        self.optimizers: list[torch.optim.Optimizer] = []
         mine = [[torch.zeros_like(p[i]) for p in stacked] for i in range(len(jobs))]
         for job, leaves in zip(jobs, mine):
             for leaf in leaves:
@@ -99,77 +191,61 @@ def train_group(
             opt = make_optimizer(leaves, lr=lr)
             if job.optimizer_state is not None:
                 load_optimizer_state(opt, job.optimizer_state)
-            per_client.append(opt)
-    streams = [batches(job.data, batch_size, job.generator) for job in jobs]
-    # each client's dropout stream: the global generator the inline engine seeds for it
-    on = device if device is not None else torch.device("cpu")
-    dropout = [
-        torch.Generator(device=on).manual_seed(job.generator.initial_seed() + 1) for job in jobs
-    ]
+            self.optimizers.append(opt)
 
-    private = jobs[0].dp is not None
-    batched_loss = vmapped_loss(model, task)
-    per_example = per_example_gradients(model, task) if private else None
-    totals = torch.zeros(len(jobs), dtype=torch.float64)
-    counted = torch.zeros(len(jobs), dtype=torch.float64)
-    model.train()
-    for step in range(steps):
-        lrs = torch.tensor(
-            [lr * schedule.factor(job.start_step + step, total_steps) for job in jobs],
-            dtype=torch.float64,
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        for i, (opt, lr) in enumerate(zip(self.optimizers, lrs.tolist())):
+            leaves = opt.param_groups[0]["params"]
+            for leaf, p in zip(leaves, self.stacked):
+                leaf.copy_(p[i])
+                if p.grad is None:  # a parameter the loss does not reach
+                    leaf.grad.zero_()
+                else:
+                    leaf.grad.copy_(p.grad[i])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            for leaf, p in zip(leaves, self.stacked):
+                p[i].copy_(leaf)
+
+    def client_state(self, i: int) -> dict[int, dict[str, torch.Tensor]]:
+        return self.optimizers[i].state_dict()["state"]  # by parameter index
+
+
+def _plain_gradients(
+    model: nn.Module, task: Task, jobs: Sequence[ClientJob], group: _Stack, batch_size, device
+) -> Callable[[], tuple[torch.Tensor, int]]:
+    """A step's gradients: every client's next batch (its generator's order), padded to a
+    group, one vmapped loss and one backward; returns each client's loss and that it counts."""
+    loss = vmapped_loss(model, task)
+    streams = [batches(job.data, batch_size, job.generator) for job in jobs]
+
+    def gradients() -> tuple[torch.Tensor, int]:
+        batch, weights, sizes = padded_group([next(s) for s in streams], device)
+        batch, lengths = task.group_batch(batch)
+        with client_streams(group.dropout, sizes, lengths), quiet_fallbacks():
+            losses = loss(group.tensors(), batch, weights)
+            losses.sum().backward()
+        return losses.detach().double().cpu(), 1
+
+    return gradients
+
+
+def _private_gradients(
+    model: nn.Module, task: Task, jobs: Sequence[ClientJob], group: _Stack, clip_norm, device
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A DP-SGD step's gradients (:func:`~fedsim.batched.dpsgd.dp_gradients`); returns each
+    client's loss and whether it counts (its Poisson batch was not empty)."""
+    per_example = per_example_gradients(model, task)
+
+    def gradients() -> tuple[torch.Tensor, torch.Tensor]:
+        trained = {n: p.detach() for n, p in zip(group.names, group.trained)}
+        grads, losses, nonempty = dp_gradients(
+            per_example, task, jobs, trained, group.context, clip_norm, device, group.dropout
         )
-        for p in stacked:
-            p.grad = None
-        if private:
-            trained = {n: p.detach() for n, p in zip(names, stacked)}
-            grads, losses, nonempty = dp_gradients(
-                per_example, task, jobs, trained, context, clip_norm, device, dropout
-            )
-            for p, g in zip(stacked, grads):
-                p.grad = g
-            totals += torch.where(nonempty, losses, 0.0)
-            counted += nonempty
-        else:
-            batch, weights, sizes = padded_group([next(s) for s in streams], device)
-            batch, lengths = task.group_batch(batch)
-            tensors = {n: p for n, p in zip(names, stacked)}
-            tensors.update(context)
-            with client_streams(dropout, sizes, lengths), quiet_fallbacks():
-                losses = batched_loss(tensors, batch, weights)
-                losses.sum().backward()
-            totals += losses.detach().double().cpu()
-            counted += 1
-        if fast is not None:
-            fast.step(lrs.to(stacked[0].device))
-            continue
-        with torch.no_grad():
-            for i, opt in enumerate(per_client):
-                leaves = opt.param_groups[0]["params"]
-                for leaf, p in zip(leaves, stacked):
-                    leaf.copy_(p[i])
-                    if p.grad is None:  # a parameter the loss does not reach
-                        leaf.grad.zero_()
-                    else:
-                        leaf.grad.copy_(p.grad[i])
-                for group in opt.param_groups:
-                    group["lr"] = float(lrs[i])
-                opt.step()
-                for leaf, p in zip(leaves, stacked):
-                    p[i].copy_(leaf)
-    for job in jobs:
-        if job.dp is not None:
-            job.dp.accountant.step(job.dp.sigma, job.dp.sample_rate, steps)
-    outcomes = []
-    for i in range(len(jobs)):
-        if fast is not None:
-            state = fast.client_state(i)
-        else:
-            state = per_client[i].state_dict()["state"]  # by parameter index
-        outcomes.append(
-            ClientOutcome(
-                result=LocalResult(loss=float(totals[i]) / max(float(counted[i]), 1), steps=steps),
-                params={n: p[i].detach().clone() for n, p in zip(names, stacked)},
-                optimizer_state=state,
-            )
-        )
-    return outcomes
+        for p, g in zip(group.trained, grads):
+            p.grad = g
+        return torch.where(nonempty, losses, 0.0), nonempty
+
+    return gradients
