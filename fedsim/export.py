@@ -71,65 +71,18 @@ def export_peft(
     without it the change is read off the float32 weights, whose rounding would make an SVD
     see full rank. ``task_type``: PEFT's (``SEQ_CLS``, ``CAUSAL_LM``), so that
     ``AutoPeftModelFor...`` classes can load the adapter too."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    params = {k: v.detach().cpu().double().numpy() for k, v in model.named_parameters()}
-    layers: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-    folded: list[str] = []
-    wanted: dict[str, np.ndarray] = {}
-    for module in spec.adapted_modules:
-        if base_changes is not None and module in base_changes:
-            base_change = np.asarray(base_changes[module], dtype=np.float64)
-        else:
-            w0 = pristine.get_submodule(module).weight.detach().cpu().double().numpy()
-            base_change = params[spec.base_weight(module)] - w0
-        form = None if np.any(base_change) else lora_form(spec, module, params)
-        factors = {suffix: params[full] for suffix, full in spec.factors[module].items()}
-        delta = spec.adapter.layer_delta(factors)
-        if form is None:
-            folded.append(module)
-            a, b, rank = svd_factors(base_change + delta)
-            form = (a, b, 1.0)
-        layers[module] = form
-        wanted[module] = base_change + delta
+    layers, folded, wanted = _layer_forms(model, spec, pristine, base_changes)
     ranks = {m: int(a.shape[0]) for m, (a, _, _) in layers.items()}
-    # full module names: peft matches pattern keys as a suffix after a dot (or the whole name)
-    pattern = dict(ranks)
-    alphas = {m: scaling * ranks[m] for m, (_, _, scaling) in layers.items()}
-    first = next(iter(ranks))
-    config = LoraConfig(
-        r=ranks[first],
-        lora_alpha=alphas[first],
-        target_modules=list(spec.adapted_modules),
-        rank_pattern=pattern,
-        alpha_pattern=alphas,
-        modules_to_save=list(head_modules) or None,
-        lora_dropout=0.0,
-        bias="none",
-        init_lora_weights=False,
-        base_model_name_or_path=base_model,
-        task_type=task_type,
-    )
+    config = _lora_config(spec, layers, ranks, head_modules, base_model, task_type)
     with warnings.catch_warnings():  # deprecation notices between peft and transformers
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(pristine, config)
     inner = peft_model.base_model.model
     with torch.no_grad():
-        for module, (a, b, _) in layers.items():
-            layer = inner.get_submodule(module)
-            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
-            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
-        for head in head_modules:
-            trained = model.get_submodule(head).state_dict()
-            inner.get_submodule(head).modules_to_save["default"].load_state_dict(trained)
-        errors = []  # what PEFT will add, read back from its layers, against the change
-        for module, want in wanted.items():
-            layer = inner.get_submodule(module)
-            if int(layer.r["default"]) != ranks[module]:
-                raise RuntimeError(f"peft built rank {layer.r['default']} for {module}")
-            got = layer.get_delta_weight("default").detach().cpu().double().numpy()
-            scale = float(np.linalg.norm(want))
-            errors.append(float(np.linalg.norm(got - want)) / scale if scale > 0 else 0.0)
+        _load_peft(inner, model, layers, head_modules)
+        errors = _read_back_errors(inner, wanted, ranks)
     out_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -149,3 +102,84 @@ def export_peft(
         "modules_to_save": list(head_modules),
         "max_relative_error": max(errors, default=0.0),
     }
+
+
+def _layer_forms(
+    model: nn.Module,
+    spec: AdapterSpec,
+    pristine: nn.Module,
+    base_changes: dict[str, np.ndarray] | None,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, float]], list[str], dict[str, np.ndarray]]:
+    """Per adapted module: the exported ``(A, B, scaling)`` (the adapter's own LoRA form, or
+    an SVD of the whole change where the base changed or there is no LoRA form); the modules
+    factorised by SVD; and each module's whole change ``(W - W0) + delta`` (float64)."""
+    params = {k: v.detach().cpu().double().numpy() for k, v in model.named_parameters()}
+    layers: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    folded: list[str] = []
+    wanted: dict[str, np.ndarray] = {}
+    for module in spec.adapted_modules:
+        if base_changes is not None and module in base_changes:
+            base_change = np.asarray(base_changes[module], dtype=np.float64)
+        else:
+            w0 = pristine.get_submodule(module).weight.detach().cpu().double().numpy()
+            base_change = params[spec.base_weight(module)] - w0
+        form = None if np.any(base_change) else lora_form(spec, module, params)
+        factors = {suffix: params[full] for suffix, full in spec.factors[module].items()}
+        delta = spec.adapter.layer_delta(factors)
+        if form is None:
+            folded.append(module)
+            a, b, rank = svd_factors(base_change + delta)
+            form = (a, b, 1.0)
+        layers[module] = form
+        wanted[module] = base_change + delta
+    return layers, folded, wanted
+
+
+def _lora_config(spec: AdapterSpec, layers, ranks, head_modules, base_model, task_type):
+    """PEFT's ``LoraConfig`` for the exported layers: each module's rank and alpha (its
+    scaling times its rank), the head in ``modules_to_save``."""
+    from peft import LoraConfig
+
+    # full module names: peft matches pattern keys as a suffix after a dot (or the whole name)
+    pattern = dict(ranks)
+    alphas = {m: scaling * ranks[m] for m, (_, _, scaling) in layers.items()}
+    first = next(iter(ranks))
+    return LoraConfig(
+        r=ranks[first],
+        lora_alpha=alphas[first],
+        target_modules=list(spec.adapted_modules),
+        rank_pattern=pattern,
+        alpha_pattern=alphas,
+        modules_to_save=list(head_modules) or None,
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=False,
+        base_model_name_or_path=base_model,
+        task_type=task_type,
+    )
+
+
+def _load_peft(inner: nn.Module, model: nn.Module, layers, head_modules) -> None:
+    """The exported factors into PEFT's layers of ``inner``, ``model``'s head into its
+    ``modules_to_save`` copies."""
+    for module, (a, b, _) in layers.items():
+        layer = inner.get_submodule(module)
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+    for head in head_modules:
+        trained = model.get_submodule(head).state_dict()
+        inner.get_submodule(head).modules_to_save["default"].load_state_dict(trained)
+
+
+def _read_back_errors(inner: nn.Module, wanted, ranks) -> list[float]:
+    """What PEFT will add, read back from its layers, against each module's change: the
+    relative differences (float64)."""
+    errors = []
+    for module, want in wanted.items():
+        layer = inner.get_submodule(module)
+        if int(layer.r["default"]) != ranks[module]:
+            raise RuntimeError(f"peft built rank {layer.r['default']} for {module}")
+        got = layer.get_delta_weight("default").detach().cpu().double().numpy()
+        scale = float(np.linalg.norm(want))
+        errors.append(float(np.linalg.norm(got - want)) / scale if scale > 0 else 0.0)
+    return errors

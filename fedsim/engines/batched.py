@@ -148,21 +148,43 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
     client's masks from its own stream, in float32); under DP-SGD, so must each example's
     gradient (without dropout) and, with dropout, the mean of each client's per-example losses
     from the nested vmap."""
-    from fedsim.batched import group_mean_losses
-    from fedsim.dropout import without_dropout
-    from fedsim.training import seed_torch
-
     model.train()
+    _nudge(model)
+    drawn = _probe_clients(task, data)
+    seeds = [1, 2]
+    plain, plain_dropped = _plain_losses(task, model, drawn, seeds)
+    # bfloat16 forward passes round differently with different cuts and groupings
+    tolerance = 1e-2 if getattr(task, "precision", "float32") == "bfloat16" else 1e-4
+    _check_group_losses(task, model, drawn, seeds, plain, plain_dropped, tolerance)
+    if private:
+        _check_per_example(task, model, drawn, seeds, plain_dropped, tolerance)
+
+
+def _nudge(model: nn.Module) -> None:
+    """Move the trained parameters of a throwaway copy off LoRA's B = 0, where A has no
+    gradient."""
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a throwaway copy: move off LoRA's B = 0, where A has no gradient
+    with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g).to(p) * 0.01)
+
+
+def _probe_clients(task, data) -> list:
+    """Two probe clients' batches: the first examples of ``data`` and its last ones."""
     n = len(data[task.label_key])
     k = max(1, min(3, n // 2))
     drawn = [{key: v[: max(1, k - 1)] for key, v in data.items()}]
     drawn.append({key: v[n - k :] for key, v in data.items()})
-    seeds = [1, 2]
+    return drawn
+
+
+def _plain_losses(task, model: nn.Module, drawn, seeds):
+    """Each probe client's plain loss without dropout and, if the model drops anything in
+    training, with it (in float32, client ``i``'s torch seeded ``seeds[i]``), else None;
+    refuses a model that is random in training other than through :mod:`fedsim.dropout`."""
+    from fedsim.dropout import without_dropout
+    from fedsim.training import seed_torch
 
     def alone() -> torch.Tensor:
         losses = []
@@ -171,6 +193,7 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
             losses.append(task.loss(model, b))
         return torch.stack(losses).double()
 
+    plain_dropped = None
     with torch.no_grad():
         with without_dropout():
             seed_torch(1)
@@ -192,11 +215,22 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
         if dropped:
             with _float32(task):
                 plain_dropped = alone()
-    # bfloat16 forward passes round differently with different cuts and groupings
-    tolerance = 1e-2 if getattr(task, "precision", "float32") == "bfloat16" else 1e-4
-    name = task.name
+    return plain, plain_dropped
+
+
+def _dropout_hint(task) -> str:
+    """What turns dropout off, for the refusals of dropout that cannot be batched."""
     hint = "task.dropout=0 and " if hasattr(task, "dropout") else ""
-    off = "use engine=inline"
+    return f"set {hint}adapter.dropout=0 or use engine=inline"
+
+
+def _check_group_losses(task, model, drawn, seeds, plain, plain_dropped, tolerance) -> None:
+    """The probe clients' losses computed as one group must equal their plain losses, without
+    dropout and (if the model drops anything) with it."""
+    from fedsim.batched import group_mean_losses
+    from fedsim.dropout import without_dropout
+
+    name = task.name
     with without_dropout():
         _must_agree(
             lambda: _relative(group_mean_losses(model, task, drawn), plain),
@@ -204,23 +238,29 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
             f"task {name}'s loss cannot run for a group of clients under torch.func.vmap",
             f"task {name}'s loss computed for a group of clients differs from each client's own",
             "a model whose attention takes the 4-D padding mask differently?",
-            off,
+            "use engine=inline",
         )
-    if dropped:
-        with _float32(task):
-            _must_agree(
-                lambda: _relative(group_mean_losses(model, task, drawn, seeds), plain_dropped),
-                1e-4,
-                f"task {name}'s dropout cannot be drawn for a group of clients under "
-                "torch.func.vmap",
-                f"task {name}'s loss with dropout computed for a group of clients differs from "
-                "each client's own",
-                "dropout on tensors that are not (examples, tokens, features) or attention "
-                "weights?",
-                f"set {hint}adapter.dropout=0 or {off}",
-            )
-    if not private:
+    if plain_dropped is None:
         return
+    with _float32(task):
+        _must_agree(
+            lambda: _relative(group_mean_losses(model, task, drawn, seeds), plain_dropped),
+            1e-4,
+            f"task {name}'s dropout cannot be drawn for a group of clients under torch.func.vmap",
+            f"task {name}'s loss with dropout computed for a group of clients differs from "
+            "each client's own",
+            "dropout on tensors that are not (examples, tokens, features) or attention weights?",
+            _dropout_hint(task),
+        )
+
+
+def _check_per_example(task, model, drawn, seeds, plain_dropped, tolerance) -> None:
+    """Under DP-SGD: each example's gradient from the nested vmap must equal autograd's
+    (without dropout), and, if the model drops anything, each probe client's mean of its
+    per-example losses with dropout must equal its plain loss."""
+    from fedsim.dropout import without_dropout
+
+    name = task.name
     with without_dropout():
         _must_agree(
             lambda: _per_example_error(task, model, drawn),
@@ -230,22 +270,23 @@ def _check_group_loss(task, model: nn.Module, data, private: bool = False) -> No
             f"with privacy=dpsgd, task {name}'s per-example gradients computed for a group of "
             "clients differ from autograd's",
             "",
-            off,
+            "use engine=inline",
         )
-    if dropped:
-        with _float32(task):
-            _must_agree(
-                lambda: _relative(
-                    _per_example_dropped_losses(task, model, drawn, seeds), plain_dropped
-                ),
-                1e-4,
-                f"with privacy=dpsgd, task {name}'s dropout cannot be drawn for each example "
-                "in a nested torch.func.vmap",
-                f"with privacy=dpsgd, task {name}'s losses with dropout computed example by "
-                "example for a group of clients differ from each client's own",
-                "",
-                f"set {hint}adapter.dropout=0 or {off}",
-            )
+    if plain_dropped is None:
+        return
+    with _float32(task):
+        _must_agree(
+            lambda: _relative(
+                _per_example_dropped_losses(task, model, drawn, seeds), plain_dropped
+            ),
+            1e-4,
+            f"with privacy=dpsgd, task {name}'s dropout cannot be drawn for each example "
+            "in a nested torch.func.vmap",
+            f"with privacy=dpsgd, task {name}'s losses with dropout computed example by "
+            "example for a group of clients differ from each client's own",
+            "",
+            _dropout_hint(task),
+        )
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
