@@ -37,6 +37,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check fedsim strategies tests benchmarks
 	$(VENV)/bin/ruff format --check fedsim strategies tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: install
 	$(PY) benchmarks/overhead.py

@@ -13,35 +13,23 @@ import torch
 from hydra.utils import get_object, instantiate
 from torch import nn
 
+from fedsim import registry
 from fedsim.adapters.base import Adapter, AdapterSpec
+from fedsim.codec import Codec
 from fedsim.compression import Compressor
 from fedsim.data import FederatedData
+from fedsim.downlink import EF21P
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.faults import Faults
-from fedsim.feedback import EF21P, Codec, Feedback
-from fedsim.privacy import Privacy
+from fedsim.faults import FaultInjection, Faults
+from fedsim.feedback import Feedback
+from fedsim.init import FrozenFactors
+from fedsim.privacy import CentralNoise, Privacy
 from fedsim.schema import check_node
 from fedsim.sinks import Sink
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
 from fedsim.training import Schedule
-
-# group -> the base class an option's _target_ must produce (None: any callable)
-GROUP_TYPES: dict[str, type | None] = {
-    "task": Task,
-    "adapter": Adapter,
-    "strategy": AdapterStrategy,
-    "partition": None,
-    "engine": None,
-    "optimizer": None,
-    "schedule": Schedule,
-    "compressor": Compressor,
-    "feedback": Feedback,
-    "downlink": Compressor,
-    "privacy": Privacy,
-    "logger": Sink,
-    "faults": Faults,
-}
+from fedsim.uplink import Stage, Uplink
 
 
 def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
@@ -77,10 +65,10 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
         # for an optimizer, every client, every round); the target was authorised just above.
         built = functools.partial(built.func, *built.args, **built.keywords)
     if group == "strategy":  # a plug-in aggregator (docs/plugins.md) is wrapped, contract checked
-        from fedsim.plugins import as_strategy
+        from fedsim.strategy import as_strategy
 
         built = as_strategy(built, str(target))
-    expected = GROUP_TYPES.get(group)
+    expected = registry.base_class(group)
     if expected is not None and not isinstance(built, expected):
         raise ConfigError(
             f"{group}._target_", target, f"must build a {expected.__module__}.{expected.__name__}"
@@ -113,19 +101,52 @@ class Components:
     logger: Sink
     faults: Faults
 
-    def downlink_codec(self) -> EF21P | None:
-        """EF21-P on the downlink, or None (the global arrays travel dense)."""
-        return EF21P(self.downlink, self.sim["seed"]) if self.downlink.active else None
-
-    def codec(self) -> Codec | None:
-        """Compression and error feedback of client updates (None: plain arrays travel)."""
-        clip = self.privacy.clip_norm if self.privacy.central else None
-        codec = Codec(self.compressor, self.feedback, self.sim["lr"], self.sim["seed"], clip)
-        return codec if codec.active else None
+    @property
+    def compresses(self) -> bool:
+        """Whether client updates travel in any other form than the plain arrays (the chain
+        then has a compression stage)."""
+        return self.compressor.active or self.feedback.name != "none"
 
     @property
     def sim(self) -> dict[str, Any]:
         return self.cfg["sim"]
+
+    def uplink(self, spec: AdapterSpec) -> Uplink:
+        """The run's uplink chain (:mod:`fedsim.uplink`) for a model with adapter ``spec``.
+        The order here is the order of the client halves (the server's run in reverse):
+
+        1. ``frozen``: the adapter's data-derived frozen factors, sent once per client;
+        2. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
+        3. ``compression``: compression with error feedback (under central DP it also clips);
+        4. ``central_dp``: clipping (when nothing compresses) and the noised sum;
+        5. ``faults``: crashes, corrupted payloads and late replies.
+        """
+        sim, privacy = self.sim, self.privacy
+        stages: list[Stage] = []
+        if FrozenFactors.needed(spec):
+            stages.append(FrozenFactors(spec))
+        if self.downlink.active:
+            stages.append(EF21P(self.downlink, sim["seed"]))
+        if self.compresses:
+            clip = privacy.clip_norm if privacy.central else None
+            diagnose = sim["aggregation_error"]
+            stages.append(
+                Codec(self.compressor, self.feedback, sim["lr"], sim["seed"], clip, diagnose)
+            )
+        if privacy.central:
+            stages.append(
+                CentralNoise(
+                    privacy,
+                    num_clients=sim["num_clients"],
+                    clients_per_round=sim["clients_per_round"],
+                    seed=sim["seed"],
+                    clip_on_client=not self.compresses,
+                    diagnose=sim["aggregation_error"],
+                )
+            )
+        if self.faults.active:
+            stages.append(FaultInjection(self.faults, sim["seed"]))
+        return Uplink(stages)
 
     @property
     def device(self) -> torch.device:
@@ -196,36 +217,22 @@ def shared_data(cfg: dict[str, Any], task: Task, partitioner: Any) -> FederatedD
 
 
 def build_components(cfg: dict[str, Any]) -> Components:
-    task = build("task", cfg["task"])
-    adapter = build("adapter", cfg["adapter"])
-    strategy = build("strategy", cfg["strategy"])
-    partitioner = build("partition", cfg["partition"])
-    data = shared_data(cfg, task, partitioner)
-    make_optimizer = build("optimizer", cfg["optimizer"])
-    _check_optimizer(make_optimizer, cfg)
-    schedule = build("schedule", cfg["schedule"])
-    engine = build("engine", cfg["engine"])
-    compressor = build("compressor", cfg["compressor"])
-    feedback = build("feedback", cfg["feedback"])
-    downlink = build("downlink", cfg["downlink"])
-    privacy = build("privacy", cfg["privacy"])
-    logger = build("logger", cfg.get("logger", {"_target_": "fedsim.sinks.NoSink"}))
-    faults = build("faults", cfg.get("faults", {"_target_": "fedsim.faults.Faults"}))
+    """Every config group of ``cfg`` built (:data:`fedsim.registry.GROUPS`, in that order),
+    and the clients' data."""
+    built = {}
+    for group in registry.GROUPS:
+        node = cfg.get(group.name)
+        if node is None and group.default is not None:
+            node = {"_target_": group.default}
+        built[group.name] = build(group.name, node)
+        if group.name == "optimizer":
+            _check_optimizer(built["optimizer"], cfg)
+    data = shared_data(cfg, built["task"], built["partition"])
     return Components(
         cfg,
-        task,
-        adapter,
-        strategy,
-        data,
-        make_optimizer,
-        schedule,
-        engine,
-        compressor,
-        feedback,
-        downlink,
-        privacy,
-        logger,
-        faults,
+        data=data,
+        make_optimizer=built.pop("optimizer"),
+        **{k: v for k, v in built.items() if k != "partition"},
     )
 
 

@@ -29,3 +29,7 @@ def _show(value: object) -> str:
     if isinstance(value, str):
         return value if value else "''"
     return repr(value) if not isinstance(value, (int, float, bool)) or value is None else str(value)
+
+
+class RunFailed(RuntimeError):
+    """The run ended without a usable result (its summary.json says why)."""

@@ -32,7 +32,9 @@ from statistics import NormalDist
 
 import numpy as np
 
+from fedsim import keys
 from fedsim.errors import ConfigError
+from fedsim.uplink import Stage
 from fedsim.validate import number
 
 DELAYS = ("constant", "uniform", "exponential", "lognormal")
@@ -179,3 +181,69 @@ def corrupt_arrays(
     flat = out[name].reshape(-1)
     out[name] = np.concatenate([flat, flat[:1] if flat.size else np.zeros(1, flat.dtype)])
     return out
+
+
+class InjectedCrash(RuntimeError):
+    """A client crash injected by ``faults.crash_prob`` (the reply is an error, as a crash's)."""
+
+
+class FaultInjection(Stage):
+    """Injected faults as the last stage of the uplink chain (see the module docstring).
+
+    Client half: a crashing client raises before anything is loaded (its state stays as it
+    was); a corrupted one spoils what it sends; a straggler reports its simulated delay.
+    Server half: replies later than ``faults.deadline`` are dropped unread.
+    """
+
+    name = "faults"
+
+    def __init__(self, faults: Faults, seed: int) -> None:
+        self.faults, self.seed = faults, seed
+
+    def draw(self, server_round: int, client: int) -> FaultDraw:
+        return self.faults.draw(self.seed, server_round, client)
+
+    # ------------------------------------------------------------------ client half
+    def receive(self, call, arrays):
+        if self.draw(call.server_round, call.client).crash:  # before anything is loaded
+            raise InjectedCrash(
+                f"injected crash (faults.crash_prob={self.faults.crash_prob:g}) of client "
+                f"{call.client} in round {call.server_round}"
+            )
+        return arrays
+
+    def send(self, sending, out) -> None:
+        call = sending.call
+        fault = self.draw(call.server_round, call.client)
+        if fault.corrupt is not None:  # what travels is spoiled; the client's state is not
+            out.arrays = corrupt_arrays(
+                out.numpy(), fault.corrupt, self.seed, call.server_round, call.client
+            )
+        if fault.straggler:
+            out.metrics[keys.DELAY] = fault.delay
+
+    # ------------------------------------------------------------------ server half
+    def arrival(self, info, client, reply):
+        """Why a straggler's reply is dropped: its simulated delay is past the deadline."""
+        faults = self.faults
+        if faults.deadline is None or keys.METRICS not in reply.content.metric_records:
+            return None
+        delay = reply.content[keys.METRICS].get(keys.DELAY)
+        if delay is None or not faults.late(float(delay)):
+            return None
+        return "late", (
+            f"late: simulated delay {float(delay):.2f} s > faults.deadline={faults.deadline:g} s"
+        )
+
+    def report(self, server_round: int, clients: list[int]) -> dict:
+        """How many of the round's clients were crashed, slowed and corrupted (their own
+        draws, recomputed)."""
+        draws = [self.draw(server_round, c) for c in clients]
+        return {
+            "faults_injected": {
+                "crash": sum(d.crash for d in draws),
+                "straggler": sum(d.straggler for d in draws),
+                "late": sum(self.faults.late(d.delay) for d in draws),
+                "corrupt": sum(d.corrupt is not None for d in draws),
+            }
+        }

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import ConfigError
+from fedsim.registry import PRESETS, conf_folder, option_keys
 from fedsim.validate import is_int
+
+__all__ = ["admits", "check_node", "conf_folder", "describe", "parameters", "reference"]
 
 _LISTS = (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Iterable)
 _MAPPINGS = (dict, collections.abc.Mapping)
@@ -167,13 +170,11 @@ def reference(conf: Path) -> str:
 
     lines = []
     for group_dir in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "__pycache__"):
-        if group_dir.name in ("experiment", "sweep"):
+        if group_dir.name in PRESETS:
             continue
         lines += [f"### `{group_dir.name}`", ""]
         for path in sorted(group_dir.glob("*.yaml")):
-            node = _resolved(path, group_dir)
-            if "_target_" not in node and isinstance(node.get(group_dir.name), dict):
-                node = node[group_dir.name]  # a global package (a task that sizes the run)
+            node = option_keys(path)
             target = node.get("_target_")
             if not isinstance(target, str):
                 continue
@@ -193,25 +194,6 @@ def reference(conf: Path) -> str:
             lines.append(f"- `{path.stem}`: `{target}`" + (": " + "; ".join(keys) if keys else ""))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _resolved(path: Path, group_dir: Path) -> dict[str, Any]:
-    """An option's keys with those of the options it extends (``defaults: [other]``)."""
-    import yaml
-
-    node = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    out: dict[str, Any] = {}
-    for entry in node.pop("defaults", []) or []:
-        if isinstance(entry, str) and (group_dir / f"{entry}.yaml").exists():
-            out.update(_resolved(group_dir / f"{entry}.yaml", group_dir))
-    out.update(node)
-    return out
-
-
-def conf_folder() -> Path:
-    """fedsim's own ``conf/`` (inside the package when installed, beside it in a checkout)."""
-    here = Path(__file__).resolve().parent
-    return here / "conf" if (here / "conf" / "config.yaml").exists() else here.parent / "conf"
 
 
 if __name__ == "__main__":

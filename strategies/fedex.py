@@ -4,8 +4,8 @@ The server averages ``A`` and ``B`` as FedIT does, then folds the residual that 
 ``s (sum_i p_i B_i A_i - B A)``, into the frozen base ``W0`` of every client (sampled or not).
 The global effective weight ``W0 + s B A`` then moves by exactly the mean of the clients'
 updates. Uplink ``r(m+n)`` per layer; downlink ``r(m+n)`` plus the residuals the client has not
-received yet (see :mod:`fedsim.folding`): a residual has rank at most ``(k-1) r`` and travels as
-factors, or dense when that is smaller.
+received yet (see :mod:`fedsim.strategy.folding`): a residual has rank at most ``(k-1) r`` and
+travels as factors, or dense when that is smaller.
 
 The residual folded on the server is computed in float64 against the averaged ``A`` and ``B``
 as they are sent (rounded to the parameters' dtype), so the global model is exact however the
@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.folding import FoldingStrategy
-from fedsim.strategy import ClientUpdate, weighted_mean
+from fedsim.strategy import ClientUpdate, FoldingStrategy, weighted_mean
 
 
 class FedEx(FoldingStrategy):

@@ -6,7 +6,7 @@ The server stacks them, ``B = [B_1 .. B_k]``, ``A = [p_1 s_1 A_1; ..; p_k s_k A_
 (``s_i = alpha / r_i``), and folds ``B A = sum_i p_i s_i B_i A_i`` into the frozen base of every
 client: exact, whatever the ranks. Downlink: the task head and the merges the client lacks,
 as stacked factors (``(sum_j r_j)(m+n)`` each) or dense ``m n``, whichever is smaller (see
-:mod:`fedsim.folding`).
+:mod:`fedsim.strategy.folding`).
 
 ``client_ranks``: each client's rank (at most ``adapter.r``, which sizes the model's adapter;
 a client of lower rank uses its first ``r_i`` rows of ``A`` and columns of ``B`` and keeps the
@@ -27,8 +27,7 @@ from torch import nn
 
 from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.errors import ConfigError
-from fedsim.folding import FoldingStrategy
-from fedsim.strategy import ClientCall, ClientUpdate, check_arrays, weighted_mean
+from fedsim.strategy import ClientCall, ClientUpdate, FoldingStrategy, check_arrays, weighted_mean
 
 A, B = "lora_A.weight", "lora_B.weight"
 

@@ -16,8 +16,11 @@ from torch import nn
 import tests.reference_numpy as ref
 from fedsim import keys
 from fedsim.adapters import FFALoRA, LoRA, LoRASB
+from fedsim.init import FrozenFactors
 from fedsim.records import array_record, numpy_dict, payload
 from fedsim.strategy import ClientCall, ClientSampler, StrategyContext
+from fedsim.strategy import Federation as Rounds
+from fedsim.uplink import Uplink
 from strategies.centralized import Centralized
 from strategies.fedavg import FedAvg
 from strategies.fedex import FedEx
@@ -64,6 +67,11 @@ def _as_a_server_app():
 # ----------------------------------------------------------------------------- the harness
 
 
+def chain(spec) -> Uplink:
+    """The chain of these runs: the frozen factors of LoRA-SB's data-driven init, if any."""
+    return Uplink([FrozenFactors(spec)] if FrozenFactors.needed(spec) else [])
+
+
 class Federation:
     """A strategy bound to a tiny model, fed fake replies round after round."""
 
@@ -75,8 +83,12 @@ class Federation:
             grads = {m: rng.normal(size=shape) for m, shape in LAYERS.items()}
             adapter.initialize(self.model, self.spec, grads, eta1=0.01)
         self.node_of = {c: 100 + c for c in range(num_clients)}
-        strategy.bind(StrategyContext(ClientSampler(num_clients, k, 0), self.node_of, self.spec, 0))
+        ctx = StrategyContext(ClientSampler(num_clients, k, 0), self.node_of, self.spec, 0)
+        self.rounds_of = Rounds(strategy, chain(self.spec), ctx)  # what the server runs
         self.arrays = array_record(strategy.initial_arrays(self.model, self.spec))
+        self.frozen = self.rounds_of.frozen = self.spec.frozen_state(self.model)
+        if "frozen" in self.rounds_of.uplink.names:
+            self.rounds_of.uplink["frozen"].record(self.model)
         self.rng = np.random.default_rng(7)
         self.history: list[list[int]] = []  # sampled clients per round
         self.rounds: list[dict] = []
@@ -95,12 +107,12 @@ class Federation:
         return out
 
     def play(self, server_round: int) -> dict:
-        s = self.strategy
+        s = self.rounds_of
         old = numpy_dict(self.arrays)
         msgs = list(s.configure_train(server_round, self.arrays, ConfigRecord(), None))
         for i, m in enumerate(msgs):
             m.metadata.__dict__["_message_id"] = f"r{server_round}m{i}"
-        clients = [s.context.client_of[m.metadata.dst_node_id] for m in msgs]
+        clients = [s.client_of[m.metadata.dst_node_id] for m in msgs]
         sent = {c: self.reply_arrays(c, old) for c in clients}
         examples = {c: 10 + 7 * c for c in clients}
         replies = []
@@ -112,7 +124,7 @@ class Federation:
                 }
             )
             replies.append(Message(content, reply_to=m))
-            assert s.check_reply(c, content[keys.ARRAYS]) is None
+            assert self.strategy.check_reply(c, content[keys.ARRAYS]) is None
         new, _ = s.aggregate_train(server_round, replies)
         self.arrays = new
         self.history.append(clients)
@@ -216,7 +228,7 @@ def test_fedavg_is_fedit_and_not_exact():
 def test_fedsb_averages_r_exactly_and_sends_b_a_once(weighted):
     fed = Federation(FedSB(weighted=weighted), LoRASB(r=R), data_init=True)
     spec = fed.spec
-    frozen = fed.strategy.frozen
+    frozen = fed.frozen
     seen: set[int] = set()
     for t in range(1, ROUNDS + 1):
         rec = fed.play(t)
@@ -373,12 +385,14 @@ def run_clients(fed, check):
     Context.state across rounds; ``check(client, model, spec, round)`` runs after each receive."""
     client_strategy = type(fed.strategy)(**getattr(fed, "kwargs", {}))
     model, spec = adapted(fed.adapter)
+    client_chain = chain(spec)
     states: dict[int, RecordDict] = {}
     for t, rec in enumerate(fed.rounds, start=1):
         for c in rec["clients"]:
             state = states.setdefault(c, RecordDict())
             call = ClientCall(client=c, server_round=t, seed=0, state=state)
             arrays = numpy_dict(rec["messages"][c].content[keys.ARRAYS])
+            arrays = client_chain.receive(call, arrays)
             client_strategy.client_receive(model, spec, arrays, call)
             check(c, model, spec, t)
     return states
@@ -408,7 +422,7 @@ def test_fedsb_clients_keep_the_broadcast_b_a():
     fed = Federation(FedSB(), LoRASB(r=R), data_init=True)
     for t in range(1, ROUNDS + 1):
         fed.play(t)
-    frozen = fed.strategy.frozen
+    frozen = fed.frozen
 
     def check(client, model, spec, t):
         params = spec.parameters_of(model)
@@ -464,12 +478,14 @@ def test_lora_sb_init_product_is_the_rank_r_truncation_of_the_sign_step():
 
 
 def test_lora_sb_base_gradients_equal_plain_autograd():
+    from fedsim.adapters.gradients import base_gradients
+
     adapter = LoRASB(r=R, init={"batch_size": 8})
     model, spec = adapted(adapter)
     g = torch.Generator().manual_seed(5)
     data = {"x": torch.randn(20, 12, generator=g), "label": torch.randint(0, 3, (20,), generator=g)}
-    got = adapter.base_gradients(
-        model, spec, lambda mdl, b: nn.functional.cross_entropy(mdl(b["x"]), b["label"]), data
+    got = base_gradients(
+        model, spec, lambda mdl, b: nn.functional.cross_entropy(mdl(b["x"]), b["label"]), data, 8
     )
     plain = Tiny()  # the same weights, no adapter at all
     want = {m: torch.zeros(shape, dtype=torch.float64) for m, shape in LAYERS.items()}
@@ -521,7 +537,8 @@ def test_local_clients_start_from_a_data_initialised_adapter():
     client = Local()
     model, spec = adapted(LoRASB(r=R))
     arrays = numpy_dict(rec["messages"][rec["clients"][0]].content[keys.ARRAYS])
-    client.client_receive(model, spec, arrays, ClientCall(rec["clients"][0], 1, 0, RecordDict()))
+    call = ClientCall(rec["clients"][0], 1, 0, RecordDict())
+    client.client_receive(model, spec, chain(spec).receive(call, arrays), call)
     mine, server = spec.parameters_of(model), fed.spec.parameters_of(fed.model)
     for name in spec.trained + spec.frozen:  # R = S_r, B and A as the server initialised them
         torch.testing.assert_close(mine[name], server[name])

@@ -9,17 +9,18 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from fedsim import keys
 from fedsim.adapters import AdapterSpec
 from fedsim.records import array_record, numpy_dict
-from fedsim.strategy import ClientSampler, ClientUpdate, StrategyContext, weighted_mean
+from fedsim.strategy import ClientSampler, ClientUpdate, Federation, StrategyContext, weighted_mean
+from fedsim.uplink import Uplink
 from strategies.fedavg import FedAvg
 
 NODE = {0: 101, 1: 102, 2: 103}  # partition id -> node id
 
 
-def make_strategy(weighted=True):
-    strategy = FedAvg(weighted=weighted)
+def make_strategy(weighted=True) -> Federation:
+    """FedAvg as the server runs it: inside a chain (empty here: nothing compresses)."""
     spec = AdapterSpec(trained=["a", "b"], sent=["a", "b"])
-    strategy.bind(StrategyContext(ClientSampler(3, 3, seed=0), NODE, spec, seed=0))
-    return strategy
+    ctx = StrategyContext(ClientSampler(3, 3, seed=0), NODE, spec, seed=0)
+    return Federation(FedAvg(weighted=weighted), Uplink([]), ctx)
 
 
 def mock_reply(instruction: Message, arrays: dict, num_examples: int, loss: float) -> Message:
@@ -80,7 +81,7 @@ def test_unweighted_average_by_hand():
         ClientUpdate(0, {"a": np.array([3.0], np.float32)}, 1, {}),
         ClientUpdate(1, {"a": np.array([6.0], np.float32)}, 1000, {}),
     ]
-    assert strategy.aggregate(1, {}, updates)["a"] == pytest.approx([4.5])
+    assert strategy.strategy.aggregate(1, {}, updates)["a"] == pytest.approx([4.5])
 
 
 def test_error_replies_are_skipped(rounds_messages):
@@ -129,7 +130,7 @@ def test_an_aggregate_that_changes_the_global_arrays_is_an_error(rounds_messages
         m.metadata.__dict__["_message_id"] = f"id{i}"
     arrays = {"a": np.ones((2, 2), np.float32), "b": np.ones(3, np.float32)}
     reply = mock_reply(msgs[0], arrays, 5, 1.0)
-    original = FedAvg.aggregate
-    strategy.aggregate = lambda r, cur, ups: mutate(original(strategy, r, cur, ups))
+    inner, original = strategy.strategy, FedAvg.aggregate
+    inner.aggregate = lambda r, cur, ups: mutate(original(inner, r, cur, ups))
     with pytest.raises(ValueError, match=message):
         strategy.aggregate_train(1, [reply])

@@ -1,4 +1,4 @@
-"""Error feedback against the direct numpy transcription of REFERENCE section 4
+"""Error feedback against a direct numpy transcription of the methods' equations
 (``tests/reference_feedback.py``): several rounds, partial participation, float64, Top-K with
 its lower-index tie-break; the simulator's client and server halves must agree to 1e-12."""
 
@@ -9,8 +9,9 @@ import pytest
 from flwr.app import RecordDict
 
 import tests.reference_feedback as ref
+from fedsim.codec import Codec
 from fedsim.compression import TopK
-from fedsim.feedback import EF14, EF21, Codec, EControl, Naive
+from fedsim.feedback import EF14, EF21, EControl, Naive
 
 N, D, ROUNDS, LR, LR_SERVER = 5, 50, 6, 0.5, 0.7
 K = 5  # TopK(ratio=0.1) of 50
@@ -98,9 +99,9 @@ def test_econtrol_matches_numpy(eta):
 def test_compressed_updates_under_central_dp_match_numpy(method):
     """The clients clip what they compress (Top-K keeps the bound), the server clips again,
     sums, adds noise of standard deviation sigma * clip / lr and steps (EF21: g by 1/N)."""
-    from fedsim.adapters import AdapterSpec
-    from fedsim.privacy import CentralDP
-    from fedsim.strategy import ClientSampler, ClientUpdate, StrategyContext
+    from fedsim.privacy import CentralDP, CentralNoise
+    from fedsim.strategy import ClientSampler, ClientUpdate, Federation, StrategyContext
+    from fedsim.uplink import RoundInfo, Uplink
     from strategies.fedavg import FedAvg
 
     clip, sigma = 1.2, 0.8  # clip / lr = 2.4, below most messages' norms: clipping is active
@@ -114,21 +115,24 @@ def test_compressed_updates_under_central_dp_match_numpy(method):
     codec = Codec(TopK(ratio=0.1), feedback, LR, seed=0, clip=clip)
     central = CentralDP(clip_norm=clip, noise_multiplier=sigma)
     central.start(num_clients=N, clients_per_round=3, rounds=ROUNDS)
-    strategy = FedAvg(weighted=False)
-    spec = AdapterSpec(trained=["w"], sent=["w"])
-    ctx = StrategyContext(ClientSampler(N, 3, 0), {}, spec, 7, codec=codec, central=central)
-    strategy.bind(ctx)
+    noise = CentralNoise(central, N, 3, seed=7, clip_on_client=False)
+    uplink = Uplink([codec, noise])  # the chain's server halves: decode, then noise
+    fed = Federation(
+        FedAvg(weighted=False), uplink, StrategyContext(ClientSampler(N, 3, 0), {}, None, 7)
+    )
     states = {c: RecordDict() for c in range(N)}
     x, got, norms = {"w": x0.copy()}, [], []
     for t, clients in enumerate(sampled, start=1):
-        strategy.current, strategy._decoded, updates = x, {}, []
+        info = RoundInfo(t, x, x, lambda c, x=x: x, N, 3, 7)
+        codec.begin_round(info)
+        updates = []
         for c in clients:
             trained = {"w": x["w"] - LR * u[t - 1][c]}
             payload = codec.client_encode(x, trained, c, t, states[c], absorbed=t - 1)
-            strategy._decoded[c] = codec.decode(payload, x, c, t)
-            norms.append(LR * np.linalg.norm(strategy._decoded[c]["w"]))
+            codec._decoded[c] = codec.decode(payload, x, c, t)
+            norms.append(LR * np.linalg.norm(codec._decoded[c]["w"]))
             updates.append(ClientUpdate(c, payload, 1, {}))
-        x = strategy.aggregate_central(t, updates)
+        x = fed.reduction.aggregate(info, updates)
         got.append(x["w"].copy())
     std = sigma * clip / LR  # the noise convention: one generator per round from the seed
     noise = [np.random.default_rng([7, t, 59]).normal(0.0, std, D) for t in range(1, ROUNDS + 1)]

@@ -128,7 +128,7 @@ def test_ef21p_clients_hold_exactly_the_servers_w():
     from flwr.app import RecordDict
 
     from fedsim.compression import TopK
-    from fedsim.feedback import EF21P
+    from fedsim.downlink import EF21P
     from fedsim.records import array_record, numpy_dict
 
     rng = np.random.default_rng(0)
@@ -146,10 +146,10 @@ def test_ef21p_clients_hold_exactly_the_servers_w():
         for c in sampled:
             message = server.catch_up(c)
             assert sum(v.nbytes for v in message.values()) <= dense  # steps or w, the smaller
-            got = client_side.receive(numpy_dict(array_record(message)), states[c])
+            got = client_side.client_receive(numpy_dict(array_record(message)), states[c])
             for k in x:
                 np.testing.assert_array_equal(got[k], w[k])
-        server.acknowledge(sampled)
+        server.acknowledge(t, sampled)
         x = {k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in x.items()}
 
 
@@ -157,18 +157,18 @@ def test_ef21p_clients_hold_exactly_the_servers_w():
 def test_memories_follow_what_the_server_aggregated(run_tiny, monkeypatch, feedback):
     """Client 0's round-2 reply is refused and round 3 is skipped: the server never sees those
     messages, the clients take them back, so the server's mean state equals the clients'."""
-    import fedsim.strategy as strategy_mod
+    import fedsim.codec as codec_mod
 
     captured = {}
-    original = strategy_mod.AdapterStrategy.reply_reason
+    original = codec_mod.Codec.screen
 
-    def reply_reason(self, client, server_round, arrays):
-        captured["strategy"] = self
-        if client == 0 and server_round == 2:
-            return "refused for the test"
-        return original(self, client, server_round, arrays)
+    def screen(self, info, client, reply):  # the compression stage's server half
+        captured["codec"] = self
+        if client == 0 and info.server_round == 2:
+            return "rejected", "refused for the test"
+        return original(self, info, client, reply)
 
-    monkeypatch.setattr(strategy_mod.AdapterStrategy, "reply_reason", reply_reason)
+    monkeypatch.setattr(codec_mod.Codec, "screen", screen)
     import fedsim.engines.inline as inline_mod
     from tests.test_end_to_end import _failing_clients
 
@@ -193,7 +193,7 @@ def test_memories_follow_what_the_server_aggregated(run_tiny, monkeypatch, feedb
     assert summary["status"] == "ok"
     if feedback == "ef14":
         return  # no server state to compare with
-    codec = captured["strategy"].context.codec
+    codec = captured["codec"]
     contexts = [ctx.state for ctx in grids[0]._contexts.values()]
     assert len(contexts) == 4
     key = "g" if feedback == "ef21" else "h"
@@ -215,17 +215,18 @@ def test_ef21p_keeps_what_it_has_not_sent_yet():
     from fedsim import keys
     from fedsim.adapters import AdapterSpec
     from fedsim.compression import TopK
-    from fedsim.feedback import EF21P
+    from fedsim.downlink import EF21P
     from fedsim.records import array_record, numpy_dict
-    from fedsim.strategy import ClientSampler, StrategyContext
+    from fedsim.strategy import ClientSampler, Federation, StrategyContext
+    from fedsim.uplink import Uplink
     from strategies.fedavg import FedAvg
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    strategy = FedAvg(weighted=False)
     spec = AdapterSpec(trained=["a"], sent=["a"])
     ef21p = EF21P(TopK(k=2), seed=0)
     node_of = {0: 10, 1: 11}
-    strategy.bind(StrategyContext(ClientSampler(2, 2, 0), node_of, spec, 0, downlink=ef21p))
+    ctx = StrategyContext(ClientSampler(2, 2, 0), node_of, spec, 0)
+    strategy = Federation(FedAvg(weighted=False), Uplink([ef21p]), ctx)
     rng = np.random.default_rng(0)
     x = {"a": rng.normal(size=8).astype(np.float32)}
     for t in (1, 2, 3):

@@ -10,14 +10,14 @@ from tests.conftest import ROOT
 
 
 def test_every_package_and_config_group_is_listed():
+    """The packaging list holds every package and every folder of conf/: the registry's
+    groups and presets (tests/test_layout.py checks that conf/ holds nothing else)."""
+    from fedsim import registry
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(project["tool"]["setuptools"]["packages"])
     found = set(find_packages(str(ROOT), include=["fedsim*", "strategies*"]))
-    groups = {
-        f"fedsim.conf.{d.name}"
-        for d in (ROOT / "conf").iterdir()
-        if d.is_dir() and not d.name.startswith("__")
-    }
+    groups = {f"fedsim.conf.{name}" for name in [*registry.names(), *registry.PRESETS]}
     assert found | {"fedsim.conf"} | groups == listed
     data = project["tool"]["setuptools"]["package-data"]
     assert all(data.get(g) == ["*.yaml"] for g in groups | {"fedsim.conf"})

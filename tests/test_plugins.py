@@ -148,7 +148,7 @@ def test_wrappers_keep_working_around_a_plug_in(user_dir, tmp_path):
 def test_a_stateful_plug_in_logs_its_metrics_and_saves_state(user_dir, tmp_path):
     from fedsim.build import build_components
     from fedsim.config import compose
-    from fedsim.plugins import PluginStrategy
+    from fedsim.strategy import PluginStrategy
 
     summary, rows = run_in(user_dir, tmp_path / "m", "strategy=momentum", "sim.rounds=3")
     assert summary["status"] == "ok"

@@ -242,20 +242,20 @@ def test_central_without_noise_or_clipping_is_unweighted_fedavg(run_tiny):
 
 def test_central_noise_variance_clipping_and_poisson_sampling():
     from fedsim.adapters import AdapterSpec
-    from fedsim.privacy import CentralDP, clip_update
-    from fedsim.strategy import ClientSampler, ClientUpdate, StrategyContext
+    from fedsim.privacy import CentralDP, CentralNoise, clip_update
+    from fedsim.strategy import ClientSampler, ClientUpdate, Federation, StrategyContext
+    from fedsim.uplink import RoundInfo, Uplink
     from strategies.fedavg import FedAvg
 
     central = CentralDP(clip_norm=0.5, noise_multiplier=2.0)
     central.start(num_clients=100, clients_per_round=10, rounds=1)
-    strategy = FedAvg(weighted=False)
-    ctx = StrategyContext(
-        ClientSampler(100, 10, 0), {}, AdapterSpec(trained=["w"], sent=["w"]), 0, central=central
-    )
-    strategy.bind(ctx)
-    strategy.current = {"w": np.zeros(20000, np.float32)}
+    ctx = StrategyContext(ClientSampler(100, 10, 0), {}, AdapterSpec(trained=["w"], sent=["w"]), 0)
+    noise = CentralNoise(central, num_clients=100, clients_per_round=10, seed=0)
+    strategy = Federation(FedAvg(weighted=False), Uplink([noise]), ctx)
+    current = {"w": np.zeros(20000, np.float32)}
     update = ClientUpdate(0, {"w": np.zeros(20000, np.float32)}, 1, {})
-    new = strategy.aggregate_central(1, [update])["w"]
+    info = RoundInfo(1, current, current, lambda c: current, 100, 10, 0)
+    new = strategy.reduction.aggregate(info, [update])["w"]
     assert float(new.std()) == pytest.approx(2.0 * 0.5 / 10, rel=0.02)  # sigma C / (q N)
     assert abs(float(new.mean())) < 4 * 0.1 / np.sqrt(20000)
     big = {"w": np.full(20000, 3.0, np.float32)}
@@ -404,7 +404,7 @@ def test_lora_sb_set_up_target_includes_the_init_step(run_tiny):
 
 def test_private_set_up_gradients_clip_each_example():
     from fedsim.adapters import LoRASB
-    from fedsim.privacy import private_base_gradients
+    from fedsim.adapters.gradients import private_base_gradients
     from tests.test_exact_family import LAYERS, adapted
 
     adapter = LoRASB(r=2)

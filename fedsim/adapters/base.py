@@ -147,10 +147,10 @@ class Adapter:
     sent_suffixes: tuple[str, ...] | None = None
     #: adapter parameters that are not trained (but define the adapter's output)
     frozen_suffixes: tuple[str, ...] = ()
-    #: ``"seed"``: the frozen parameters follow from the run's seed, so the server and every
-    #: client build them identically at no cost; ``"data"``: the server computes them from data
-    #: and must send them to each client once (see :meth:`needs_data_init`)
-    frozen_source = "seed"
+    #: a data-driven initialisation (:class:`~fedsim.adapters.data_init.DataInit`), or None
+    data_init = None
+    #: what ``summary.json`` calls an initialisation that needs no data
+    init_method = "default"
 
     def __init__(self, target_modules: Sequence[str] | str | None = None) -> None:
         if target_modules is not None and not (
@@ -182,9 +182,11 @@ class Adapter:
         raise NotImplementedError
 
     @property
-    def needs_data_init(self) -> bool:
-        """Whether the adapter's initialisation needs gradients on data (LoRA-SB's)."""
-        return False
+    def frozen_source(self) -> str:
+        """``"seed"``: the frozen parameters follow from the run's seed, so the server and every
+        client build them identically at no cost; ``"data"``: they come from a data-driven
+        initialisation (:attr:`data_init`) and the server sends them to each client once."""
+        return "seed" if self.data_init is None else "data"
 
     def apply(
         self,
@@ -195,6 +197,28 @@ class Adapter:
         seed: int,
     ) -> AdapterSpec:
         """Freeze ``model``, replace the targeted linear layers in place, unfreeze heads."""
+        names = self._targets(model, default_targets, head_modules)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(int(seed))
+        for name in names:
+            parent, child = _parent(model, name)
+            setattr(parent, child, self.make_module(getattr(parent, child), generator))
+        heads = []
+        for head in head_modules:
+            module = model.get_submodule(head)
+            for p in module.parameters():
+                p.requires_grad_(True)
+            heads.append(head)
+        spec = self._classify(model, names, heads)
+        spec.shapes = {n: tuple(model.get_submodule(n).base.weight.shape) for n in names}
+        return spec.bind(model)
+
+    def _targets(
+        self, model: nn.Module, default_targets: Sequence[str], head_modules: Sequence[str]
+    ) -> list[str]:
+        """The linear layers to adapt: ``target_modules``, else the task's default; none in
+        the task head."""
         targets = self.target_modules
         if targets is None:  # the task's default: names, or one regular expression
             targets = default_targets if isinstance(default_targets, str) else list(default_targets)
@@ -214,18 +238,10 @@ class Adapter:
                 f"selects {in_head}, part of the task head {list(head_modules)}, which is trained "
                 "and sent in full; adapt other layers",
             )
-        for p in model.parameters():
-            p.requires_grad_(False)
-        generator = torch.Generator().manual_seed(int(seed))
-        for name in names:
-            parent, child = _parent(model, name)
-            setattr(parent, child, self.make_module(getattr(parent, child), generator))
-        heads = []
-        for head in head_modules:
-            module = model.get_submodule(head)
-            for p in module.parameters():
-                p.requires_grad_(True)
-            heads.append(head)
+        return names
+
+    def _classify(self, model: nn.Module, names: list[str], heads: list[str]) -> AdapterSpec:
+        """Which parameters train, travel and stay frozen (by suffix), in model order."""
         trained, sent, frozen, head_names = [], [], [], []
         factors: dict[str, dict[str, str]] = {name: {} for name in names}
         sent_suffixes = (
@@ -249,7 +265,6 @@ class Adapter:
                 trained.append(pname)
                 sent.append(pname)
                 head_names.append(pname)
-        shapes = {n: tuple(model.get_submodule(n).base.weight.shape) for n in names}
         return AdapterSpec(
             trained=trained,
             sent=sent,
@@ -257,9 +272,8 @@ class Adapter:
             frozen=frozen,
             factors=factors,
             heads=head_names,
-            shapes=shapes,
             adapter=self,
-        ).bind(model)
+        )
 
 
 def matching_linear_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:

@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterSpec
+from fedsim.adapters.data_init import DataInit, InitRun
+from fedsim.adapters.gradients import base_gradients, private_base_gradients
 from fedsim.dropout import AdapterDropout
 from fedsim.errors import ConfigError
 from fedsim.validate import integer, number
 
 INIT_METHODS = ("gradient", "random")
-INIT_SOURCES = ("server", "clients")
 
 
 class LoRASBLinear(AdaptedLinear):
@@ -118,21 +119,13 @@ class LoRASB(Adapter):
             raise ConfigError(
                 "adapter.init.method", self.init_method, "must be " + " or ".join(INIT_METHODS)
             )
-        self.init_source = init.get("source", "server")
-        if self.init_source not in INIT_SOURCES:
-            raise ConfigError(
-                "adapter.init.source", self.init_source, "must be " + " or ".join(INIT_SOURCES)
-            )
-        self.init_examples = integer("adapter.init.examples", init.get("examples", 256), low=1)
-        self.init_batch_size = integer("adapter.init.batch_size", init.get("batch_size", 32), low=1)
-
-    @property
-    def frozen_source(self) -> str:  # type: ignore[override]
-        return "data" if self.needs_data_init else "seed"
-
-    @property
-    def needs_data_init(self) -> bool:
-        return self.init_method == "gradient"
+        gradient = GradientInit(
+            self,
+            source=init.get("source", "server"),
+            examples=init.get("examples", 256),
+            batch_size=init.get("batch_size", 32),
+        )
+        self.data_init = gradient if self.init_method == "gradient" else None
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         limit = min(base.in_features, base.out_features)
@@ -162,51 +155,6 @@ class LoRASB(Adapter):
         return a, b @ r, 1.0
 
     # ------------------------------------------------------------------ initialisation
-    def base_gradients(
-        self,
-        model: nn.Module,
-        spec: AdapterSpec,
-        loss_fn,
-        data: dict[str, torch.Tensor],
-        device: torch.device | None = None,
-    ) -> dict[str, np.ndarray]:
-        """``G``: the summed gradient of the mean batch loss with respect to each adapted base
-        weight, over ``data`` in batches of ``init.batch_size`` (model in eval mode, no step).
-
-        Returns ``{module name: G}`` (m x n, float32). ``loss_fn(model, batch)`` is the task's
-        mean loss (:meth:`~fedsim.tasks.Task.loss`).
-        """
-        weights = {m: model.get_submodule(m).base.weight for m in spec.adapted_modules}
-        flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        was_training = model.training
-        model.eval()
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-                p.grad = None
-            for w in weights.values():
-                w.requires_grad_(True)
-            n = len(next(iter(data.values())))
-            for start in range(0, n, self.init_batch_size):
-                batch = {k: v[start : start + self.init_batch_size] for k, v in data.items()}
-                if device is not None and device.type != "cpu":
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                loss_fn(model, batch).backward()
-            return {
-                m: (
-                    w.grad.detach().cpu().numpy().copy()
-                    if w.grad is not None
-                    else np.zeros(tuple(w.shape), dtype=np.float32)
-                )
-                for m, w in weights.items()
-            }
-        finally:
-            for w in weights.values():
-                w.grad = None
-            for name, p in model.named_parameters():
-                p.requires_grad_(flags[name])
-            model.train(was_training)
-
     def initialize(
         self, model: nn.Module, spec: AdapterSpec, grads: Mapping[str, np.ndarray], eta1: float
     ) -> None:
@@ -217,3 +165,38 @@ class LoRASB(Adapter):
                 b, r, a = first_step_factors(grads[module], eta1, self.r)
                 for target, value in ((layer.lora_B, b), (layer.lora_R, r), (layer.lora_A, a)):
                     target.weight.copy_(torch.from_numpy(value).to(target.weight.dtype))
+
+
+class GradientInit(DataInit):
+    """LoRA-SB's initialisation (see the module docstring): the statistics are the summed
+    gradients ``G`` of the adapted base weights; ``B, R, A`` come from the truncated SVD of
+    ``-eta1 * sign(G)``, ``eta1`` the learning rate of the client schedule's first step."""
+
+    method = "gradient"
+    central_note = (
+        "each client's gradient direction scaled to privacy.clip_norm, the sum noised (LoRA-SB "
+        "uses its sign); one more step at rate q, included in epsilon"
+    )
+
+    def __init__(self, adapter: LoRASB, source: str, examples: int, batch_size: int) -> None:
+        super().__init__(source, examples, batch_size, key="adapter.init")
+        self.adapter = adapter
+
+    def statistic_shapes(self, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+        return {m: spec.shapes[m] for m in spec.adapted_modules}
+
+    def wire_name(self, spec: AdapterSpec, name: str) -> str:
+        return spec.base_weight(name)
+
+    def statistics(self, model, spec, task, data, device):
+        return base_gradients(model, spec, task.loss, data, self.batch_size, device)
+
+    def private_statistics(self, model, spec, task, data, clip_norm, sigma, generator, device):
+        return private_base_gradients(
+            model, spec, task.loss, data, clip_norm, sigma, generator, device=device
+        )
+
+    def initialize(self, model, spec, statistics, run: InitRun) -> dict[str, Any]:
+        eta1 = run.lr * run.schedule.factor(0, run.total_steps)
+        self.adapter.initialize(model, spec, statistics, eta1)
+        return {"eta1": eta1}

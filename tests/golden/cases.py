@@ -135,6 +135,12 @@ CASES: dict[str, dict[str, Any]] = {
             *PARTIAL,
         ]
     },
+    "flora_topk_partial": {
+        "overrides": ["strategy=flora", "compressor=topk", "compressor.ratio=0.2", *PARTIAL]
+    },
+    "fedsa_topk_ef21": {
+        "overrides": ["strategy=fedsa", "compressor=topk", "feedback=ef21", *PARTIAL]
+    },
     # ---- differential privacy
     "dpsgd_fedsb": {
         "overrides": ["strategy=fedsb", "adapter=lora_sb", "privacy=dpsgd", "privacy.clip_norm=0.5"]
@@ -158,6 +164,37 @@ CASES: dict[str, dict[str, Any]] = {
             "privacy=central",
             "compressor=topk",
             "feedback=ef21",
+            "sim.num_clients=8",
+            "sim.rounds=3",
+        ]
+    },
+    "central_topk_naive": {
+        "overrides": [
+            "strategy=fedavg",
+            "privacy=central",
+            "compressor=topk",
+            "compressor.ratio=0.2",
+            "sim.num_clients=8",
+            "sim.rounds=3",
+        ]
+    },
+    "central_ef14_downlink": {
+        "overrides": [
+            "strategy=ffa",
+            "adapter=ffa",
+            "privacy=central",
+            "compressor=topk",
+            "feedback=ef14",
+            "downlink=topk",
+            "sim.num_clients=8",
+            "sim.rounds=3",
+        ]
+    },
+    "central_downlink_dense": {
+        "overrides": [
+            "strategy=fedavg",
+            "privacy=central",
+            "downlink=randk",
             "sim.num_clients=8",
             "sim.rounds=3",
         ]

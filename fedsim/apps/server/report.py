@@ -1,0 +1,163 @@
+"""What a run reports at its end: ``summary.json``, the PEFT export, the closing line."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import traceback
+from typing import Any
+
+import flwr
+import torch
+
+import fedsim
+from fedsim import keys
+from fedsim.progress import human_bytes
+from fedsim.records import numpy_dict
+
+log = logging.getLogger(__name__)
+
+#: the chosen options named in summary.json, in this order
+CHOICES = (
+    "task",
+    "strategy",
+    "adapter",
+    "partition",
+    "engine",
+    "compressor",
+    "feedback",
+    "privacy",
+    "faults",
+)
+
+
+def summary(run, wall: float, status: str, error: str | None = None) -> dict[str, Any]:
+    """summary.json of ``run`` (a :class:`~fedsim.apps.server.run.FederatedRun`)."""
+    ledger, sim = run.ledger, run.sim
+    last, totals = ledger.last, ledger.totals
+    out = {
+        "status": status,
+        **{name: run.spec.choices.get(name) for name in CHOICES},
+        "rounds": sim["rounds"],
+        "rounds_completed": last.get("round", 0),
+        "rounds_skipped": totals["rounds_skipped"],
+        "clients_failed_total": totals["clients_failed"],
+        "clients_failed_by_kind": dict(sorted(totals["clients_failed_by_kind"].items())),
+        **(
+            {"faults_injected_total": dict(totals["faults_injected"])}
+            if run.uplink.get("faults") is not None
+            else {}
+        ),
+        "num_clients": sim["num_clients"],
+        "clients_per_round": sim["clients_per_round"],
+        **_final_metrics(last, run.evaluation.val_set is not None),
+        "aggregation_error_max": max(ledger.aggregation_errors, default=None),
+        "client_state_bytes": sum(ledger.state_bytes.values()),
+        **privacy_summary(run),
+        "adapter_init": ledger.adapter_init,
+        "export": run.export_info,
+        "bytes_up_total": totals["bytes_up"],
+        "bytes_down_total": totals["bytes_down"],
+        "params_sent_per_client": {
+            "up": totals["numel_up"] / totals["replies"] if totals["replies"] else 0,
+            "down": totals["numel_down"] / totals["sent"] if totals["sent"] else 0,
+        },
+        "trainable_params": run.adapter_spec.num_trained(run.model),
+        "wall_time_s": wall,
+        "checkpoint": run.checkpoints.summary(),
+        "resumed_from": ledger.resumed_from,
+        "seed": sim["seed"],
+        "versions": {
+            "fedsim": fedsim.__version__,
+            "flwr": flwr.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    if error is not None:
+        out["error"] = error
+    return out
+
+
+def _final_metrics(last: dict[str, Any], validation: bool) -> dict[str, Any]:
+    out = {
+        "final_eval_loss": last.get(keys.EVAL_LOSS),
+        "final_eval_accuracy": last.get(keys.EVAL_ACCURACY),
+        "final_eval_accuracy_client_mean": last.get("eval_accuracy_client_mean"),
+        "final_eval_accuracy_client_min": last.get("eval_accuracy_client_min"),
+    }
+    if validation:
+        out["final_val_loss"] = last.get(keys.VAL_LOSS)
+        out["final_val_accuracy"] = last.get(keys.VAL_ACCURACY)
+    return out
+
+
+def privacy_summary(run) -> dict[str, Any]:
+    """Epsilon and delta of the run (client DP-SGD: the max over clients)."""
+    central = run.central
+    if central is not None:
+        dp = central.dp
+        init = run.c.adapter.data_init
+        setup = init is not None and init.client_steps > 0
+        return {
+            "epsilon": central.epsilon(),
+            "delta": dp.delta_for(run.sim["num_clients"]),
+            "noise_multiplier": dp.sigma_value,
+            "privacy": "central DP-FedAvg (user level), Poisson sampling at rate "
+            f"q={dp.q:g}, RDP accountant, one step per round"
+            + (" and one for the set-up round" if setup else ""),
+        }
+    if not run.c.privacy.client_dp:
+        return {}
+    spent = list(run.ledger.epsilons.values())
+    return {
+        "epsilon": max((e for e, _ in spent), default=0.0),
+        "delta": max((d for _, d in spent), default=None),
+        "privacy": "client DP-SGD (sample level), RDP accountant per client across rounds",
+    }
+
+
+def export(run, arrays) -> dict[str, Any]:
+    """The global model's change as a PEFT LoRA adapter in ``adapter/`` (see
+    :mod:`fedsim.export`); returns the summary's ``export`` block."""
+    if not run.spec.cfg.get("export", True):
+        return {"skipped": "export=false"}
+    strategy = run.strategy
+    if strategy.personalised:
+        name = type(strategy).__name__
+        return {"skipped": f"strategy {name} has no global model (personal adapters)"}
+    from fedsim.export import export_peft
+
+    strategy.load_global(run.model, run.adapter_spec, numpy_dict(arrays))
+    task = run.c.task
+    try:
+        return export_peft(
+            run.model,
+            run.adapter_spec,
+            task.build_model(),
+            tuple(task.head_modules),
+            run.spec.output_dir / "adapter",
+            base_model=getattr(task, "model_path", None),
+            base_changes=getattr(strategy, "base_delta", None),
+            task_type=task.peft_task_type,
+        )
+    except Exception as e:  # the run itself succeeded: say why there is no adapter
+        log.debug("export failed:\n%s", traceback.format_exc())
+        return {"failed": f"{type(e).__name__}: {e}"}
+
+
+def done_line(summary: dict[str, Any]) -> str:
+    """The run's closing line on the terminal."""
+    accuracy = (
+        f"accuracy {summary['final_eval_accuracy']:.4f}, "
+        if summary["final_eval_accuracy"] is not None
+        else f"client accuracy {summary['final_eval_accuracy_client_mean']:.4f} (personal models), "
+    )
+    error = summary["aggregation_error_max"]
+    return (
+        f"done in {summary['wall_time_s']:.1f} s: "
+        + accuracy
+        + f"up {human_bytes(summary['bytes_up_total'])}, "
+        f"down {human_bytes(summary['bytes_down_total'])}"
+        + (f", max aggregation error {error:.2e}" if error is not None else "")
+    )

@@ -1,0 +1,274 @@
+"""Checking a composed configuration before anything runs: the values fedsim interprets itself,
+then every component built once, and the combinations of components that cannot work together.
+
+Any problem is a :class:`~fedsim.errors.ConfigError`: one line naming the key, the value and
+what is allowed; hints that list options come from the config registry
+(:mod:`fedsim.registry`), so a new option never needs one edited.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fedsim import registry
+from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, TOP_KEYS
+from fedsim.errors import ConfigError
+from fedsim.validate import boolean, integer, number
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check the values fedsim itself interprets; component values are checked when built."""
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            key, cfg[key], f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}"
+        )
+    n = _validate_sim(cfg.get("sim"))
+    _validate_settings(cfg)
+    for group in registry.GROUPS:
+        node = cfg.get(group.name)
+        if group.required and (not isinstance(node, dict) or "_target_" not in node):
+            raise ConfigError(
+                group.name,
+                node,
+                f"must be a config with a _target_ (pick one from conf/{group.name})",
+            )
+    parts = cfg["partition"].get("num_partitions")
+    if parts != n:
+        raise ConfigError("partition.num_partitions", parts, f"must equal sim.num_clients ({n})")
+
+
+def _validate_sim(sim: Any) -> int:
+    """The ``sim`` block; returns ``sim.num_clients``."""
+    if not isinstance(sim, dict):
+        raise ConfigError("sim", sim, "must be a mapping")
+    unknown = set(sim) - SIM_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            f"sim.{key}", sim[key], f"unknown key; allowed: {', '.join(sorted(SIM_KEYS))}"
+        )
+    missing = SIM_KEYS - set(sim)
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"sim.{key}", None, "is required")
+
+    n = integer("sim.num_clients", sim["num_clients"], low=1)
+    k = integer("sim.clients_per_round", sim["clients_per_round"], 1, n, "sim.num_clients")
+    integer("sim.min_clients", sim["min_clients"], 1, k, "sim.clients_per_round")
+    for key in ("rounds", "local_steps", "batch_size"):
+        integer(f"sim.{key}", sim[key], low=1)
+    number("sim.lr", sim["lr"], low=0, low_open=True)
+    integer("sim.seed", sim["seed"], low=0)
+    boolean("sim.keep_optimizer_state", sim["keep_optimizer_state"])
+    boolean("sim.aggregation_error", sim["aggregation_error"])
+    e = sim["eval_clients"]
+    if e != "all":
+        try:
+            integer("sim.eval_clients", e, 0, n, "sim.num_clients")
+        except ConfigError:
+            raise ConfigError(
+                "sim.eval_clients",
+                e,
+                f"must be 'all' or an integer from 0 to sim.num_clients ({n})",
+            ) from None
+    number("sim.client_test_fraction", sim["client_test_fraction"], 0, 1, high_open=True)
+    number("sim.validation_fraction", sim.get("validation_fraction", 0.0), 0, 1, high_open=True)
+    if sim["round_timeout"] is not None:
+        number("sim.round_timeout", sim["round_timeout"], low=0, low_open=True)
+    device = sim["device"]
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise ConfigError("sim.device", device, "must be cpu, cuda, cuda:<index> or auto")
+    return n
+
+
+def _validate_settings(cfg: dict[str, Any]) -> None:
+    """The top-level settings: quiet, export, checkpoint, resume."""
+    boolean("quiet", cfg.get("quiet", False))
+    boolean("export", cfg.get("export", True))
+    ck = cfg.get("checkpoint", {})
+    if not isinstance(ck, dict):
+        raise ConfigError("checkpoint", ck, "must be a mapping with keys every, keep")
+    for key in sorted(set(ck) - CHECKPOINT_KEYS):
+        allowed = ", ".join(sorted(CHECKPOINT_KEYS))
+        raise ConfigError(f"checkpoint.{key}", ck[key], f"unknown key; allowed: {allowed}")
+    integer("checkpoint.every", ck.get("every", 1), low=0)
+    boolean("checkpoint.keep", ck.get("keep", False))
+    resume = cfg.get("resume", False)
+    if not isinstance(resume, bool) and not (isinstance(resume, str) and resume.strip()):
+        raise ConfigError("resume", resume, "must be true, false or the folder of a run")
+
+
+_CHECKED: set[str] = set()  # configs this process has already checked
+
+
+def check(cfg: dict[str, Any]) -> None:
+    """Validate, build every component and the adapted model once (nothing is trained).
+
+    A config checked before in this process (the command line checks every job up front, the
+    job checks again) is not rebuilt.
+    """
+    import json
+
+    from fedsim.build import build_components
+
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    if key in _CHECKED:
+        return
+    validate(cfg)
+    components = build_components(cfg)
+    components.strategy.check_setup(components.adapter, cfg["sim"])
+    components.model()
+    components.data.check(cfg["sim"]["num_clients"])
+    from fedsim.init import check as check_adapter_init
+
+    check_adapter_init(components.adapter, components.task)
+    _check_validation(components)
+    _check_codec(components)
+    _check_privacy(components)
+    if hasattr(components.engine, "check"):
+        components.engine.check(cfg["sim"])
+    if hasattr(components.engine, "check_components"):
+        components.engine.check_components(components)
+    if cfg.get("resume", False) is not False and not getattr(
+        components.engine, "checkpoints", False
+    ):
+        raise ConfigError(
+            "resume",
+            cfg["resume"],
+            f"engine {components.engine.name} keeps client states in its own processes; "
+            "checkpoints and resume need engine=inline or engine=batched",
+        )
+    from fedsim.training import resolve_device
+
+    resolve_device(cfg["sim"]["device"])
+    _CHECKED.add(key)
+
+
+def _check_validation(components) -> None:
+    """A validation split leaves at least one example on each side."""
+    fraction = float(components.sim.get("validation_fraction", 0.0))
+    if fraction == 0.0:
+        return
+    from fedsim.data import validation_split
+
+    n = len(next(iter(components.task.test_set().values())))
+    validation_split(n, fraction)
+
+
+def _check_codec(components) -> None:
+    """Compressor, feedback method and strategy must make sense together."""
+    compressor, feedback, strategy = components.compressor, components.feedback, components.strategy
+    name = type(strategy).__name__
+    if feedback.needs_contractive and not compressor.contractive:
+        raise ConfigError(
+            "feedback",
+            feedback.name,
+            f"error feedback needs a contractive compressor; compressor={compressor.name} "
+            f"is not (use {_compressors('compressor', 'contractive')})",
+        )
+    downlink = components.downlink
+    if downlink.active and not downlink.contractive:
+        raise ConfigError(
+            "downlink",
+            downlink.name,
+            f"EF21-P needs a contractive compressor ({_compressors('downlink', 'contractive')})",
+        )
+    if downlink.active and not strategy.communicates:
+        raise ConfigError("downlink", downlink.name, f"strategy {name} sends no global arrays")
+    active = compressor.active or feedback.name != "none"
+    if not active and feedback.lr_server != 1.0:
+        raise ConfigError(
+            "feedback.lr_server",
+            feedback.lr_server,
+            "applies to compressed updates only; without a compressor it must be 1",
+        )
+    if active and not strategy.communicates:
+        raise ConfigError(
+            "compressor", compressor.name, f"strategy {name} sends no updates to compress"
+        )
+    if feedback.replaces_aggregation and not strategy.averages:
+        raise ConfigError(
+            "feedback",
+            feedback.name,
+            f"replaces the server's averaging with its own step; strategy {name} does not "
+            f"average the arrays clients send (use {_strategies(lambda s: s.averages)})",
+        )
+    if feedback.states and not strategy.persistent_parameters:
+        raise ConfigError(
+            "feedback",
+            feedback.name,
+            f"keeps memories of a fixed set of parameters; strategy {name} trains fresh ones "
+            "every round (use feedback=none)",
+        )
+
+
+def _check_privacy(components) -> None:
+    """Nothing a client sends may escape its privacy mechanism."""
+    privacy, strategy = components.privacy, components.strategy
+    if privacy.client_dp and getattr(components.task, "precision", "float32") != "float32":
+        raise ConfigError(
+            "task.precision",
+            components.task.precision,
+            "privacy=dpsgd computes per-example gradients in float32: use task.precision=float32",
+        )
+    if privacy.central:
+        name = type(strategy).__name__
+        if not releases_an_average(strategy):
+            raise ConfigError(
+                "privacy",
+                privacy.name,
+                f"central DP noises an average of clipped updates; strategy {name} "
+                "does not release one (FedEx and FLoRA fold in individual clients' products, "
+                f"FedSA keeps personal factors, the references send nothing): use "
+                + _strategies(releases_an_average),
+            )
+        compressor = components.compressor
+        if components.compresses and not compressor.norm_non_increasing:
+            raise ConfigError(
+                "compressor",
+                compressor.name,
+                "under central DP a client's clipped message must stay within "
+                "privacy.clip_norm after compression; this compressor can enlarge it (use "
+                f"{_compressors('compressor', 'norm_non_increasing', plain='none')})",
+            )
+
+
+def releases_an_average(strategy) -> bool:
+    """A strategy whose server step is a mean of what its clients send, to every client."""
+    return strategy.averages and not strategy.personalised and strategy.communicates
+
+
+# ----------------------------------------------------------------------------- hints
+
+
+def _strategies(test) -> str:
+    """fedsim's strategies whose class passes ``test``: ``fedavg, fedsb or ffa``."""
+    found = registry.options_where("strategy", lambda cls: cls is not None and test(cls))
+    return _listed(found)
+
+
+def _compressors(group: str, flag: str, plain: str | None = None) -> str:
+    """The options of a compressor group that have ``flag`` (``contractive``...) as they are,
+    then those that have it with the setting their class names (``contractive_when``), then
+    ``plain`` (an option that sends everything as it is)."""
+    from fedsim.build import build
+
+    found, conditional = [], []
+    for option in registry.options(group):
+        compressor = build(group, registry.option_node(group, option))
+        if getattr(compressor, flag) and compressor.active:
+            found.append(option)
+        elif getattr(compressor, "contractive_when", None):
+            conditional.append(f"{option} with {compressor.contractive_when}")
+    return _listed([*found, *conditional, *([plain] if plain else [])])
+
+
+def _listed(items: list[str]) -> str:
+    """``a or b``; ``a, b or c``; with a comma before ``or`` when an item is qualified
+    (``topk, or randk with scaled=false``)."""
+    if len(items) > 1 and any(" " in item for item in items):
+        return ", ".join(items[:-1]) + ", or " + items[-1]
+    return registry.either(items)

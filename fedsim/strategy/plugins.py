@@ -1,0 +1,151 @@
+"""Custom aggregators: the plug-in contract (docs/plugins.md).
+
+An aggregator is any class with
+
+``aggregate(server_round, current, updates) -> new`` or ``-> (new, metrics)``
+    ``current``: the global adapter state, ``{name: numpy array}`` (the trainable arrays
+    clients send: adapter factors and the task head); ``updates``: the round's good replies,
+    a list of :class:`~fedsim.strategy.ClientUpdate` (``client`` id, ``arrays`` with the same
+    names and shapes as ``current``, ``num_examples``, ``metrics``). ``new``: the next global
+    state, the same names and shapes (any float dtype: fedsim casts it back); ``metrics``: an
+    optional ``{name: float}`` logged in ``metrics.jsonl`` as ``aggregator_<name>``.
+
+and, optionally, ``state_dict() -> {name: numpy array}`` with
+``load_state_dict(state)`` for aggregators that keep state between rounds (both or neither),
+and these class attributes: ``weighted`` (default True: the exactness diagnostic's ideal
+update weights clients by examples), ``averages`` (default False: True declares that
+``aggregate`` is a weighted mean of the clients' arrays, which central DP and EF21's server
+step may replace), ``adapters`` (default None: the adapter names it works with).
+
+fedsim wraps it in :class:`PluginStrategy`: clients train and send every trainable array
+(like FedIT), replies are checked (names, shapes, finite values) before the aggregator sees
+them, and bytes, the aggregation-error diagnostic, compression with error feedback, DP-SGD and
+the PEFT export work around it unchanged. A class that breaks the contract is refused when the
+run is built, with a one-line error. The built-in strategies (``strategies/``) implement the
+same ``aggregate`` method on fedsim's base class, so each is a worked example.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fedsim.errors import ConfigError
+from fedsim.messages import ClientUpdate
+from fedsim.strategy.base import AdapterStrategy
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """The contract (see the module docstring)."""
+
+    def aggregate(
+        self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
+    ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, float]]: ...
+
+
+def check_contract(obj: Any, target: str) -> None:
+    """A ConfigError (one line) if ``obj`` does not satisfy the aggregator contract."""
+    key = "strategy._target_"
+    aggregate = getattr(obj, "aggregate", None)
+    if not callable(aggregate):
+        raise ConfigError(
+            key,
+            target,
+            "is neither a fedsim strategy nor an aggregator: it has no aggregate(server_round, "
+            "current, updates) method (docs/plugins.md)",
+        )
+    try:
+        inspect.signature(aggregate).bind(0, {}, [])
+    except TypeError:
+        raise ConfigError(
+            key,
+            target,
+            f"aggregate{inspect.signature(aggregate)} must accept (server_round, current, "
+            "updates) (docs/plugins.md)",
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): trust it
+        pass
+    has_save = callable(getattr(obj, "state_dict", None))
+    has_load = callable(getattr(obj, "load_state_dict", None))
+    if has_save != has_load:
+        missing = "load_state_dict" if has_save else "state_dict"
+        raise ConfigError(
+            key, target, f"defines one of state_dict / load_state_dict: add {missing} as well"
+        )
+    for name in ("weighted", "averages"):
+        value = getattr(obj, name, None)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key}.{name}", value, "must be true or false")
+    adapters = getattr(obj, "adapters", None)
+    if adapters is not None and not (
+        isinstance(adapters, (tuple, list)) and all(isinstance(a, str) for a in adapters)
+    ):
+        raise ConfigError(f"{key}.adapters", adapters, "must be a tuple of adapter names")
+
+
+class PluginStrategy(AdapterStrategy):
+    """A user's aggregator as a fedsim strategy (see the module docstring)."""
+
+    def __init__(self, aggregator: Any) -> None:
+        super().__init__(weighted=bool(getattr(aggregator, "weighted", True)))
+        self.aggregator = aggregator
+        self.averages = bool(getattr(aggregator, "averages", False))
+        adapters = getattr(aggregator, "adapters", None)
+        self.adapters = tuple(adapters) if adapters is not None else None
+
+    @property
+    def name(self) -> str:
+        return type(self.aggregator).__name__
+
+    def aggregate(
+        self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
+        out = self.aggregator.aggregate(server_round, current, updates)
+        metrics: Mapping[str, Any] = {}
+        if isinstance(out, tuple):
+            if len(out) != 2 or not isinstance(out[1], Mapping):
+                raise TypeError(
+                    f"{self.name}.aggregate returned a tuple; it must be (new arrays, metrics)"
+                )
+            out, metrics = out
+        if not isinstance(out, Mapping):
+            raise TypeError(
+                f"{self.name}.aggregate returned {type(out).__name__}; it must return a dict "
+                "of arrays named like the global state"
+            )
+        for key, value in metrics.items():
+            try:
+                self.round_metrics[f"aggregator_{key}"] = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{self.name}.aggregate returned metric {key}={value!r}: metrics are numbers"
+                ) from None
+        return dict(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        """fedsim's bookkeeping, plus the aggregator's own ``state_dict()`` under
+        ``aggregator`` (checkpoints save it; ``{}`` for an aggregator without state)."""
+        own = {}
+        if hasattr(self.aggregator, "state_dict"):
+            own = {str(k): np.asarray(v) for k, v in self.aggregator.state_dict().items()}
+        return {**super().state_dict(), "aggregator": own}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        own = dict(state.get("aggregator", {}))
+        if hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(own)
+        elif own:
+            raise ValueError(f"{self.name} keeps no state, got keys {sorted(own)}")
+        super().load_state_dict(state)
+
+
+def as_strategy(obj: Any, target: str) -> AdapterStrategy:
+    """``obj`` itself if it is a fedsim strategy, else the aggregator wrapped (contract checked)."""
+    if isinstance(obj, AdapterStrategy):
+        return obj
+    check_contract(obj, target)
+    return PluginStrategy(obj)
