@@ -228,7 +228,7 @@ def _setup_round(init: DataInit, setup: Setup, record: dict) -> tuple[SetupResul
     replies, good, failures = setup.exchange(sent, lambda reply: _reply_reason(reply, wire))
     if not good and setup.central is None:
         reason = failures[0]["reason"] if failures else "no replies"
-        raise SetupFailed(f"LoRA-SB initialisation: no client sent its gradient ({reason})")
+        raise SetupFailed(f"{init.title}: no client sent its {init.statistic} ({reason})")
     result = SetupResult(record, {})
     contributions, examples = [], 0
     for reply in good:

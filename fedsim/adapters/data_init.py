@@ -53,6 +53,9 @@ class DataInit:
 
     #: the method's name (``summary.json``: ``adapter_init.method``)
     method = "data"
+    #: how errors name the initialisation and what clients send for it
+    title = "the data-driven initialisation"
+    statistic = "statistics"
     #: how ``summary.json`` describes the set-up under central DP (one Gaussian mechanism on the
     #: sum of the clients' statistics, each scaled to ``privacy.clip_norm``)
     central_note = (

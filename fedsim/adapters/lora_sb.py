@@ -173,6 +173,8 @@ class GradientInit(DataInit):
     ``-eta1 * sign(G)``, ``eta1`` the learning rate of the client schedule's first step."""
 
     method = "gradient"
+    title = "LoRA-SB initialisation"
+    statistic = "gradient"
     central_note = (
         "each client's gradient direction scaled to privacy.clip_norm, the sum noised (LoRA-SB "
         "uses its sign); one more step at rate q, included in epsilon"
