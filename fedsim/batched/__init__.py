@@ -24,8 +24,9 @@ The package: :mod:`~fedsim.batched.trainer` (the jobs and :func:`train_group`),
 
 from fedsim.batched.dpsgd import per_example_gradients
 from fedsim.batched.group import group_mean_losses, padded_group, quiet_fallbacks, vmapped_loss
+from fedsim.batched.jobs import ClientJob, ClientOutcome
 from fedsim.batched.optimizers import StackedAdamW, StackedSGD, stacked_optimizer
-from fedsim.batched.trainer import ClientJob, ClientOutcome, train_group
+from fedsim.batched.trainer import train_group
 
 __all__ = [
     "ClientJob",

@@ -4,19 +4,16 @@ clipped, summed and noised per client as Opacus does it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
 from fedsim.batched.group import Functional, padded_group, quiet_fallbacks
+from fedsim.batched.jobs import ClientJob
 from fedsim.dropout import client_streams
 from fedsim.privacy import poisson_indices
 from fedsim.tasks.base import Batch, Task
-
-if TYPE_CHECKING:
-    from fedsim.batched.trainer import ClientJob
 
 
 def per_example_gradients(model: nn.Module, task: Task) -> Callable:

@@ -11,32 +11,11 @@ from torch import nn
 
 from fedsim.batched.dpsgd import dp_gradients, per_example_gradients
 from fedsim.batched.group import padded_group, quiet_fallbacks, vmapped_loss
+from fedsim.batched.jobs import ClientJob, ClientOutcome
 from fedsim.batched.optimizers import stacked_optimizer, state_from_arrays
 from fedsim.dropout import client_streams
-from fedsim.privacy import ClientDP
-from fedsim.tasks.base import Batch, Task
+from fedsim.tasks.base import Task
 from fedsim.training import LocalResult, Schedule, batches, load_optimizer_state
-
-
-@dataclass
-class ClientJob:
-    """One client's share of a batched group."""
-
-    params: dict[str, torch.Tensor]  # its trained parameters' starting values, by name
-    context: dict[str, torch.Tensor]  # other tensors of its model that may differ per client
-    data: Batch
-    generator: torch.Generator  # its batch order
-    start_step: int  # its global step count (the schedule's position)
-    optimizer_state: dict | None = None  # fedsim.training.optimizer_state_arrays, if kept
-    dp: ClientDP | None = None  # DP-SGD: its Poisson rate, noise and accountant
-
-
-@dataclass
-class ClientOutcome:
-    result: LocalResult
-    params: dict[str, torch.Tensor]  # its trained parameters after the local steps
-    #: its optimizer's per-parameter state, as ``torch.optim.Optimizer.state_dict()["state"]``
-    optimizer_state: dict[int, dict[str, torch.Tensor]]
 
 
 @dataclass
