@@ -14,8 +14,8 @@ from hydra.utils import get_object, instantiate
 from torch import nn
 
 from fedsim import registry
-from fedsim.adapters.base import Adapter, AdapterSpec
-from fedsim.codec import Codec
+from fedsim.adapters.base import Adapter, AdapterSpec, check_protocol
+from fedsim.codec import Codec, compresses
 from fedsim.compression import Compressor
 from fedsim.data import FederatedData
 from fedsim.downlink import EF21P
@@ -68,6 +68,8 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
         from fedsim.strategy import as_strategy
 
         built = as_strategy(built, str(target))
+    if group == "adapter" and isinstance(built, Adapter):
+        check_protocol(built, str(target))
     expected = registry.base_class(group)
     if expected is not None and not isinstance(built, expected):
         raise ConfigError(
@@ -105,7 +107,7 @@ class Components:
     def compresses(self) -> bool:
         """Whether client updates travel in any other form than the plain arrays (the chain
         then has a compression stage)."""
-        return self.compressor.active or self.feedback.name != "none"
+        return compresses(self.compressor, self.feedback)
 
     @property
     def sim(self) -> dict[str, Any]:

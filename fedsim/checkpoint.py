@@ -5,13 +5,12 @@ as one ``.safetensors`` file: the arrays are its tensors, and the rest of the tr
 the file's metadata (key ``fedsim``), with each array replaced by a reference to its tensor.
 Nothing is pickled; any safetensors reader can open the file and ``json.loads`` its metadata.
 
-The tree of a run (:meth:`fedsim.apps.server.FederatedRun.checkpoint_state`) holds the round
-it was taken after, the configuration it belongs to, the global arrays, the strategy's state
-(:meth:`fedsim.strategy.AdapterStrategy.state_dict`: the frozen factors, which clients hold
-them, folded changes, an aggregator's own state), error feedback's and EF21-P's server state,
-the central DP accountant, every client's ``Context.state`` (error-feedback memories, DP
-accountants, personal adapters, folded bases, step counts), the server's running totals, and
-the random states of Python, NumPy and PyTorch.
+The tree of a run (:mod:`fedsim.apps.server.state`) holds the round it was taken after, the
+configuration it belongs to, the server's state (:class:`~fedsim.apps.server.state.ServerState`:
+the global arrays, the strategy's own state, each stage of the uplink chain's server state, the
+running totals, the random states of Python, NumPy and PyTorch) and every client's
+``Context.state`` (error-feedback memories, DP accountants, personal adapters, folded bases,
+step counts).
 
 Encoding of the tree's values in the JSON (the markers start with ``$``, which fedsim's own
 keys never do): a dict whose keys are not all strings is ``{"$dict": [[key, value], ...]}``,
@@ -40,8 +39,9 @@ from fedsim.records import array_record, numpy_dict
 
 #: the file name inside a run folder
 CHECKPOINT_FILE = "checkpoint.safetensors"
-#: bumped when the tree's layout changes; older checkpoints are refused with a clear message
-FORMAT = 1
+#: bumped when the tree's layout changes (2: the server's state as ServerState gathers it; the
+#: server upgrades format 1, and refuses others with a clear message)
+FORMAT = 2
 _META_KEY = "fedsim"
 
 

@@ -28,6 +28,13 @@ from fedsim.records import array_record, numpy_dict
 from fedsim.uplink import Linear, Stage
 
 
+def compresses(compressor: Compressor, feedback: Feedback) -> bool:
+    """Whether client updates travel in any other form than the plain arrays: a compressor
+    that is active, or a feedback method other than :class:`~fedsim.feedback.Naive` (whose
+    memories change what is sent even without one)."""
+    return compressor.active or not isinstance(feedback, Naive)
+
+
 class Codec(Stage):
     """A compressor and a feedback method, as one client and one server half.
 
@@ -65,11 +72,6 @@ class Codec(Stage):
         #: client -> the last round whose message the server aggregated
         self.absorbed: dict[int, int] = {}
         self._decoded: dict[int, Arrays] = {}  # this round's decoded payloads, by client
-
-    @property
-    def active(self) -> bool:
-        """Whether updates travel in any other form than the plain arrays."""
-        return self.compressor.active or not isinstance(self.feedback, Naive)
 
     # ------------------------------------------------------------------ client half
     def send(self, sending, out) -> None:

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedsim import keys
 from fedsim.compression import Compressor, decompress_arrays
-from fedsim.feedback import Arrays, _send
+from fedsim.feedback import Arrays, send_compressed
 from fedsim.messages import ClientUpdate, merge_records, split_prefix
 from fedsim.records import array_record, numpy_dict
 from fedsim.uplink import Stage
@@ -58,7 +58,7 @@ class EF21P(Stage):
             k: np.asarray(current[k], np.float64) - self.w[k].astype(np.float64) for k in current
         }
         dtype = next(iter(current.values())).dtype
-        payload, step = _send(self.compressor, diff, self.rng_for(server_round), dtype)
+        payload, step = send_compressed(self.compressor, diff, self.rng_for(server_round), dtype)
         self.w = {
             k: (self.w[k].astype(np.float64) + step[k]).astype(self.w[k].dtype) for k in self.w
         }

@@ -110,7 +110,7 @@ class Feedback:
         self.server_state = dict(state)
 
 
-def _send(compressor, value, rng_for, dtype, clip=None) -> tuple[dict, Arrays]:
+def send_compressed(compressor, value, rng_for, dtype, clip=None) -> tuple[dict, Arrays]:
     """Compress ``value`` (clipped to norm ``clip`` first, if given); returns the payload and
     what the receiver reconstructs."""
     if clip is not None:
@@ -138,7 +138,7 @@ class Naive(Feedback):
     needs_contractive = False
 
     def encode(self, u, compressor, rng_for, dtype, state, clip=None):
-        return _send(compressor, dict(u), rng_for, dtype, clip)[0]
+        return send_compressed(compressor, dict(u), rng_for, dtype, clip)[0]
 
 
 class EF14(Feedback):
@@ -149,7 +149,7 @@ class EF14(Feedback):
 
     def encode(self, u, compressor, rng_for, dtype, state, clip=None):
         v = {k: state.get(f"e/{k}", 0.0) + u[k] for k in u}
-        payload, m = _send(compressor, v, rng_for, dtype, clip)
+        payload, m = send_compressed(compressor, v, rng_for, dtype, clip)
         for k in u:
             state[f"e/{k}"] = v[k] - m[k]
         return payload
@@ -163,7 +163,6 @@ class _Tracking(Feedback):
     """EF21 and EControl: a tracked estimate per client, its mean on the server."""
 
     replaces_aggregation = True
-    estimate_key = "g"
 
     def __init__(self, lr_server: float = 1.0, compress_first: bool = False) -> None:
         super().__init__(lr_server)
@@ -191,7 +190,7 @@ class EF21(_Tracking):
             payload, c = _dense(dict(u), dtype, clip)
         else:
             diff = {k: u[k] - state.get(f"g/{k}", 0.0) for k in u}
-            payload, c = _send(compressor, diff, rng_for, dtype, clip)
+            payload, c = send_compressed(compressor, diff, rng_for, dtype, clip)
         for k in u:
             state[f"g/{k}"] = state.get(f"g/{k}", 0.0) + c[k]
         return payload
@@ -232,7 +231,7 @@ class EControl(_Tracking):
             new_e = {k: np.zeros(np.shape(u[k])) for k in u}
         else:
             v = {k: self.eta * e[k] + u[k] - h[k] for k in u}
-            payload, d = _send(compressor, v, rng_for, dtype, clip)
+            payload, d = send_compressed(compressor, v, rng_for, dtype, clip)
             new_e = {k: e[k] + u[k] - h[k] - d[k] for k in u}
         for k in u:
             state[f"e/{k}"] = new_e[k]

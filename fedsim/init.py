@@ -33,7 +33,13 @@ from fedsim import keys
 from fedsim.adapters.data_init import DataInit, InitRun
 from fedsim.compression import scale_to_norm
 from fedsim.errors import ConfigError
-from fedsim.messages import check_arrays, merge_records, split_prefix, with_prefix
+from fedsim.messages import (
+    check_arrays,
+    merge_records,
+    missing_records,
+    split_prefix,
+    with_prefix,
+)
 from fedsim.records import array_record, messages_payload, numpy_dict
 from fedsim.uplink import Stage
 
@@ -277,10 +283,7 @@ def _combine(init: DataInit, setup: Setup, shapes, contributions, result: SetupR
 
 def _reply_reason(reply: Message, shapes: dict[str, tuple[int, ...]]) -> str | None:
     """Why a set-up reply is refused: every statistic there, with its shape, finite."""
-    content = reply.content
-    if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
-        return "malformed reply: missing arrays or metrics"
-    return check_arrays(content[keys.ARRAYS], shapes)
+    return missing_records(reply) or check_arrays(reply.content[keys.ARRAYS], shapes)
 
 
 # ----------------------------------------------------------------------------- client half

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
+from fedsim import keys
 from fedsim.records import array_numpy, array_record
 
 
@@ -100,4 +101,12 @@ def check_arrays(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> 
             return f"malformed reply: {name} has shape {shape}, expected {want}"
         if not np.all(np.isfinite(array_numpy(arr, copy=False))):
             return f"non-finite values in {name}"
+    return None
+
+
+def missing_records(reply: Message) -> str | None:
+    """Why a reply cannot be read: it lacks its arrays or its metrics."""
+    content = reply.content
+    if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
+        return "malformed reply: missing arrays or metrics"
     return None

@@ -38,9 +38,9 @@ GROUPS: tuple[Group, ...] = (
     Group("adapter", "fedsim.adapters.base:Adapter"),
     Group("strategy", "fedsim.strategy.base:AdapterStrategy"),
     Group("partition", None),  # any flwr-datasets partitioner
-    Group("engine", None),
     Group("optimizer", None),  # any torch.optim class, partially applied
     Group("schedule", "fedsim.training:Schedule"),
+    Group("engine", None),
     Group("compressor", "fedsim.compression:Compressor"),
     Group("feedback", "fedsim.feedback:Feedback"),
     Group("downlink", "fedsim.compression:Compressor"),

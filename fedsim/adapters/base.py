@@ -276,6 +276,27 @@ class Adapter:
         )
 
 
+#: what an older fedsim read of an adapter initialised from data; ``data_init`` replaced them
+OLD_INIT_PROTOCOL = ("needs_data_init", "init_source", "init_examples", "base_gradients")
+
+
+def check_protocol(adapter: Adapter, target: str) -> None:
+    """A ConfigError if an adapter class of the user's still speaks the data-driven
+    initialisation protocol of an older fedsim (it would run without being initialised)."""
+    for cls in type(adapter).__mro__:
+        if cls.__module__.startswith("fedsim.") or cls is object:
+            continue
+        old = [name for name in OLD_INIT_PROTOCOL if name in vars(cls)]
+        if old:
+            raise ConfigError(
+                "adapter._target_",
+                target,
+                f"{cls.__name__} defines {', '.join(old)}: a data-driven initialisation is now "
+                "an adapter's data_init, a fedsim.adapters.data_init.DataInit "
+                "(docs/architecture.md, where a new piece goes)",
+            )
+
+
 def matching_linear_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
     """Names of the ``nn.Linear`` modules selected by ``targets``.
 

@@ -178,7 +178,7 @@ def _check_codec(components) -> None:
         )
     if downlink.active and not strategy.communicates:
         raise ConfigError("downlink", downlink.name, f"strategy {name} sends no global arrays")
-    active = compressor.active or feedback.name != "none"
+    active = components.compresses
     if not active and feedback.lr_server != 1.0:
         raise ConfigError(
             "feedback.lr_server",

@@ -183,7 +183,7 @@ class _Noised:
         noisy = self.stage.dp.noised_sum(
             linear.contributions, shapes, info.seed, info.server_round, unit=linear.unit
         )
-        return linear.apply(noisy, self.stage.clients_per_round)  # q N, fixed
+        return linear.apply(noisy, info.expected)  # q N, fixed
 
     def linear(self, info, updates):
         raise TypeError("nothing can wrap the central noise: it is the last step")

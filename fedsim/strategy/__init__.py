@@ -8,6 +8,7 @@ folded into the clients' frozen base), :class:`PluginStrategy` (a user's aggrega
 uplink chain (:mod:`fedsim.uplink`).
 """
 
+from fedsim.init import FROZEN
 from fedsim.messages import (
     ClientCall,
     ClientUpdate,
@@ -26,6 +27,7 @@ from fedsim.strategy.rounds import Federation, check_aggregate
 from fedsim.strategy.sampling import ClientSampler
 
 __all__ = [
+    "FROZEN",
     "INITIAL",
     "AdapterStrategy",
     "ClientCall",

@@ -143,9 +143,47 @@ class PluginStrategy(AdapterStrategy):
         super().load_state_dict(state)
 
 
+#: what an older fedsim called on a strategy, and what does that now
+REPLACED_HOOKS = {
+    "configure_train": "fedsim.strategy.Federation builds the messages: override downlink",
+    "aggregate_train": "fedsim.strategy.Federation aggregates the replies: override aggregate",
+    "configure_evaluate": "fedsim.strategy.Federation: override evaluate_downlink",
+    "aggregate_evaluate": "fedsim.strategy.Federation averages the clients' evaluation",
+    "aggregation_error": "the diagnostic (fedsim.strategy.diagnostic) uses the adapter's "
+    "layer_delta and your weights",
+    "effective": "the diagnostic uses the adapter's layer_delta",
+    "diagnostic_arrays": "clients attach their uncompressed arrays to compressed replies",
+    "check_aggregate": "fedsim.strategy.check_aggregate checks every aggregate",
+    "rebased": "EF21-P's stage rebases updates (fedsim.downlink)",
+    "reply_reason": "override check_reply; compressed payloads are the compression stage's",
+    "aggregate_central": "central DP's stage (fedsim.privacy.CentralNoise)",
+    "aggregate_compressed": "the compression stage (fedsim.codec)",
+    "receive_frozen": "the frozen stage (fedsim.init): the factors arrive among the arrays "
+    "client_receive gets",
+}
+
+
+def check_hooks(obj: AdapterStrategy, target: str) -> None:
+    """A ConfigError if a strategy overrides a method fedsim no longer calls (it would be
+    ignored without a word, or fail on a name that is gone)."""
+    for cls in type(obj).__mro__:
+        if cls.__module__.startswith("fedsim.") or cls is object:
+            continue
+        for name, replacement in REPLACED_HOOKS.items():
+            if name in vars(cls):
+                raise ConfigError(
+                    "strategy._target_",
+                    target,
+                    f"{cls.__name__} defines {name}(), which fedsim no longer calls: "
+                    f"{replacement} (docs/strategies.md)",
+                )
+
+
 def as_strategy(obj: Any, target: str) -> AdapterStrategy:
-    """``obj`` itself if it is a fedsim strategy, else the aggregator wrapped (contract checked)."""
+    """``obj`` itself if it is a fedsim strategy (its hooks checked), else the aggregator
+    wrapped (contract checked)."""
     if isinstance(obj, AdapterStrategy):
+        check_hooks(obj, target)
         return obj
     check_contract(obj, target)
     return PluginStrategy(obj)

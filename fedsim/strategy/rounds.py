@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim import keys
-from fedsim.messages import ClientUpdate
+from fedsim.messages import ClientUpdate, missing_records
 from fedsim.records import array_record, numpy_dict
 from fedsim.strategy.base import AdapterStrategy, StrategyContext
 from fedsim.strategy.diagnostic import aggregation_error
@@ -118,8 +118,9 @@ class Federation(Strategy):
         if late is not None:
             return late
         content = reply.content
-        if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
-            return "rejected", "malformed reply: missing arrays or metrics"
+        missing = missing_records(reply)
+        if missing is not None:
+            return "rejected", missing
         if keys.NUM_EXAMPLES not in content[keys.METRICS]:
             return "rejected", f"malformed reply: no {keys.NUM_EXAMPLES}"
         rejected = self.uplink.screen(self.info, client, reply)

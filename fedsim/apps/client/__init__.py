@@ -15,8 +15,17 @@ from flwr.clientapp import ClientApp
 
 from fedsim import keys
 from fedsim.apps.client.runtime import ClientRuntime, TrainJob, runtime_for, state_bytes
+from fedsim.faults import InjectedCrash
 
-__all__ = ["ClientRuntime", "TrainJob", "app", "make_client_app", "runtime_for", "state_bytes"]
+__all__ = [
+    "ClientRuntime",
+    "InjectedCrash",
+    "TrainJob",
+    "app",
+    "make_client_app",
+    "runtime_for",
+    "state_bytes",
+]
 
 
 def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:

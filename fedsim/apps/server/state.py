@@ -17,13 +17,10 @@ from typing import Any
 
 import fedsim
 from fedsim import checkpoint
-from fedsim.checkpoint import CHECKPOINT_FILE
+from fedsim.checkpoint import CHECKPOINT_FILE, FORMAT
 from fedsim.errors import RunFailed
 from fedsim.records import array_record, numpy_dict
 from fedsim.resume import comparable
-
-#: the layout of a checkpoint's tree; format 1 (before the uplink chain) is upgraded on load
-FORMAT = 2
 
 
 class ServerState:
@@ -57,9 +54,9 @@ def upgrade(tree: dict[str, Any], stages: list[str]) -> dict[str, Any]:
     Format 1 kept the frozen factors, which clients hold them and the rounds whose compressed
     messages were absorbed in the strategy's state, and error feedback's, EF21-P's and the
     central accountant's states beside it."""
-    strategy = dict(tree["strategy"])
-    frozen = {"frozen": strategy.pop("frozen"), "has_frozen": strategy.pop("has_frozen")}
-    absorbed = strategy.pop("absorbed")
+    strategy = dict(tree["strategy"])  # a strategy that did not extend super() kept none
+    frozen = {"frozen": strategy.pop("frozen", {}), "has_frozen": strategy.pop("has_frozen", [])}
+    absorbed = strategy.pop("absorbed", {})
     if "initial_personal" in strategy:  # personal strategies sent initial values alongside
         strategy["has_initial"] = list(frozen["has_frozen"])
     uplink: dict[str, Any] = {}
@@ -144,7 +141,11 @@ class Checkpoints:
         if tree["config"] != comparable(spec.cfg):
             raise RunFailed(f"{spec.resume} belongs to another configuration")
         if tree["format"] == 1:
-            tree = upgrade(tree, stages)
+            try:
+                tree = upgrade(tree, stages)
+            except (KeyError, TypeError, ValueError) as e:
+                msg = f"{spec.resume} cannot be read as a format-1 checkpoint: {e}"
+                raise RunFailed(msg) from None
         try:
             writer.resume(int(tree["round"]))
         except ValueError as e:
