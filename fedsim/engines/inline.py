@@ -10,7 +10,6 @@ would copy them (:func:`transport_copy`), so neither side can alias the other's 
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterable
 
 import numpy as np
@@ -71,7 +70,7 @@ class InlineGrid(Grid):
         self._contexts: dict[int, Context] = {}
         self._pending: dict[str, Message] = {}
         self._replies: dict[str, Message] = {}
-        self._counter = itertools.count(1)
+        self._next_id = 1  # message ids: m1, m2, ... (their order is the order of delivery)
         self._run = Run.create_empty(run_id=run_id)
         self._run.primary_task_id = 1
         TaskIdentity.run_id = run_id
@@ -107,7 +106,8 @@ class InlineGrid(Grid):
             md = msg.metadata
             if md.message_id or md.reply_to_message_id or md.ttl <= 0 or md.delivered_at:
                 raise ValueError(f"Invalid message: {msg}")  # as Flower's grids check
-            msg_id = f"m{next(self._counter)}"
+            msg_id = f"m{self._next_id}"
+            self._next_id += 1
             md.__dict__["_message_id"] = msg_id
             self._pending[msg_id] = transport_copy(msg)  # what the client receives
             ids.append(msg_id)
@@ -132,6 +132,15 @@ class InlineGrid(Grid):
         """Each node's ``Context.state`` (what its client keeps between rounds), by node id;
         nodes that never received a message have none. Checkpoints save these."""
         return {node: ctx.state for node, ctx in self._contexts.items()}
+
+    def message_count(self) -> int:
+        """How many messages were pushed so far (checkpoints save it)."""
+        return self._next_id - 1
+
+    def continue_message_count(self, count: int) -> None:
+        """Number the next messages as a grid that had pushed ``count`` would: a resumed run
+        delivers (and so sums) in the order the uninterrupted run did."""
+        self._next_id = int(count) + 1
 
     def load_node_states(self, states: dict[int, RecordDict]) -> None:
         """Give nodes the states :meth:`node_states` returned (a resumed run)."""

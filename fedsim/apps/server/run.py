@@ -248,7 +248,9 @@ class FederatedRun:
             self.federation.client_of[node]: state
             for node, state in self.grid.node_states().items()
         }
-        self.checkpoints.save(self.state.tree(server_round, arrays, t_start), clients)
+        tree = self.state.tree(server_round, arrays, t_start)
+        tree["grid"] = {"messages": self.grid.message_count()}
+        self.checkpoints.save(tree, clients)
 
     def restore(self, tree: dict) -> ArrayRecord:
         """Put the server, the strategy, the chain and every client back where the checkpoint
@@ -268,5 +270,7 @@ class FederatedRun:
                 for client, state in tree["clients"].items()
             }
         )
+        if "grid" in tree:  # (format-1 checkpoints did not save it)
+            self.grid.continue_message_count(tree["grid"]["messages"])
         self.printer.line(f"resumed after round {tree['round']} from {self.spec.resume}")
         return arrays
