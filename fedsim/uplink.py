@@ -180,9 +180,6 @@ class Uplink:
             raise ValueError(f"a chain holds each stage once, got {names}")
         self.stages = list(stages)
 
-    def __iter__(self):
-        return iter(self.stages)
-
     def __getitem__(self, name: str) -> Stage:
         for stage in self.stages:
             if stage.name == name:

@@ -38,7 +38,8 @@ UNSTABLE = ("versions",)
 #: the checkpoint's size varies with the digits of the wall time it records
 SIZES = ("bytes",)
 
-# The tiny synthetic setting of tests/conftest.py: 4 clients, 2 rounds, 3 local steps.
+# The tiny synthetic setting of tests/conftest.py (4 clients, 2 rounds, 3 local steps), written
+# out here on purpose rather than imported: the corpus must not move when test helpers change.
 BASE = [
     "task=synthetic",
     "task.examples_per_client=64",
