@@ -1,0 +1,55 @@
+"""The table of bad inputs (tests/test_bad_inputs.py): each case is one ``fedsim`` command that
+must fail with one line on stderr, no traceback, its exit status, and no file of an earlier
+run changed.
+
+Each module of this package lists its cases in ``CASES``. A case's arguments may name
+``{run}`` (a copy of a prepared run folder: ``finished`` or ``stopped``, as ``folder`` says)
+and ``{tmp}`` (the case's own scratch folder, also the command's working directory, where the
+default ``results/`` goes); ``prepare(run, tmp)`` damages the copy or writes input files
+before the command runs. ``STOPPED_ARGS`` are the arguments that made both prepared runs
+(``resume=true`` with them continues the stopped one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: the arguments of both prepared runs (the synthetic task, FedAvg, 4 clients, 3 rounds);
+#: the stopped one was killed after its checkpoint of round 1
+STOPPED_ARGS = (
+    "task=synthetic",
+    "strategy=fedavg",
+    "task.examples_per_client=64",
+    "task.test_examples=200",
+    "task.hidden_dim=32",
+    "sim.num_clients=4",
+    "sim.clients_per_round=4",
+    "sim.rounds=3",
+    "sim.local_steps=3",
+    "sim.batch_size=16",
+    "sim.lr=0.01",
+    "quiet=true",
+)
+#: a small run for cases that change one thing of it
+SMALL = STOPPED_ARGS
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]
+    #: a piece of the one line the command prints on stderr
+    says: str
+    #: the exit status: 2 for a configuration mistake or a damaged file, 1 for a failed run
+    code: int = 2
+    #: None, "finished" or "stopped": which prepared run is copied to {run}
+    folder: str | None = None
+    prepare: Callable[[Path, Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def small(*extra: str) -> tuple[str, ...]:
+    """The small run's arguments with ``extra`` (later ones win, as on the command line)."""
+    return (*SMALL, *extra)

@@ -1,0 +1,142 @@
+"""Bad inputs, all of them at once: each row of the table (tests/bad_inputs/) is one ``fedsim``
+command, run as a user runs it (a fresh process), that must end with one line on stderr and no
+traceback, with its exit status (2: a configuration mistake or a damaged or edited file; 1: a
+run that failed), and with every file of an earlier run as it was (hashes before and after).
+
+The commands run two at a time (each spends most of its few seconds importing), once per
+session, before the first row's check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import tests.bad_inputs as table
+from tests.bad_inputs import STOPPED_ARGS, Case
+
+CASES: list[Case] = [
+    case
+    for info in pkgutil.iter_modules(table.__path__)
+    for case in importlib.import_module(f"tests.bad_inputs.{info.name}").CASES
+]
+BY_ID = {case.id: case for case in CASES}
+assert len(BY_ID) == len(CASES), "two cases share an id"
+
+
+def _env(case: Case) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR",)}
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONHASHSEED="0")
+    env.update(case.env)
+    return env
+
+
+def _fedsim(args, cwd: Path, env: dict[str, str], timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    """A finished run and a stopped one (killed after its checkpoint of round 1)."""
+    from fedsim.apps.server.run import FederatedRun
+    from fedsim.cli import main
+
+    root = tmp_path_factory.mktemp("prepared")
+    finished, stopped = root / "finished", root / "stopped"
+    main([*STOPPED_ARGS, f"hydra.run.dir={finished}"])
+
+    class Killed(BaseException):
+        pass
+
+    original = FederatedRun.checkpoint
+
+    def die(self, r, arrays, t_start):
+        original(self, r, arrays, t_start)
+        if r == 1:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FederatedRun, "checkpoint", die)
+        with pytest.raises(Killed):
+            main([*STOPPED_ARGS, f"hydra.run.dir={stopped}"])
+    return {"finished": finished, "stopped": stopped}
+
+
+def _run_case(case: Case, base: Path, prepared: dict[str, Path]) -> dict:
+    tmp = base / case.id
+    tmp.mkdir(parents=True)
+    run = tmp / "run"
+    if case.folder is not None:
+        shutil.copytree(prepared[case.folder], run)
+    if case.prepare is not None:
+        case.prepare(run, tmp)
+    args = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp)) for a in case.args]
+    before = hashes(tmp)
+    t0 = time.perf_counter()
+    out = _fedsim(args, tmp, _env(case))
+    return {
+        "rc": out.returncode,
+        "stdout": out.stdout,
+        "stderr": out.stderr,
+        "before": before,
+        "after": hashes(tmp),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+@pytest.fixture(scope="session")
+def outcomes(request, prepared, tmp_path_factory) -> dict[str, dict]:
+    """Every selected case's outcome, run two at a time."""
+    wanted = [
+        item.callspec.params["case_id"]
+        for item in request.session.items
+        if getattr(item, "callspec", None) is not None and "case_id" in item.callspec.params
+    ]
+    base = tmp_path_factory.mktemp("cases")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {cid: pool.submit(_run_case, BY_ID[cid], base, prepared) for cid in wanted}
+    return {cid: f.result() for cid, f in futures.items()}
+
+
+@pytest.mark.parametrize("case_id", list(BY_ID))
+def test_a_bad_input_is_one_line_and_changes_nothing(case_id, outcomes):
+    case, out = BY_ID[case_id], outcomes[case_id]
+    shown = f"exit {out['rc']}\nstdout:\n{out['stdout'][-2000:]}\nstderr:\n{out['stderr'][-4000:]}"
+    assert out["rc"] == case.code, shown
+    lines = [line for line in out["stderr"].splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in out["stderr"], shown
+    assert case.says in lines[0], shown
+    changed = [k for k, v in out["before"].items() if out["after"].get(k) != v]
+    assert not changed, f"changed or removed: {changed}\n{shown}"
+    if case.code == 2:
+        added = sorted(set(out["after"]) - set(out["before"]))
+        assert not added, f"written although refused: {added}\n{shown}"
+
+
+def test_the_table_is_broad():
+    assert len(CASES) >= 60, len(CASES)
