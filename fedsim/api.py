@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedsim import locks
 from fedsim.build import build
 from fedsim.config import RunSpec, check, compose
 from fedsim.results import METRICS_FILE, SUMMARY_FILE
@@ -44,8 +45,6 @@ def run(
     ``resume=True`` it must be given: a finished run there is returned as it is, an unfinished
     one continues from its checkpoint (or starts again without one).
     """
-    from fedsim import resume as resuming
-
     if output_dir is None:
         if resume:
             raise ValueError("resume=True needs the output_dir of the run to continue")
@@ -55,6 +54,18 @@ def run(
     spec = RunSpec(cfg=cfg, choices=choices, output_dir=Path(output_dir), quiet=quiet)
     if resume:
         check(cfg)  # before anything in the folder is touched
+    held = locks.hold(spec.output_dir, "output_dir")  # one run per folder
+    try:
+        return _run_held(spec, cfg, resume)
+    finally:
+        if held:
+            locks.free(spec.output_dir)
+
+
+def _run_held(spec: RunSpec, cfg: dict[str, Any], resume: bool) -> dict[str, Any]:
+    from fedsim import resume as resuming
+
+    if resume:
         action, spec.resume = resuming.plan(spec.output_dir, cfg)
         if action == resuming.DONE:
             resuming.drop_stale_checkpoint(spec.output_dir, cfg)

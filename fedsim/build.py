@@ -56,8 +56,8 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
         if isinstance(cause, ConfigError):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
-            raise ComponentError(group, str(target), _first_sentence(str(cause))) from None
-        raise ComponentError(group, str(target), str(e).splitlines()[0]) from None
+            raise ComponentError(group, str(target), _one_line(str(cause))) from None
+        raise ComponentError(group, str(target), _one_line(str(e))) from None
     except ConfigError:
         raise
     if isinstance(built, functools.partial) and type(built) is not functools.partial:
@@ -78,10 +78,9 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
     return built
 
 
-def _first_sentence(text: str) -> str:
-    line = " ".join(text.split())
-    cut = line.find(". ")
-    return line[: cut + 1] if 0 < cut < len(line) - 2 else line
+def _one_line(text: str) -> str:
+    """A library's message whole, its lines joined (never cut)."""
+    return " ".join(text.split())
 
 
 @dataclass

@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from fedsim import resume
-from fedsim.apps.server import RunFailed
+from fedsim import locks, resume
 from fedsim.config import (
     RunSpec,
     check,
@@ -26,6 +24,7 @@ from fedsim.config import (
     to_container,
 )
 from fedsim.errors import ConfigCompositionError, ConfigError
+from fedsim.jobs import run_job
 from fedsim.results import METRICS_FILE
 
 #: environment variable naming the file where a sweep's failed jobs are listed
@@ -75,13 +74,16 @@ def _parse(argv: list[str]) -> tuple[list[str], dict[str, str], bool, bool]:
     return overrides, flags, multirun, info
 
 
-def prevalidate(argv: list[str]) -> tuple[int, list[str]]:
-    """Compose, validate and build every job of the command line; returns the number of jobs
-    and the overrides to add (``resume=true`` finds the folder of the run it continues)."""
+def prevalidate(argv: list[str]) -> tuple[list[tuple[str, Path, bool]], list[str]]:
+    """Compose, validate and build every job of the command line; returns the folders the
+    command will write (``(key, folder, resumed)``: the run's, or the sweep's and each job's)
+    and the overrides to add (the folders, resolved here once, so that they are known and
+    locked before Hydra writes anything; ``resume=true`` finds the folder it continues)."""
     overrides, flags, multirun, info = _parse(argv)
     if info or "rerun" in flags:
-        return 0, []
+        return [], []
     added: list[str] = []
+    folders: list[tuple[str, Path, bool]] = []
     resuming_any = False
     where = {
         "config_name": flags.get("name", "config"),
@@ -107,21 +109,16 @@ def prevalidate(argv: list[str]) -> tuple[int, list[str]]:
                     True,
                     "a sweep resumes the jobs of one sweep folder: give hydra.sweep.dir=<it>",
                 )
-            folder = Path(composed.sweep_dir) / str(index)
+            if index == 0:
+                sweep_dir = Path(composed.sweep_dir)
+                folders.append(("hydra.sweep.dir", sweep_dir, resuming))
+                if not _given("hydra.sweep.dir", job):
+                    added.append(f"hydra.sweep.dir={sweep_dir}")
+            folder = sweep_dir / str(index)
             _check_output_dir("hydra.sweep.dir", folder, job, composed.cfg)
-        elif resuming and not _given("hydra.run.dir", job):
-            root = Path(composed.run_dir).parent.parent
-            found = resume.find_run(root, composed.cfg)
-            if found is None:
-                raise ConfigError(
-                    "resume",
-                    True,
-                    f"no unfinished run of this configuration with a checkpoint under {root}; "
-                    "name its folder with hydra.run.dir=<folder> or resume=<folder>",
-                )
-            added.append(f"hydra.run.dir={found}")
+            folders.append(("hydra.sweep.dir", folder, resuming))
         else:
-            _check_output_dir("hydra.run.dir", Path(composed.run_dir), job, composed.cfg)
+            _run_folder(job, composed, added, folders)
     if fixed_error is not None:
         raise ConfigCompositionError(
             f"{fixed_error}; in a sweep, a key that exists only in some of the swept options "
@@ -129,7 +126,42 @@ def prevalidate(argv: list[str]) -> tuple[int, list[str]]:
         )
     if resuming_any:  # the folders keep the .hydra/ record of the command that started them
         added.append("hydra.output_subdir=null")
-    return len(jobs), added
+    return folders, added
+
+
+def _run_folder(job: list[str], composed, added: list[str], folders: list) -> None:
+    """A single run's folder: checked, resolved once (added as an override) and listed."""
+    if composed.cfg.get("resume") is True and not _given("hydra.run.dir", job):
+        root = Path(composed.run_dir).parent.parent
+        found = resume.find_run(root, composed.cfg)
+        if found is None:
+            raise ConfigError(
+                "resume",
+                True,
+                f"no unfinished run of this configuration with a checkpoint under {root}; "
+                "name its folder with hydra.run.dir=<folder> or resume=<folder>",
+            )
+        added.append(f"hydra.run.dir={found}")
+        folders.append(("resume", found, True))
+        return
+    _check_output_dir("hydra.run.dir", Path(composed.run_dir), job, composed.cfg)
+    if not _given("hydra.run.dir", job):
+        added.append(f"hydra.run.dir={composed.run_dir}")
+    folders.append(("hydra.run.dir", Path(composed.run_dir), composed.cfg.get("resume") is True))
+
+
+def _lock(folders: list[tuple[str, Path, bool]]) -> None:
+    """Hold every folder the command writes (one run per folder), then check again, under
+    the lock, that a folder a new run writes into holds no run (one may have ended in it
+    since the first check)."""
+    for key, folder, resuming in folders:
+        locks.hold(folder, key)
+        if not resuming and (folder / METRICS_FILE).exists():
+            raise ConfigError(
+                key,
+                str(folder),
+                f"already holds a run ({folder / METRICS_FILE}); choose another folder",
+            )
 
 
 def _given(key: str, job: list[str]) -> bool:
@@ -214,43 +246,7 @@ def _hydra_main(cfg: DictConfig) -> None:
             print(f"fedsim: no checkpoint in {spec.output_dir}; starting it again from round 0")
             resume.clear_partial(spec.output_dir)
         spec.resume = ckpt
-    _run_job(spec, sweep_log)
-
-
-def _run_job(spec: RunSpec, sweep_log: str | None) -> None:
-    """Run one job; exit status 2 for a configuration mistake, 1 for a failed run (a sweep's
-    job records its failure and returns, so that the other jobs run)."""
-    from fedsim.api import run_spec
-
-    try:
-        run_spec(spec)
-    except (ConfigError, ConfigCompositionError) as e:  # already caught up front, normally
-        print(f"fedsim: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:
-        failed = _run_failed(e)
-        where = spec.output_dir / "summary.json"
-        if sweep_log:  # a sweep goes on: the job's summary.json says why it failed
-            if failed is None:  # a bug (or a plug-in's exception): show where it came from
-                traceback.print_exc()
-            reason = failed if failed is not None else f"{type(e).__name__}: {e}"
-            print(f"fedsim: job failed: {reason} (see {where})", file=sys.stderr)
-            with open(sweep_log, "a", encoding="utf-8") as f:
-                f.write(f"{spec.output_dir}\n")
-            return
-        if failed is None:
-            raise  # a bug: Hydra prints the traceback
-        print(f"fedsim: run failed: {failed} (see {where})", file=sys.stderr)
-        sys.exit(1)
-
-
-def _run_failed(exc: BaseException) -> RunFailed | None:
-    """The RunFailed behind ``exc`` (the ray engine re-raises it wrapped), if any."""
-    while exc is not None:
-        if isinstance(exc, RunFailed):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    run_job(spec, sweep_log)
 
 
 def _finished_single_run(argv: list[str]) -> Path | None:
@@ -327,22 +323,31 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _main(argv)
+    finally:
+        locks.free_all()  # a process's locks end with it anyway; main() may be called again
+
+
+def _main(argv: list[str]) -> None:
     folder = _resume_folder(argv)
     done = None
     try:
         if folder is not None:
             spec = _resume_saved(folder, argv)
+            _lock([("resume", spec.output_dir, True)])
         else:
-            _, added = prevalidate(argv)
+            folders, added = prevalidate(argv)
+            _lock(folders)
             done = _finished_single_run(argv)
     except (ConfigError, ConfigCompositionError) as e:
         print(f"fedsim: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if folder is None and done is not None:  # resume=true of a finished run: touch nothing
-        print(f"fedsim: {done} has finished already; nothing to resume")
-        return
     if folder is not None:
-        _run_job(spec, None)
+        run_job(spec, None)
+        return
+    if done is not None:  # resume=true of a finished run: touch nothing
+        print(f"fedsim: {done} has finished already; nothing to resume")
         return
     argv = [*argv, *added]
     sys.argv = [sys.argv[0] if sys.argv else "fedsim", *argv]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import pkgutil
 import shutil
@@ -95,18 +96,56 @@ def _run_case(case: Case, base: Path, prepared: dict[str, Path]) -> dict:
         shutil.copytree(prepared[case.folder], run)
     if case.prepare is not None:
         case.prepare(run, tmp)
-    args = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp)) for a in case.args]
+
+    def fill(args):
+        return [a.replace("{run}", str(run)).replace("{tmp}", str(tmp)) for a in args]
+
+    first = None
+    if case.beside is not None:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "fedsim", *fill(case.beside)],
+            cwd=tmp,
+            env=_env(case),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for(run / "metrics.jsonl", first)
     before = hashes(tmp)
+    if first is not None:  # what the first run has written for good, and must keep
+        kept = ("run/.hydra/", "run/config.yaml")
+        before = {k: v for k, v in before.items() if k.startswith(kept)}
     t0 = time.perf_counter()
-    out = _fedsim(args, tmp, _env(case))
-    return {
+    out = _fedsim(fill(case.args), tmp, _env(case))
+    outcome = {
         "rc": out.returncode,
         "stdout": out.stdout,
         "stderr": out.stderr,
-        "before": before,
-        "after": hashes(tmp),
         "seconds": time.perf_counter() - t0,
+        "before": before,
     }
+    if first is not None:
+        first_err = first.communicate(timeout=600)[1]
+        outcome["beside"] = (first.returncode, first_err[-2000:])
+        summary = run / "summary.json"
+        outcome["summary_status"] = (
+            json.loads(summary.read_text())["status"] if summary.exists() else None
+        )
+    outcome["after"] = hashes(tmp)
+    return outcome
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.perf_counter()
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"the first run ended before its first round: {process.stderr.read()}"
+            )
+        if time.perf_counter() - t0 > timeout:
+            process.kill()
+            raise AssertionError(f"the first run wrote no round in {timeout} s")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -133,10 +172,51 @@ def test_a_bad_input_is_one_line_and_changes_nothing(case_id, outcomes):
     assert case.says in lines[0], shown
     changed = [k for k, v in out["before"].items() if out["after"].get(k) != v]
     assert not changed, f"changed or removed: {changed}\n{shown}"
-    if case.code == 2:
+    if "beside" in out:  # the run that was going on finished as if alone
+        assert out["beside"] == (0, ""), out["beside"]
+        assert out["summary_status"] == "ok", out
+    elif case.code == 2:
         added = sorted(set(out["after"]) - set(out["before"]))
         assert not added, f"written although refused: {added}\n{shown}"
 
 
 def test_the_table_is_broad():
     assert len(CASES) >= 60, len(CASES)
+
+
+def test_a_failed_run_is_one_line_and_its_traceback_is_in_the_log(tmp_path):
+    args = [*STOPPED_ARGS, "faults=crash", "faults.crash_prob=1.0", "hydra.run.dir=run"]
+    env = _env(Case("x", (), ""))
+    out = _fedsim(args, tmp_path, env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    summary, log = tmp_path / "run" / "summary.json", tmp_path / "run" / "fedsim.log"
+    assert f"see {summary}" in line and f"the traceback is in {log}" in line, line
+    assert json.loads(summary.read_text())["status"] == "failed"
+    assert "Traceback" in log.read_text() and "RunFailed" in log.read_text()
+    out = _fedsim([*args[:-1], "hydra.run.dir=again"], tmp_path, {**env, "HYDRA_FULL_ERROR": "1"})
+    assert out.returncode == 1 and "Traceback" in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("fedsim: run failed: every round")
+
+
+def test_a_folder_another_process_holds_is_refused_before_anything_is_written(tmp_path):
+    """The lock itself (the table's concurrent cases mostly meet the earlier check that the
+    folder already holds a run): a folder held by another process, still empty."""
+    import fcntl
+
+    folder = tmp_path / "held"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        out = _fedsim([*STOPPED_ARGS, f"hydra.run.dir={folder}"], tmp_path, _env(Case("x", (), "")))
+    finally:
+        os.close(fd)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        f"fedsim: error: hydra.run.dir={folder}: another fedsim run is using this folder "
+        "(one run per folder); wait for it to end or choose another folder"
+    )
+    assert list(folder.iterdir()) == []
+    out = _fedsim([*STOPPED_ARGS, f"hydra.run.dir={folder}"], tmp_path, _env(Case("x", (), "")))
+    assert out.returncode == 0, out.stderr  # free again: the run goes ahead

@@ -16,6 +16,10 @@ from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, TOP_KEYS
 from fedsim.errors import ConfigError
 from fedsim.validate import boolean, integer, number
 
+#: the largest sim.seed: PyTorch's generators overflow past 64 bits, NumPy's legacy seeds past
+#: 32, and fedsim derives seeds by adding to it; an unsigned 32-bit seed fits them all
+MAX_SEED = 2**32 - 1
+
 
 def validate(cfg: dict[str, Any]) -> None:
     """Check the values fedsim itself interprets; component values are checked when built."""
@@ -61,7 +65,7 @@ def _validate_sim(sim: Any) -> int:
     for key in ("rounds", "local_steps", "batch_size"):
         integer(f"sim.{key}", sim[key], low=1)
     number("sim.lr", sim["lr"], low=0, low_open=True)
-    integer("sim.seed", sim["seed"], low=0)
+    integer("sim.seed", sim["seed"], 0, MAX_SEED, "2**32 - 1")
     boolean("sim.keep_optimizer_state", sim["keep_optimizer_state"])
     boolean("sim.aggregation_error", sim["aggregation_error"])
     e = sim["eval_clients"]

@@ -132,7 +132,7 @@ def _hydra_compose(config_name: str, overrides: list[str]) -> DictConfig:
     except MissingConfigException as e:
         raise ConfigCompositionError(_missing_option(e, overrides)) from None
     except OverrideParseException as e:
-        raise ConfigCompositionError(_one_line(str(e))) from None
+        raise ConfigCompositionError(_parse_error(e, overrides)) from None
     except HydraException as e:
         text = str(e)
         if text.startswith("Could not override '"):
@@ -177,7 +177,7 @@ def expand_sweep(
         from_config = [f"{k}={v}" for k, v in (sweeper_params or {}).items() if k not in given]
         parsed = parser.parse_overrides([*from_config, *overrides])
     except OverrideParseException as e:
-        raise ConfigCompositionError(_one_line(str(e))) from None
+        raise ConfigCompositionError(_parse_error(e, overrides)) from None
     axes = []
     for o in parsed:
         if o.is_sweep_override():
@@ -186,6 +186,19 @@ def expand_sweep(
         else:
             axes.append([o.input_line])
     return [list(job) for job in itertools.product(*axes)]
+
+
+def _parse_error(e: Exception, overrides: Sequence[str]) -> str:
+    """Hydra's parse error on one line, led by the override it could not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except Exception:
+            return f"{override}: cannot be parsed: {_one_line(str(e))}"
+    return _one_line(str(e))
 
 
 def _missing_option(e: Exception, overrides: Sequence[str]) -> str:

@@ -7,7 +7,8 @@ Each module of this package lists its cases in ``CASES``. A case's arguments may
 and ``{tmp}`` (the case's own scratch folder, also the command's working directory, where the
 default ``results/`` goes); ``prepare(run, tmp)`` damages the copy or writes input files
 before the command runs. ``STOPPED_ARGS`` are the arguments that made both prepared runs
-(``resume=true`` with them continues the stopped one).
+(``resume=true`` with them continues the stopped one). ``beside`` starts a run first, into
+``{run}``, and runs the case's command once that run has written its first round.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ STOPPED_ARGS = (
 )
 #: a small run for cases that change one thing of it
 SMALL = STOPPED_ARGS
+#: a run long enough (a minute or so on two busy cores) to still be going when a case's
+#: command starts beside it
+LONG = (*STOPPED_ARGS, "sim.rounds=300", "sim.local_steps=20", "checkpoint.every=1")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class Case:
     folder: str | None = None
     prepare: Callable[[Path, Path], None] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: a run started first (its fedsim arguments) that is still going when the case's command
+    #: runs: the case must not disturb it (its .hydra/ record and config.yaml unchanged, and it
+    #: finishes ok)
+    beside: tuple[str, ...] | None = None
 
 
 def small(*extra: str) -> tuple[str, ...]:

@@ -1,7 +1,96 @@
-"""Configuration mistakes on the command line."""
+"""Configuration mistakes on the command line, and runs started into a folder in use."""
 
-from tests.bad_inputs import Case, small
+from pathlib import Path
+
+from tests.bad_inputs import LONG, STOPPED_ARGS, Case, small
+
+
+def _file_in_the_way(run: Path, tmp: Path) -> None:
+    (tmp / "afile").write_text("not a folder\n")
+
 
 CASES = [
-    Case("rounds-negative", small("sim.rounds=-1"), "sim.rounds=-1"),
+    Case("config-rounds-negative", small("sim.rounds=-1"), "sim.rounds=-1"),
+    Case("config-rounds-text", small("sim.rounds=many"), "sim.rounds"),
+    Case("config-rounds-float", small("sim.rounds=2.5"), "sim.rounds"),
+    Case("config-lr-negative", small("sim.lr=-0.1"), "sim.lr"),
+    Case("config-batch-zero", small("sim.batch_size=0"), "sim.batch_size"),
+    Case("config-steps-zero", small("sim.local_steps=0"), "sim.local_steps"),
+    Case("config-clients-zero", small("sim.num_clients=0"), "sim.num_clients"),
+    Case("config-per-round-too-many", small("sim.clients_per_round=9"), "sim.clients_per_round"),
+    Case("config-min-clients-too-many", small("sim.min_clients=9"), "sim.min_clients"),
+    Case("config-seed-overflow", small("sim.seed=99999999999999999999999"), "sim.seed"),
+    Case("config-seed-negative", small("sim.seed=-1"), "sim.seed"),
+    Case("config-seed-text", small("sim.seed=abc"), "sim.seed"),
+    Case("config-device-unknown", small("sim.device=tpu"), "sim.device"),
+    Case("config-device-cuda-absent", small("sim.device=cuda:7"), "sim.device"),
+    Case("config-timeout-negative", small("sim.round_timeout=-5"), "sim.round_timeout"),
+    Case("config-eval-clients", small("sim.eval_clients=some"), "sim.eval_clients"),
+    Case("config-test-fraction", small("sim.client_test_fraction=1.5"), "sim.client_test_fraction"),
+    Case("config-quiet-maybe", small("quiet=maybe"), "quiet"),
+    Case("config-checkpoint-every", small("checkpoint.every=-1"), "checkpoint.every"),
+    Case("config-unknown-key", small("sim.roundz=3"), "sim.roundz"),
+    Case("config-unknown-option", small("strategy=fedavgg"), "fedavgg"),
+    Case("config-unknown-group", small("+nothing=1"), "nothing"),
+    Case("config-bad-syntax", small("sim.rounds=[1,"), "sim.rounds"),
+    Case("config-blocklisted-target", small("logger._target_=os.system"), "blocklisted"),
+    Case("config-missing-target", small("logger._target_=nowhere.Thing"), "nowhere.Thing"),
+    Case("config-topk-ratio", small("compressor=topk", "compressor.ratio=2"), "compressor"),
+    Case(
+        "config-dp-noise-negative", small("privacy=dpsgd", "privacy.noise_multiplier=-1"), "noise"
+    ),
+    Case("config-partition-alpha", small("partition=dirichlet", "partition.alpha=-1"), "Alpha"),
+    Case("config-sweep-one-bad-job", ("-m", *small("sim.rounds=1,-1")), "sim.rounds=-1"),
+    Case("config-config-dir-missing", ("--config-dir", "{tmp}/nowhere", *small()), "nowhere"),
+    Case(
+        "config-run-dir-is-a-file",
+        small("hydra.run.dir={tmp}/afile/run"),
+        "is a file",
+        prepare=_file_in_the_way,
+    ),
+    Case(
+        "config-run-dir-holds-a-run",
+        small("hydra.run.dir={run}"),
+        "already holds a run",
+        folder="finished",
+    ),
+    Case("config-resume-no-run", small("resume=true"), "no unfinished run"),
+    Case("config-resume-missing-folder", ("resume={tmp}/nowhere",), "not a run folder"),
+    Case(
+        "config-resume-with-ray",
+        (*STOPPED_ARGS, "hydra.run.dir={run}", "resume=true", "engine=ray"),
+        "engine",
+        folder="stopped",
+    ),
+    Case(
+        "config-every-client-crashes",
+        small("faults=crash", "faults.crash_prob=1.0"),
+        "every round was skipped",
+        code=1,
+    ),
+    # a second command into a folder whose run is going on
+    Case(
+        "config-second-run-same-folder",
+        (*LONG, "hydra.run.dir={run}"),
+        "already holds a run",
+        beside=(*LONG, "hydra.run.dir={run}"),
+    ),
+    Case(
+        "config-second-run-other-overrides",
+        small("sim.rounds=5", "hydra.run.dir={run}"),
+        "already holds a run",
+        beside=(*LONG, "hydra.run.dir={run}"),
+    ),
+    Case(
+        "config-resume-true-of-a-running-run",
+        (*LONG, "hydra.run.dir={run}", "resume=true"),
+        "another fedsim run is using this folder",
+        beside=(*LONG, "hydra.run.dir={run}"),
+    ),
+    Case(
+        "config-resume-folder-of-a-running-run",
+        ("resume={run}",),
+        "another fedsim run is using this folder",
+        beside=(*LONG, "hydra.run.dir={run}"),
+    ),
 ]

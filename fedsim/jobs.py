@@ -1,0 +1,74 @@
+"""How a job ends on the command line: a failed run is one line on stderr (exit status 1, or
+recorded and passed over in a sweep), its traceback in the run's ``fedsim.log``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from fedsim.config import RunSpec
+from fedsim.errors import ConfigCompositionError, ConfigError, RunFailed
+from fedsim.results import SUMMARY_FILE
+
+#: the run's log (Hydra's job log, named after the job): a failed run's traceback goes there
+LOG_FILE = "fedsim.log"
+
+
+def run_job(spec: RunSpec, sweep_log: str | None) -> None:
+    """Run one job; exit status 2 for a configuration mistake, 1 for a failed run (a sweep's
+    job records its failure and returns, so that the other jobs run). A failed run ends with
+    one line on stderr; its traceback goes to the run's ``fedsim.log`` (and to the terminal
+    too with ``HYDRA_FULL_ERROR=1``)."""
+    from fedsim.api import run_spec
+
+    try:
+        run_spec(spec)
+    except (ConfigError, ConfigCompositionError) as e:  # already caught up front, normally
+        print(f"fedsim: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        failed = run_failed(e)
+        reason = " ".join(str(failed if failed is not None else f"{type(e).__name__}: {e}").split())
+        where = record_failure(spec.output_dir)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        if sweep_log:  # a sweep goes on: the job's summary.json says why it failed
+            print(f"fedsim: job failed: {reason} ({where})", file=sys.stderr)
+            with open(sweep_log, "a", encoding="utf-8") as f:
+                f.write(f"{spec.output_dir}\n")
+            return
+        print(f"fedsim: run failed: {reason} ({where})", file=sys.stderr)
+        sys.exit(1)
+
+
+def record_failure(folder: Path) -> str:
+    """Append the current exception's traceback to the run's ``fedsim.log``; returns where
+    the user reads more (only files that exist are named)."""
+    from datetime import datetime
+
+    log = folder / LOG_FILE
+    try:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{datetime.now().isoformat(timespec='seconds')} run failed\n")
+            f.write(traceback.format_exc())
+    except OSError:
+        log = None
+    summary = folder / SUMMARY_FILE
+    if summary.is_file() and log is not None:
+        return f"see {summary}; the traceback is in {log}"
+    if summary.is_file():
+        return f"see {summary}"
+    if log is not None:
+        return f"the traceback is in {log}"
+    return "HYDRA_FULL_ERROR=1 shows the traceback"
+
+
+def run_failed(exc: BaseException) -> RunFailed | None:
+    """The RunFailed behind ``exc`` (the ray engine re-raises it wrapped), if any."""
+    while exc is not None:
+        if isinstance(exc, RunFailed):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
