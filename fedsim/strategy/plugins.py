@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, RunFailed
 from fedsim.messages import ClientUpdate
 from fedsim.strategy.base import AdapterStrategy
 
@@ -108,21 +108,23 @@ class PluginStrategy(AdapterStrategy):
         metrics: Mapping[str, Any] = {}
         if isinstance(out, tuple):
             if len(out) != 2 or not isinstance(out[1], Mapping):
-                raise TypeError(
-                    f"{self.name}.aggregate returned a tuple; it must be (new arrays, metrics)"
+                raise RunFailed(
+                    f"round {server_round}: {self.name}.aggregate returned a tuple; it must "
+                    "be (new arrays, metrics)"
                 )
             out, metrics = out
         if not isinstance(out, Mapping):
-            raise TypeError(
-                f"{self.name}.aggregate returned {type(out).__name__}; it must return a dict "
-                "of arrays named like the global state"
+            raise RunFailed(
+                f"round {server_round}: {self.name}.aggregate returned {type(out).__name__}; "
+                "it must return a dict of arrays named like the global state"
             )
         for key, value in metrics.items():
             try:
                 self.round_metrics[f"aggregator_{key}"] = float(value)
             except (TypeError, ValueError):
-                raise TypeError(
-                    f"{self.name}.aggregate returned metric {key}={value!r}: metrics are numbers"
+                raise RunFailed(
+                    f"round {server_round}: {self.name}.aggregate returned metric "
+                    f"{key}={value!r}: metrics are numbers"
                 ) from None
         return dict(out)
 
@@ -177,6 +179,28 @@ def check_hooks(obj: AdapterStrategy, target: str) -> None:
                     f"{cls.__name__} defines {name}(), which fedsim no longer calls: "
                     f"{replacement} (docs/strategies.md)",
                 )
+
+
+def refuse_uncalled(strategy: AdapterStrategy, key: str, value: Any, step: str, instead: str):
+    """A ConfigError if ``strategy`` is a plug-in and ``step`` (error feedback's server step,
+    central DP's noised mean) would replace its aggregation: its ``aggregate`` would never be
+    called, whatever its ``averages`` says (a robust rule would silently become a mean).
+    ``instead``: the values of ``key`` a plug-in runs with."""
+    if not isinstance(strategy, PluginStrategy):
+        return
+    name = strategy.name
+    why = (
+        "its averages = True only declares it a mean, which fedsim cannot check"
+        if strategy.averages
+        else f"{name} declares averages = False: its rule is not a mean"
+    )
+    raise ConfigError(
+        key,
+        value,
+        f"{step} replaces the aggregation, so plug-in {name}.aggregate would never be "
+        f"called ({why}): run a plug-in with {key}={instead}, or this {key} with a built-in "
+        "strategy such as fedavg (docs/plugins.md)",
+    )
 
 
 def as_strategy(obj: Any, target: str) -> AdapterStrategy:
