@@ -14,13 +14,15 @@ and, optionally, ``state_dict() -> {name: numpy array}`` with
 ``load_state_dict(state)`` for aggregators that keep state between rounds (both or neither),
 and these class attributes: ``weighted`` (default True: the exactness diagnostic's ideal
 update weights clients by examples), ``averages`` (default False: True declares that
-``aggregate`` is a weighted mean of the clients' arrays, which central DP and EF21's server
-step may replace), ``adapters`` (default None: the adapter names it works with).
+``aggregate`` is a weighted mean of the clients' arrays; a declaration only: central DP, EF21
+and EControl, whose own step would replace ``aggregate``, refuse a plug-in whatever it says,
+:func:`refuse_uncalled`), ``adapters`` (default None: the adapter names it works with).
 
 fedsim wraps it in :class:`PluginStrategy`: clients train and send every trainable array
 (like FedIT), replies are checked (names, shapes, finite values) before the aggregator sees
-them, and bytes, the aggregation-error diagnostic, compression with error feedback, DP-SGD and
-the PEFT export work around it unchanged. A class that breaks the contract is refused when the
+them, its result is checked the same way after (a bad one fails the run naming the class),
+and bytes, the aggregation-error diagnostic, compression (alone or with EF14), DP-SGD and the
+PEFT export work around it unchanged. A class that breaks the contract is refused when the
 run is built, with a one-line error. The built-in strategies (``strategies/``) implement the
 same ``aggregate`` method on fedsim's base class, so each is a worked example.
 """
@@ -76,15 +78,18 @@ def check_contract(obj: Any, target: str) -> None:
         raise ConfigError(
             key, target, f"defines one of state_dict / load_state_dict: add {missing} as well"
         )
+    cls = type(obj).__name__
     for name in ("weighted", "averages"):
         value = getattr(obj, name, None)
         if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{key}.{name}", value, "must be true or false")
+            raise ConfigError(key, target, f"{cls}.{name} = {value!r}: must be True or False")
     adapters = getattr(obj, "adapters", None)
     if adapters is not None and not (
         isinstance(adapters, (tuple, list)) and all(isinstance(a, str) for a in adapters)
     ):
-        raise ConfigError(f"{key}.adapters", adapters, "must be a tuple of adapter names")
+        raise ConfigError(
+            key, target, f"{cls}.adapters = {adapters!r}: must be a tuple of adapter names"
+        )
 
 
 class PluginStrategy(AdapterStrategy):
