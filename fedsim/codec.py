@@ -180,6 +180,11 @@ class Codec(Stage):
     def wrap(self, inner):
         return _Decoded(self, inner)
 
+    def server_step(self) -> str:
+        if self.feedback.replaces_aggregation:
+            return f"feedback={self.feedback.name}'s server step"
+        return f"the decoding of compressor={self.compressor.name}'s messages"
+
     def state_dict(self):
         return {"feedback": self.feedback.state_dict(), "absorbed": dict(self.absorbed)}
 

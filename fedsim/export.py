@@ -34,6 +34,22 @@ from fedsim.adapters.base import AdapterSpec
 RANK_TOLERANCE = 1e-7
 
 
+class NotFinite(ValueError):
+    """The model to export holds a NaN or an infinity: nothing is written."""
+
+
+def refuse_non_finite(arrays: dict[str, np.ndarray], what: str) -> None:
+    """NotFinite naming the first array of ``arrays`` that holds a NaN or an infinity."""
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            count = int(value.size - np.isfinite(value).sum())
+            raise NotFinite(
+                f"{what} {name} holds {count} non-finite value(s) of {value.size}: "
+                "no adapter is exported"
+            )
+
+
 def lora_form(spec: AdapterSpec, module: str, arrays: dict[str, np.ndarray]):
     """``(A, B, scaling)`` with ``delta = scaling * B @ A`` from the adapter's own factors, or
     None if the adapter has no LoRA form."""
@@ -73,6 +89,14 @@ def export_peft(
     ``AutoPeftModelFor...`` classes can load the adapter too."""
     from peft import get_peft_model
 
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            count = int((~torch.isfinite(param)).sum())
+            raise NotFinite(
+                f"parameter {name} holds {count} non-finite value(s) of {param.numel()}: "
+                "no adapter is exported"
+            )
+    refuse_non_finite(dict(base_changes or {}), "the change folded into")
     layers, folded, wanted = _layer_forms(model, spec, pristine, base_changes)
     ranks = {m: int(a.shape[0]) for m, (a, _, _) in layers.items()}
     config = _lora_config(spec, layers, ranks, head_modules, base_model, task_type)
@@ -83,6 +107,7 @@ def export_peft(
     with torch.no_grad():
         _load_peft(inner, model, layers, head_modules)
         errors = _read_back_errors(inner, wanted, ranks)
+    refuse_non_finite({m: np.asarray(e) for m, e in zip(wanted, errors)}, "the read-back error of")
     out_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedsim.errors import RunFailed
 from fedsim.messages import ClientCall, ClientUpdate
 
 Arrays = dict[str, np.ndarray]
@@ -150,6 +151,10 @@ class Stage:
         """The aggregation with this stage's server half around ``inner``."""
         return inner
 
+    def server_step(self) -> str:
+        """What messages call this stage's wrapper when its result is refused."""
+        return f"the {self.name} stage's server step"
+
     def global_frame(self, info: RoundInfo, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """Updates re-expressed against the global arrays (for the exactness diagnostic)."""
         return updates
@@ -261,10 +266,15 @@ class Uplink:
                 return rejected
         return None
 
-    def reduction(self, base: Reduction) -> Reduction:
-        """The round's aggregation: ``base`` (the strategy's) inside every stage's wrapper."""
+    def reduction(self, base: Reduction, who: str = "the strategy's aggregate") -> Reduction:
+        """The round's aggregation: ``base`` (the strategy's, called ``who`` in messages)
+        inside every stage's wrapper; what each of them returns is checked
+        (:func:`check_arrays`), so a refusal names the step that produced it."""
+        base = Checked(base, who)
         for stage in self.stages:
-            base = stage.wrap(base)
+            wrapped = stage.wrap(base)
+            if wrapped is not base:
+                base = Checked(wrapped, stage.server_step())
         return base
 
     def global_frame(self, info: RoundInfo, updates: list[ClientUpdate]) -> list[ClientUpdate]:
@@ -299,3 +309,62 @@ class Uplink:
         for stage in self.stages:
             if stage.name in state:
                 stage.load_state_dict(state[stage.name])
+
+
+class Checked:
+    """A reduction whose result is checked (:func:`check_arrays`) before it goes further;
+    ``who`` names the step in the refusal."""
+
+    def __init__(self, inner: Reduction, who: str) -> None:
+        self.inner, self.who = inner, who
+
+    def aggregate(self, info: RoundInfo, updates: list[ClientUpdate]) -> Arrays:
+        new = self.inner.aggregate(info, updates)
+        check_arrays(self.who, info.server_round, info.current, new)
+        return new
+
+    def linear(self, info: RoundInfo, updates: list[ClientUpdate]) -> Linear:
+        return self.inner.linear(info, updates)  # the wrapper that applies it is checked
+
+
+def check_arrays(who: str, server_round: int, current: Mapping[str, Any], new: Any) -> None:
+    """RunFailed, naming ``who`` (the server's step, never a client: their replies were
+    checked before) unless ``new`` holds the global arrays' names and shapes with finite
+    values. The round then fails and the global model is not updated."""
+    where = f"round {server_round}: {who}"
+    if not isinstance(new, Mapping):
+        raise RunFailed(f"{where} returned {type(new).__name__}, not a dict of arrays")
+    if set(new) != set(current):
+        missing, extra = sorted(set(current) - set(new)), sorted(set(new) - set(current))
+        raise RunFailed(
+            f"{where} returned other array names than the global arrays "
+            f"(missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    for key, want in current.items():
+        value = np.asarray(new[key])
+        if value.shape != np.shape(want):
+            raise RunFailed(
+                f"{where} returned {key} with shape {list(value.shape)}; the global array "
+                f"has shape {list(np.shape(want))}"
+            )
+        bad = non_finite(value)
+        if bad:
+            raise RunFailed(f"{where} returned {key} with {bad}; {REFUSED}")
+
+
+#: what happens when the server's own result is refused
+REFUSED = "the server refused its aggregate, the global model was not updated"
+
+
+def non_finite(value: np.ndarray) -> str | None:
+    """``"3 NaN and 1 inf of 64 values"`` if ``value`` holds any, else None (also for
+    arrays that are not numbers)."""
+    if value.dtype.kind not in "fc" or value.size == 0:
+        return None
+    finite = np.isfinite(value)
+    if finite.all():
+        return None
+    nan = int(np.isnan(value).sum())
+    inf = int(value.size - finite.sum()) - nan
+    parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)} of {value.size} values"

@@ -114,3 +114,42 @@ def test_hugging_face_model_exports_load_on_the_base_model(
     auto = {"hf": AutoPeftModelForSequenceClassification, "math": AutoPeftModelForCausalLM}
     loaded = auto[which].from_pretrained(str(out / "adapter"))  # binary: the default 2 labels
     assert_same_logits(c, captured["model"], loaded.eval())
+
+
+@pytest.mark.parametrize("where", ["factor", "head", "folded"])
+def test_a_model_holding_nan_or_inf_is_refused_and_nothing_is_written(where, tmp_path):
+    """export_peft checks every parameter (and a folding strategy's base changes) before it
+    writes: a NaN adapter is never exported with a small reported error."""
+    import numpy as np
+
+    from fedsim.build import build_components
+    from fedsim.config import compose
+    from fedsim.export import NotFinite, export_peft
+    from tests.conftest import tiny
+
+    c = build_components(compose(tiny())[0])
+    model, spec = c.model()
+    params = dict(model.named_parameters())
+    factor = next(n for n in params if "lora_A" in n)
+    head = next(n for n in params if n.startswith(tuple(c.task.head_modules)))
+    changes = None
+    with torch.no_grad():
+        if where == "factor":
+            params[factor].view(-1)[3] = float("nan")
+        elif where == "head":
+            params[head].view(-1)[0] = float("inf")
+    if where == "folded":
+        module = spec.adapted_modules[0]
+        shape = tuple(model.get_submodule(module).weight.shape)
+        changes = {module: np.full(shape, np.nan)}
+    out = tmp_path / "adapter"
+    with pytest.raises(NotFinite, match="non-finite value"):
+        export_peft(
+            model,
+            spec,
+            c.task.build_model(),
+            tuple(c.task.head_modules),
+            out,
+            base_changes=changes,
+        )
+    assert not out.exists()

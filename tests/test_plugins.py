@@ -131,12 +131,12 @@ def test_a_plug_in_weighted_mean_reproduces_fedavg_exactly(user_dir, tmp_path):
 
 
 def test_wrappers_keep_working_around_a_plug_in(user_dir, tmp_path):
-    """Compression with error feedback, DP-SGD and central DP (it declares averages=True)."""
+    """Compression with error feedback (EF14) and DP-SGD call the plug-in's aggregate (EF21,
+    EControl and central DP replace it with their own step: refused, test_server_checks.py)."""
     for i, extra in enumerate(
         [
             ("compressor=topk", "feedback=ef14"),
             ("privacy=dpsgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"),
-            ("privacy=central", "sim.num_clients=8", "sim.clients_per_round=4"),
         ]
     ):
         a, rows_a = run_in(user_dir, tmp_path / f"a{i}", "strategy=fedavg", *extra)
@@ -212,10 +212,12 @@ def test_a_broken_plug_in_fails_at_start_up_in_one_line(name, message, user_dir,
 
 
 def test_a_plug_in_that_returns_the_wrong_shapes_fails_the_run_with_the_reason(user_dir, tmp_path):
-    with pytest.raises(ValueError, match="BadShape.aggregate returned"):
+    from fedsim.errors import RunFailed
+
+    with pytest.raises(RunFailed, match="round 1: BadShape.aggregate returned"):
         run_in(user_dir, tmp_path / "r", "strategy=badshape")
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["status"] == "failed" and "the global array is" in summary["error"]
+    assert summary["status"] == "failed" and "the global array has shape" in summary["error"]
 
 
 def test_a_failing_job_does_not_stop_a_parallel_sweep_and_shows_in_the_report(user_dir, tmp_path):

@@ -14,6 +14,7 @@ from typing import Any
 from fedsim import registry
 from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, TOP_KEYS
 from fedsim.errors import ConfigError
+from fedsim.strategy.plugins import refuse_uncalled
 from fedsim.validate import boolean, integer, number
 
 #: the largest sim.seed: PyTorch's generators overflow past 64 bits, NumPy's legacy seeds past
@@ -165,7 +166,7 @@ def _check_validation(components) -> None:
 def _check_codec(components) -> None:
     """Compressor, feedback method and strategy must make sense together."""
     compressor, feedback, strategy = components.compressor, components.feedback, components.strategy
-    name = type(strategy).__name__
+    name = strategy.name
     if feedback.needs_contractive and not compressor.contractive:
         raise ConfigError(
             "feedback",
@@ -193,6 +194,9 @@ def _check_codec(components) -> None:
         raise ConfigError(
             "compressor", compressor.name, f"strategy {name} sends no updates to compress"
         )
+    if feedback.replaces_aggregation:
+        instead = _listed(registry.options_where("feedback", _keeps_aggregation))
+        refuse_uncalled(strategy, "feedback", feedback.name, "its server step", instead)
     if feedback.replaces_aggregation and not strategy.averages:
         raise ConfigError(
             "feedback",
@@ -219,7 +223,9 @@ def _check_privacy(components) -> None:
             "privacy=dpsgd computes per-example gradients in float32: use task.precision=float32",
         )
     if privacy.central:
-        name = type(strategy).__name__
+        name = strategy.name
+        instead = _listed(registry.options_where("privacy", _not_central))
+        refuse_uncalled(strategy, "privacy", privacy.name, "central DP's noised mean", instead)
         if not releases_an_average(strategy):
             raise ConfigError(
                 "privacy",
@@ -238,6 +244,14 @@ def _check_privacy(components) -> None:
                 "privacy.clip_norm after compression; this compressor can enlarge it (use "
                 f"{_compressors('compressor', 'norm_non_increasing', plain='none')})",
             )
+
+
+def _keeps_aggregation(cls) -> bool:
+    return cls is not None and not getattr(cls, "replaces_aggregation", False)
+
+
+def _not_central(cls) -> bool:
+    return cls is None or not getattr(cls, "central", False)
 
 
 def releases_an_average(strategy) -> bool:

@@ -155,6 +155,9 @@ class CentralNoise(Stage):
     def wrap(self, inner):
         return _Noised(self, inner)
 
+    def server_step(self) -> str:
+        return "central DP's noised mean (privacy=central)"
+
     def step_accountant(self) -> float:
         """One release of the mechanism at rate ``q`` (every round counts, whoever replied);
         returns the run's epsilon so far."""

@@ -14,13 +14,15 @@ and, optionally, ``state_dict() -> {name: numpy array}`` with
 ``load_state_dict(state)`` for aggregators that keep state between rounds (both or neither),
 and these class attributes: ``weighted`` (default True: the exactness diagnostic's ideal
 update weights clients by examples), ``averages`` (default False: True declares that
-``aggregate`` is a weighted mean of the clients' arrays, which central DP and EF21's server
-step may replace), ``adapters`` (default None: the adapter names it works with).
+``aggregate`` is a weighted mean of the clients' arrays; a declaration only: central DP, EF21
+and EControl, whose own step would replace ``aggregate``, refuse a plug-in whatever it says,
+:func:`refuse_uncalled`), ``adapters`` (default None: the adapter names it works with).
 
 fedsim wraps it in :class:`PluginStrategy`: clients train and send every trainable array
 (like FedIT), replies are checked (names, shapes, finite values) before the aggregator sees
-them, and bytes, the aggregation-error diagnostic, compression with error feedback, DP-SGD and
-the PEFT export work around it unchanged. A class that breaks the contract is refused when the
+them, its result is checked the same way after (a bad one fails the run naming the class),
+and bytes, the aggregation-error diagnostic, compression (alone or with EF14), DP-SGD and the
+PEFT export work around it unchanged. A class that breaks the contract is refused when the
 run is built, with a one-line error. The built-in strategies (``strategies/``) implement the
 same ``aggregate`` method on fedsim's base class, so each is a worked example.
 """
@@ -33,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, RunFailed
 from fedsim.messages import ClientUpdate
 from fedsim.strategy.base import AdapterStrategy
 
@@ -76,15 +78,18 @@ def check_contract(obj: Any, target: str) -> None:
         raise ConfigError(
             key, target, f"defines one of state_dict / load_state_dict: add {missing} as well"
         )
+    cls = type(obj).__name__
     for name in ("weighted", "averages"):
         value = getattr(obj, name, None)
         if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{key}.{name}", value, "must be true or false")
+            raise ConfigError(key, target, f"{cls}.{name} = {value!r}: must be True or False")
     adapters = getattr(obj, "adapters", None)
     if adapters is not None and not (
         isinstance(adapters, (tuple, list)) and all(isinstance(a, str) for a in adapters)
     ):
-        raise ConfigError(f"{key}.adapters", adapters, "must be a tuple of adapter names")
+        raise ConfigError(
+            key, target, f"{cls}.adapters = {adapters!r}: must be a tuple of adapter names"
+        )
 
 
 class PluginStrategy(AdapterStrategy):
@@ -108,21 +113,23 @@ class PluginStrategy(AdapterStrategy):
         metrics: Mapping[str, Any] = {}
         if isinstance(out, tuple):
             if len(out) != 2 or not isinstance(out[1], Mapping):
-                raise TypeError(
-                    f"{self.name}.aggregate returned a tuple; it must be (new arrays, metrics)"
+                raise RunFailed(
+                    f"round {server_round}: {self.name}.aggregate returned a tuple; it must "
+                    "be (new arrays, metrics)"
                 )
             out, metrics = out
         if not isinstance(out, Mapping):
-            raise TypeError(
-                f"{self.name}.aggregate returned {type(out).__name__}; it must return a dict "
-                "of arrays named like the global state"
+            raise RunFailed(
+                f"round {server_round}: {self.name}.aggregate returned {type(out).__name__}; "
+                "it must return a dict of arrays named like the global state"
             )
         for key, value in metrics.items():
             try:
                 self.round_metrics[f"aggregator_{key}"] = float(value)
             except (TypeError, ValueError):
-                raise TypeError(
-                    f"{self.name}.aggregate returned metric {key}={value!r}: metrics are numbers"
+                raise RunFailed(
+                    f"round {server_round}: {self.name}.aggregate returned metric "
+                    f"{key}={value!r}: metrics are numbers"
                 ) from None
         return dict(out)
 
@@ -177,6 +184,28 @@ def check_hooks(obj: AdapterStrategy, target: str) -> None:
                     f"{cls.__name__} defines {name}(), which fedsim no longer calls: "
                     f"{replacement} (docs/strategies.md)",
                 )
+
+
+def refuse_uncalled(strategy: AdapterStrategy, key: str, value: Any, step: str, instead: str):
+    """A ConfigError if ``strategy`` is a plug-in and ``step`` (error feedback's server step,
+    central DP's noised mean) would replace its aggregation: its ``aggregate`` would never be
+    called, whatever its ``averages`` says (a robust rule would silently become a mean).
+    ``instead``: the values of ``key`` a plug-in runs with."""
+    if not isinstance(strategy, PluginStrategy):
+        return
+    name = strategy.name
+    why = (
+        "its averages = True only declares it a mean, which fedsim cannot check"
+        if strategy.averages
+        else f"{name} declares averages = False: its rule is not a mean"
+    )
+    raise ConfigError(
+        key,
+        value,
+        f"{step} replaces the aggregation, so plug-in {name}.aggregate would never be "
+        f"called ({why}): run a plug-in with {key}={instead}, or this {key} with a built-in "
+        "strategy such as fedavg (docs/plugins.md)",
+    )
 
 
 def as_strategy(obj: Any, target: str) -> AdapterStrategy:

@@ -19,11 +19,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim import keys
+from fedsim.errors import RunFailed
 from fedsim.messages import ClientUpdate, missing_records
 from fedsim.records import array_record, numpy_dict
 from fedsim.strategy.base import AdapterStrategy, StrategyContext
 from fedsim.strategy.diagnostic import aggregation_error
-from fedsim.uplink import Linear, RoundInfo, Uplink
+from fedsim.uplink import REFUSED, Linear, RoundInfo, Uplink, non_finite
 
 #: metrics a reply carries for the server's bookkeeping, not for the strategy
 BOOKKEEPING = (keys.STATE_BYTES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.DELAY)
@@ -60,7 +61,9 @@ class Federation(Strategy):
     def __init__(self, strategy: AdapterStrategy, uplink: Uplink, ctx: StrategyContext) -> None:
         self.strategy, self.uplink, self.ctx = strategy, uplink, ctx
         strategy.bind(ctx)
-        self.reduction = uplink.reduction(_StrategyReduction(strategy))
+        self.reduction = uplink.reduction(
+            _StrategyReduction(strategy), f"{strategy.name}.aggregate"
+        )
         self.frozen: dict[str, np.ndarray] = {}
         self.info: RoundInfo | None = None
         #: the aggregation error of the last aggregated round (None: not measured)
@@ -165,7 +168,8 @@ class Federation(Strategy):
             return None, None
         s.round_fold = {}
         new = self.reduction.aggregate(self.info, updates)
-        checked = check_aggregate(s.name, s.current, new)  # names and shapes first
+        # names, shapes, finite values (each step of the chain checked its own result too)
+        checked = check_aggregate(self.reduction.who, s.current, new, server_round)
         if self.ctx.aggregation_error and updates:
             self.last_aggregation_error = self.diagnose(new, updates)
         self.acknowledge(server_round, updates)
@@ -228,23 +232,33 @@ class Federation(Strategy):
 
 
 def check_aggregate(
-    name: str, current: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]
+    who: str, current: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], server_round=None
 ) -> dict[str, np.ndarray]:
-    """The global arrays keep their names and shapes; returns them in the global dtypes (a
-    plug-in's result is checked here before it reaches any client)."""
+    """The global arrays keep their names and shapes and stay finite; returns them in the global
+    dtypes (what the server computed is checked here before it reaches any client, like what
+    clients send). RunFailed naming ``who`` (the step that computed ``new``: ``FedAvg.aggregate``,
+    a plug-in's own class, ``feedback=ef21's server step``) otherwise: the round fails and the
+    global model is not updated."""
+    if server_round is not None:
+        who = f"round {server_round}: {who}"
     if set(new) != set(current):
         missing, extra = sorted(set(current) - set(new)), sorted(set(new) - set(current))
-        raise ValueError(
-            f"{name}.aggregate returned other array names than the global arrays "
+        raise RunFailed(
+            f"{who} returned other array names than the global arrays "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
     out = {}
     for key, value in new.items():
         want, value = current[key], np.asarray(value)
         if value.shape != want.shape or value.dtype.kind != want.dtype.kind:
-            raise ValueError(
-                f"{name}.aggregate returned {key} as {value.dtype}"
+            raise RunFailed(
+                f"{who} returned {key} as {value.dtype}"
                 f"{list(value.shape)}; the global array is {want.dtype}{list(want.shape)}"
             )
-        out[key] = value.astype(want.dtype, copy=False)
+        with np.errstate(over="ignore"):
+            out[key] = value.astype(want.dtype, copy=False)
+        bad = non_finite(out[key])
+        if bad:
+            cast = "" if value.dtype == want.dtype else f" once cast to {want.dtype}"
+            raise RunFailed(f"{who} returned {key} with {bad}{cast}; {REFUSED}")
     return out

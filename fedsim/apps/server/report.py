@@ -12,6 +12,7 @@ import torch
 
 import fedsim
 from fedsim import keys
+from fedsim.errors import RunFailed
 from fedsim.progress import human_bytes
 from fedsim.records import numpy_dict
 
@@ -124,9 +125,9 @@ def export(run, arrays) -> dict[str, Any]:
         return {"skipped": "export=false"}
     strategy = run.strategy
     if strategy.personalised:
-        name = type(strategy).__name__
+        name = strategy.name
         return {"skipped": f"strategy {name} has no global model (personal adapters)"}
-    from fedsim.export import export_peft
+    from fedsim.export import NotFinite, export_peft
 
     strategy.load_global(run.model, run.adapter_spec, numpy_dict(arrays))
     task = run.c.task
@@ -141,6 +142,8 @@ def export(run, arrays) -> dict[str, Any]:
             base_changes=getattr(strategy, "base_delta", None),
             task_type=task.peft_task_type,
         )
+    except NotFinite as e:  # the global model itself is unusable: the run failed
+        raise RunFailed(str(e)) from None
     except Exception as e:  # the run itself succeeded: say why there is no adapter
         log.debug("export failed:\n%s", traceback.format_exc())
         return {"failed": f"{type(e).__name__}: {e}"}

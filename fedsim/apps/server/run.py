@@ -30,11 +30,20 @@ from fedsim.build import build_components
 from fedsim.config import RunSpec
 from fedsim.errors import RunFailed
 from fedsim.progress import RoundPrinter
-from fedsim.records import array_record
+from fedsim.records import array_record, numpy_dict
 from fedsim.results import ResultsWriter
 from fedsim.strategy import Federation, StrategyContext
+from fedsim.uplink import non_finite
 
 log = logging.getLogger(__name__)
+
+
+def finite_or_fail(what: str, arrays: ArrayRecord) -> None:
+    """RunFailed if the global arrays hold a NaN or an infinity (``what`` names them)."""
+    for key, value in numpy_dict(arrays).items():
+        bad = non_finite(value)
+        if bad:
+            raise RunFailed(f"{what} holds {bad} in {key}; nothing is exported")
 
 
 class FederatedRun:
@@ -127,6 +136,7 @@ class FederatedRun:
         """The adapter's (data-driven) initialisation, then round 0's evaluation and line."""
         setup = initialize_adapter(self)
         arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
+        finite_or_fail("the adapter's initial arrays (adapter.init)", arrays)
         self.record_round(0, arrays, setup, t0)
         self.checkpoint(0, arrays, t_start)
         return arrays
@@ -142,7 +152,12 @@ class FederatedRun:
             )
             self.finish(summary(self, self.ledger.elapsed(t_start), "failed", error))
             raise RunFailed(error)
-        self.export_info = export(self, arrays)
+        try:  # a model that is not finite never finishes ok and is never exported
+            finite_or_fail("the global model at the end of the run", arrays)
+            self.export_info = export(self, arrays)
+        except RunFailed as e:
+            self.finish(summary(self, self.ledger.elapsed(t_start), "failed", str(e)))
+            raise
         done = summary(self, self.ledger.elapsed(t_start), "ok")
         self.finish(done)
         self.checkpoints.drop()
