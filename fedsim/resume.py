@@ -98,8 +98,9 @@ def summary_status(folder: Path) -> str | None:
     path = folder / SUMMARY_FILE
     if not path.is_file():
         return None
+    text = _text(folder, path)  # a ConfigError naming the byte that is not UTF-8
     try:
-        status = json.loads(_text(folder, path))["status"]
+        status = json.loads(text)["status"]
     except (ValueError, KeyError, TypeError):
         status = None
     if not isinstance(status, str):
