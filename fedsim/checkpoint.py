@@ -17,11 +17,19 @@ keys never do): a dict whose keys are not all strings is ``{"$dict": [[key, valu
 a tuple ``{"$tuple": [...]}``, a set ``{"$set": [...]}``, bytes ``{"$bytes": base64}``, a
 non-finite float ``{"$float": "nan"}``, an array ``{"$array": tensor name}`` and a NumPy scalar
 ``{"$scalar": tensor name}`` (a 0-d tensor, so its dtype survives).
+
+Since format 3 the file verifies itself: the metadata key ``fedsim_sha256`` holds the SHA-256
+of the JSON text and of every tensor (name, dtype, shape and bytes, tensors in name order), and
+:func:`load` and :func:`header` both recompute it, so a damaged, cut or edited file is refused
+(ValueError naming the file). It detects damage and edits, not a forger who rewrites the digest
+too: it is a checksum, not a signature. Formats 1 and 2 were written before it and are read
+without one.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -39,10 +47,14 @@ from fedsim.records import array_record, numpy_dict
 
 #: the file name inside a run folder
 CHECKPOINT_FILE = "checkpoint.safetensors"
-#: bumped when the tree's layout changes (2: the server's state as ServerState gathers it; the
-#: server upgrades format 1, and refuses others with a clear message)
-FORMAT = 2
+#: bumped when the file's layout changes (2: the server's state as ServerState gathers it; 3: the
+#: SHA-256 digest; the server upgrades format 1, reads 2 as it is (no digest to check), and
+#: refuses others with a clear message)
+FORMAT = 3
+#: the formats written before the digest existed: read without one
+UNDIGESTED = (1, 2)
 _META_KEY = "fedsim"
+_DIGEST_KEY = "fedsim_sha256"
 
 
 # ----------------------------------------------------------------------------- state trees
@@ -131,7 +143,8 @@ def save(path: Path | str, tree: Any) -> int:
     path = Path(path)
     text, tensors = encode_tree(tree)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: text})
+    meta = {_META_KEY: text, _DIGEST_KEY: digest(text, tensors)}
+    save_file(tensors, str(tmp), metadata=meta)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # like the run's other files (safetensors writes 0600)
@@ -142,8 +155,29 @@ def save(path: Path | str, tree: Any) -> int:
     return path.stat().st_size
 
 
-def load(path: Path | str) -> Any:
-    """The state tree saved in ``path`` (ValueError if it is not a fedsim checkpoint)."""
+def digest(text: str, tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of a checkpoint's JSON text and tensors: the text, then each tensor in
+    name order as its name, dtype, shape and bytes (each part length-prefixed, so no two
+    different files hash the same bytes)."""
+    h = hashlib.sha256()
+
+    def part(data) -> None:
+        view = memoryview(data).cast("B")
+        h.update(len(view).to_bytes(8, "little"))
+        h.update(view)
+
+    part(text.encode("utf-8"))
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        part(name.encode("utf-8"))
+        part(array.dtype.str.encode("ascii"))
+        part(json.dumps(list(array.shape)).encode("ascii"))
+        part(array.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _read(path: Path | str, keep: bool) -> tuple[str, dict[str, np.ndarray]]:
+    """The JSON text and (``keep``) the tensors of a checkpoint file, its digest checked."""
     from safetensors import safe_open
 
     try:
@@ -151,27 +185,73 @@ def load(path: Path | str) -> Any:
             meta = f.metadata() or {}
             if _META_KEY not in meta:
                 raise ValueError(f"{path} is a safetensors file but not a fedsim checkpoint")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, SafetensorError) as e:  # a missing or damaged file
+            text, stored = meta[_META_KEY], meta.get(_DIGEST_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if keep else {}
+            if stored is None:
+                _undigested(path, text)
+                return text, tensors
+            actual = digest(text, tensors if keep else _LazyTensors(f))
+    except (OSError, SafetensorError) as e:  # a missing, cut or damaged file
         raise ValueError(f"{path} cannot be read as a checkpoint: {e}") from None
-    return decode_tree(meta[_META_KEY], tensors)
+    if actual != stored:
+        raise ValueError(
+            f"{path} does not match its SHA-256 digest (the file was changed after it was written)"
+        )
+    return text, tensors
+
+
+class _LazyTensors(Mapping):
+    """The tensors of an open safetensors file as a mapping that reads each one on access
+    (the digest of a big checkpoint holds one tensor at a time)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.names = list(f.keys())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _undigested(path: Path | str, text: str) -> None:
+    """A file without a digest must be of a format written before digests existed."""
+    try:
+        fmt = json.loads(text).get("format")
+    except (ValueError, AttributeError):
+        fmt = None
+    if fmt not in UNDIGESTED:
+        raise ValueError(
+            f"{path} has no SHA-256 digest, which every checkpoint of format {FORMAT} carries "
+            f"(its header says format {fmt!r})"
+        )
+
+
+def load(path: Path | str) -> Any:
+    """The state tree saved in ``path`` (ValueError if it is not a fedsim checkpoint, or is
+    damaged: its digest does not match)."""
+    text, tensors = _read(path, keep=True)
+    try:
+        return decode_tree(text, tensors)
+    except (ValueError, KeyError, TypeError) as e:  # an undigested file, edited
+        raise ValueError(f"{path} cannot be read as a checkpoint: {e}") from None
 
 
 def header(path: Path | str) -> dict[str, Any]:
     """The checkpoint's small plain fields (``format``, ``round``, ``config``, ``choices``,
-    ``fedsim``), read from the file's header without loading its tensors."""
-    from safetensors import safe_open
-
+    ``fedsim``), from the file's header; the whole file is read to check its digest (the
+    tensors one at a time)."""
+    text, _ = _read(path, keep=False)
     try:
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-    except (OSError, SafetensorError) as e:
+        tree = json.loads(text)
+        plain = ("format", "round", "config", "choices", "fedsim")
+        return {k: _decode(tree[k], {}) for k in plain if k in tree}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} cannot be read as a checkpoint: {e}") from None
-    if _META_KEY not in meta:
-        raise ValueError(f"{path} is a safetensors file but not a fedsim checkpoint")
-    tree = json.loads(meta[_META_KEY])
-    plain = ("format", "round", "config", "choices", "fedsim")
-    return {k: _decode(tree[k], {}) for k in plain if k in tree}
 
 
 def sync_folder(folder: Path | str) -> None:

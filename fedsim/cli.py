@@ -280,13 +280,15 @@ def _resume_folder(argv: list[str]) -> str | None:
 
 
 def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
-    """``resume=<folder>``: the run in the folder, with the configuration it saved."""
+    """``resume=<folder>``: the run in the folder, with the configuration it saved, built only
+    from targets fedsim ships or ``--config-dir`` holds (a results folder is data)."""
     from fedsim.checkpoint import CHECKPOINT_FILE
 
     folder = Path(folder_arg)
-    cfg = resume.saved_config(folder)
+    config_dir, argv = resume.config_dir_arg(argv)
+    cfg = resume.read_config(folder)
     if cfg is None:
-        raise ConfigError("resume", folder_arg, "is not a run folder (no readable config.yaml)")
+        raise ConfigError("resume", folder_arg, "is not a run folder (it has no config.yaml)")
     others = [a for a in argv if a.partition("=")[0] not in ("resume", "quiet")]
     if others:
         raise ConfigError(
@@ -295,8 +297,9 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
             f"continues that run with its saved configuration; drop the other arguments "
             f"({' '.join(others[:3])})",
         )
+    resume.refuse_foreign_targets(cfg, config_dir)
     ckpt = folder / CHECKPOINT_FILE
-    if resume.finished(folder):
+    if resume.summary_status(folder) == "ok":
         raise ConfigError("resume", folder_arg, "holds a finished run; nothing to resume")
     if not ckpt.is_file():
         raise ConfigError(
@@ -305,7 +308,7 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
             f"has no {CHECKPOINT_FILE} (the run stopped before its first checkpoint, or "
             "checkpoint.every=0): start it again",
         )
-    header = resume.readable(ckpt, folder)
+    header = resume.readable(ckpt, folder, cfg)
     for arg in argv:
         key, _, value = arg.partition("=")
         if key == "quiet":

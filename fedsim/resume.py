@@ -44,15 +44,44 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] |
 
 
 def saved_config(folder: Path) -> dict[str, Any] | None:
-    """The configuration a run folder saved (``config.yaml``), or None."""
+    """The configuration a run folder saved (``config.yaml``), or None (missing or unreadable:
+    for searching folders; :func:`read_config` says what is wrong)."""
+    try:
+        return read_config(folder)
+    except ConfigError:
+        return None
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """The configuration a run folder saved (``config.yaml``); None if it has none, a
+    ConfigError if the file is not UTF-8 YAML holding a mapping."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         return None
+    text = _text(folder, path)
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return None
-    return cfg if isinstance(cfg, dict) else None
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        shown = " ".join(str(e).split())
+        raise _damaged(folder, CONFIG_FILE, f"is not YAML ({shown})") from None
+    if not isinstance(cfg, dict):
+        raise _damaged(folder, CONFIG_FILE, f"holds a {type(cfg).__name__}, not a mapping")
+    return cfg
+
+
+def _text(folder: Path, path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"byte 0x{data[e.start]:02x} at offset {e.start}"
+        raise _damaged(folder, path.name, f"is not UTF-8 text ({where})") from None
+
+
+def _damaged(folder: Path, name: str, what: str) -> ConfigError:
+    return ConfigError(
+        "resume", str(folder), f"its {name} {what}: it was damaged or edited after the run"
+    )
 
 
 def finished(folder: Path) -> bool:
@@ -63,11 +92,27 @@ def finished(folder: Path) -> bool:
         return False
 
 
+def summary_status(folder: Path) -> str | None:
+    """The ``status`` of the folder's ``summary.json`` (None: there is none); a ConfigError if
+    the file is not a JSON object with a status."""
+    path = folder / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    text = _text(folder, path)  # a ConfigError naming the byte that is not UTF-8
+    try:
+        status = json.loads(text)["status"]
+    except (ValueError, KeyError, TypeError):
+        status = None
+    if not isinstance(status, str):
+        raise _damaged(folder, SUMMARY_FILE, "is not a JSON object with a status")
+    return status
+
+
 def plan(folder: Path, cfg: dict[str, Any]) -> tuple[str, Path | None]:
     """What ``resume=true`` does in ``folder`` for ``cfg``: ``(DONE, None)``,
     ``(CONTINUE, checkpoint)`` or ``(RESTART, None)``; a ConfigError if the folder holds a run
-    of another configuration."""
-    saved = saved_config(folder)
+    of another configuration, or a file in it is damaged."""
+    saved = read_config(folder)
     if saved is not None:
         diff = first_difference(comparable(cfg), comparable(saved))
         if diff is not None:
@@ -79,36 +124,88 @@ def plan(folder: Path, cfg: dict[str, Any]) -> tuple[str, Path | None]:
                 "configuration it started with (or give resume=<folder> alone)",
             )
     ckpt = folder / CHECKPOINT_FILE
-    if finished(folder):
+    if summary_status(folder) == "ok":
         return DONE, None
     if ckpt.is_file():
-        readable(ckpt, folder)
+        readable(ckpt, folder, cfg)
         return CONTINUE, ckpt
     return RESTART, None
 
 
-def readable(ckpt: Path, folder: Path) -> dict[str, Any]:
-    """The checkpoint's header; a ConfigError if it cannot be read or does not match the
-    folder's ``metrics.jsonl`` (a file damaged or edited from outside)."""
-    from fedsim.checkpoint import header
+def readable(ckpt: Path, folder: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's header; a ConfigError if it cannot be read, fails its digest, was
+    written for another configuration than ``cfg`` or does not match the folder's
+    ``metrics.jsonl`` (a file damaged or edited from outside)."""
+    from fedsim.checkpoint import FORMAT, UNDIGESTED, header
 
     try:
         head = header(ckpt)
     except ValueError as e:
         raise ConfigError("resume", str(folder), f"its checkpoint is damaged: {e}") from None
-    rounds = 0
-    path = folder / METRICS_FILE
-    if path.exists():
-        with open(path, encoding="utf-8") as f:
-            rounds = sum(1 for line in f if line.endswith("\n"))
-    if rounds <= int(head.get("round", -1)):
+    upto, fmt = head.get("round"), head.get("format")
+    if type(upto) is not int or upto < 0 or fmt not in (*UNDIGESTED, FORMAT):
         raise ConfigError(
             "resume",
             str(folder),
-            f"its checkpoint is after round {head.get('round')} but {METRICS_FILE} holds "
-            f"{rounds} complete lines (rounds 0..{head.get('round')} are needed)",
+            f"its checkpoint is damaged: {ckpt} says round {upto!r}, format {fmt!r} (this "
+            f"fedsim reads formats {', '.join(map(str, (*UNDIGESTED, FORMAT)))})",
         )
+    if cfg is not None:
+        _same_config(folder, cfg, head.get("config"))
+    check_metrics(folder, upto)
     return head
+
+
+def _same_config(folder: Path, cfg: dict[str, Any], stored: Any) -> None:
+    """The checkpoint's configuration must be ``cfg``'s (the first key that differs named)."""
+    diff = first_difference(comparable(cfg), stored if isinstance(stored, dict) else {})
+    if diff is None:
+        return
+    key, mine, theirs = diff
+    if (folder / CONFIG_FILE).is_file():  # cfg agrees with config.yaml: one of them was edited
+        raise ConfigError(
+            "resume",
+            str(folder),
+            f"its {CHECKPOINT_FILE} was written with {key}={theirs!r} but its {CONFIG_FILE} "
+            f"says {key}={mine!r}: one of them was edited after the run",
+        )
+    raise ConfigError(
+        key,
+        mine,
+        f"the run in {folder} has {key}={theirs!r} (its checkpoint says so; its {CONFIG_FILE} "
+        "is missing); resume continues a run with the configuration it started with",
+    )
+
+
+def check_metrics(folder: Path, upto: int) -> None:
+    """``metrics.jsonl`` must be UTF-8 and hold rounds 0, 1, ... in order, one JSON object a
+    line, at least up to the checkpoint's round ``upto`` (a last line without its newline, cut
+    by a kill, is let be: resuming drops it)."""
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        raise ConfigError(
+            "resume",
+            str(folder),
+            f"its checkpoint is after round {upto} but it has no {METRICS_FILE} "
+            f"(rounds 0..{upto} are needed)",
+        )
+    lines = _text(folder, path).split("\n")[:-1]  # the last piece: "" or a line a kill cut
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        found = row.get("round") if isinstance(row, dict) else None
+        if type(found) is not int or found != i:
+            what = "is not a JSON object" if not isinstance(row, dict) else f"has round {found!r}"
+            raise _damaged(folder, METRICS_FILE, f"line {i + 1} {what} (round {i} belongs there)")
+    if len(lines) <= upto:
+        raise ConfigError(
+            "resume",
+            str(folder),
+            f"its checkpoint is after round {upto} but {METRICS_FILE} holds "
+            f"{len(lines)} complete lines (rounds 0..{upto} are needed)",
+        )
 
 
 def drop_stale_checkpoint(folder: Path, cfg: dict[str, Any]) -> None:
@@ -135,5 +232,75 @@ def find_run(root: Path, cfg: dict[str, Any]) -> Path | None:
             continue
         saved = saved_config(folder)
         if saved is not None and comparable(saved) == want:
+            plan(folder, cfg)  # a damaged file in it is a ConfigError naming the folder
             return folder
     return None
+
+
+# ----------------------------------------------------------------------------- trusted targets
+
+
+def config_dir_arg(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--config-dir <dir>`` (``-cd``, or ``--config-dir=<dir>``) of a command line, and the
+    command line without it."""
+    folder, rest, it = None, [], iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in ("--config-dir", "-cd"):
+            folder = value if eq else next(it, "")
+        else:
+            rest.append(arg)
+    return folder, rest
+
+
+def targets(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every ``_target_`` of a configuration, at any depth: ``(dotted key, value)``."""
+    found: list[tuple[str, Any]] = []
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, value in items:
+        if key == "_target_":
+            found.append((f"{prefix}{key}", value))
+        else:
+            found.extend(targets(value, f"{prefix}{key}."))
+    return found
+
+
+def trusted_targets(config_dir: str | None) -> set[str]:
+    """The ``_target_``s fedsim ships (every one in its ``conf/``, and the groups' defaults)
+    and those of the YAML files in ``config_dir`` (the user's own plug-ins)."""
+    from fedsim.registry import GROUPS, conf_folder
+
+    folders = [conf_folder(), *([Path(config_dir)] if config_dir else [])]
+    found = {g.default for g in GROUPS if g.default}
+    for folder in folders:
+        for path in sorted(folder.rglob("*.yaml")):
+            try:
+                node = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, yaml.YAMLError):
+                continue
+            found.update(v for _, v in targets(node) if isinstance(v, str))
+    return found
+
+
+def refuse_foreign_targets(cfg: dict[str, Any], config_dir: str | None) -> None:
+    """A configuration read from a results folder is data: every ``_target_`` in it (each is
+    imported and called) must be one fedsim ships or one of ``--config-dir``; a ConfigError
+    naming the key and the target otherwise, before anything is built."""
+    if config_dir is not None and not Path(config_dir).is_dir():
+        raise ConfigError("--config-dir", config_dir, "is not a folder")
+    allowed = trusted_targets(config_dir)
+    for key, target in targets(cfg):
+        if not isinstance(target, str) or target not in allowed:
+            raise ConfigError(
+                key,
+                target,
+                "is neither a target fedsim ships nor one in --config-dir; a results folder is "
+                "data, so resume=<folder> builds only those (if you trust this folder's "
+                "target, give the folder of its YAML with --config-dir <dir>)",
+            )

@@ -524,3 +524,116 @@ def test_resume_leaves_the_record_of_the_starting_command(tmp_path, monkeypatch,
     main([*args, f"hydra.run.dir={cut}", "resume=true"])
     assert (cut / ".hydra" / "overrides.yaml").read_text() == overrides
     assert json.loads((cut / "summary.json").read_text())["resumed_from"] == [1]
+
+
+# ----------------------------------------------------------------------------- trust nothing
+
+
+def _tensor_start(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def test_the_digest_finds_a_flipped_byte_an_edited_round_and_a_cut(tmp_path):
+    """Format 3 checks its SHA-256 over the header and every tensor, in load() and header()."""
+    path = tmp_path / CHECKPOINT_FILE
+    tree = {"format": checkpoint.FORMAT, "round": 4, "w": np.arange(64, dtype=np.float32)}
+    checkpoint.save(path, tree)
+    good = path.read_bytes()
+    assert checkpoint.header(path) == {"format": 3, "round": 4}
+    flipped = bytearray(good)
+    flipped[_tensor_start(good) + 37] ^= 0x01  # one bit of one float
+    edited = good.replace(b'\\"round\\": 4', b'\\"round\\": 3', 1)
+    assert edited != good
+    renamed = good.replace(b"fedsim_sha256", b"fedsim_sha999", 1)
+    damaged = {
+        "flipped": (bytes(flipped), "does not match its SHA-256 digest"),
+        "edited": (edited, "does not match its SHA-256 digest"),
+        "cut": (good[: len(good) - 5], "cannot be read as a checkpoint"),
+        "no digest": (renamed, "has no SHA-256 digest"),
+    }
+    for what, (data, message) in damaged.items():
+        path.write_bytes(data)
+        for read in (checkpoint.load, checkpoint.header):
+            with pytest.raises(ValueError, match=message) as info:
+                read(path)
+            assert str(path) in str(info.value), what
+    path.write_bytes(good)
+    assert np.array_equal(checkpoint.load(path)["w"], tree["w"])
+
+
+def test_the_digest_covers_names_dtypes_and_shapes():
+    w = np.arange(6, dtype=np.float32)
+    base = checkpoint.digest("{}", {"a": w})
+    assert checkpoint.digest("{}", {"a": w.copy()}) == base
+    assert checkpoint.digest("{}", {"b": w}) != base
+    assert checkpoint.digest("{}", {"a": w.view(np.int32)}) != base
+    assert checkpoint.digest("{}", {"a": w.reshape(2, 3)}) != base
+    assert checkpoint.digest('{"x": 1}', {"a": w}) != base
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_formats_written_before_the_digest_still_load(fmt, tmp_path):
+    from safetensors.numpy import save_file
+
+    text, tensors = checkpoint.encode_tree({"format": fmt, "round": 2, "w": np.ones(3)})
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata={"fedsim": text})
+    assert checkpoint.header(path) == {"format": fmt, "round": 2}
+    assert np.array_equal(checkpoint.load(path)["w"], np.ones(3))
+    text3, _ = checkpoint.encode_tree({"format": 3, "round": 2, "w": np.ones(3)})
+    save_file(tensors, str(path), metadata={"fedsim": text3})  # format 3 without its digest
+    with pytest.raises(ValueError, match="has no SHA-256 digest"):
+        checkpoint.load(path)
+
+
+def test_the_stored_format_1_checkpoints_are_read_without_a_digest():
+    stored = sorted((ROOT / "tests" / "golden").glob("*/stopped/" + CHECKPOINT_FILE))
+    assert len(stored) == 3
+    for path in stored:
+        assert checkpoint.header(path)["format"] == 1
+        assert checkpoint.load(path)["round"] >= 0
+
+
+def test_a_folder_s_own_target_is_never_built(tmp_path, monkeypatch, capsys):
+    """resume=<folder> builds only targets fedsim ships or --config-dir holds: a target found
+    only in the folder (here one that creates a file when built) is refused before anything
+    is built; the same target named by the user's --config-dir is built."""
+    import yaml
+
+    folder = tmp_path / "run"
+    _cut_run(folder, monkeypatch)
+    marker = tmp_path / "marker.txt"
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    cfg["logger"] = {"_target_": "logging.FileHandler", "filename": str(marker)}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tree = checkpoint.load(folder / CHECKPOINT_FILE)  # a forger rewrites the checkpoint too
+    tree["config"]["logger"] = cfg["logger"]  # (its digest is a checksum, not a signature)
+    checkpoint.save(folder / CHECKPOINT_FILE, tree)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as info:
+        main([f"resume={folder}"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "logger._target_=logging.FileHandler: is neither a target fedsim ships" in err
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    mine = tmp_path / "mine" / "logger"
+    mine.mkdir(parents=True)
+    (mine / "file.yaml").write_text("_target_: logging.FileHandler\n")
+    with pytest.raises(SystemExit):  # trusted, so built: a FileHandler is no fedsim sink
+        main(["--config-dir", str(tmp_path / "mine"), f"resume={folder}"])
+    assert "must build a fedsim.sinks.Sink" in capsys.readouterr().err
+    assert marker.exists()
+
+
+def test_the_trusted_targets_are_fedsim_s_own_and_the_config_dir_s(tmp_path):
+    from fedsim import resume
+
+    shipped = resume.trusted_targets(None)
+    assert {"fedsim.sinks.NoSink", "strategies.fedavg.FedAvg", "torch.optim.SGD"} <= shipped
+    assert "joblib.load" not in shipped and "builtins.exec" not in shipped
+    (tmp_path / "strategy").mkdir()
+    (tmp_path / "strategy" / "median.yaml").write_text("_target_: my_plugins.Median\n")
+    assert resume.trusted_targets(str(tmp_path)) == shipped | {"my_plugins.Median"}
+    cfg = {"a": {"_target_": "x.Y", "b": [{"_target_": "z.W"}]}}
+    assert resume.targets(cfg) == [("a._target_", "x.Y"), ("a.b.0._target_", "z.W")]

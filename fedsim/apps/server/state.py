@@ -17,7 +17,7 @@ from typing import Any
 
 import fedsim
 from fedsim import checkpoint
-from fedsim.checkpoint import CHECKPOINT_FILE, FORMAT
+from fedsim.checkpoint import CHECKPOINT_FILE, FORMAT, UNDIGESTED
 from fedsim.errors import RunFailed
 from fedsim.records import array_record, numpy_dict
 from fedsim.resume import comparable
@@ -49,7 +49,8 @@ class ServerState:
 
 
 def upgrade(tree: dict[str, Any], stages: list[str]) -> dict[str, Any]:
-    """A format-1 tree (the stages' state was kept by the strategy and by hand) in format 2.
+    """A format-1 tree (the stages' state was kept by the strategy and by hand) in the current
+    format (2 and 3 share the tree's layout; 3 added the file's digest).
 
     Format 1 kept the frozen factors, which clients hold them and the rounds whose compressed
     messages were absorbed in the strategy's state, and error feedback's, EF21-P's and the
@@ -133,10 +134,10 @@ class Checkpoints:
             tree = checkpoint.load(spec.resume)
         except ValueError as e:
             raise RunFailed(str(e)) from None
-        if tree.get("format") not in (1, FORMAT):
+        if tree.get("format") not in (*UNDIGESTED, FORMAT):
             raise RunFailed(
                 f"{spec.resume} has checkpoint format {tree.get('format')}; this fedsim "
-                f"reads formats 1 and {FORMAT}"
+                f"reads formats {', '.join(map(str, UNDIGESTED))} and {FORMAT}"
             )
         if tree["config"] != comparable(spec.cfg):
             raise RunFailed(f"{spec.resume} belongs to another configuration")
