@@ -57,7 +57,7 @@ def test_bad_columns_and_files_are_one_line_errors(tmp_path, capsys):
     ]
     capsys.readouterr()  # what making the model printed
     cases = [
-        (["task.text_column=body"], "task.text_column=body: is not a column; the files have"),
+        (["task.text_column=body"], "task.text_column=body: is not a column of"),
         ([f"task.data_files=[{tmp_path / 'nope.csv'}]"], "is not a file"),
         (
             ["task.model=/nonexistent/model"],
