@@ -73,9 +73,14 @@ def _bad_json(run: Path, tmp: Path) -> None:
     (tmp / "c.json").write_text(json.dumps({"text": "a good film", "label": "pos"}))
 
 
+#: the small run's settings that are not the synthetic task's
+NOT_TASK = tuple(a for a in small() if not a.startswith("task"))
+
+
 def hf(*extra: str) -> tuple[str, ...]:
     """``task=hf`` on {tmp}/m and {tmp}/c.csv, small and valid, with ``extra``."""
-    return small(
+    return (
+        *NOT_TASK,
         "task=hf",
         "task.model={tmp}/m",
         "task.data_files=[{tmp}/c.csv]",
@@ -139,13 +144,13 @@ CASES = [
     ),
     Case(
         "task-hf-without-model",
-        small("task=hf", "task.data_files=[{tmp}/c.csv]"),
+        (*NOT_TASK, "task=hf", "task.data_files=[{tmp}/c.csv]"),
         "task.model=???: is required and has no default",
         **_HF,
     ),
     Case(
         "task-hf-without-data-files",
-        small("task=hf", "task.model={tmp}/m"),
+        (*NOT_TASK, "task=hf", "task.model={tmp}/m"),
         "task.data_files=???: is required and has no default",
         **_HF,
     ),
