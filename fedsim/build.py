@@ -48,6 +48,13 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
     except Exception as e:
         reason = " ".join(str(e).split())
         raise ConfigError(f"{group}._target_", target, f"cannot be imported: {reason}") from None
+    missing = _missing(node)
+    if missing is not None:  # OmegaConf's "???": instantiate would raise a traceback's worth
+        raise ConfigError(
+            f"{group}.{missing}",
+            "???",
+            f"is required and has no default: give it on the command line ({group}.{missing}=...)",
+        )
     check_node(group, obj, node)  # the group's schema: the target's typed signature
     try:
         built = instantiate(node, **extra, _convert_="all")
@@ -81,6 +88,19 @@ def build(group: str, node: dict[str, Any], **extra: Any) -> Any:
 def _one_line(text: str) -> str:
     """A library's message whole, its lines joined (never cut)."""
     return " ".join(text.split())
+
+
+def _missing(node: Any, prefix: str = "") -> str | None:
+    """The first key of ``node`` (dotted, nested dicts included) whose value is ``???``."""
+    if not isinstance(node, dict):
+        return None
+    for key, value in node.items():
+        if isinstance(value, str) and value == "???":
+            return f"{prefix}{key}"
+        found = _missing(value, f"{prefix}{key}.")
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass

@@ -86,11 +86,10 @@ class FederatedData:
             except ConfigError:  # the task's own settings, already named
                 raise
             except (ValueError, KeyError, IndexError) as e:
-                notes = {str(w.message).splitlines()[0] for w in caught}
                 reason = " ".join(str(e).split())
+                notes = _distinct([str(w.message) for w in caught])
                 if notes:
-                    reason += " (" + "; ".join(sorted(notes)) + ")"
-                reason = reason if len(reason) <= 400 else reason[:397] + "..."
+                    reason += " (it warned: " + "; ".join(notes) + ")"
                 raise ComponentError("partition", name, reason) from None
         empty = [client for client, size in enumerate(sizes) if size < 2]
         if empty:
@@ -123,6 +122,21 @@ class FederatedData:
             parts = [self.client(c).train for c in range(self.partitioner.num_partitions)]
             self._pooled = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return self._pooled
+
+
+def _distinct(messages: list[str]) -> list[str]:
+    """Library warnings whole, on one line each, without repeats: a warning repeated with
+    other numbers (DirichletPartitioner's "for alpha ([...]) after 3 attempts", once per
+    attempt) is shown once, as last issued."""
+    import re
+
+    last: dict[str, str] = {}
+    for message in messages:
+        line = " ".join(message.split())
+        key = re.sub(r"\[[^\]]*\]|\d+", "#", line)  # numbers and lists of them
+        last.pop(key, None)
+        last[key] = line
+    return list(last.values())
 
 
 def validation_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:

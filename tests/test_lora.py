@@ -156,3 +156,64 @@ def test_dropout_is_only_active_in_training():
     assert not torch.equal(model(x), model(x))
     model.eval()
     assert torch.equal(model(x), model(x))
+
+
+def _narrow_model():
+    """A 4 x 8 layer (m = 4 outputs, n = 8 inputs), a 16 x 4 one, and a head."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 16), nn.Linear(16, 2))
+
+
+@pytest.mark.parametrize(
+    "adapter, limit, says",
+    [
+        ("lora", 4, "min(m, n) = 4 of the smallest adapted layer, 0 (4 x 8, m x n)"),
+        ("lora_sb", 4, "min(m, n) = 4 of the smallest adapted layer, 0 (4 x 8, m x n)"),
+        ("ffa", 4, "n = 4 of the smallest adapted layer, 1 (16 x 4, m x n)"),
+    ],
+)
+def test_a_rank_above_the_smallest_layer_is_refused_before_anything_is_built(adapter, limit, says):
+    from fedsim.adapters import FFALoRA, LoRASB
+
+    make = {"lora": LoRA, "lora_sb": lambda r: LoRASB(r=r, init={"method": "random"})}
+    make["ffa"] = FFALoRA
+    model = _narrow_model()
+    make[adapter](r=limit).apply(model, default_targets=["0", "1"], head_modules=("2",), seed=0)
+    model = _narrow_model()
+    with pytest.raises(ConfigError) as err:
+        make[adapter](r=limit + 1).apply(
+            model, default_targets=["0", "1"], head_modules=("2",), seed=0
+        )
+    assert err.value.key == "adapter.r" and err.value.value == limit + 1
+    assert says in str(err.value)
+    assert all(type(m) is nn.Linear for m in model)  # refused before any layer was replaced
+    assert all(p.requires_grad for p in model.parameters())  # nor frozen
+
+
+def _best_fit_residual(a: np.ndarray, target: np.ndarray) -> float:
+    """min over B of ||B A - target|| (A fixed): least squares, row by row."""
+    b = np.linalg.lstsq(a.T, target.T, rcond=None)[0].T
+    return float(np.linalg.norm(b @ a - target))
+
+
+def test_the_rank_bounds_are_where_a_larger_rank_stops_adding_updates():
+    """LoRA: rank min(m, n) already reaches every m x n matrix (B = U S, A = V^T). FFA-LoRA
+    (A frozen, r x n): B A reaches the matrices whose rows lie in A's row space, which grows
+    until r = n, past min(m, n) when m < n; so its bound is n, not min(m, n)."""
+    rng = np.random.default_rng(0)
+    m, n = 4, 8
+    target = rng.standard_normal((m, n))
+    u, s, vt = np.linalg.svd(target, full_matrices=False)
+    assert np.allclose((u * s) @ vt, target)  # LoRA at r = min(m, n) = 4: exact
+    residuals = [_best_fit_residual(rng.standard_normal((r, n)), target) for r in (4, 6, 8, 10)]
+    assert residuals[0] > residuals[1] > 1e-6  # r = 6 > min(m, n) still adds updates
+    assert residuals[2] < 1e-9 and residuals[3] < 1e-9  # r = n reaches everything
+    from fedsim.adapters import FFALoRA
+
+    def apply(adapter):
+        return adapter.apply(_narrow_model(), default_targets=["0"], head_modules=("2",), seed=0)
+
+    assert apply(FFALoRA(r=6)).shapes == {"0": (4, 8)}  # m = 4 < r = 6 <= n = 8: accepted
+    for refused in (FFALoRA(r=9), LoRA(r=6)):
+        with pytest.raises(ConfigError, match="adapter.r"):
+            apply(refused)

@@ -57,7 +57,7 @@ def test_bad_columns_and_files_are_one_line_errors(tmp_path, capsys):
     ]
     capsys.readouterr()  # what making the model printed
     cases = [
-        (["task.text_column=body"], "task.text_column=body: is not a column; the files have"),
+        (["task.text_column=body"], "task.text_column=body: is not a column of"),
         ([f"task.data_files=[{tmp_path / 'nope.csv'}]"], "is not a file"),
         (
             ["task.model=/nonexistent/model"],
@@ -195,3 +195,62 @@ def test_task_dropout_sets_every_dropout_of_the_model(hf_task):
         assert torch.equal(a, b) == (p == 0.0)
     c = build_components(compose(tiny(*hf_task))[0])  # null: the checkpoint's (BERT: 0.1)
     assert {m.p for m in c.model()[0].modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_data_files_are_refused_naming_the_file_and_what_is_wrong(tmp_path):
+    from fedsim.errors import ConfigError
+    from fedsim.tasks.text import file_corpus
+
+    good = make_corpus(tmp_path / "c.csv", rows=20)
+    text = good.read_text(encoding="utf-8").replace("film", "café")
+    (tmp_path / "latin1.csv").write_bytes(text.encode("latin-1"))
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "one.csv").write_text("text,label\na good film,pos\na fine film,pos\n")
+    (tmp_path / "gap.csv").write_text("text,label\na good film,pos\na dull film\n")
+    (tmp_path / "c.jsonl").write_text('{"text": "a", "label": 1}\n\n{"text": oops}\n')
+    (tmp_path / "list.json").write_text('[["a", 1]]')
+    cases = [
+        ("latin1.csv", "task.data_files", "is not utf-8 text: byte 0xe9 on line"),
+        ("empty.csv", "task.data_files", "is empty"),
+        ("one.csv", "task.label_column", "holds 1 class ('pos') in all 2 rows of"),
+        ("gap.csv", "task.label_column", "has no value in row 2 of"),
+        ("c.jsonl", "task.data_files", "cannot be read as a jsonl table: line 3:"),
+        ("list.json", "task.data_files", "row 1 is a list, not an object of named columns"),
+    ]
+    for name, key, says in cases:
+        with pytest.raises(ConfigError) as err:
+            file_corpus([str(tmp_path / name)], "text", "label", None)
+        assert err.value.key == key and says in str(err.value), (name, str(err.value))
+        assert len(str(err.value).splitlines()) == 1
+    # the same file read as what it is: task.encoding
+    latin = file_corpus([str(tmp_path / "latin1.csv")], "text", "label", None, "latin-1")
+    want = file_corpus([str(good)], "text", "label", None)
+    assert latin.texts == [t.replace("film", "café") for t in want.texts]
+    assert np.array_equal(latin.labels, want.labels)
+
+
+def test_task_encoding_must_be_a_known_codec(tmp_path):
+    from fedsim.errors import ConfigError
+    from fedsim.tasks import HFTask
+
+    data = [str(make_corpus(tmp_path / "c.csv", rows=20))]
+    assert HFTask(model=str(tmp_path), data_files=data, encoding="cp1252").encoding == "cp1252"
+    with pytest.raises(ConfigError, match="task.encoding=klingon: is not a text encoding"):
+        HFTask(model=str(tmp_path), data_files=data, encoding="klingon")
+
+
+def test_a_model_folder_with_only_pickled_weights_is_refused_unread(tmp_path):
+    from fedsim.errors import ConfigError
+    from fedsim.tasks.hf_models import check_weights, load_classifier
+
+    folder = make_model(tmp_path / "m")
+    check_weights(str(folder))  # safetensors: accepted
+    weights = folder / "model.safetensors"
+    weights.rename(folder / "pytorch_model.bin")  # its bytes are no pickle: refused by name
+    for call in (lambda: check_weights(str(folder)), lambda: load_classifier(str(folder), 2, 0)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert err.value.key == "task.model"
+        assert "holds its weights only as pytorch_model.bin, a pickle format" in str(err.value)
+    with pytest.raises(ConfigError, match="is a file; give the model's folder"):
+        check_weights(str(folder / "config.json"))

@@ -177,6 +177,11 @@ class Adapter:
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         raise NotImplementedError
 
+    def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Refuse settings that do not fit the layers to adapt (base weight shapes ``(m, n)``
+        by module name), with a ConfigError, before any module is made. The base class
+        accepts every layer; low-rank adapters bound their rank (:func:`check_rank`)."""
+
     def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
         """What the adapter adds to the layer's weight, from its parameters by suffix (float64)."""
         raise NotImplementedError
@@ -198,6 +203,7 @@ class Adapter:
     ) -> AdapterSpec:
         """Freeze ``model``, replace the targeted linear layers in place, unfreeze heads."""
         names = self._targets(model, default_targets, head_modules)
+        self.check_layers({n: tuple(model.get_submodule(n).weight.shape) for n in names})
         for p in model.parameters():
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(int(seed))
@@ -295,6 +301,34 @@ def check_protocol(adapter: Adapter, target: str) -> None:
                 "an adapter's data_init, a fedsim.adapters.data_init.DataInit "
                 "(docs/architecture.md, where a new piece goes)",
             )
+
+
+def check_rank(
+    r: int,
+    shapes: Mapping[str, tuple[int, int]],
+    bound: str,
+    why: str,
+) -> None:
+    """A ConfigError naming ``adapter.r`` if ``r`` exceeds the bound of the smallest layer.
+
+    ``bound`` is ``"min(m, n)"`` (the rank a product ``B A`` of an ``m x r`` and an ``r x n``
+    matrix can reach) or ``"n"`` (a layer's input width); ``why`` says what a larger rank
+    would (not) add.
+    """
+
+    def limit(shape: tuple[int, int]) -> int:
+        return min(shape) if bound == "min(m, n)" else shape[1]
+
+    name = min(shapes, key=lambda k: limit(shapes[k]), default=None)
+    if name is None or r <= limit(shapes[name]):
+        return
+    m, n = shapes[name]
+    raise ConfigError(
+        "adapter.r",
+        r,
+        f"must be at most {bound} = {limit(shapes[name])} of the smallest adapted layer, "
+        f"{name} ({m} x {n}, m x n): {why}",
+    )
 
 
 def matching_linear_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.adapters.base import AdaptedLinear, Adapter
+from fedsim.adapters.base import AdaptedLinear, Adapter, check_rank
 from fedsim.dropout import AdapterDropout
 from fedsim.validate import integer, number
 
@@ -83,6 +83,17 @@ class LoRA(Adapter):
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         return LoRALinear(base, self.r, self.alpha, self.dropout, generator)
 
+    def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """``r <= min(m, n)`` of every adapted layer: ``B A`` has rank at most ``min(m, n)``,
+        so a larger rank reaches no new update and only costs ``r (m + n)`` values a layer."""
+        check_rank(
+            self.r,
+            shapes,
+            "min(m, n)",
+            "B A (m x r times r x n) has rank at most min(m, n), so a larger r adds nothing "
+            "but r (m + n) values per layer",
+        )
+
     def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
         """``s B A`` with ``s = alpha / r``; ``r`` is read from ``A`` (ranks may differ)."""
         a = np.asarray(factors["lora_A.weight"], dtype=np.float64)
@@ -106,3 +117,15 @@ class FFALoRA(LoRA):
     name = "ffa"
     trained_suffixes = ("lora_B.weight",)
     frozen_suffixes = ("lora_A.weight",)
+
+    def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """``r <= n`` of every adapted layer: with ``A`` (r x n) frozen, the reachable updates
+        ``B A`` are the m x n matrices whose rows lie in ``A``'s row space, which grows with
+        ``r`` up to ``n`` (then it is every m x n matrix), even where ``m < r``."""
+        check_rank(
+            self.r,
+            shapes,
+            "n",
+            "with A (r x n) frozen, B A reaches every m x n matrix once r = n, so a larger r "
+            "adds nothing but m r trained values per layer",
+        )

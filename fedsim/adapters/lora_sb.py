@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterSpec
+from fedsim.adapters.base import AdaptedLinear, Adapter, AdapterSpec, check_rank
 from fedsim.adapters.data_init import DataInit, InitRun
 from fedsim.adapters.gradients import base_gradients, private_base_gradients
 from fedsim.dropout import AdapterDropout
@@ -128,15 +128,17 @@ class LoRASB(Adapter):
         self.data_init = gradient if self.init_method == "gradient" else None
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
-        limit = min(base.in_features, base.out_features)
-        if self.r > limit:
-            raise ConfigError(
-                "adapter.r",
-                self.r,
-                f"must be at most min(m, n) = {limit} for a {base.out_features} x "
-                f"{base.in_features} layer (B and A have orthonormal columns / rows)",
-            )
         return LoRASBLinear(base, self.r, self.dropout, generator)
+
+    def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """``r <= min(m, n)`` of every adapted layer: ``B`` (m x r) and ``A`` (r x n) have
+        orthonormal columns / rows, which needs ``r <= m`` and ``r <= n``."""
+        check_rank(
+            self.r,
+            shapes,
+            "min(m, n)",
+            "B (m x r) and A (r x n) have orthonormal columns / rows, and R is r x r",
+        )
 
     def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
         """``B R A`` in float64."""

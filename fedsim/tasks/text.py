@@ -47,6 +47,7 @@ from fedsim.tasks.corpora import (  # those marked F401: callers import them fro
     MINILM,
     TextCorpus,
     bbc_news,
+    check_encoding,
     file_corpus,
     missing_package,  # noqa: F401
     packaged_model,
@@ -309,6 +310,8 @@ class HFTask(TextClassificationTask):
     text_column, label_column : str
     group_column : str, optional
         Natural client ids for ``partition=natural``.
+    encoding : str
+        The text encoding of CSV / TSV / JSON / JSONL files (``utf-8``).
     target_modules : list of str or str, optional
         Default adapted layers (null: every ``nn.Linear`` outside the head).
     """
@@ -323,10 +326,12 @@ class HFTask(TextClassificationTask):
         text_column: str = "text",
         label_column: str = "label",
         group_column: str | None = None,
+        encoding: str = "utf-8",
         **kwargs,
     ) -> None:
         if not model:
             raise ConfigError("task.model", model, "give a local model folder or a cached name")
+        self.encoding = check_encoding(encoding)
         files = [data_files] if isinstance(data_files, str) else list(data_files or [])
         if not files:
             raise ConfigError("task.data_files", data_files, "give at least one data file")
@@ -335,7 +340,9 @@ class HFTask(TextClassificationTask):
         super().__init__(model, **kwargs)
 
     def load_corpus(self) -> TextCorpus:
-        return file_corpus(self.files, self.text_column, self.label_column, self.group_column)
+        return file_corpus(
+            self.files, self.text_column, self.label_column, self.group_column, self.encoding
+        )
 
     @property
     def default_target_modules(self):  # every linear layer outside the head
