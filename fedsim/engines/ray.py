@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+from contextlib import contextmanager
 
 from fedsim.config import RunSpec
+from fedsim.engines.inline import check_threads, usable_cpus
 from fedsim.errors import ConfigError
 from fedsim.validate import integer, number
 
@@ -65,20 +68,42 @@ class RayEngine:
 
     def check(self, sim: dict) -> None:
         """Resources must fit, or Ray's actor pool is empty and Flower's engine never returns
-        (a cluster's resources are known only once attached: Ray refuses what does not fit)."""
-        import torch
-
+        (a cluster's resources are known only once attached: Ray refuses what does not fit).
+        An address must have a cluster behind it, or ``ray.init`` waits for minutes."""
         if self.address is not None:
+            check_address(self.address)
             return
-        cpus = self.num_cpus if self.num_cpus is not None else (os.cpu_count() or 1)
+        check_threads(self.num_threads)
+        cpus = usable_cpus()
+        if self.num_cpus is not None and self.num_cpus > cpus:
+            raise ConfigError(
+                "engine.num_cpus",
+                self.num_cpus,
+                f"must be at most the {cpus} CPUs this machine lets fedsim use (null: all)",
+            )
+        if self.num_cpus is not None:
+            cpus = self.num_cpus
         if self.num_cpus_per_client > cpus:
             raise ConfigError(
                 "engine.num_cpus_per_client",
                 self.num_cpus_per_client,
                 f"must be at most the CPUs Ray may use ({cpus}; engine.num_cpus)",
             )
+        self._check_gpus(sim)
+
+    def _check_gpus(self, sim: dict) -> None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if self.num_gpus is not None and self.num_gpus > gpus:
+            raise ConfigError(
+                "engine.num_gpus",
+                self.num_gpus,
+                f"must be at most the {gpus} GPUs torch sees on this machine (null: all)",
+            )
         if self.num_gpus_per_client > 0:
-            gpus = self.num_gpus if self.num_gpus is not None else torch.cuda.device_count()
+            if self.num_gpus is not None:
+                gpus = self.num_gpus
             if self.num_gpus_per_client > gpus:
                 raise ConfigError(
                     "engine.num_gpus_per_client",
@@ -149,12 +174,13 @@ class RayEngine:
                 ray.shutdown()
                 raise
         try:
-            run_simulation(
-                server_app=make_server_app(spec, abort),
-                client_app=make_client_app(spec.cfg),
-                num_supernodes=spec.cfg["sim"]["num_clients"],
-                backend_config=self.backend_config(),
-            )
+            with _on_loopback(self.address is None):
+                run_simulation(
+                    server_app=make_server_app(spec, abort),
+                    client_app=make_client_app(spec.cfg),
+                    num_supernodes=spec.cfg["sim"]["num_clients"],
+                    backend_config=self.backend_config(),
+                )
         except BaseException:
             abort.set()
             raise
@@ -162,6 +188,79 @@ class RayEngine:
             flwr_log.removeFilter(_drop_run_simulation_notice)
             if ray.is_initialized():
                 ray.shutdown()
+
+
+@contextmanager
+def _on_loopback(local: bool):
+    """A Ray started here serves on 127.0.0.1 only.
+
+    Every process of a Ray node (GCS, raylet, runtime-env and dashboard agents, workers, the
+    driver's core worker) binds its servers to the node's address, and to every interface
+    unless that address is loopback. Ray 2.55 takes the node's address from
+    ``services.get_node_ip_address()``: the machine's outward address on Linux, loopback where
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is off (Ray's default on macOS and Windows, the
+    environment variable ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; read once, at import).
+    ``ray.init(_node_ip_address="127.0.0.1")`` does not help: Ray turns a loopback address
+    into the outward one. So the flag is off while Flower starts Ray, and restored after the
+    run (an attached cluster's driver needs its outward address).
+    tests/test_loopback.py lists the listening sockets of a run's processes."""
+    if not local:
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+#: how long fedsim waits for a cluster's address to accept a connection before refusing it
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(address: str) -> None:
+    """A Ray cluster must accept connections at ``address`` before anything starts: for an
+    address nobody serves, ``ray.init`` retries for minutes (more than 300 s measured for
+    ``127.0.0.1:1``), and ``auto`` without a cluster ends in a traceback. Ray's own look-up
+    resolves ``auto`` (``RAY_ADDRESS``, else the cluster ``ray start`` recorded, else a GCS
+    running here), and ``RAY_ADDRESS`` overrides a given address, as in ``ray.init``."""
+    from ray._private.services import get_ray_address_from_environment
+
+    target = address
+    if address.startswith("ray://"):  # a Ray Client server
+        target = address.removeprefix("ray://")
+    else:
+        try:
+            target = get_ray_address_from_environment(address, None)
+        except ConnectionError:
+            raise ConfigError(
+                "engine.address",
+                address,
+                "Ray found no running cluster (RAY_ADDRESS is not set and no cluster was "
+                "started on this machine): start one with `ray start --head`, or set "
+                "engine.address=null for a Ray started for this run",
+            ) from None
+    where = target if target == address else f"{target} (Ray's address for {address})"
+    if os.environ.get("RAY_ADDRESS") and not address.startswith("ray://"):
+        where = f"{target} (from RAY_ADDRESS)"
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            "engine.address", address, "must be null (a local Ray), auto or <host>:<port>"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            "engine.address",
+            address,
+            f"nothing accepts connections at {where} ({exc.strerror or exc}): start the "
+            "cluster first (`ray start --head`), or set engine.address=null for a Ray "
+            "started for this run",
+        ) from None
 
 
 def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:
