@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -217,22 +219,33 @@ def _on_loopback(local: bool):
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-#: how long fedsim waits for a cluster's address to accept a connection before refusing it
+#: how long fedsim waits for a cluster's address to accept a connection, and for its GCS
+#: to answer, before refusing the address
 CONNECT_TIMEOUT_S = 5.0
+GCS_TIMEOUT_S = 60.0
+#: asks the GCS at argv[1] for its cluster id, as ``ray.init`` does first (in a process of its
+#: own: Ray's C++ client logs its retries on stderr and may wait)
+_GCS_PROBE = (
+    "import sys; from ray._raylet import GcsClient; GcsClient(address=sys.argv[1]).cluster_id"
+)
+_NO_CLUSTER = (
+    "start the cluster first (`ray start --head`), or set engine.address=null for a Ray "
+    "started for this run"
+)
 
 
 def check_address(address: str) -> None:
-    """A Ray cluster must accept connections at ``address`` before anything starts: for an
-    address nobody serves, ``ray.init`` retries for minutes (more than 300 s measured for
-    ``127.0.0.1:1``), and ``auto`` without a cluster ends in a traceback. Ray's own look-up
-    resolves ``auto`` (``RAY_ADDRESS``, else the cluster ``ray start`` recorded, else a GCS
-    running here), and ``RAY_ADDRESS`` overrides a given address, as in ``ray.init``."""
+    """A Ray cluster must answer at ``address`` before anything starts: for an address nobody
+    serves, ``ray.init`` retries for minutes (more than 300 s measured for ``127.0.0.1:1``),
+    and ``auto`` without a cluster ends in a traceback. Ray's own look-up resolves ``auto``
+    (``RAY_ADDRESS``, else the cluster ``ray start`` recorded, else a GCS running here), and
+    ``RAY_ADDRESS`` overrides a given address, as in ``ray.init``. A TCP connection refused,
+    an unknown host or 5 s without an answer fail at once; then the GCS must answer."""
     from ray._private.services import get_ray_address_from_environment
 
-    target = address
-    if address.startswith("ray://"):  # a Ray Client server
-        target = address.removeprefix("ray://")
-    else:
+    client = address.startswith("ray://")  # a Ray Client server: checked for TCP only
+    target = address.removeprefix("ray://")
+    if not client:
         try:
             target = get_ray_address_from_environment(address, None)
         except ConnectionError:
@@ -243,24 +256,49 @@ def check_address(address: str) -> None:
                 "started on this machine): start one with `ray start --head`, or set "
                 "engine.address=null for a Ray started for this run",
             ) from None
-    where = target if target == address else f"{target} (Ray's address for {address})"
-    if os.environ.get("RAY_ADDRESS") and not address.startswith("ray://"):
+    where = target if target == address or client else f"{target} (Ray's address for {address})"
+    if os.environ.get("RAY_ADDRESS") and not client:
         where = f"{target} (from RAY_ADDRESS)"
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(
-            "engine.address", address, "must be null (a local Ray), auto or <host>:<port>"
+            "engine.address",
+            address,
+            "must be null (a local Ray), auto or <host>:<port> (a port from 1 to 65535)",
         )
     try:
         socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
     except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
         raise ConfigError(
             "engine.address",
             address,
-            f"nothing accepts connections at {where} ({exc.strerror or exc}): start the "
-            "cluster first (`ray start --head`), or set engine.address=null for a Ray "
-            "started for this run",
+            f"nothing accepts connections at {where} ({reason}): {_NO_CLUSTER}",
         ) from None
+    if not client:
+        _probe_gcs(address, target, where)
+
+
+def _probe_gcs(address: str, target: str, where: str) -> None:
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _GCS_PROBE, target],
+            capture_output=True,
+            text=True,
+            timeout=GCS_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        reason = f"no answer within {GCS_TIMEOUT_S:g} s"
+    else:
+        if probe.returncode == 0:
+            return
+        lines = [line for line in probe.stderr.splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else f"exit status {probe.returncode}"
+    raise ConfigError(
+        "engine.address",
+        address,
+        f"no Ray cluster answers at {where} ({reason}): {_NO_CLUSTER}",
+    )
 
 
 def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:
