@@ -9,8 +9,12 @@ import time
 import pytest
 import torch
 
+from fedsim.engines.inline import usable_cpus
 from fedsim.errors import ConfigError
 from tests.conftest import strip_timings, tiny
+
+#: a local Ray may use at most the machine's CPUs (engine.num_cpus above them is refused)
+CPUS = min(2, usable_cpus())
 
 
 @pytest.mark.ray
@@ -29,7 +33,7 @@ from tests.conftest import strip_timings, tiny
 def test_inline_and_ray_agree(run_tiny, extra):
     _, inline, _ = run_tiny(base=tiny("sim.clients_per_round=3", *extra))
     _, ray_rows, _ = run_tiny(
-        base=tiny("sim.clients_per_round=3", "engine=ray", "engine.num_cpus=2", *extra)
+        base=tiny("sim.clients_per_round=3", "engine=ray", f"engine.num_cpus={CPUS}", *extra)
     )
     a, b = strip_timings(inline), strip_timings(ray_rows)
     assert len(a) == len(b) >= 3
@@ -50,7 +54,6 @@ def test_inline_and_ray_agree(run_tiny, extra):
 
 def test_resources_up_to_the_machine_pass_and_one_more_is_refused():
     from fedsim.engines import BatchedEngine, InlineEngine, RayEngine
-    from fedsim.engines.inline import usable_cpus
 
     sim = {"device": "cpu"}
     cpus = usable_cpus()

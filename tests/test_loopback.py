@@ -17,6 +17,7 @@ import time
 import psutil
 import pytest
 
+from fedsim.engines.inline import usable_cpus
 from tests.conftest import tiny
 
 
@@ -62,7 +63,8 @@ def _session_processes(session: str) -> list[psutil.Process]:
 
 @pytest.mark.ray
 def test_a_local_ray_run_listens_on_loopback_only(tmp_path):
-    args = tiny("sim.num_clients=2", "sim.rounds=1", "engine=ray", "engine.num_cpus=2")
+    cpus = min(2, usable_cpus())  # more than the machine has is refused
+    args = tiny("sim.num_clients=2", "sim.rounds=1", "engine=ray", f"engine.num_cpus={cpus}")
     run = subprocess.Popen(
         [sys.executable, "-m", "fedsim", *args, f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
