@@ -12,13 +12,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedsim.results import read_metrics
 from tests.conftest import strip_timings, tiny
+from tests.test_loopback import is_loopback
 
 pytestmark = [
     pytest.mark.scale_out,
@@ -34,6 +37,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ListeningSockets(threading.Thread):
+    """Every address the process trees of ``procs`` listen on, sampled until ``stop()``."""
+
+    def __init__(self, procs: list[subprocess.Popen]) -> None:
+        super().__init__(daemon=True)
+        self.procs, self.found, self._done = procs, {}, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            for popen in list(self.procs):
+                try:
+                    root = psutil.Process(popen.pid)
+                    tree = [root, *root.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    continue
+                for proc in tree:
+                    try:
+                        who = " ".join(proc.cmdline())[:100]
+                        for conn in proc.net_connections(kind="inet"):
+                            if conn.status == psutil.CONN_LISTEN:
+                                self.found[(conn.laddr.ip, conn.laddr.port)] = who
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                        pass
+            time.sleep(0.3)
+
+    def stop(self) -> dict[str, str]:
+        """The non-loopback ones."""
+        self._done.set()
+        self.join()
+        return {f"{ip}:{port}": w for (ip, port), w in self.found.items() if not is_loopback(ip)}
 
 
 def same_results(got_rows, want_rows):
@@ -123,18 +158,20 @@ def test_a_superlink_and_two_supernodes_run_the_apps(tmp_path, run_tiny):
 
     args = [o for o in tiny("sim.num_clients=2") if not o.startswith("quiet")]
     out = tmp_path / "run"
+    scan = ListeningSockets(procs)  # the recipe of docs/scale-out.md listens on loopback only
     try:
         start(
             "superlink",
-            [str(BIN / "flower-superlink"), "--insecure", "--port", str(link),
-             "--disable-runtime-dependency-installation"],
+            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+             str(link), "--disable-runtime-dependency-installation"],
         )  # fmt: skip
+        scan.start()
         time.sleep(3)
         for i in range(2):
             start(
                 f"supernode{i}",
                 [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                 f"127.0.0.1:{link}", "--port", str(free_port()),
+                 f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(free_port()),
                  "--node-config", f"partition-id={i} num-partitions=2"],
             )  # fmt: skip
         time.sleep(3)
@@ -155,6 +192,7 @@ def test_a_superlink_and_two_supernodes_run_the_apps(tmp_path, run_tiny):
             cwd=tmp_path,
         )
     finally:
+        exposed = scan.stop() if scan.is_alive() else {}
         for p in procs:
             p.terminate()
         for p in procs:
@@ -163,6 +201,8 @@ def test_a_superlink_and_two_supernodes_run_the_apps(tmp_path, run_tiny):
             except subprocess.TimeoutExpired:
                 p.kill()
     detail = run.stdout[-2000:] + run.stderr[-2000:]
+    assert scan.found, "the scan saw no listening socket"
+    assert not exposed, exposed
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         assert (out / name).exists(), detail
     import json

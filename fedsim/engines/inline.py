@@ -10,6 +10,7 @@ would copy them (:func:`transport_copy`), so neither side can alias the other's 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,7 +23,27 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim import keys
 from fedsim.config import RunSpec
+from fedsim.errors import ConfigError
 from fedsim.validate import integer
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def check_threads(num_threads: int) -> None:
+    """More torch threads than CPUs only oversubscribe them (and OpenMP gives up allocating
+    100,000 threads' stacks after the run folder exists): refuse before anything starts."""
+    cpus = usable_cpus()
+    if num_threads > cpus:
+        raise ConfigError(
+            "engine.num_threads",
+            num_threads,
+            f"must be at most the {cpus} CPUs this machine lets fedsim use",
+        )
 
 
 def transport_copy(msg: Message) -> Message:
@@ -205,7 +226,8 @@ class InlineEngine:
         self.num_threads = integer("engine.num_threads", num_threads, low=1)
 
     def check(self, sim: dict) -> None:
-        """Nothing to check against the machine: everything runs in this process."""
+        """Everything runs in this process: only its threads must fit the machine."""
+        check_threads(self.num_threads)
 
     def run(self, spec: RunSpec) -> None:
         self.run_grid(spec, lambda app, n, seed: InlineGrid(app, n, seed=seed))

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
+from contextlib import contextmanager
 
 from fedsim.config import RunSpec
+from fedsim.engines.inline import check_threads, usable_cpus
 from fedsim.errors import ConfigError
 from fedsim.validate import integer, number
 
@@ -65,20 +70,42 @@ class RayEngine:
 
     def check(self, sim: dict) -> None:
         """Resources must fit, or Ray's actor pool is empty and Flower's engine never returns
-        (a cluster's resources are known only once attached: Ray refuses what does not fit)."""
-        import torch
-
+        (a cluster's resources are known only once attached: Ray refuses what does not fit).
+        An address must have a cluster behind it, or ``ray.init`` waits for minutes."""
         if self.address is not None:
+            check_address(self.address)
             return
-        cpus = self.num_cpus if self.num_cpus is not None else (os.cpu_count() or 1)
+        check_threads(self.num_threads)
+        cpus = usable_cpus()
+        if self.num_cpus is not None and self.num_cpus > cpus:
+            raise ConfigError(
+                "engine.num_cpus",
+                self.num_cpus,
+                f"must be at most the {cpus} CPUs this machine lets fedsim use (null: all)",
+            )
+        if self.num_cpus is not None:
+            cpus = self.num_cpus
         if self.num_cpus_per_client > cpus:
             raise ConfigError(
                 "engine.num_cpus_per_client",
                 self.num_cpus_per_client,
                 f"must be at most the CPUs Ray may use ({cpus}; engine.num_cpus)",
             )
+        self._check_gpus(sim)
+
+    def _check_gpus(self, sim: dict) -> None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if self.num_gpus is not None and self.num_gpus > gpus:
+            raise ConfigError(
+                "engine.num_gpus",
+                self.num_gpus,
+                f"must be at most the {gpus} GPUs torch sees on this machine (null: all)",
+            )
         if self.num_gpus_per_client > 0:
-            gpus = self.num_gpus if self.num_gpus is not None else torch.cuda.device_count()
+            if self.num_gpus is not None:
+                gpus = self.num_gpus
             if self.num_gpus_per_client > gpus:
                 raise ConfigError(
                     "engine.num_gpus_per_client",
@@ -149,12 +176,13 @@ class RayEngine:
                 ray.shutdown()
                 raise
         try:
-            run_simulation(
-                server_app=make_server_app(spec, abort),
-                client_app=make_client_app(spec.cfg),
-                num_supernodes=spec.cfg["sim"]["num_clients"],
-                backend_config=self.backend_config(),
-            )
+            with _on_loopback(self.address is None):
+                run_simulation(
+                    server_app=make_server_app(spec, abort),
+                    client_app=make_client_app(spec.cfg),
+                    num_supernodes=spec.cfg["sim"]["num_clients"],
+                    backend_config=self.backend_config(),
+                )
         except BaseException:
             abort.set()
             raise
@@ -162,6 +190,115 @@ class RayEngine:
             flwr_log.removeFilter(_drop_run_simulation_notice)
             if ray.is_initialized():
                 ray.shutdown()
+
+
+@contextmanager
+def _on_loopback(local: bool):
+    """A Ray started here serves on 127.0.0.1 only.
+
+    Every process of a Ray node (GCS, raylet, runtime-env and dashboard agents, workers, the
+    driver's core worker) binds its servers to the node's address, and to every interface
+    unless that address is loopback. Ray 2.55 takes the node's address from
+    ``services.get_node_ip_address()``: the machine's outward address on Linux, loopback where
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is off (Ray's default on macOS and Windows, the
+    environment variable ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; read once, at import).
+    ``ray.init(_node_ip_address="127.0.0.1")`` does not help: Ray turns a loopback address
+    into the outward one. So the flag is off while Flower starts Ray, and restored after the
+    run (an attached cluster's driver needs its outward address).
+    tests/test_loopback.py lists the listening sockets of a run's processes."""
+    if not local:
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+#: how long fedsim waits for a cluster's address to accept a connection, and for its GCS
+#: to answer, before refusing the address
+CONNECT_TIMEOUT_S = 5.0
+GCS_TIMEOUT_S = 60.0
+#: asks the GCS at argv[1] for its cluster id, as ``ray.init`` does first (in a process of its
+#: own: Ray's C++ client logs its retries on stderr and may wait)
+_GCS_PROBE = (
+    "import sys; from ray._raylet import GcsClient; GcsClient(address=sys.argv[1]).cluster_id"
+)
+_NO_CLUSTER = (
+    "start the cluster first (`ray start --head`), or set engine.address=null for a Ray "
+    "started for this run"
+)
+
+
+def check_address(address: str) -> None:
+    """A Ray cluster must answer at ``address`` before anything starts: for an address nobody
+    serves, ``ray.init`` retries for minutes (more than 300 s measured for ``127.0.0.1:1``),
+    and ``auto`` without a cluster ends in a traceback. Ray's own look-up resolves ``auto``
+    (``RAY_ADDRESS``, else the cluster ``ray start`` recorded, else a GCS running here), and
+    ``RAY_ADDRESS`` overrides a given address, as in ``ray.init``. A TCP connection refused,
+    an unknown host or 5 s without an answer fail at once; then the GCS must answer."""
+    from ray._private.services import get_ray_address_from_environment
+
+    client = address.startswith("ray://")  # a Ray Client server: checked for TCP only
+    target = address.removeprefix("ray://")
+    if not client:
+        try:
+            target = get_ray_address_from_environment(address, None)
+        except ConnectionError:
+            raise ConfigError(
+                "engine.address",
+                address,
+                "Ray found no running cluster (RAY_ADDRESS is not set and no cluster was "
+                "started on this machine): start one with `ray start --head`, or set "
+                "engine.address=null for a Ray started for this run",
+            ) from None
+    where = target if target == address or client else f"{target} (Ray's address for {address})"
+    if os.environ.get("RAY_ADDRESS") and not client:
+        where = f"{target} (from RAY_ADDRESS)"
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            "engine.address",
+            address,
+            "must be null (a local Ray), auto or <host>:<port> (a port from 1 to 65535)",
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(
+            "engine.address",
+            address,
+            f"nothing accepts connections at {where} ({reason}): {_NO_CLUSTER}",
+        ) from None
+    if not client:
+        _probe_gcs(address, target, where)
+
+
+def _probe_gcs(address: str, target: str, where: str) -> None:
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _GCS_PROBE, target],
+            capture_output=True,
+            text=True,
+            timeout=GCS_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        reason = f"no answer within {GCS_TIMEOUT_S:g} s"
+    else:
+        if probe.returncode == 0:
+            return
+        lines = [line for line in probe.stderr.splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else f"exit status {probe.returncode}"
+    raise ConfigError(
+        "engine.address",
+        address,
+        f"no Ray cluster answers at {where} ({reason}): {_NO_CLUSTER}",
+    )
 
 
 def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:
