@@ -10,10 +10,7 @@ from pathlib import Path
 
 from fedsim.config import RunSpec
 from fedsim.errors import ConfigCompositionError, ConfigError, RunFailed
-from fedsim.results import SUMMARY_FILE
-
-#: the run's log (Hydra's job log, named after the job): a failed run's traceback goes there
-LOG_FILE = "fedsim.log"
+from fedsim.results import LOG_FILE, SUMMARY_FILE
 
 
 def run_job(spec: RunSpec, sweep_log: str | None) -> None:

@@ -18,6 +18,9 @@ import yaml
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+#: the run's log (Hydra's job log, named after the job): a failed run's traceback, and what
+#: Flower's Ray engine logs, go there
+LOG_FILE = "fedsim.log"
 
 
 def _clean(value: Any) -> Any:

@@ -3,8 +3,11 @@ command, run as a user runs it (a fresh process), that must end with one line on
 traceback, with its exit status (2: a configuration mistake or a damaged or edited file; 1: a
 run that failed), and with every file of an earlier run as it was (hashes before and after).
 
-The commands run two at a time (each spends most of its few seconds importing), once per
-session, before the first row's check.
+The commands run two at a time, once per session, before the first row's check. Each runs in
+a child forked from a process that has imported fedsim (tests/zygote.py: the child
+has the command's working directory, environment, ``sys.path`` and file descriptors, so it is
+the command less the seconds of imports); the runs a case starts ``beside`` it, and the tests
+after the table, are fresh interpreters.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib
 import json
 import os
 import pkgutil
+import queue
 import shutil
 import subprocess
 import sys
@@ -31,6 +35,7 @@ CASES: list[Case] = [
     for info in pkgutil.iter_modules(table.__path__)
     for case in importlib.import_module(f"tests.bad_inputs.{info.name}").CASES
 ]
+ROOT = Path(__file__).resolve().parents[1]
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "two cases share an id"
 
@@ -51,6 +56,42 @@ def _fedsim(args, cwd: Path, env: dict[str, str], timeout: float = 300):
         text=True,
         timeout=timeout,
     )
+
+
+class Zygote:
+    """One ``tests.zygote`` process: ``run`` forks it into one command."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert json.loads(self.process.stdout.readline()) == {"ready": True}
+
+    def run(self, args, cwd: Path, env: dict[str, str], io: Path, timeout: float = 300):
+        request = {
+            "args": list(args),
+            "cwd": str(cwd),
+            "env": env,
+            "stdout": str(io.with_suffix(".out")),
+            "stderr": str(io.with_suffix(".err")),
+            "timeout": timeout,
+        }
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        rc = json.loads(self.process.stdout.readline())["rc"]
+        read = lambda p: Path(p).read_text(errors="replace") if Path(p).exists() else ""  # noqa: E731
+        return subprocess.CompletedProcess(
+            args, rc, read(request["stdout"]), read(request["stderr"])
+        )
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def hashes(root: Path) -> dict[str, str]:
@@ -88,7 +129,7 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     return {"finished": finished, "stopped": stopped}
 
 
-def _run_case(case: Case, base: Path, prepared: dict[str, Path]) -> dict:
+def _run_case(case: Case, base: Path, prepared: dict[str, Path], zygotes: queue.Queue) -> dict:
     tmp = base / case.id
     tmp.mkdir(parents=True)
     run = tmp / "run"
@@ -116,7 +157,11 @@ def _run_case(case: Case, base: Path, prepared: dict[str, Path]) -> dict:
         kept = ("run/.hydra/", "run/config.yaml")
         before = {k: v for k, v in before.items() if k.startswith(kept)}
     t0 = time.perf_counter()
-    out = _fedsim(fill(case.args), tmp, _env(case))
+    zygote = zygotes.get()
+    try:
+        out = zygote.run(fill(case.args), tmp, _env(case), base / case.id)
+    finally:
+        zygotes.put(zygote)
     outcome = {
         "rc": out.returncode,
         "stdout": out.stdout,
@@ -157,14 +202,31 @@ def outcomes(request, prepared, tmp_path_factory) -> dict[str, dict]:
         if getattr(item, "callspec", None) is not None and "case_id" in item.callspec.params
     ]
     base = tmp_path_factory.mktemp("cases")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {cid: pool.submit(_run_case, BY_ID[cid], base, prepared) for cid in wanted}
-    return {cid: f.result() for cid, f in futures.items()}
+    zygotes: queue.Queue = queue.Queue()
+    for _ in range(2):
+        zygotes.put(Zygote(_env(Case("zygote", (), ""))))
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {
+                cid: pool.submit(_run_case, BY_ID[cid], base, prepared, zygotes) for cid in wanted
+            }
+        return {cid: _result(f) for cid, f in futures.items()}
+    finally:
+        while not zygotes.empty():
+            zygotes.get().close()
+
+
+def _result(future) -> dict:
+    try:
+        return future.result()
+    except Exception as e:  # one case's harness failure fails that case only
+        return {"harness": f"{type(e).__name__}: {e}"}
 
 
 @pytest.mark.parametrize("case_id", list(BY_ID))
 def test_a_bad_input_is_one_line_and_changes_nothing(case_id, outcomes):
     case, out = BY_ID[case_id], outcomes[case_id]
+    assert "harness" not in out, out.get("harness")
     shown = f"exit {out['rc']}\nstdout:\n{out['stdout'][-2000:]}\nstderr:\n{out['stderr'][-4000:]}"
     assert out["rc"] == case.code, shown
     lines = [line for line in out["stderr"].splitlines() if line.strip()]

@@ -328,7 +328,7 @@ def _or_refuse(compute, what: str):
     try:
         return compute()
     except Exception as e:  # noqa: BLE001
-        reason = " ".join(str(e).split())[:200]
+        reason = " ".join(str(e).split())
         raise ConfigError(
             "engine", "batched", f"{what} ({type(e).__name__}: {reason}): use engine=inline"
         ) from None

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from fedsim.config import RunSpec
 from fedsim.engines.inline import check_threads, usable_cpus
 from fedsim.errors import ConfigError
+from fedsim.results import LOG_FILE
 from fedsim.validate import integer, number
 
 
@@ -167,6 +168,7 @@ class RayEngine:
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.WARNING)
         flwr_log.addFilter(_drop_run_simulation_notice)
+        quiet = _log_to_file(flwr_log, spec.output_dir / LOG_FILE)
         abort = threading.Event()  # tells the ServerApp thread to stop if the engine dies
         if self.address is not None:  # Flower's backend reuses this connection
             ray.init(**self.backend_config()["init_args"])
@@ -188,6 +190,7 @@ class RayEngine:
             raise
         finally:
             flwr_log.removeFilter(_drop_run_simulation_notice)
+            quiet()
             if ray.is_initialized():
                 ray.shutdown()
 
@@ -299,6 +302,33 @@ def _probe_gcs(address: str, target: str, where: str) -> None:
         address,
         f"no Ray cluster answers at {where} ({reason}): {_NO_CLUSTER}",
     )
+
+
+def _log_to_file(logger: logging.Logger, path):
+    """Send ``logger``'s records to the run's log instead of the terminal (Flower's engine logs
+    a traceback for every client that raises; fedsim records each failure in metrics.jsonl and
+    a failed run ends with one line). Returns the function that undoes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8", delay=True)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    consoles = [
+        (h, h.level)
+        for h in logger.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    for handler, _ in consoles:
+        handler.setLevel(logging.CRITICAL + 1)
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(to_file)
+
+    def undo() -> None:
+        logger.removeHandler(to_file)
+        to_file.close()
+        logger.propagate = propagate
+        for handler, level in consoles:
+            handler.setLevel(level)
+
+    return undo
 
 
 def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:

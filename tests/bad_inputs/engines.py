@@ -89,4 +89,18 @@ CASES = [
         ray("engine.address=127.0.0.1:1", "engine.num_cpus=2"),
         "engine.num_cpus=2: sizes a local Ray",
     ),
+    # a run that fails on Ray: Flower's engine logs a traceback per failed client; the terminal
+    # gets one line, the log the rest
+    Case(
+        "engine-ray-run-fails-one-line",
+        ray(
+            "sim.num_clients=2",
+            "sim.clients_per_round=2",
+            "sim.rounds=1",
+            "faults=crash",
+            "faults.crash_prob=1.0",
+        ),
+        "fedsim: run failed: every round was skipped",
+        code=1,
+    ),
 ]
