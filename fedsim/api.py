@@ -52,8 +52,7 @@ def run(
     overrides = [*overrides, "resume=true"] if resume else list(overrides)
     cfg, choices = compose(overrides, config_dir=config_dir)
     spec = RunSpec(cfg=cfg, choices=choices, output_dir=Path(output_dir), quiet=quiet)
-    if resume:
-        check(cfg)  # before anything in the folder is touched
+    check(cfg)  # before anything in the folder is touched (the lock creates it)
     held = locks.hold(spec.output_dir, "output_dir")  # one run per folder
     try:
         return _run_held(spec, cfg, resume)

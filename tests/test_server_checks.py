@@ -255,5 +255,7 @@ def test_the_command_line_prints_one_line_and_exits_1(user_dir, tmp_path):
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("fedsim: run failed: round 1: NaNMean.aggregate returned "), err
-    assert err.endswith(f"(see {out / 'summary.json'})")
+    assert err.endswith(
+        f"(see {out / 'summary.json'}; the traceback is in {out / 'fedsim.log'})"
+    ), err
     assert not (out / "adapter").exists()
