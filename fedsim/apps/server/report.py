@@ -82,8 +82,8 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
 
 
 def _server_opt(run) -> dict[str, Any]:
-    """The server optimiser's option and settings, when the run has one (runs without one
-    keep the summary they always had)."""
+    """The server optimiser's option, when the run has one (runs without one keep the
+    summary they always had)."""
     opt = run.c.server_opt
     if not opt.active:
         return {}
