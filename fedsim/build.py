@@ -25,6 +25,7 @@ from fedsim.feedback import Feedback
 from fedsim.init import FrozenFactors
 from fedsim.privacy import CentralNoise, Privacy
 from fedsim.schema import check_node
+from fedsim.server_opt import ServerOpt
 from fedsim.sinks import Sink
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.tasks.base import Task
@@ -121,6 +122,7 @@ class Components:
     privacy: Privacy
     logger: Sink
     faults: Faults
+    server_opt: ServerOpt
 
     @property
     def compresses(self) -> bool:

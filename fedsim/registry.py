@@ -47,6 +47,12 @@ GROUPS: tuple[Group, ...] = (
     Group("privacy", "fedsim.privacy:Privacy"),
     Group("logger", "fedsim.sinks:Sink", required=False, default="fedsim.sinks.NoSink"),
     Group("faults", "fedsim.faults:Faults", default="fedsim.faults.Faults"),
+    Group(
+        "server_opt",
+        "fedsim.server_opt:ServerOpt",
+        required=False,
+        default="fedsim.server_opt.NoServerOpt",
+    ),
 )
 #: folders of ``conf/`` that hold presets, not options of a group
 PRESETS = ("experiment", "sweep")

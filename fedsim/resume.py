@@ -26,8 +26,15 @@ DONE, CONTINUE, RESTART = "done", "continue", "restart"
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a configuration a resumed run must share with the run it continues."""
-    return {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    """The part of a configuration a resumed run must share with the run it continues; a
+    group at its registry default (``{"_target_": default}``) counts as absent, so a run saved
+    before its group existed (``server_opt``) still matches a configuration that names it."""
+    from fedsim.registry import GROUPS
+
+    plain = {g.name: {"_target_": g.default} for g in GROUPS if g.default}
+    return {
+        k: v for k, v in cfg.items() if k not in RESUME_FREE and not (k in plain and v == plain[k])
+    }
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -158,7 +165,7 @@ def readable(ckpt: Path, folder: Path, cfg: dict[str, Any] | None = None) -> dic
 
 def _same_config(folder: Path, cfg: dict[str, Any], stored: Any) -> None:
     """The checkpoint's configuration must be ``cfg``'s (the first key that differs named)."""
-    diff = first_difference(comparable(cfg), stored if isinstance(stored, dict) else {})
+    diff = first_difference(comparable(cfg), comparable(stored) if isinstance(stored, dict) else {})
     if diff is None:
         return
     key, mine, theirs = diff

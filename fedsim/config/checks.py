@@ -133,6 +133,7 @@ def check(cfg: dict[str, Any]) -> None:
     _check_validation(components)
     _check_codec(components)
     _check_privacy(components)
+    _check_server_opt(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     if hasattr(components.engine, "check_components"):
@@ -244,6 +245,31 @@ def _check_privacy(components) -> None:
                 "privacy.clip_norm after compression; this compressor can enlarge it (use "
                 f"{_compressors('compressor', 'norm_non_increasing', plain='none')})",
             )
+
+
+def _check_server_opt(components) -> None:
+    """A server optimiser steps the global arrays by their aggregated change: a strategy must
+    have global arrays that hold its whole server step."""
+    opt, strategy = components.server_opt, components.strategy
+    if not opt.active or takes_server_opt(strategy):
+        return
+    why = (
+        "folds each round's change into the clients' frozen base weights, outside the global arrays"
+        if strategy.folds_into_base
+        else "aggregates no client updates (a reference)"
+    )
+    raise ConfigError(
+        "server_opt",
+        opt.name,
+        f"steps the global arrays by their aggregated change; strategy {strategy.name} {why}: "
+        f"use {_strategies(takes_server_opt)}, or server_opt=none",
+    )
+
+
+def takes_server_opt(strategy) -> bool:
+    """A strategy whose global arrays change only by its aggregate (a server optimiser may
+    then step them by that change)."""
+    return strategy.communicates and not strategy.folds_into_base
 
 
 def _keeps_aggregation(cls) -> bool:

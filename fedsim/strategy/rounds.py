@@ -10,6 +10,7 @@ Flower's message-API ``Strategy`` (``configure_train``, ``aggregate_train``,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
@@ -22,9 +23,12 @@ from fedsim import keys
 from fedsim.errors import RunFailed
 from fedsim.messages import ClientUpdate, missing_records
 from fedsim.records import array_record, numpy_dict
+from fedsim.server_opt import NoServerOpt, ServerOpt
 from fedsim.strategy.base import AdapterStrategy, StrategyContext
 from fedsim.strategy.diagnostic import aggregation_error
 from fedsim.uplink import REFUSED, Linear, RoundInfo, Uplink, non_finite
+
+log = logging.getLogger(__name__)
 
 #: metrics a reply carries for the server's bookkeeping, not for the strategy
 BOOKKEEPING = (keys.STATE_BYTES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.DELAY)
@@ -55,11 +59,19 @@ class _StrategyReduction:
 
 class Federation(Strategy):
     """A fedsim strategy and its uplink chain, as one Flower strategy (see the module
-    docstring). ``frozen``: the adapter's frozen parameters as the server holds them (the
-    diagnostic's input), set once the adapter is initialised."""
+    docstring), with the run's server optimiser as its last step (:mod:`fedsim.server_opt`;
+    none by default). ``frozen``: the adapter's frozen parameters as the server holds them
+    (the diagnostic's input), set once the adapter is initialised."""
 
-    def __init__(self, strategy: AdapterStrategy, uplink: Uplink, ctx: StrategyContext) -> None:
+    def __init__(
+        self,
+        strategy: AdapterStrategy,
+        uplink: Uplink,
+        ctx: StrategyContext,
+        server_opt: ServerOpt | None = None,
+    ) -> None:
         self.strategy, self.uplink, self.ctx = strategy, uplink, ctx
+        self.server_opt = server_opt if server_opt is not None else NoServerOpt()
         strategy.bind(ctx)
         self.reduction = uplink.reduction(
             _StrategyReduction(strategy), f"{strategy.name}.aggregate"
@@ -168,8 +180,15 @@ class Federation(Strategy):
             return None, None
         s.round_fold = {}
         new = self.reduction.aggregate(self.info, updates)
-        # names, shapes, finite values (each step of the chain checked its own result too)
-        checked = check_aggregate(self.reduction.who, s.current, new, server_round)
+        # the server optimiser steps by the aggregate's change (the diagnostic measures the
+        # aggregate itself); names, shapes, finite values are checked on the result (each step
+        # of the chain checked its own result too)
+        stepped = self.server_opt.apply(server_round, s.current, new)
+        who = self.reduction.who
+        if self.server_opt.active:
+            who = f"server_opt={self.server_opt.name}'s step"
+            s.round_metrics.update(self.server_opt.round_metrics)
+        checked = check_aggregate(who, s.current, stepped, server_round)
         if self.ctx.aggregation_error and updates:
             self.last_aggregation_error = self.diagnose(new, updates)
         self.acknowledge(server_round, updates)
@@ -229,6 +248,8 @@ class Federation(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+        if self.server_opt.active:
+            log.info("server optimiser: %s", self.server_opt.describe())
 
 
 def check_aggregate(

@@ -39,6 +39,7 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
     out = {
         "status": status,
         **{name: run.spec.choices.get(name) for name in CHOICES},
+        **_server_opt(run),
         "rounds": sim["rounds"],
         "rounds_completed": last.get("round", 0),
         "rounds_skipped": totals["rounds_skipped"],
@@ -78,6 +79,15 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
     if error is not None:
         out["error"] = error
     return out
+
+
+def _server_opt(run) -> dict[str, Any]:
+    """The server optimiser's option, when the run has one (runs without one keep the
+    summary they always had)."""
+    opt = run.c.server_opt
+    if not opt.active:
+        return {}
+    return {"server_opt": run.spec.choices.get("server_opt") or opt.name}
 
 
 def _final_metrics(last: dict[str, Any], validation: bool) -> dict[str, Any]:

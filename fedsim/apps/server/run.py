@@ -70,7 +70,7 @@ class FederatedRun:
         self.ledger = Ledger(sim["num_clients"])
         self.transport = Transport(grid, sim["round_timeout"], abort)
         self.checkpoints = Checkpoints(spec, can_save=hasattr(grid, "node_states"))
-        self.state = ServerState(self.strategy, self.uplink, self.ledger)
+        self.state = ServerState(self.strategy, self.uplink, self.ledger, self.c.server_opt)
         self.federation: Federation | None = None
         self.export_info: dict[str, Any] | None = None
 
@@ -129,7 +129,7 @@ class FederatedRun:
             sim["seed"],
             aggregation_error=sim["aggregation_error"],
         )
-        self.federation = Federation(self.strategy, self.uplink, ctx)
+        self.federation = Federation(self.strategy, self.uplink, ctx, self.c.server_opt)
         self.federation.summary()
 
     def _round_zero(self, t0: float, t_start: float) -> ArrayRecord:

@@ -3,10 +3,11 @@
 :class:`ServerState` gathers everything the server carries from one round to the next: the
 global arrays, the strategy's own state (folded changes, personal initial values, a plug-in's
 state), each stage's server state (the frozen factors and who holds them, EF21-P's ``w``,
-error feedback's server mean and absorbed rounds, the central accountant), the ledger's
-running totals and the random states. A checkpoint is that state's tree plus every client's
-``Context.state`` (:mod:`fedsim.checkpoint` writes it atomically); restoring it puts the server,
-the strategy, the stages and every client back where they were.
+error feedback's server mean and absorbed rounds, the central accountant), the server
+optimiser's moments, the ledger's running totals and the random states. A checkpoint is that
+state's tree plus every client's ``Context.state`` (:mod:`fedsim.checkpoint` writes it
+atomically); restoring it puts the server, the strategy, the stages, the server optimiser and
+every client back where they were.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from fedsim.resume import comparable
 class ServerState:
     """The server's state (see the module docstring): its parts, and their tree."""
 
-    def __init__(self, strategy, uplink, ledger) -> None:
+    def __init__(self, strategy, uplink, ledger, server_opt=None) -> None:
         self.strategy, self.uplink, self.ledger = strategy, uplink, ledger
+        self.server_opt = server_opt
 
     def tree(self, server_round: int, arrays, t_start: float) -> dict[str, Any]:
         return {
@@ -35,6 +37,7 @@ class ServerState:
             "arrays": numpy_dict(arrays),
             "strategy": self.strategy.state_dict(),
             "uplink": self.uplink.state_dict(),
+            **self._server_opt_state(),
             "run": self.ledger.state_dict(t_start),
             "rng": checkpoint.rng_state(),
         }
@@ -44,8 +47,16 @@ class ServerState:
         self.ledger.load_state_dict(tree["run"], int(tree["round"]))  # first: a failure
         self.strategy.load_state_dict(tree["strategy"])  # below still reports the rounds done
         self.uplink.load_state_dict(tree["uplink"])
+        if self.server_opt is not None and self.server_opt.active:
+            self.server_opt.load_state_dict(tree.get("server_opt", {}))
         checkpoint.set_rng_state(tree["rng"])
         return array_record(tree["arrays"])
+
+    def _server_opt_state(self) -> dict[str, Any]:
+        """The server optimiser's moments (none when it is off: the tree stays as before)."""
+        if self.server_opt is None or not self.server_opt.active:
+            return {}
+        return {"server_opt": self.server_opt.state_dict()}
 
 
 def upgrade(tree: dict[str, Any], stages: list[str]) -> dict[str, Any]:
@@ -139,7 +150,7 @@ class Checkpoints:
                 f"{spec.resume} has checkpoint format {tree.get('format')}; this fedsim "
                 f"reads formats {', '.join(map(str, UNDIGESTED))} and {FORMAT}"
             )
-        if tree["config"] != comparable(spec.cfg):
+        if comparable(tree["config"]) != comparable(spec.cfg):
             raise RunFailed(f"{spec.resume} belongs to another configuration")
         if tree["format"] == 1:
             try:
