@@ -30,6 +30,9 @@ class Group:
     required: bool = True
     #: the ``_target_`` built when a configuration lacks the group
     default: str | None = None
+    #: the option a configuration saved before the group existed ran with: holding it
+    #: unchanged compares equal to lacking the group (resume, checkpoints)
+    absent: str | None = None
 
 
 #: the groups, in the order a run builds them
@@ -47,6 +50,13 @@ GROUPS: tuple[Group, ...] = (
     Group("privacy", "fedsim.privacy:Privacy"),
     Group("logger", "fedsim.sinks:Sink", required=False, default="fedsim.sinks.NoSink"),
     Group("faults", "fedsim.faults:Faults", default="fedsim.faults.Faults"),
+    Group(
+        "robust",
+        "fedsim.robust:Robust",
+        required=False,
+        default="fedsim.robust.Robust",
+        absent="none",
+    ),
 )
 #: folders of ``conf/`` that hold presets, not options of a group
 PRESETS = ("experiment", "sweep")

@@ -26,8 +26,15 @@ DONE, CONTINUE, RESTART = "done", "continue", "restart"
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a configuration a resumed run must share with the run it continues."""
-    return {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    """The part of a configuration a resumed run must share with the run it continues (a
+    group newer than the run, left at the option older runs had, is left out)."""
+    from fedsim.registry import GROUPS, option_node
+
+    out = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    for g in GROUPS:
+        if g.absent is not None and out.get(g.name) == option_node(g.name, g.absent):
+            del out[g.name]
+    return out
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:

@@ -147,8 +147,8 @@ class FederatedRun:
             last = self.ledger.last
             first = last["failures"][0]["reason"] if last["failures"] else "?"
             error = (
-                f"every round was skipped: no round had sim.min_clients="
-                f"{sim['min_clients']} good replies (last failure: {first})"
+                f"every round was skipped: no round had {self.min_replies_named} good "
+                f"replies (last failure: {first})"
             )
             self.finish(summary(self, self.ledger.elapsed(t_start), "failed", error))
             raise RunFailed(error)
@@ -182,7 +182,7 @@ class FederatedRun:
         # A stage that releases every round (central DP) aggregates whoever replied
         # (keeping the model unchanged would be an outcome its accountant does not cover).
         releases = self.uplink.releases_every_round
-        skipped = not releases and len(good) < self.sim["min_clients"]
+        skipped = not releases and len(good) < self.min_replies
         train_loss = error = None
         if not skipped:
             new_arrays, train_metrics = fed.aggregate_train(server_round, good)
@@ -211,6 +211,18 @@ class FederatedRun:
             **self.uplink.report(server_round, clients),
             **({} if skipped else strategy.round_metrics),
         }
+
+    @property
+    def min_replies(self) -> int:
+        """Good replies a round needs: ``sim.min_clients``, or more for a robust rule."""
+        return max(self.sim["min_clients"], self.strategy.min_updates())
+
+    @property
+    def min_replies_named(self) -> str:
+        need, rule = self.min_replies, self.strategy.robust
+        if rule is not None and need > self.sim["min_clients"]:
+            return f"the {need} that robust={rule.describe()} needs"
+        return f"sim.min_clients={self.sim['min_clients']}"
 
     def privacy_fields(self) -> dict[str, float]:
         """The round's epsilon: central DP's accountant takes one step every round, whoever
@@ -250,7 +262,7 @@ class FederatedRun:
             f"e.g. client {first['client']}: {first['reason']}"
         )
         if record["round_skipped"]:
-            message += f"; fewer than sim.min_clients={self.sim['min_clients']} good "
+            message += f"; fewer than {self.min_replies_named} good "
             message += "replies, the global model was kept"
         self.printer.warning(message)
 
