@@ -7,7 +7,7 @@ every engine and in a resumed run. Whenever one of them is sampled it attacks; t
 honest. With ``r`` the arrays the attacker started from (what it received; EF21-P's ``w``) and
 ``x`` what it trained, its update is ``d = x - r`` and it sends ``r + d'``:
 
-* ``sign_flip``: ``d' = -d`` (Li et al., 2019, RSA; Allen-Zhu et al., 2021);
+* ``sign_flip``: ``d' = -d`` (the sign-flipping attack of Li et al., 2019, RSA);
 * ``scaled``: ``d' = boost * d`` (explicit boosting, Bhagoji et al., 2019, with ``boost``
   the number of agents they boost by: 10);
 * ``gaussian``: ``d' ~ N(0, noise_std^2 I)``, drawn from the attacker's generator seeded by
@@ -21,7 +21,8 @@ honest. With ``r`` the arrays the attacker started from (what it received; EF21-
   half of this stage replaces the attackers' replies as they arrive, before the aggregation,
   with the same shapes and bytes; a round without benign replies uses the attackers' own;
 * ``label_flip``: the attacker trains honestly on its own data with every label ``y`` replaced
-  by ``C - 1 - y`` (``C`` classes: a classification task), and sends what it trained.
+  by ``C - 1 - y`` (``C`` classes: a classification task), and sends what it trained (label
+  flipping, as in Fang et al., 2020).
 
 The attacked update is computed before the chain's later stages (compression encodes it,
 central DP clips it), so what travels is a well-formed payload: it passes the server's
