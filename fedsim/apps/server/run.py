@@ -46,6 +46,15 @@ def finite_or_fail(what: str, arrays: ArrayRecord) -> None:
             raise RunFailed(f"{what} holds {bad} in {key}; nothing is exported")
 
 
+def min_replies(sim: dict[str, Any], strategy) -> tuple[int, str]:
+    """The good replies a round needs (``sim.min_clients``, or more for a robust rule: Krum
+    ``2f + 3``) and how messages name that number."""
+    need, rule = max(sim["min_clients"], strategy.min_updates()), strategy.robust
+    if rule is not None and need > sim["min_clients"]:
+        return need, f"the {need} that robust={rule.describe()} needs"
+    return need, f"sim.min_clients={sim['min_clients']}"
+
+
 class FederatedRun:
     """One simulation (see the module docstring)."""
 
@@ -146,8 +155,9 @@ class FederatedRun:
         if sim["rounds"] and totals["rounds_skipped"] == sim["rounds"]:
             last = self.ledger.last
             first = last["failures"][0]["reason"] if last["failures"] else "?"
+            needed = min_replies(self.sim, self.strategy)[1]
             error = (
-                f"every round was skipped: no round had {self.min_replies_named} good "
+                f"every round was skipped: no round had {needed} good "
                 f"replies (last failure: {first})"
             )
             self.finish(summary(self, self.ledger.elapsed(t_start), "failed", error))
@@ -182,7 +192,7 @@ class FederatedRun:
         # A stage that releases every round (central DP) aggregates whoever replied
         # (keeping the model unchanged would be an outcome its accountant does not cover).
         releases = self.uplink.releases_every_round
-        skipped = not releases and len(good) < self.min_replies
+        skipped = not releases and len(good) < min_replies(self.sim, strategy)[0]
         train_loss = error = None
         if not skipped:
             new_arrays, train_metrics = fed.aggregate_train(server_round, good)
@@ -211,18 +221,6 @@ class FederatedRun:
             **self.uplink.report(server_round, clients),
             **({} if skipped else strategy.round_metrics),
         }
-
-    @property
-    def min_replies(self) -> int:
-        """Good replies a round needs: ``sim.min_clients``, or more for a robust rule."""
-        return max(self.sim["min_clients"], self.strategy.min_updates())
-
-    @property
-    def min_replies_named(self) -> str:
-        need, rule = self.min_replies, self.strategy.robust
-        if rule is not None and need > self.sim["min_clients"]:
-            return f"the {need} that robust={rule.describe()} needs"
-        return f"sim.min_clients={self.sim['min_clients']}"
 
     def privacy_fields(self) -> dict[str, float]:
         """The round's epsilon: central DP's accountant takes one step every round, whoever
@@ -262,7 +260,7 @@ class FederatedRun:
             f"e.g. client {first['client']}: {first['reason']}"
         )
         if record["round_skipped"]:
-            message += f"; fewer than {self.min_replies_named} good "
+            message += f"; fewer than {min_replies(self.sim, self.strategy)[1]} good "
             message += "replies, the global model was kept"
         self.printer.warning(message)
 
