@@ -172,3 +172,15 @@ def test_a_resumed_run_attacks_with_the_same_clients(tmp_path, monkeypatch):
     args = tiny(*SIX, "sim.rounds=4", "faults.attack=gaussian", "robust=median")
     full, _ = interrupted_equals_uninterrupted(tmp_path, monkeypatch, args, at=2)
     assert full["byzantine"]["attackers"]
+
+
+def test_label_flip_trains_the_same_on_the_batched_engine(run_tiny):
+    args = (*SIX, "faults.attack=label_flip")
+    _, inline, _ = run_tiny(*args)
+    _, batched, _ = run_tiny(*args, "engine=batched", "engine.group_size=3")
+    _, honest, _ = run_tiny("sim.num_clients=6", "sim.clients_per_round=4", "sim.rounds=3")
+    for a, b in zip(inline, batched):
+        for key in ("train_loss", "eval_loss"):
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5)
+    assert inline[1]["train_loss"] != pytest.approx(honest[1]["train_loss"], rel=1e-3)
