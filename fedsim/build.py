@@ -15,6 +15,7 @@ from torch import nn
 
 from fedsim import registry
 from fedsim.adapters.base import Adapter, AdapterSpec, check_protocol
+from fedsim.byzantine import ByzantineClients
 from fedsim.codec import Codec, compresses
 from fedsim.compression import Compressor
 from fedsim.data import FederatedData
@@ -24,6 +25,7 @@ from fedsim.faults import FaultInjection, Faults
 from fedsim.feedback import Feedback
 from fedsim.init import FrozenFactors
 from fedsim.privacy import CentralNoise, Privacy
+from fedsim.robust import Robust
 from fedsim.schema import check_node
 from fedsim.server_opt import ServerOpt
 from fedsim.sinks import Sink
@@ -123,6 +125,7 @@ class Components:
     logger: Sink
     faults: Faults
     server_opt: ServerOpt
+    robust: Robust
 
     @property
     def compresses(self) -> bool:
@@ -140,9 +143,11 @@ class Components:
 
         1. ``frozen``: the adapter's data-derived frozen factors, sent once per client;
         2. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
-        3. ``compression``: compression with error feedback (under central DP it also clips);
-        4. ``central_dp``: clipping (when nothing compresses) and the noised sum;
-        5. ``faults``: crashes, corrupted payloads and late replies.
+        3. ``byzantine``: malicious clients' attacks (before encoding: the payload stays
+           well-formed; ALIE's substitution on the server, right after decoding);
+        4. ``compression``: compression with error feedback (under central DP it also clips);
+        5. ``central_dp``: clipping (when nothing compresses) and the noised sum;
+        6. ``faults``: crashes, corrupted payloads and late replies.
         """
         sim, privacy = self.sim, self.privacy
         stages: list[Stage] = []
@@ -150,6 +155,9 @@ class Components:
             stages.append(FrozenFactors(spec))
         if self.downlink.active:
             stages.append(EF21P(self.downlink, sim["seed"]))
+        if self.faults.byzantine is not None:
+            attack = self.faults.byzantine
+            stages.append(ByzantineClients(attack, sim["num_clients"], sim["seed"], self.task))
         if self.compresses:
             clip = privacy.clip_norm if privacy.central else None
             diagnose = sim["aggregation_error"]
@@ -251,6 +259,8 @@ def build_components(cfg: dict[str, Any]) -> Components:
         if group.name == "optimizer":
             _check_optimizer(built["optimizer"], cfg)
     data = shared_data(cfg, built["task"], built["partition"])
+    if built["robust"].active:  # it replaces the mean of an averaging strategy
+        built["strategy"].robust = built["robust"]
     return Components(
         cfg,
         data=data,

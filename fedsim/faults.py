@@ -21,6 +21,9 @@ resumed from a checkpoint, and changing one probability does not move the others
 
 A round with fewer than ``sim.min_clients`` good replies keeps the previous global model and
 is recorded as skipped; the run goes on.
+
+Byzantine clients (``byzantine_fraction``, ``attack``: ``faults=byzantine``) are a fixed set of
+malicious clients whose updates are well-formed: :mod:`fedsim.byzantine`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from statistics import NormalDist
 import numpy as np
 
 from fedsim import keys
+from fedsim.byzantine import Attack
 from fedsim.errors import ConfigError
 from fedsim.uplink import Stage
 from fedsim.validate import number
@@ -77,6 +81,17 @@ class Faults:
         server waits for every straggler.
     corrupt_kinds : list of str
         The corruptions drawn from (uniformly): any of ``nan``, ``inf``, ``shape``.
+    byzantine_fraction : float
+        In ``[0, 1)``: ``floor(byzantine_fraction * sim.num_clients)`` malicious clients, a
+        fixed seeded set (:mod:`fedsim.byzantine`); 0: none.
+    attack : str
+        What they do: ``sign_flip``, ``scaled``, ``gaussian``, ``alie`` or ``label_flip``.
+    boost : float
+        ``scaled``: the factor an update is multiplied by.
+    noise_std : float
+        ``gaussian``: the standard deviation of the update sent instead (> 0).
+    alie_z : float, optional
+        ``alie``: the ``z`` of ``mu - z sigma``; None: Baruch et al.'s ``z_max`` each round.
     """
 
     def __init__(
@@ -90,6 +105,11 @@ class Faults:
         deadline: float | None = None,
         corrupt_prob: float = 0.0,
         corrupt_kinds: Sequence[str | float] = CORRUPTIONS,
+        byzantine_fraction: float = 0.0,
+        attack: str = "sign_flip",
+        boost: float = 10.0,
+        noise_std: float = 200.0,
+        alie_z: float | None = None,
     ) -> None:
         self.name = str(name)
         self.crash_prob = number("faults.crash_prob", crash_prob, 0, 1)
@@ -113,6 +133,8 @@ class Faults:
                 f"must be a non-empty list of distinct kinds from {', '.join(CORRUPTIONS)}",
             )
         self.corrupt_kinds = tuple(kinds)
+        #: the Byzantine attack (None: no malicious clients)
+        self.byzantine = Attack.from_config(byzantine_fraction, attack, boost, noise_std, alie_z)
 
     @property
     def active(self) -> bool:

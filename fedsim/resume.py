@@ -26,15 +26,20 @@ DONE, CONTINUE, RESTART = "done", "continue", "restart"
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a configuration a resumed run must share with the run it continues; a
-    group at its registry default (``{"_target_": default}``) counts as absent, so a run saved
-    before its group existed (``server_opt``) still matches a configuration that names it."""
-    from fedsim.registry import GROUPS
+    """The part of a configuration a resumed run must share with the run it continues: a
+    group newer than the run, left at the option older runs had (its registry ``absent``
+    option, or its registry default ``{"_target_": default}``), is left out, so a run saved
+    before the group existed still matches a configuration that names it."""
+    from fedsim.registry import GROUPS, option_node
 
-    plain = {g.name: {"_target_": g.default} for g in GROUPS if g.default}
-    return {
-        k: v for k, v in cfg.items() if k not in RESUME_FREE and not (k in plain and v == plain[k])
-    }
+    out = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    for g in GROUPS:
+        if g.name not in out:
+            continue
+        plain = g.default is not None and out[g.name] == {"_target_": g.default}
+        if plain or (g.absent is not None and out[g.name] == option_node(g.name, g.absent)):
+            del out[g.name]
+    return out
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:

@@ -134,6 +134,10 @@ class Stage:
         """An evaluation message's arrays on the client (must not change ``call.state``)."""
         return arrays
 
+    def train_data(self, call: ClientCall, data: Any) -> Any:
+        """The examples the client trains on (a Byzantine client's flipped labels)."""
+        return data
+
     def send(self, sending: Sending, out: Outgoing) -> None:
         """Shape the reply after the strategy's client half picked what to send."""
 
@@ -245,6 +249,11 @@ class Uplink:
         for stage in reversed(self.stages):
             arrays = stage.evaluate_receive(call, arrays)
         return arrays
+
+    def train_data(self, call: ClientCall, data: Any) -> Any:
+        for stage in self.stages:
+            data = stage.train_data(call, data)
+        return data
 
     def send(self, sending: Sending, out: Outgoing) -> Outgoing:
         for stage in self.stages:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.strategy import AdapterStrategy, ClientUpdate, weighted_mean
+from fedsim.strategy import AdapterStrategy, ClientUpdate
 
 
 class FedAvg(AdapterStrategy):
@@ -21,4 +21,4 @@ class FedAvg(AdapterStrategy):
     def aggregate(
         self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
     ) -> dict[str, np.ndarray]:
-        return weighted_mean([u.arrays for u in updates], self.weights(updates))
+        return self.average(updates)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedsim.adapters.base import AdapterSpec
-from fedsim.strategy import ClientUpdate, PersonalStrategy, weighted_mean
+from fedsim.strategy import ClientUpdate, PersonalStrategy
 
 
 class FedSA(PersonalStrategy):
@@ -26,4 +26,4 @@ class FedSA(PersonalStrategy):
     def aggregate(
         self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
     ) -> dict[str, np.ndarray]:
-        return weighted_mean([u.arrays for u in updates], self.weights(updates))
+        return self.average(updates)

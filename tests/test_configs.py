@@ -34,9 +34,13 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_builds(group, option, hf_task):
     if group in ("experiment", "sweep"):  # presets are added, not chosen; shrunk to tiny
-        cfg, choices = compose(tiny(f"+{group}={option}", "sim.clients_per_round=2"))
+        clients = ["sim.num_clients=8"] if option == "robust_vs_attacks" else []  # 1 attacker
+        cfg, choices = compose(tiny(f"+{group}={option}", "sim.clients_per_round=2", *clients))
     elif (group, option) in (("task", "hf"), ("partition", "natural")):  # a task with groups
         cfg, choices = compose(tiny(*hf_task, f"{group}={option}"))
+    elif group == "robust" or (group, option) == ("faults", "byzantine"):
+        # Bulyan's f = 1 needs 7 clients per round, 20% attackers need 5 clients
+        cfg, choices = compose(tiny(f"{group}={option}", "sim.num_clients=8"))
     else:
         cfg, choices = compose(tiny(f"{group}={option}"))
     assert choices[group] == option
@@ -163,7 +167,7 @@ BAD = [
         "get fewer than 2 examples",
     ),
     # fault injection, checkpoints, resume
-    (["faults=explode"], "faults=explode: unknown option; allowed: corrupt, crash, mixed"),
+    (["faults=explode"], "faults=explode: unknown option; allowed: byzantine, corrupt, crash"),
     (["faults=crash", "faults.crash_prob=2"], "faults.crash_prob=2: must be a number in [0, 1]"),
     (["faults.crash_prob=often"], "faults.crash_prob=often: must be a number"),
     (["faults.straggler_prob=-0.5"], "faults.straggler_prob=-0.5: must be a number in [0, 1]"),
@@ -173,7 +177,7 @@ BAD = [
     (["faults.corrupt_kinds=[zero]"], "faults.corrupt_kinds=['zero']: must be a non-empty list"),
     (["faults.corrupt_kinds=nan"], "faults.corrupt_kinds=nan: must be a list of strings or"),
     (["faults.corrupt_kinds=[1]"], "faults.corrupt_kinds=[1]: must be a non-empty list of"),
-    (["+faults.flaky=1"], "faults.flaky=1: unknown key; allowed: corrupt_kinds, corrupt_prob"),
+    (["+faults.flaky=1"], "faults.flaky=1: unknown key; allowed: alie_z, attack, boost, byzantine"),
     (["checkpoint.every=-1"], "checkpoint.every=-1: must be an integer >= 0"),
     (["checkpoint.every=often"], "checkpoint.every=often: must be an integer >= 0"),
     (["checkpoint.keep=maybe"], "checkpoint.keep=maybe: must be true or false"),

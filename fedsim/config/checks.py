@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from fedsim import registry
+from fedsim.config.adversary import check_adversary
 from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, TOP_KEYS
 from fedsim.errors import ConfigError
 from fedsim.strategy.plugins import refuse_uncalled
@@ -134,6 +135,7 @@ def check(cfg: dict[str, Any]) -> None:
     _check_codec(components)
     _check_privacy(components)
     _check_server_opt(components)
+    check_adversary(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     if hasattr(components.engine, "check_components"):

@@ -28,8 +28,8 @@ from torch import nn
 
 from fedsim.adapters.base import Adapter, AdapterSpec
 from fedsim.data import FederatedData
-from fedsim.errors import ConfigError
-from fedsim.messages import ClientCall, ClientUpdate, check_arrays
+from fedsim.errors import ConfigError, RunFailed
+from fedsim.messages import ClientCall, ClientUpdate, check_arrays, weighted_mean
 from fedsim.records import messages_payload
 from fedsim.strategy.sampling import ClientSampler
 from fedsim.tasks.base import Batch
@@ -90,6 +90,10 @@ class AdapterStrategy:
         self.round_fold: dict[str, np.ndarray] = {}
         #: extra numbers the last aggregation reports (logged in that round's metrics line)
         self.round_metrics: dict[str, float] = {}
+        #: the run's robust rule (``fedsim.robust``, config group ``robust``) that replaces
+        #: :meth:`average`'s mean; None: the mean
+        self.robust = None
+        self._averaged = False  # average() was called in this aggregation
 
     @property
     def name(self) -> str:
@@ -219,6 +223,35 @@ class AdapterStrategy:
         """
         return check_arrays(arrays, {n: v.shape for n, v in self.current.items()})
 
+    def average(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+        """The mean of the arrays clients sent with weights :meth:`weights` (float64), or the
+        run's robust rule in its place (``robust=median``...: docs/strategies.md). An averaging
+        strategy (``averages = True``) computes its mean here."""
+        arrays, p = [u.arrays for u in updates], self.weights(updates)
+        self._averaged = True
+        if self.robust is None or not self.robust.active:
+            return weighted_mean(arrays, p)
+        return self.robust.aggregate(arrays, p)
+
+    def aggregate_round(
+        self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
+        """:meth:`aggregate`, as the server calls it: with a robust rule, the strategy must
+        have computed its mean through :meth:`average` (else the rule would be ignored)."""
+        self._averaged = False
+        new = self.aggregate(server_round, current, updates)
+        if self.robust is not None and self.robust.active and not self._averaged:
+            raise RunFailed(
+                f"round {server_round}: {self.name}.aggregate did not call average(), so "
+                f"robust={self.robust.name} would be ignored (docs/strategies.md)"
+            )
+        return new
+
+    def min_updates(self) -> int:
+        """The fewest good replies the aggregation can use (a robust rule may need more than
+        one: Krum ``2f + 3``); a round with fewer is skipped."""
+        return 1 if self.robust is None else self.robust.min_updates()
+
     def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
         """``p_i``: by number of examples if ``weighted``, else uniform."""
         if self.weighted:
@@ -242,3 +275,5 @@ class AdapterStrategy:
 
     def summary(self) -> None:
         log.info("%s(weighted=%s)", self.name, self.weighted)
+        if self.robust is not None and self.robust.active:
+            log.info("robust aggregation: %s on the sent arrays", self.robust.describe())

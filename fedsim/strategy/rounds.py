@@ -42,7 +42,7 @@ class _StrategyReduction:
         self.strategy = strategy
 
     def aggregate(self, info: RoundInfo, updates: list[ClientUpdate]):
-        return self.strategy.aggregate(info.server_round, info.current, updates)
+        return self.strategy.aggregate_round(info.server_round, info.current, updates)
 
     def linear(self, info: RoundInfo, updates: list[ClientUpdate]) -> Linear:
         current = info.current

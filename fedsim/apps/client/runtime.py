@@ -125,7 +125,7 @@ class ClientRuntime:
         return TrainJob(
             msg=msg,
             call=call,
-            data=c.strategy.client_data(c.data, call.client),
+            data=self.uplink.train_data(call, c.strategy.client_data(c.data, call.client)),
             reference=reference,
             generator=generator,
             common=common,

@@ -50,6 +50,7 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
             if run.uplink.get("faults") is not None
             else {}
         ),
+        **robustness(run),
         "num_clients": sim["num_clients"],
         "clients_per_round": sim["clients_per_round"],
         **_final_metrics(last, run.evaluation.val_set is not None),
@@ -88,6 +89,20 @@ def _server_opt(run) -> dict[str, Any]:
     if not opt.active:
         return {}
     return {"server_opt": run.spec.choices.get("server_opt") or opt.name}
+
+
+def robustness(run) -> dict[str, Any]:
+    """The robust rule (the space it works in) and the Byzantine clients, when there are."""
+    out: dict[str, Any] = {}
+    rule = run.c.robust
+    if rule.active:
+        from fedsim.robust import SPACE
+
+        out.update(robust=rule.name, robust_settings=rule.settings(), robust_space=SPACE)
+    byzantine = run.uplink.get("byzantine")
+    if byzantine is not None:
+        out["byzantine"] = byzantine.summary()
+    return out
 
 
 def _final_metrics(last: dict[str, Any], validation: bool) -> dict[str, Any]:

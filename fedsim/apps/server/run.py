@@ -46,6 +46,15 @@ def finite_or_fail(what: str, arrays: ArrayRecord) -> None:
             raise RunFailed(f"{what} holds {bad} in {key}; nothing is exported")
 
 
+def min_replies(sim: dict[str, Any], strategy) -> tuple[int, str]:
+    """The good replies a round needs (``sim.min_clients``, or more for a robust rule: Krum
+    ``2f + 3``) and how messages name that number."""
+    need, rule = max(sim["min_clients"], strategy.min_updates()), strategy.robust
+    if rule is not None and need > sim["min_clients"]:
+        return need, f"the {need} that robust={rule.describe()} needs"
+    return need, f"sim.min_clients={sim['min_clients']}"
+
+
 class FederatedRun:
     """One simulation (see the module docstring)."""
 
@@ -146,9 +155,10 @@ class FederatedRun:
         if sim["rounds"] and totals["rounds_skipped"] == sim["rounds"]:
             last = self.ledger.last
             first = last["failures"][0]["reason"] if last["failures"] else "?"
+            needed = min_replies(self.sim, self.strategy)[1]
             error = (
-                f"every round was skipped: no round had sim.min_clients="
-                f"{sim['min_clients']} good replies (last failure: {first})"
+                f"every round was skipped: no round had {needed} good "
+                f"replies (last failure: {first})"
             )
             self.finish(summary(self, self.ledger.elapsed(t_start), "failed", error))
             raise RunFailed(error)
@@ -182,7 +192,7 @@ class FederatedRun:
         # A stage that releases every round (central DP) aggregates whoever replied
         # (keeping the model unchanged would be an outcome its accountant does not cover).
         releases = self.uplink.releases_every_round
-        skipped = not releases and len(good) < self.sim["min_clients"]
+        skipped = not releases and len(good) < min_replies(self.sim, strategy)[0]
         train_loss = error = None
         if not skipped:
             new_arrays, train_metrics = fed.aggregate_train(server_round, good)
@@ -250,7 +260,7 @@ class FederatedRun:
             f"e.g. client {first['client']}: {first['reason']}"
         )
         if record["round_skipped"]:
-            message += f"; fewer than sim.min_clients={self.sim['min_clients']} good "
+            message += f"; fewer than {min_replies(self.sim, self.strategy)[1]} good "
             message += "replies, the global model was kept"
         self.printer.warning(message)
 
