@@ -358,3 +358,22 @@ def test_adaptive_clipping_resumes_exactly(tmp_path, monkeypatch):
 
     clips = [r["clip_norm"] for r in read_metrics(tmp_path / "full")[1:]]
     assert len(set(clips)) == 4  # the clip moved every round, and the resumed run followed it
+
+
+def test_the_batched_engine_adapts_the_clip_as_the_inline_engine(run_tiny):
+    args = (
+        "privacy=central",
+        "privacy.adaptive_clip=true",
+        "privacy.count_stddev=2",
+        "privacy.clip_norm=0.05",
+        "sim.num_clients=8",
+        "sim.clients_per_round=4",
+        "sim.rounds=3",
+    )
+    _, inline, _ = run_tiny(*args)
+    _, batched, _ = run_tiny(*args, "engine=batched")
+    for a, b in zip(inline[1:], batched[1:]):
+        assert b["clip_norm"] == pytest.approx(a["clip_norm"], rel=1e-6)
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["bytes_up"] == a["bytes_up"] and b["bytes_down"] == a["bytes_down"]
+    assert len({r["clip_norm"] for r in inline[1:]}) == 3
