@@ -100,13 +100,23 @@ class FederatedData:
                 "use fewer clients, more examples per client, or another partitioner",
             )
 
+    def _num_test(self, n: int) -> int:
+        """Examples of a client with ``n`` held out as its local test split."""
+        n_test = int(round(self.test_fraction * n))
+        if n >= 2 and self.test_fraction > 0:
+            n_test = min(max(n_test, 1), n - 1)
+        return n_test
+
+    def num_train(self, client: int) -> int:
+        """A client's training examples, from its partition's size (no data loaded)."""
+        n = len(self.indices(client))
+        return n - self._num_test(n)
+
     def client(self, client: int) -> ClientData:
         if client not in self._cache:
             idx = self.indices(client)
             perm = np.random.default_rng([self.seed, 7, client]).permutation(len(idx))
-            n_test = int(round(self.test_fraction * len(idx)))
-            if len(idx) >= 2 and self.test_fraction > 0:
-                n_test = min(max(n_test, 1), len(idx) - 1)
+            n_test = self._num_test(len(idx))
             test_idx, train_idx = idx[perm[:n_test]], idx[perm[n_test:]]
             train = self.task.pool_examples(train_idx, client)
             test = self.task.pool_examples(test_idx, client) if n_test else {}

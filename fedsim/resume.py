@@ -42,6 +42,39 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_later_keys(saved: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys a group's YAML gained since the run was saved filled in from
+    the group's class defaults (the run ran with them: ``privacy.accountant`` is ``rdp`` for a
+    run saved before the key existed). Only for a group whose ``_target_`` is unchanged, and
+    only keys the class has a default for."""
+    out = dict(saved)
+    for group, node in cfg.items():
+        old = saved.get(group)
+        if not (isinstance(node, dict) and isinstance(old, dict)):
+            continue
+        target = node.get("_target_")
+        if not isinstance(target, str) or target != old.get("_target_") or set(node) <= set(old):
+            continue
+        defaults = _class_defaults(target)
+        out[group] = {**old, **{k: defaults[k] for k in set(node) - set(old) if k in defaults}}
+    return out
+
+
+def _class_defaults(target: str) -> dict[str, Any]:
+    """The keyword defaults of the class ``target`` names (empty if it cannot be imported:
+    the comparison then names the missing key)."""
+    import importlib
+    import inspect
+
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
     """The first key (dotted) where two configurations differ, with both values."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -126,7 +159,7 @@ def plan(folder: Path, cfg: dict[str, Any]) -> tuple[str, Path | None]:
     of another configuration, or a file in it is damaged."""
     saved = read_config(folder)
     if saved is not None:
-        diff = first_difference(comparable(cfg), comparable(saved))
+        diff = first_difference(comparable(cfg), comparable(with_later_keys(saved, cfg)))
         if diff is not None:
             key, mine, theirs = diff
             raise ConfigError(
@@ -170,7 +203,8 @@ def readable(ckpt: Path, folder: Path, cfg: dict[str, Any] | None = None) -> dic
 
 def _same_config(folder: Path, cfg: dict[str, Any], stored: Any) -> None:
     """The checkpoint's configuration must be ``cfg``'s (the first key that differs named)."""
-    diff = first_difference(comparable(cfg), comparable(stored) if isinstance(stored, dict) else {})
+    stored = with_later_keys(stored, cfg) if isinstance(stored, dict) else {}
+    diff = first_difference(comparable(cfg), comparable(stored))
     if diff is None:
         return
     key, mine, theirs = diff
@@ -243,7 +277,7 @@ def find_run(root: Path, cfg: dict[str, Any]) -> Path | None:
         if not (folder / CHECKPOINT_FILE).is_file() or finished(folder):
             continue
         saved = saved_config(folder)
-        if saved is not None and comparable(saved) == want:
+        if saved is not None and comparable(with_later_keys(saved, cfg)) == want:
             plan(folder, cfg)  # a damaged file in it is a ConfigError naming the folder
             return folder
     return None

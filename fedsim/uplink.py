@@ -62,6 +62,8 @@ class Outgoing:
     arrays: dict[str, Any]  # what travels: the strategy's sent tensors, then payloads
     diagnostic: dict[str, Any] | None = None  # measurement only, never traffic
     metrics: dict[str, float] = field(default_factory=dict)
+    #: further array records of the reply, by record name (traffic: counted)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def numpy(self) -> Arrays:
         """The arrays as numpy (tensors detached and moved to the CPU, no copy)."""

@@ -225,6 +225,8 @@ def _check_privacy(components) -> None:
             components.task.precision,
             "privacy=dpsgd computes per-example gradients in float32: use task.precision=float32",
         )
+    if privacy.client_dp:
+        _check_client_accountant(components)
     if privacy.central:
         name = strategy.name
         instead = _listed(registry.options_where("privacy", _not_central))
@@ -238,6 +240,7 @@ def _check_privacy(components) -> None:
                 f"FedSA keeps personal factors, the references send nothing): use "
                 + _strategies(releases_an_average),
             )
+        _check_central_noise(components)
         compressor = components.compressor
         if components.compresses and not compressor.norm_non_increasing:
             raise ConfigError(
@@ -272,6 +275,55 @@ def takes_server_opt(strategy) -> bool:
     """A strategy whose global arrays change only by its aggregate (a server optimiser may
     then step them by that change)."""
     return strategy.communicates and not strategy.folds_into_base
+
+
+def _check_central_noise(components) -> None:
+    """Central DP's noise found now (a target out of reach, adaptive clipping's share of the
+    noise, an accountant that cannot account for the run: one line before anything runs)."""
+    from fedsim.privacy.accountant import AccountingError
+
+    privacy, sim = components.privacy, components.sim
+    if privacy.adaptive is not None and components.compresses:
+        raise ConfigError(
+            "privacy.adaptive_clip",
+            True,
+            "adaptive clipping needs each update's norm before it is clipped; with "
+            "compression the clip is applied inside the error-feedback encoder, which takes a "
+            "fixed bound (use compressor=none feedback=none, or privacy.adaptive_clip=false)",
+        )
+    init = components.adapter.data_init
+    steps = init.client_steps if init is not None else 0
+    n, k, rounds = sim["num_clients"], sim["clients_per_round"], sim["rounds"]
+    try:
+        privacy.start(n, k, rounds, init_steps=steps)
+        privacy.accountant.step(privacy.sigma_value, privacy.q, rounds + steps)
+        privacy.accountant.epsilon(privacy.delta_for(n))
+    except AccountingError as e:
+        raise ConfigError("privacy.accountant", privacy.kind, str(e)) from None
+    privacy.start(n, k, rounds, init_steps=steps)
+
+
+def _check_client_accountant(components) -> None:
+    """With the PRV accountant, the client with the most examples (the smallest default delta)
+    is accounted for now: a delta too small for its discretisation is one line here."""
+    from fedsim.privacy import Accountant
+    from fedsim.privacy.accountant import AccountingError
+
+    privacy, c = components.privacy, components
+    if privacy.accountant != "prv":
+        return
+    data = c.data
+    n = max(data.num_train(client) for client in range(c.sim["num_clients"]))
+    init = c.adapter.data_init
+    steps = init.client_steps if init is not None else 0
+    batch_size = c.strategy.client_batch_size(c.sim["batch_size"])
+    try:
+        sigma = privacy.sigma_for(n, batch_size, c.total_local_steps, steps)
+        q = privacy.sample_rate(n, batch_size)
+        history = [(sigma, 1.0, steps), (sigma, q, c.total_local_steps)]
+        Accountant(history, "prv").epsilon(privacy.delta_for(n))
+    except AccountingError as e:
+        raise ConfigError("privacy.accountant", "prv", str(e)) from None
 
 
 def _keeps_aggregation(cls) -> bool:

@@ -236,7 +236,18 @@ def _unknown_key(text: str, overrides: Sequence[str], config_name: str) -> str:
         return _one_line(text)
     where = f" in {parent}" if parent else ""
     shown = value if value else "''"
-    return f"{key}={shown}: unknown key{where}; allowed: {', '.join(map(str, allowed))}"
+    line = f"{key}={shown}: unknown key{where}; allowed: {', '.join(map(str, allowed))}"
+    return line + _elsewhere(parent, key.rsplit(".", 1)[-1])
+
+
+def _elsewhere(group: str, leaf: str) -> str:
+    """``" (a key of privacy=central)"``: the other options of ``group`` that have ``leaf``."""
+    from fedsim import registry
+
+    if group not in registry.names():
+        return ""
+    have = [o for o in registry.options(group) if leaf in registry.option_node(group, o)]
+    return f" (a key of {', '.join(f'{group}={o}' for o in have)})" if have else ""
 
 
 def _one_line(text: str) -> str:

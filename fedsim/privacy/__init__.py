@@ -5,9 +5,11 @@ al., 2018, "Learning Differentially Private Recurrent Language Models"; :mod:`.c
 ``privacy=dpsgd``: every local step draws a Poisson batch (each of the client's ``n`` examples
 with probability ``q = min(1, batch_size / n)``), clips each example's gradient to
 ``clip_norm`` and adds Gaussian noise of standard deviation ``noise_multiplier * clip_norm``
-(Opacus' ``GradSampleModule`` and ``DPOptimizer``). Each client's RDP accountant history
-(``(sigma, q, steps)`` entries) lives in its ``Context.state``, so epsilon adds up over all the
-rounds it took part in; a new accountant every round would under-report it.
+(Opacus' ``GradSampleModule`` and ``DPOptimizer``). Each client's accountant history
+(``(sigma, q, steps)`` entries; Opacus' RDP or PRV accountant, ``privacy.accountant``) lives in
+its ``Context.state``, so epsilon adds up over all the rounds it took part in; a new accountant
+every round would under-report it. Central DP can adapt its clip norm to a quantile of the
+update norms (Andrew et al., 2021; :mod:`.adaptive`).
 
 ``target_epsilon`` instead of ``noise_multiplier``: the noise is computed for the worst case, a
 client sampled in every round and taking all its local steps (``sim.rounds * sim.local_steps``
@@ -18,6 +20,7 @@ comes from a seeded generator (reproducible, not cryptographically secure).
 """
 
 from fedsim.privacy.accountant import Accountant
+from fedsim.privacy.adaptive import AdaptiveClip
 from fedsim.privacy.central import CentralDP, CentralNoise, clip_update
 from fedsim.privacy.dpsgd import (
     DPSGD,
@@ -34,6 +37,7 @@ __all__ = [
     "DPSGD",
     "GRAD_SAMPLE_MODES",
     "Accountant",
+    "AdaptiveClip",
     "CentralDP",
     "CentralNoise",
     "ClientDP",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accountant import Accountant
+from fedsim.privacy.accountant import ACCOUNTANTS, Accountant, AccountingError
 from fedsim.tasks.base import Batch, Task
 from fedsim.training import LocalResult, Schedule, to_device
 from fedsim.validate import number
@@ -53,6 +54,9 @@ class DPSGD(Privacy):
         Target delta; default ``1 / (10 n)`` per client (``n``: its training examples).
     grad_sample_mode : str
         Opacus' per-sample gradient engine: ``hooks``, ``functorch`` or ``ew``.
+    accountant : str
+        ``rdp`` or ``prv`` (:mod:`fedsim.privacy.accountant`): what epsilon is computed with,
+        and what the noise for ``target_epsilon`` is searched with.
     """
 
     name = "dpsgd"
@@ -65,6 +69,7 @@ class DPSGD(Privacy):
         target_epsilon: float | None = None,
         delta: float | None = None,
         grad_sample_mode: str = "hooks",
+        accountant: str = "rdp",
     ) -> None:
         self.clip_norm = number("privacy.clip_norm", clip_norm, low=0, low_open=True)
         if (noise_multiplier is None) == (target_epsilon is None):
@@ -94,6 +99,7 @@ class DPSGD(Privacy):
                 "privacy.grad_sample_mode", grad_sample_mode, "must be hooks, functorch or ew"
             )
         self.grad_sample_mode = grad_sample_mode
+        self.accountant = accountant_kind(accountant)
         self._sigmas: dict[tuple[int, int, int], float] = {}
 
     @property
@@ -107,7 +113,7 @@ class DPSGD(Privacy):
 
             def epsilon_of(sigma: float) -> float:
                 history = [(sigma, 1.0, init_steps), (sigma, q, total_steps)]
-                return Accountant(history).epsilon(delta)
+                return Accountant(history, self.accountant).epsilon(delta)
 
             self._sigmas[key] = _search_sigma(epsilon_of, self.target_epsilon)
         return self._sigmas[key]
@@ -129,18 +135,50 @@ class DPSGD(Privacy):
             return self._sigma_with_init(num_records, batch_size, total_steps, init_steps)
         key = (num_records, batch_size, total_steps)
         if key not in self._sigmas:  # a search over sigma: once per client size
-            from opacus.accountants.utils import get_noise_multiplier
-
-            self._sigmas[key] = float(
-                get_noise_multiplier(
-                    target_epsilon=self.target_epsilon,
-                    target_delta=self.delta_for(num_records),
-                    sample_rate=self.sample_rate(num_records, batch_size),
-                    steps=total_steps,
-                    accountant="rdp",
-                )
+            self._sigmas[key] = noise_for(
+                self.target_epsilon,
+                self.delta_for(num_records),
+                self.sample_rate(num_records, batch_size),
+                total_steps,
+                self.accountant,
             )
         return self._sigmas[key]
+
+
+def accountant_kind(value) -> str:
+    """``privacy.accountant``, checked."""
+    if value not in ACCOUNTANTS:
+        raise ConfigError("privacy.accountant", value, "must be rdp or prv")
+    return value
+
+
+@lru_cache(maxsize=1024)
+def noise_for(target: float, delta: float, q: float, steps: int, kind: str) -> float:
+    """Opacus' search for the noise multiplier that gives epsilon ``target`` (to 0.01) at
+    ``delta`` after ``steps`` steps at rate ``q``, by accountant ``kind``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target,
+                    target_delta=delta,
+                    sample_rate=q,
+                    steps=steps,
+                    accountant=kind,
+                )
+            )
+    except AccountingError:
+        raise
+    except (ValueError, OverflowError, MemoryError, RuntimeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        remedy = "; use privacy.accountant=rdp or a larger privacy.delta" if kind == "prv" else ""
+        raise AccountingError(
+            f"no noise multiplier found for epsilon {target:g} at delta={delta:g} over "
+            f"{steps} steps at rate {q:g} with the {kind} accountant ({reason}){remedy}"
+        ) from None
 
 
 def _search_sigma(epsilon_of, target: float) -> float:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from tests.bad_inputs import LONG, STOPPED_ARGS, Case, small
 
+ADAPTIVE = ("privacy=central", "privacy.adaptive_clip=true")
+
 
 def _file_in_the_way(run: Path, tmp: Path) -> None:
     (tmp / "afile").write_text("not a folder\n")
@@ -38,6 +40,67 @@ CASES = [
     Case("config-topk-ratio", small("compressor=topk", "compressor.ratio=2"), "compressor"),
     Case(
         "config-dp-noise-negative", small("privacy=dpsgd", "privacy.noise_multiplier=-1"), "noise"
+    ),
+    Case(
+        "config-dp-adaptive-with-dpsgd",
+        small("privacy=dpsgd", "privacy.adaptive_clip=true"),
+        "unknown key in privacy; allowed: accountant, clip_norm, delta, grad_sample_mode, "
+        "noise_multiplier, target_epsilon (a key of privacy=central)",
+    ),
+    Case(
+        "config-dp-accountant-unknown",
+        small("privacy=central", "privacy.accountant=moments"),
+        "privacy.accountant=moments: must be rdp or prv",
+    ),
+    Case(
+        "config-dp-accountant-unknown-dpsgd",
+        small("privacy=dpsgd", "privacy.accountant=gdp"),
+        "privacy.accountant=gdp: must be rdp or prv",
+    ),
+    Case(
+        "config-dp-quantile-one",
+        small(*ADAPTIVE, "privacy.target_quantile=1"),
+        "privacy.target_quantile=1: must be a number in (0, 1)",
+    ),
+    Case(
+        "config-dp-quantile-zero",
+        small(*ADAPTIVE, "privacy.target_quantile=0"),
+        "privacy.target_quantile=0: must be a number in (0, 1)",
+    ),
+    Case(
+        "config-dp-clip-lr-negative",
+        small(*ADAPTIVE, "privacy.clip_lr=-0.2"),
+        "privacy.clip_lr=-0.2: must be a finite number > 0",
+    ),
+    Case(
+        "config-dp-count-stddev-negative",
+        small(*ADAPTIVE, "privacy.count_stddev=-1"),
+        "privacy.count_stddev=-1: must be a finite number >= 0",
+    ),
+    Case(
+        "config-dp-count-stddev-too-small",
+        small(*ADAPTIVE),  # 4 clients a round: sigma_b = 0.2, too little for epsilon 8
+        "adaptive clipping needs noise_multiplier 0.7257 < 2 * count_stddev",
+    ),
+    Case(
+        "config-dp-adaptive-not-bool",
+        small("privacy=central", "privacy.adaptive_clip=maybe"),
+        "privacy.adaptive_clip=maybe: must be true or false",
+    ),
+    Case(
+        "config-dp-adaptive-compression",
+        small(*ADAPTIVE, "privacy.count_stddev=5", "compressor=topk"),
+        "adaptive clipping needs each update's norm before it is clipped",
+    ),
+    Case(
+        "config-dp-prv-tiny-delta",
+        small("privacy=central", "privacy.accountant=prv", "privacy.delta=1e-30"),
+        "Floating point errors will dominate",
+    ),
+    Case(
+        "config-dp-prv-tiny-delta-dpsgd",
+        small("privacy=dpsgd", "privacy.accountant=prv", "privacy.delta=1e-30"),
+        "use privacy.accountant=rdp or a larger privacy.delta",
     ),
     Case("config-partition-alpha", small("partition=dirichlet", "partition.alpha=-1"), "Alpha"),
     Case("config-sweep-one-bad-job", ("-m", *small("sim.rounds=1,-1")), "sim.rounds=-1"),

@@ -1,6 +1,6 @@
 """A client's differential privacy: DP-SGD settings per round, its accountant across rounds.
 
-Each client's RDP accountant history lives in its ``Context.state`` (``fedsim.privacy``), so
+Each client's accountant history lives in its ``Context.state`` (``fedsim.privacy``), so
 epsilon adds up over every round it trains in and over LoRA-SB's set-up round.
 """
 
@@ -55,7 +55,7 @@ class ClientPrivacy:
         multiplier, Poisson rate and noise generator (``seed``: from its batch generator)."""
         q = self.privacy.sample_rate(num_examples, batch_size)
         return ClientDP(
-            accountant=accountant_of(state),
+            accountant=accountant_of(state, self.privacy.accountant),
             sigma=self.sigma(num_examples),
             sample_rate=q,
             expected_batch=max(1, int(round(q * num_examples))),
@@ -77,18 +77,19 @@ class ClientPrivacy:
     def charge_setup(self, state: RecordDict, sigma: float, num_examples: int) -> dict:
         """One Gaussian mechanism at sample rate 1 (the set-up round's statistics) recorded
         by the client's accountant; the reply's epsilon and delta."""
-        accountant = accountant_of(state)
+        accountant = accountant_of(state, self.privacy.accountant)
         accountant.step(sigma, 1.0)
         keep_accountant(state, accountant)
         delta = self.privacy.delta_for(num_examples)
         return {keys.EPSILON: accountant.epsilon(delta), keys.DELTA: delta}
 
 
-def accountant_of(state: RecordDict) -> Accountant:
-    """The client's accountant, from its state (empty at first)."""
+def accountant_of(state: RecordDict, kind: str = "rdp") -> Accountant:
+    """The client's accountant (``kind``: ``privacy.accountant``), from its state (empty at
+    first)."""
     if keys.STATE_PRIVACY not in state:
-        return Accountant.from_array(None)
-    return Accountant.from_array(numpy_dict(state[keys.STATE_PRIVACY])["history"])
+        return Accountant.from_array(None, kind)
+    return Accountant.from_array(numpy_dict(state[keys.STATE_PRIVACY])["history"], kind)
 
 
 def keep_accountant(state: RecordDict, accountant: Accountant) -> None:

@@ -151,6 +151,7 @@ class ClientRuntime:
         sending = Sending(call, job.msg.content[keys.CONFIG], job.reference)
         self.uplink.send(sending, out)
         records = {keys.ARRAYS: array_record(out.arrays)}
+        records.update({name: array_record(arrays) for name, arrays in out.records.items()})
         if out.diagnostic is not None:  # measurement only, not traffic
             records[keys.DIAGNOSTIC] = array_record(out.diagnostic)
         metrics = MetricRecord(

@@ -125,21 +125,29 @@ def privacy_summary(run) -> dict[str, Any]:
         dp = central.dp
         init = run.c.adapter.data_init
         setup = init is not None and init.client_steps > 0
-        return {
+        out = {
             "epsilon": central.epsilon(),
             "delta": dp.delta_for(run.sim["num_clients"]),
             "noise_multiplier": dp.sigma_value,
             "privacy": "central DP-FedAvg (user level), Poisson sampling at rate "
-            f"q={dp.q:g}, RDP accountant, one step per round"
+            f"q={dp.q:g}, {dp.kind.upper()} accountant, one step per round"
             + (" and one for the set-up round" if setup else ""),
         }
+        if dp.adaptive is not None:  # Andrew et al. (2021): the update's share of the noise
+            out["privacy"] += "; adaptive clipping (the update and the count of unclipped "
+            out["privacy"] += "clients together: one Gaussian mechanism of noise_multiplier)"
+            out["update_noise_multiplier"] = dp.update_sigma
+            out["count_stddev"] = dp.count_stddev
+            out["clip_norm_final"] = central.clip
+        return out
     if not run.c.privacy.client_dp:
         return {}
     spent = list(run.ledger.epsilons.values())
     return {
         "epsilon": max((e for e, _ in spent), default=0.0),
         "delta": max((d for _, d in spent), default=None),
-        "privacy": "client DP-SGD (sample level), RDP accountant per client across rounds",
+        "privacy": f"client DP-SGD (sample level), {run.c.privacy.accountant.upper()} "
+        "accountant per client across rounds",
     }
 
 

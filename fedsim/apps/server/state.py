@@ -21,7 +21,7 @@ from fedsim import checkpoint
 from fedsim.checkpoint import CHECKPOINT_FILE, FORMAT, UNDIGESTED
 from fedsim.errors import RunFailed
 from fedsim.records import array_record, numpy_dict
-from fedsim.resume import comparable
+from fedsim.resume import comparable, with_later_keys
 
 
 class ServerState:
@@ -150,7 +150,7 @@ class Checkpoints:
                 f"{spec.resume} has checkpoint format {tree.get('format')}; this fedsim "
                 f"reads formats {', '.join(map(str, UNDIGESTED))} and {FORMAT}"
             )
-        if comparable(tree["config"]) != comparable(spec.cfg):
+        if comparable(with_later_keys(tree["config"], spec.cfg)) != comparable(spec.cfg):
             raise RunFailed(f"{spec.resume} belongs to another configuration")
         if tree["format"] == 1:
             try:
