@@ -17,6 +17,7 @@ from fedsim import registry
 from fedsim.adapters.base import Adapter, AdapterSpec, check_protocol
 from fedsim.codec import Codec, compresses
 from fedsim.compression import Compressor
+from fedsim.control import Control, ControlVariates
 from fedsim.data import FederatedData
 from fedsim.downlink import EF21P
 from fedsim.errors import ComponentError, ConfigError
@@ -121,6 +122,7 @@ class Components:
     privacy: Privacy
     logger: Sink
     faults: Faults
+    control: Control
 
     @property
     def compresses(self) -> bool:
@@ -138,9 +140,11 @@ class Components:
 
         1. ``frozen``: the adapter's data-derived frozen factors, sent once per client;
         2. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
-        3. ``compression``: compression with error feedback (under central DP it also clips);
-        4. ``central_dp``: clipping (when nothing compresses) and the noised sum;
-        5. ``faults``: crashes, corrupted payloads and late replies.
+        3. ``control``: SCAFFOLD's control variates (its server step wraps the rebased
+           aggregation, inside the decoding of compressed replies);
+        4. ``compression``: compression with error feedback (under central DP it also clips);
+        5. ``central_dp``: clipping (when nothing compresses) and the noised sum;
+        6. ``faults``: crashes, corrupted payloads and late replies.
         """
         sim, privacy = self.sim, self.privacy
         stages: list[Stage] = []
@@ -148,6 +152,8 @@ class Components:
             stages.append(FrozenFactors(spec))
         if self.downlink.active:
             stages.append(EF21P(self.downlink, sim["seed"]))
+        if self.control.active:
+            stages.append(ControlVariates(self.control))
         if self.compresses:
             clip = privacy.clip_norm if privacy.central else None
             diagnose = sim["aggregation_error"]

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from fedsim.checkpoint import CHECKPOINT_FILE
-from fedsim.config import RESUME_FREE
+from fedsim.config import RESUME_FREE, SIM_OPTIONAL
 from fedsim.errors import ConfigError
 from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
@@ -26,8 +26,20 @@ DONE, CONTINUE, RESTART = "done", "continue", "restart"
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a configuration a resumed run must share with the run it continues."""
-    return {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    """The part of a configuration a resumed run must share with the run it continues: what
+    changes the computation. Keys newer than some saved configurations are left out at the
+    value that changes nothing (a ``sim`` key of ``SIM_OPTIONAL`` at its value, a group that a
+    configuration may lack at its default target), so runs saved before they existed resume."""
+    from fedsim.registry import GROUPS
+
+    out = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    sim = out.get("sim")
+    if isinstance(sim, dict):
+        out["sim"] = {k: v for k, v in sim.items() if SIM_OPTIONAL.get(k, ()) != v}
+    for group in GROUPS:
+        if not group.required and out.get(group.name) == {"_target_": group.default}:
+            del out[group.name]
+    return out
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -158,7 +170,7 @@ def readable(ckpt: Path, folder: Path, cfg: dict[str, Any] | None = None) -> dic
 
 def _same_config(folder: Path, cfg: dict[str, Any], stored: Any) -> None:
     """The checkpoint's configuration must be ``cfg``'s (the first key that differs named)."""
-    diff = first_difference(comparable(cfg), stored if isinstance(stored, dict) else {})
+    diff = first_difference(comparable(cfg), comparable(stored) if isinstance(stored, dict) else {})
     if diff is None:
         return
     key, mine, theirs = diff

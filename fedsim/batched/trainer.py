@@ -15,7 +15,7 @@ from fedsim.batched.jobs import ClientJob, ClientOutcome
 from fedsim.batched.optimizers import stacked_optimizer, state_from_arrays
 from fedsim.dropout import client_streams
 from fedsim.tasks.base import Task
-from fedsim.training import LocalResult, Schedule, batches, load_optimizer_state
+from fedsim.training import LocalResult, LocalTerms, Schedule, batches, load_optimizer_state
 
 
 @dataclass
@@ -63,6 +63,9 @@ def train_group(
     Jobs with ``dp`` settings train with DP-SGD instead
     (:func:`~fedsim.batched.dpsgd.dp_gradients`: Poisson batches, per-example clipping to
     ``clip_norm``, each client's own noise); each client's accountant records its steps.
+    Jobs with ``terms`` (:class:`~fedsim.training.LocalTerms`: FedProx, SCAFFOLD) get them on
+    their slices, as on the inline engine: the proximal gradient before each step (after
+    DP-SGD's noise), the correction after it, at each client's learning rate.
     """
     if not jobs:
         return []
@@ -72,17 +75,24 @@ def train_group(
         gradients = _private_gradients(model, task, jobs, group, clip_norm, device)
     else:
         gradients = _plain_gradients(model, task, jobs, group, batch_size, device)
+    terms = LocalTerms.stack([job.terms for job in jobs], device) if jobs[0].terms else None
     totals = torch.zeros(len(jobs), dtype=torch.float64)
     counted = torch.zeros(len(jobs), dtype=torch.float64)
     model.train()
     for step in range(steps):
         lrs = _learning_rates(jobs, lr, schedule, step, total_steps)
+        lrs = lrs.to(group.trained[0].device)
         for p in group.trained:
             p.grad = None
         losses, took = gradients()  # each client's loss; the stacked tensors' gradients set
         totals += losses
         counted += took
-        optimizer.step(lrs.to(group.trained[0].device))
+        if terms is None:
+            optimizer.step(lrs)
+        else:
+            terms.add_prox(group.trained)
+            optimizer.step(lrs)
+            terms.correct(group.trained, lrs)
     for job in jobs:
         if job.dp is not None:
             job.dp.accountant.step(job.dp.sigma, job.dp.sample_rate, steps)

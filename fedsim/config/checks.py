@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from fedsim import registry
-from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, TOP_KEYS
+from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, SIM_OPTIONAL, TOP_KEYS
 from fedsim.errors import ConfigError
 from fedsim.strategy.plugins import refuse_uncalled
 from fedsim.validate import boolean, integer, number
@@ -55,7 +55,7 @@ def _validate_sim(sim: Any) -> int:
         raise ConfigError(
             f"sim.{key}", sim[key], f"unknown key; allowed: {', '.join(sorted(SIM_KEYS))}"
         )
-    missing = SIM_KEYS - set(sim)
+    missing = SIM_KEYS - set(SIM_OPTIONAL) - set(sim)
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"sim.{key}", None, "is required")
@@ -81,6 +81,7 @@ def _validate_sim(sim: Any) -> int:
             ) from None
     number("sim.client_test_fraction", sim["client_test_fraction"], 0, 1, high_open=True)
     number("sim.validation_fraction", sim.get("validation_fraction", 0.0), 0, 1, high_open=True)
+    number("sim.prox_mu", sim.get("prox_mu", 0.0), low=0)
     if sim["round_timeout"] is not None:
         number("sim.round_timeout", sim["round_timeout"], low=0, low_open=True)
     device = sim["device"]
@@ -125,7 +126,7 @@ def check(cfg: dict[str, Any]) -> None:
     validate(cfg)
     components = build_components(cfg)
     components.strategy.check_setup(components.adapter, cfg["sim"])
-    components.model()
+    _, spec = components.model()
     components.data.check(cfg["sim"]["num_clients"])
     from fedsim.init import check as check_adapter_init
 
@@ -133,6 +134,7 @@ def check(cfg: dict[str, Any]) -> None:
     _check_validation(components)
     _check_codec(components)
     _check_privacy(components)
+    check_local_terms(components, spec)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     if hasattr(components.engine, "check_components"):
@@ -244,6 +246,59 @@ def _check_privacy(components) -> None:
                 "privacy.clip_norm after compression; this compressor can enlarge it (use "
                 f"{_compressors('compressor', 'norm_non_increasing', plain='none')})",
             )
+
+
+def check_local_terms(components, spec) -> None:
+    """FedProx needs parameters the client received; SCAFFOLD a server step that is a mean of
+    what clients send, taken by the strategy itself, and no central DP."""
+    strategy, name = components.strategy, components.strategy.name
+    mu = float(components.sim.get("prox_mu", 0.0))
+    if mu and set(spec.trained) <= set(strategy.personal_names(spec)):
+        raise ConfigError(
+            "sim.prox_mu",
+            mu,
+            f"FedProx keeps a client's parameters close to those it received; strategy {name}'s "
+            "clients receive none of those they train (use sim.prox_mu=0)",
+        )
+    control = components.control
+    if not control.active:
+        return
+    instead = _strategies(_steps_on_a_mean)
+    if not strategy.communicates:
+        why = f"strategy {name} aggregates nothing"
+    elif not strategy.averages:
+        why = f"strategy {name}'s server step is not a mean of the arrays clients send"
+    elif not strategy.persistent_parameters:
+        why = f"strategy {name} trains fresh parameters every round"
+    else:
+        why = None
+    if why is not None:
+        raise ConfigError(
+            "control",
+            control.name,
+            f"SCAFFOLD's variates track the server's mean of the clients' changes; {why} "
+            f"(use {instead})",
+        )
+    feedback = components.feedback
+    if feedback.replaces_aggregation:
+        keeps = _listed(registry.options_where("feedback", _keeps_aggregation))
+        raise ConfigError(
+            "feedback",
+            feedback.name,
+            f"replaces the strategy's mean with its own server step, which control=scaffold "
+            f"corrects toward (use feedback={keeps})",
+        )
+    if components.privacy.central:
+        raise ConfigError(
+            "privacy",
+            components.privacy.name,
+            "the control-variate changes control=scaffold clients send would reach the server "
+            "without central DP's clipping and noise (use control=none, or privacy=dpsgd)",
+        )
+
+
+def _steps_on_a_mean(cls) -> bool:
+    return cls.averages and cls.communicates and cls.persistent_parameters
 
 
 def _keeps_aggregation(cls) -> bool:

@@ -139,7 +139,7 @@ class Checkpoints:
                 f"{spec.resume} has checkpoint format {tree.get('format')}; this fedsim "
                 f"reads formats {', '.join(map(str, UNDIGESTED))} and {FORMAT}"
             )
-        if tree["config"] != comparable(spec.cfg):
+        if comparable(tree["config"]) != comparable(spec.cfg):
             raise RunFailed(f"{spec.resume} belongs to another configuration")
         if tree["format"] == 1:
             try:
