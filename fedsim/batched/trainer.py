@@ -76,23 +76,9 @@ def train_group(
     else:
         gradients = _plain_gradients(model, task, jobs, group, batch_size, device)
     terms = LocalTerms.stack([job.terms for job in jobs], device) if jobs[0].terms else None
-    totals = torch.zeros(len(jobs), dtype=torch.float64)
-    counted = torch.zeros(len(jobs), dtype=torch.float64)
     model.train()
-    for step in range(steps):
-        lrs = _learning_rates(jobs, lr, schedule, step, total_steps)
-        lrs = lrs.to(group.trained[0].device)
-        for p in group.trained:
-            p.grad = None
-        losses, took = gradients()  # each client's loss; the stacked tensors' gradients set
-        totals += losses
-        counted += took
-        if terms is None:
-            optimizer.step(lrs)
-        else:
-            terms.add_prox(group.trained)
-            optimizer.step(lrs)
-            terms.correct(group.trained, lrs)
+    rates = [_learning_rates(jobs, lr, schedule, step, total_steps) for step in range(steps)]
+    totals, counted = _steps(len(jobs), group.trained, optimizer, gradients, terms, rates)
     for job in jobs:
         if job.dp is not None:
             job.dp.accountant.step(job.dp.sigma, job.dp.sample_rate, steps)
@@ -104,6 +90,29 @@ def train_group(
         )
         for i in range(len(jobs))
     ]
+
+
+def _steps(
+    clients: int, trained, optimizer, gradients, terms, rates
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local steps (one per entry of ``rates``, each client's learning rate at that
+    step); returns each client's summed loss and how many of its steps counted."""
+    totals = torch.zeros(clients, dtype=torch.float64)
+    counted = torch.zeros(clients, dtype=torch.float64)
+    for lrs in rates:
+        lrs = lrs.to(trained[0].device)
+        for p in trained:
+            p.grad = None
+        losses, took = gradients()  # each client's loss; the stacked tensors' gradients set
+        totals += losses
+        counted += took
+        if terms is None:
+            optimizer.step(lrs)
+        else:
+            terms.add_prox(trained)
+            optimizer.step(lrs)
+            terms.correct(trained, lrs)
+    return totals, counted
 
 
 def _learning_rates(
