@@ -18,6 +18,7 @@ from fedsim.adapters.base import Adapter, AdapterSpec, check_protocol
 from fedsim.byzantine import ByzantineClients
 from fedsim.codec import Codec, compresses
 from fedsim.compression import Compressor
+from fedsim.control import Control, ControlVariates
 from fedsim.data import FederatedData
 from fedsim.downlink import EF21P
 from fedsim.errors import ComponentError, ConfigError
@@ -126,6 +127,7 @@ class Components:
     faults: Faults
     server_opt: ServerOpt
     robust: Robust
+    control: Control
 
     @property
     def compresses(self) -> bool:
@@ -145,6 +147,8 @@ class Components:
         2. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
         3. ``byzantine``: malicious clients' attacks (before encoding: the payload stays
            well-formed; ALIE's substitution on the server, right after decoding);
+        4. ``control``: SCAFFOLD's control variates (its server step wraps the rebased
+           aggregation, inside the decoding of compressed replies);
         4. ``compression``: compression with error feedback (under central DP it also clips);
         5. ``central_dp``: clipping (when nothing compresses) and the noised sum;
         6. ``faults``: crashes, corrupted payloads and late replies.
@@ -158,6 +162,8 @@ class Components:
         if self.faults.byzantine is not None:
             attack = self.faults.byzantine
             stages.append(ByzantineClients(attack, sim["num_clients"], sim["seed"], self.task))
+        if self.control.active:
+            stages.append(ControlVariates(self.control))
         if self.compresses:
             clip = privacy.clip_norm if privacy.central else None
             diagnose = sim["aggregation_error"]

@@ -33,11 +33,16 @@ STATE_DOWNLINK = "fedsim.downlink"  # ArrayRecord: EF21-P's w as the client hold
 STATE_PENDING = "fedsim.feedback-pending"  # ArrayRecord: the last compressed message sent...
 STATE_PENDING_INFO = "fedsim.feedback-pending-info"  # ConfigRecord: ...its round, first or not
 STATE_PRIVACY = "fedsim.privacy"  # ArrayRecord: the client's accountant history
+STATE_CONTROL = "fedsim.control"  # ArrayRecord: SCAFFOLD's client control variate (float64)...
+STATE_CONTROL_PENDING = "fedsim.control-pending"  # ArrayRecord: ...its last change sent...
+STATE_CONTROL_INFO = "fedsim.control-pending-info"  # ConfigRecord: ...in this round
 EPSILON = "epsilon"  # MetricRecord keys of a DP client's reply
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
 DELAY = "simulated-delay-s"  # MetricRecord key: a straggler's simulated delay (fedsim.faults)
 ABSORBED = "absorbed"  # ConfigRecord key: the last round the server aggregated your message
+CONTROL_ABSORBED = "control-absorbed"  # the same for SCAFFOLD's variates (fedsim.control)
+CONTROL = "control"  # ArrayRecord of a reply: SCAFFOLD's change of the client's variate
 
 # A reply's side channel: the uncompressed trained arrays, for the aggregation error only
 # (not traffic: the simulator measures with them, a real client would not send them).

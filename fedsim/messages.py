@@ -9,7 +9,8 @@ sections such as ``frozen/``, ``fold/``, ``down/``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -26,6 +27,7 @@ class ClientCall:
     server_round: int
     seed: int  # the run's seed
     state: RecordDict  # the client's Context.state: what it keeps between rounds
+    config: Mapping[str, Any] = field(default_factory=dict)  # the message's config record
 
 
 @dataclass

@@ -48,6 +48,7 @@ GROUPS: tuple[Group, ...] = (
     Group("feedback", "fedsim.feedback:Feedback"),
     Group("downlink", "fedsim.compression:Compressor"),
     Group("privacy", "fedsim.privacy:Privacy"),
+    Group("control", "fedsim.control:Control", required=False, default="fedsim.control.NoControl"),
     Group("logger", "fedsim.sinks:Sink", required=False, default="fedsim.sinks.NoSink"),
     Group("faults", "fedsim.faults:Faults", default="fedsim.faults.Faults"),
     Group(

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from fedsim.checkpoint import CHECKPOINT_FILE
-from fedsim.config import RESUME_FREE
+from fedsim.config import RESUME_FREE, SIM_OPTIONAL
 from fedsim.errors import ConfigError
 from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
@@ -26,13 +26,18 @@ DONE, CONTINUE, RESTART = "done", "continue", "restart"
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a configuration a resumed run must share with the run it continues: a
-    group newer than the run, left at the option older runs had (its registry ``absent``
-    option, or its registry default ``{"_target_": default}``), is left out, so a run saved
-    before the group existed still matches a configuration that names it."""
+    """The part of a configuration a resumed run must share with the run it continues: what
+    changes the computation. Keys newer than some saved configurations are left out at the
+    value that changes nothing, so runs saved before they existed resume: a ``sim`` key of
+    ``SIM_OPTIONAL`` at its value, and a group newer than the run left at the option older
+    runs had (its registry ``absent`` option, or its registry default ``{"_target_":
+    default}``)."""
     from fedsim.registry import GROUPS, option_node
 
     out = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    sim = out.get("sim")
+    if isinstance(sim, dict):
+        out["sim"] = {k: v for k, v in sim.items() if SIM_OPTIONAL.get(k, ()) != v}
     for g in GROUPS:
         if g.name not in out:
             continue

@@ -8,7 +8,7 @@ order runs it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +124,82 @@ def batches(data: Batch, batch_size: int, generator: torch.Generator) -> Iterato
 
 
 @dataclass
+class LocalTerms:
+    """What a client's local steps add to plain training on its loss, per trained tensor
+    (``None``: nothing for that tensor):
+
+    * FedProx (Li et al., 2020, https://arxiv.org/abs/1812.06127): the gradient of the
+      proximal term ``(mu/2) ||w - anchor||^2``, ``mu (w - anchor)``, added to the loss's
+      gradient before the optimizer's step (after DP-SGD's clipping and noise: it does not
+      depend on the data);
+    * SCAFFOLD (Karimireddy et al., 2020, https://arxiv.org/abs/1910.06378): the correction
+      ``eta_t (c - c_i)`` (``offset``) subtracted from the tensor after the optimizer's step
+      ``t`` of learning rate ``eta_t``; with plain SGD the step is the paper's
+      ``y <- y - eta_t (g_i(y) - c_i + c)``.
+
+    ``names`` are the trained tensors' names in the optimizer's order; the tensors the methods
+    change are passed in that order (a client's own parameters, or a batched group's stacked
+    ones, whose leading dimension is the client, with a learning rate per client).
+    """
+
+    names: list[str]
+    mu: float
+    anchors: list[torch.Tensor | None]
+    offsets: list[torch.Tensor | None]
+
+    @torch.no_grad()
+    def add_prox(self, params: Sequence[torch.Tensor]) -> None:
+        """``p.grad += mu (p - anchor)`` (a tensor the loss did not reach gets the term alone)."""
+        if not self.mu:
+            return
+        for p, anchor in zip(params, self.anchors):
+            if anchor is None:
+                continue
+            term = self.mu * (p - anchor)
+            if p.grad is None:
+                p.grad = term
+            else:
+                p.grad.add_(term)
+
+    @torch.no_grad()
+    def correct(self, params: Sequence[torch.Tensor], lr: float | torch.Tensor) -> None:
+        """``p -= lr * offset`` after the optimizer's step (``lr``: a tensor of one learning
+        rate per client for stacked tensors)."""
+        for p, offset in zip(params, self.offsets):
+            if offset is None:
+                continue
+            if isinstance(lr, torch.Tensor):
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                p.sub_(lr.to(p.dtype).view(shape) * offset)
+            else:
+                p.sub_(lr * offset)
+
+    @staticmethod
+    def stack(terms: Sequence[LocalTerms], device: torch.device | None) -> LocalTerms:
+        """Several clients' terms as one over their stacked tensors (the batched trainer);
+        every client of a group has the same structure (one configuration)."""
+        first = terms[0]
+
+        def stacked(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            if parts[0] is None:
+                return None
+            return torch.stack(parts).to(device)
+
+        return LocalTerms(
+            first.names,
+            first.mu,
+            [stacked([t.anchors[k] for t in terms]) for k in range(len(first.names))],
+            [stacked([t.offsets[k] for t in terms]) for k in range(len(first.names))],
+        )
+
+
+def step_sizes(lr: float, schedule: Schedule, start_step: int, steps: int, total: int) -> float:
+    """The sum of the learning rates of ``steps`` local steps from ``start_step`` (SCAFFOLD's
+    ``K eta_l`` under a schedule)."""
+    return sum(lr * schedule.factor(start_step + i, total) for i in range(steps))
+
+
+@dataclass
 class LocalResult:
     loss: float  # mean training loss over the local steps
     steps: int
@@ -143,13 +219,17 @@ def train_local(
     total_steps: int,
     generator: torch.Generator,
     device: torch.device | None = None,
+    terms: LocalTerms | None = None,
 ) -> LocalResult:
-    """Run ``steps`` optimizer steps of ``model`` on ``data`` (the task's mean loss).
+    """Run ``steps`` optimizer steps of ``model`` on ``data`` (the task's mean loss; with
+    ``terms``, FedProx's proximal gradient and SCAFFOLD's correction on the optimizer's
+    parameters, :class:`LocalTerms`; the loss reported is the task's alone).
 
     ``data`` stays where it is (the CPU); each batch moves to ``device``, the model's device.
     """
     model.train()
     stream = batches(data, batch_size, generator)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     total = 0.0
     for i in range(steps):
         batch = to_device(next(stream), device)
@@ -159,7 +239,12 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model, batch)
         loss.backward()
-        optimizer.step()
+        if terms is None:
+            optimizer.step()
+        else:
+            terms.add_prox(params)
+            optimizer.step()
+            terms.correct(params, lr * factor)
         total += float(loss.detach())
     return LocalResult(loss=total / max(steps, 1), steps=steps)
 

@@ -53,6 +53,7 @@ class Sending:
     call: ClientCall
     config: Mapping[str, Any]  # the training message's config record
     reference: Arrays | None  # the arrays the client started from (for stages that need it)
+    lr_sum: float = 0.0  # the sum of the learning rates of the local steps it took
 
 
 @dataclass
@@ -142,6 +143,12 @@ class Stage:
 
     def send(self, sending: Sending, out: Outgoing) -> None:
         """Shape the reply after the strategy's client half picked what to send."""
+
+    def step_offset(self, call: ClientCall) -> Arrays | None:
+        """What each local step subtracts after the optimizer's step, per unit of its learning
+        rate, by trained parameter name (SCAFFOLD's ``c - c_i``), for the client ``receive``
+        served last; None: nothing."""
+        return None
 
     # ---------------------------------------------------------------- server: replies
     def arrival(self, info: RoundInfo, client: int, reply: Message) -> tuple[str, str] | None:
@@ -261,6 +268,15 @@ class Uplink:
         for stage in self.stages:
             stage.send(sending, out)
         return out
+
+    def step_offset(self, call: ClientCall) -> Arrays | None:
+        """The step offset of the stage that has one (None: none has; one stage at most,
+        ``control``)."""
+        for stage in self.stages:
+            offset = stage.step_offset(call)
+            if offset is not None:
+                return offset
+        return None
 
     # ---------------------------------------------------------------- server: replies
     def arrival(self, info: RoundInfo, client: int, reply: Message) -> tuple[str, str] | None:

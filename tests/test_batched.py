@@ -1,6 +1,7 @@
 """The batched engine: each round's clients trained together in vmapped groups give the inline
 engine's results (eval loss within 1e-5 relative after 3 rounds), for every adapter, strategy,
-compressor, optimizer and privacy setting (DP-SGD's per-example clipping and noise included),
+compressor, optimizer and privacy setting (DP-SGD's per-example clipping and noise included;
+FedProx's proximal term and SCAFFOLD's correction too),
 on the synthetic task and on text, with clients of unequal dataset sizes; its stacked
 optimizers equal torch's; what it cannot do yet is a one-line error."""
 
@@ -75,6 +76,12 @@ def _close(inline_rows, batched_rows, rel=1e-5):
             "privacy.target_epsilon=null",
             "privacy.noise_multiplier=0.8",
         ),
+        ("sim.prox_mu=0.1",),
+        ("control=scaffold", "schedule=cosine", "sim.keep_optimizer_state=true"),
+        ("control=scaffold", "optimizer=sgd", "sim.prox_mu=0.05", "sim.lr=0.05"),
+        ("control=scaffold", "strategy=fedsa", "sim.prox_mu=0.1", "faults=mixed"),
+        ("control=scaffold", "sim.prox_mu=0.1", "privacy=dpsgd", "privacy.clip_norm=0.05"),
+        ("control=scaffold", "compressor=topk", "compressor.ratio=0.2", "downlink=topk"),
     ],
     ids=[
         "lora",
@@ -97,6 +104,12 @@ def _close(inline_rows, batched_rows, rel=1e-5):
         "dpsgd",
         "dpsgd-clipped-empty-batches-dropout",
         "dpsgd-fedsb-sigma",
+        "fedprox",
+        "scaffold-cosine-kept",
+        "scaffold-fedprox-sgd",
+        "scaffold-fedprox-fedsa-faults",
+        "scaffold-fedprox-dpsgd-clipped",
+        "scaffold-topk-ef21p",
     ],
 )
 def test_batched_equals_inline(extra, run_tiny):

@@ -8,7 +8,7 @@ import torch
 
 from fedsim.privacy import ClientDP
 from fedsim.tasks.base import Batch
-from fedsim.training import LocalResult
+from fedsim.training import LocalResult, LocalTerms
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ClientJob:
     start_step: int  # its global step count (the schedule's position)
     optimizer_state: dict | None = None  # fedsim.training.optimizer_state_arrays, if kept
     dp: ClientDP | None = None  # DP-SGD: its Poisson rate, noise and accountant
+    terms: LocalTerms | None = None  # FedProx's proximal term, SCAFFOLD's correction
 
 
 @dataclass

@@ -15,7 +15,7 @@ from fedsim.batched.jobs import ClientJob, ClientOutcome
 from fedsim.batched.optimizers import stacked_optimizer, state_from_arrays
 from fedsim.dropout import client_streams
 from fedsim.tasks.base import Task
-from fedsim.training import LocalResult, Schedule, batches, load_optimizer_state
+from fedsim.training import LocalResult, LocalTerms, Schedule, batches, load_optimizer_state
 
 
 @dataclass
@@ -63,6 +63,9 @@ def train_group(
     Jobs with ``dp`` settings train with DP-SGD instead
     (:func:`~fedsim.batched.dpsgd.dp_gradients`: Poisson batches, per-example clipping to
     ``clip_norm``, each client's own noise); each client's accountant records its steps.
+    Jobs with ``terms`` (:class:`~fedsim.training.LocalTerms`: FedProx, SCAFFOLD) get them on
+    their slices, as on the inline engine: the proximal gradient before each step (after
+    DP-SGD's noise), the correction after it, at each client's learning rate.
     """
     if not jobs:
         return []
@@ -72,17 +75,10 @@ def train_group(
         gradients = _private_gradients(model, task, jobs, group, clip_norm, device)
     else:
         gradients = _plain_gradients(model, task, jobs, group, batch_size, device)
-    totals = torch.zeros(len(jobs), dtype=torch.float64)
-    counted = torch.zeros(len(jobs), dtype=torch.float64)
+    terms = LocalTerms.stack([job.terms for job in jobs], device) if jobs[0].terms else None
     model.train()
-    for step in range(steps):
-        lrs = _learning_rates(jobs, lr, schedule, step, total_steps)
-        for p in group.trained:
-            p.grad = None
-        losses, took = gradients()  # each client's loss; the stacked tensors' gradients set
-        totals += losses
-        counted += took
-        optimizer.step(lrs.to(group.trained[0].device))
+    rates = [_learning_rates(jobs, lr, schedule, step, total_steps) for step in range(steps)]
+    totals, counted = _steps(len(jobs), group.trained, optimizer, gradients, terms, rates)
     for job in jobs:
         if job.dp is not None:
             job.dp.accountant.step(job.dp.sigma, job.dp.sample_rate, steps)
@@ -94,6 +90,29 @@ def train_group(
         )
         for i in range(len(jobs))
     ]
+
+
+def _steps(
+    clients: int, trained, optimizer, gradients, terms, rates
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local steps (one per entry of ``rates``, each client's learning rate at that
+    step); returns each client's summed loss and how many of its steps counted."""
+    totals = torch.zeros(clients, dtype=torch.float64)
+    counted = torch.zeros(clients, dtype=torch.float64)
+    for lrs in rates:
+        lrs = lrs.to(trained[0].device)
+        for p in trained:
+            p.grad = None
+        losses, took = gradients()  # each client's loss; the stacked tensors' gradients set
+        totals += losses
+        counted += took
+        if terms is None:
+            optimizer.step(lrs)
+        else:
+            terms.add_prox(trained)
+            optimizer.step(lrs)
+            terms.correct(trained, lrs)
+    return totals, counted
 
 
 def _learning_rates(

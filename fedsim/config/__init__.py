@@ -19,7 +19,14 @@ from fedsim.config.compose import (
     initialize_config_source,
     to_container,
 )
-from fedsim.config.spec import CHECKPOINT_KEYS, RESUME_FREE, SIM_KEYS, TOP_KEYS, RunSpec
+from fedsim.config.spec import (
+    CHECKPOINT_KEYS,
+    RESUME_FREE,
+    SIM_KEYS,
+    SIM_OPTIONAL,
+    TOP_KEYS,
+    RunSpec,
+)
 
 __all__ = [
     "CHECKPOINT_KEYS",
@@ -27,6 +34,7 @@ __all__ = [
     "CONFIG_NAME",
     "RESUME_FREE",
     "SIM_KEYS",
+    "SIM_OPTIONAL",
     "TOP_KEYS",
     "Composed",
     "RunSpec",

@@ -4,6 +4,7 @@ cannot run in, each refused with one line (docs/config.md lists them)."""
 from __future__ import annotations
 
 from fedsim import registry
+from fedsim.config.hints import strategies_where
 from fedsim.errors import ConfigError
 from fedsim.strategy.plugins import PluginStrategy
 
@@ -33,7 +34,7 @@ def _check_robust(components) -> None:
             value,
             f"replaces the mean of the arrays clients send; strategy {name} does not average "
             "them (FedEx and FLoRA fold individual clients' products into the base, the "
-            f"references send nothing): use strategy={_strategies('averages')}",
+            f"references send nothing): use strategy={strategies_where(lambda c: c.averages)}",
         )
     if components.privacy.central:
         raise ConfigError(
@@ -89,7 +90,7 @@ def _check_byzantine(components) -> None:
             "faults.byzantine_fraction",
             fraction,
             f"strategy {strategy.name} sends no updates to attack (use strategy="
-            f"{_strategies('communicates')})",
+            f"{strategies_where(lambda c: c.communicates)})",
         )
     if attack.count(n) == 0:
         raise ConfigError(
@@ -120,9 +121,3 @@ def _check_byzantine(components) -> None:
                 f"ones as they arrive (an omniscient attacker), which needs the plain arrays; {why}"
                 ": use another attack, or this one without",
             )
-
-
-def _strategies(flag: str) -> str:
-    """fedsim's strategies whose class has ``flag`` (``averages``, ``communicates``)."""
-    found = registry.options_where("strategy", lambda c: c is not None and getattr(c, flag, False))
-    return registry.either(found)

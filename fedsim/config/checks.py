@@ -13,7 +13,11 @@ from typing import Any
 
 from fedsim import registry
 from fedsim.config.adversary import check_adversary
-from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, TOP_KEYS
+from fedsim.config.hints import compressors_with as _compressors
+from fedsim.config.hints import listed as _listed
+from fedsim.config.hints import strategies_where as _strategies
+from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, SIM_OPTIONAL, TOP_KEYS
+from fedsim.config.steps import check_local_terms, check_server_opt, keeps_aggregation
 from fedsim.errors import ConfigError
 from fedsim.strategy.plugins import refuse_uncalled
 from fedsim.validate import boolean, integer, number
@@ -56,7 +60,7 @@ def _validate_sim(sim: Any) -> int:
         raise ConfigError(
             f"sim.{key}", sim[key], f"unknown key; allowed: {', '.join(sorted(SIM_KEYS))}"
         )
-    missing = SIM_KEYS - set(sim)
+    missing = SIM_KEYS - set(SIM_OPTIONAL) - set(sim)
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"sim.{key}", None, "is required")
@@ -82,6 +86,7 @@ def _validate_sim(sim: Any) -> int:
             ) from None
     number("sim.client_test_fraction", sim["client_test_fraction"], 0, 1, high_open=True)
     number("sim.validation_fraction", sim.get("validation_fraction", 0.0), 0, 1, high_open=True)
+    number("sim.prox_mu", sim.get("prox_mu", 0.0), low=0)
     if sim["round_timeout"] is not None:
         number("sim.round_timeout", sim["round_timeout"], low=0, low_open=True)
     device = sim["device"]
@@ -126,7 +131,7 @@ def check(cfg: dict[str, Any]) -> None:
     validate(cfg)
     components = build_components(cfg)
     components.strategy.check_setup(components.adapter, cfg["sim"])
-    components.model()
+    _, spec = components.model()
     components.data.check(cfg["sim"]["num_clients"])
     from fedsim.init import check as check_adapter_init
 
@@ -134,8 +139,9 @@ def check(cfg: dict[str, Any]) -> None:
     _check_validation(components)
     _check_codec(components)
     _check_privacy(components)
-    _check_server_opt(components)
+    check_server_opt(components)
     check_adversary(components)
+    check_local_terms(components, spec)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     if hasattr(components.engine, "check_components"):
@@ -198,7 +204,7 @@ def _check_codec(components) -> None:
             "compressor", compressor.name, f"strategy {name} sends no updates to compress"
         )
     if feedback.replaces_aggregation:
-        instead = _listed(registry.options_where("feedback", _keeps_aggregation))
+        instead = _listed(registry.options_where("feedback", keeps_aggregation))
         refuse_uncalled(strategy, "feedback", feedback.name, "its server step", instead)
     if feedback.replaces_aggregation and not strategy.averages:
         raise ConfigError(
@@ -252,31 +258,6 @@ def _check_privacy(components) -> None:
             )
 
 
-def _check_server_opt(components) -> None:
-    """A server optimiser steps the global arrays by their aggregated change: a strategy must
-    have global arrays that hold its whole server step."""
-    opt, strategy = components.server_opt, components.strategy
-    if not opt.active or takes_server_opt(strategy):
-        return
-    why = (
-        "folds each round's change into the clients' frozen base weights, outside the global arrays"
-        if strategy.folds_into_base
-        else "aggregates no client updates (a reference)"
-    )
-    raise ConfigError(
-        "server_opt",
-        opt.name,
-        f"steps the global arrays by their aggregated change; strategy {strategy.name} {why}: "
-        f"use {_strategies(takes_server_opt)}, or server_opt=none",
-    )
-
-
-def takes_server_opt(strategy) -> bool:
-    """A strategy whose global arrays change only by its aggregate (a server optimiser may
-    then step them by that change)."""
-    return strategy.communicates and not strategy.folds_into_base
-
-
 def _check_central_noise(components) -> None:
     """Central DP's noise found now (a target out of reach, adaptive clipping's share of the
     noise, an accountant that cannot account for the run: one line before anything runs)."""
@@ -326,10 +307,6 @@ def _check_client_accountant(components) -> None:
         raise ConfigError("privacy.accountant", "prv", str(e)) from None
 
 
-def _keeps_aggregation(cls) -> bool:
-    return cls is not None and not getattr(cls, "replaces_aggregation", False)
-
-
 def _not_central(cls) -> bool:
     return cls is None or not getattr(cls, "central", False)
 
@@ -337,36 +314,3 @@ def _not_central(cls) -> bool:
 def releases_an_average(strategy) -> bool:
     """A strategy whose server step is a mean of what its clients send, to every client."""
     return strategy.averages and not strategy.personalised and strategy.communicates
-
-
-# ----------------------------------------------------------------------------- hints
-
-
-def _strategies(test) -> str:
-    """fedsim's strategies whose class passes ``test``: ``fedavg, fedsb or ffa``."""
-    found = registry.options_where("strategy", lambda cls: cls is not None and test(cls))
-    return _listed(found)
-
-
-def _compressors(group: str, flag: str, plain: str | None = None) -> str:
-    """The options of a compressor group that have ``flag`` (``contractive``...) as they are,
-    then those that have it with the setting their class names (``contractive_when``), then
-    ``plain`` (an option that sends everything as it is)."""
-    from fedsim.build import build
-
-    found, conditional = [], []
-    for option in registry.options(group):
-        compressor = build(group, registry.option_node(group, option))
-        if getattr(compressor, flag) and compressor.active:
-            found.append(option)
-        elif getattr(compressor, "contractive_when", None):
-            conditional.append(f"{option} with {compressor.contractive_when}")
-    return _listed([*found, *conditional, *([plain] if plain else [])])
-
-
-def _listed(items: list[str]) -> str:
-    """``a or b``; ``a, b or c``; with a comma before ``or`` when an item is qualified
-    (``topk, or randk with scaled=false``)."""
-    if len(items) > 1 and any(" " in item for item in items):
-        return ", ".join(items[:-1]) + ", or " + items[-1]
-    return registry.either(items)

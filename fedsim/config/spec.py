@@ -25,7 +25,11 @@ SIM_KEYS = {
     "eval_clients",
     "client_test_fraction",
     "validation_fraction",
+    "prox_mu",
 }
+#: ``sim`` keys a configuration may lack (saved before they existed), with the value that
+#: changes nothing; a resumed run compares configurations without them at that value
+SIM_OPTIONAL = {"prox_mu": 0.0}
 #: the top-level keys: every config group (fedsim.registry) and the run's settings
 TOP_KEYS = {*registry.names(), *registry.SETTINGS}
 CHECKPOINT_KEYS = {"every", "keep"}

@@ -12,7 +12,7 @@ from torch import nn
 from fedsim.errors import ConfigError
 from fedsim.privacy.accountant import ACCOUNTANTS, Accountant, AccountingError
 from fedsim.tasks.base import Batch, Task
-from fedsim.training import LocalResult, Schedule, to_device
+from fedsim.training import LocalResult, LocalTerms, Schedule, to_device
 from fedsim.validate import number
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
@@ -230,8 +230,12 @@ def train_local_dp(
     generator: torch.Generator,
     noise_generator: torch.Generator,
     device: torch.device | None = None,
+    terms: LocalTerms | None = None,
 ) -> LocalResult:
-    """``steps`` DP-SGD steps on Poisson batches; the accountant records each one."""
+    """``steps`` DP-SGD steps on Poisson batches; the accountant records each one. ``terms``
+    (FedProx, SCAFFOLD; :class:`~fedsim.training.LocalTerms`) act on the privatised gradient
+    and step: the proximal gradient is added after the clipping and the noise (it does not
+    depend on the data), the correction after the optimizer's step."""
     from opacus.optimizers import DPOptimizer
 
     n = len(data[task.label_key])
@@ -254,17 +258,17 @@ def train_local_dp(
         dp.zero_grad(set_to_none=True)
         idx = poisson_indices(n, q, generator)
         if len(idx) == 0:  # an empty Poisson batch: the step is noise only
-            _noise_only_step(dp)
+            _noise_only_step(dp, terms, lr * factor)
         else:
             batch = to_device({k: v[idx] for k, v in data.items()}, device)
-            total += _private_step(dp, gsm, task, batch)
+            total += _private_step(dp, gsm, task, batch, terms, lr * factor)
             counted += 1
         accountant.step(sigma, q)
     dp.zero_grad(set_to_none=True)
     return LocalResult(loss=total / max(counted, 1), steps=steps)
 
 
-def _noise_only_step(dp) -> None:
+def _noise_only_step(dp, terms: LocalTerms | None = None, lr: float = 0.0) -> None:
     """Opacus' step on an empty Poisson batch: a zero sum plus noise, divided by the expected
     batch size (its ``scale_grad`` reads per-example gradients, which an empty batch lacks)."""
     for p in dp.params:
@@ -272,12 +276,24 @@ def _noise_only_step(dp) -> None:
     dp.add_noise()
     for p in dp.params:
         p.grad /= dp.expected_batch_size
-    dp.original_optimizer.step()
+    _original_step(dp, terms, lr)
     for p in dp.params:
         p.summed_grad = None
 
 
-def _private_step(dp, gsm: nn.Module, task: Task, batch: Batch) -> float:
+def _original_step(dp, terms: LocalTerms | None, lr: float) -> None:
+    """The wrapped optimizer's step on the privatised gradient, with ``terms`` around it."""
+    if terms is None:
+        dp.original_optimizer.step()
+        return
+    terms.add_prox(dp.params)
+    dp.original_optimizer.step()
+    terms.correct(dp.params, lr)
+
+
+def _private_step(
+    dp, gsm: nn.Module, task: Task, batch: Batch, terms: LocalTerms | None = None, lr: float = 0.0
+) -> float:
     """One DP-SGD step on a batch; returns its loss. A mean loss: the GradSampleModule
     (``loss_reduction="mean"``) recovers per-example gradients; DPOptimizer clips them, sums,
     adds noise, divides by the expected size."""
@@ -285,7 +301,10 @@ def _private_step(dp, gsm: nn.Module, task: Task, batch: Batch) -> float:
     with warnings.catch_warnings():  # inputs need no gradient: the hook's note is moot
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss.backward()
-    dp.step()
+    if terms is None:
+        dp.step()
+    elif dp.pre_step():  # clipped, summed, noised, scaled; then the terms and the step
+        _original_step(dp, terms, lr)
     return float(loss.detach())
 
 

@@ -125,6 +125,10 @@ class AdapterStrategy:
         """The parameters that make up the global arrays (default: everything the adapter sends)."""
         return list(spec.sent)
 
+    def personal_names(self, spec: AdapterSpec) -> list[str]:
+        """Trained parameters that never leave the client (default: none; FedSA's ``B``)."""
+        return []
+
     # ------------------------------------------------------------------ client half
     def client_receive(
         self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], call: ClientCall

@@ -38,6 +38,35 @@ CASES = [
     Case("config-blocklisted-target", small("logger._target_=os.system"), "blocklisted"),
     Case("config-missing-target", small("logger._target_=nowhere.Thing"), "nowhere.Thing"),
     Case("config-topk-ratio", small("compressor=topk", "compressor.ratio=2"), "compressor"),
+    # FedProx and SCAFFOLD (docs/strategies.md)
+    Case("config-prox-mu-negative", small("sim.prox_mu=-0.1"), "sim.prox_mu=-0.1"),
+    Case("config-prox-mu-text", small("sim.prox_mu=much"), "sim.prox_mu"),
+    Case("config-prox-mu-local", small("strategy=local", "sim.prox_mu=0.1"), "sim.prox_mu=0.1"),
+    Case("config-scaffold-local", small("control=scaffold", "strategy=local"), "control=scaffold"),
+    Case(
+        "config-scaffold-centralized",
+        small("control=scaffold", "strategy=centralized"),
+        "aggregates nothing",
+    ),
+    Case("config-scaffold-fedex", small("control=scaffold", "strategy=fedex"), "not a mean"),
+    Case("config-scaffold-flora", small("control=scaffold", "strategy=flora"), "not a mean"),
+    Case(
+        "config-scaffold-ef21",
+        small("control=scaffold", "compressor=topk", "feedback=ef21"),
+        "feedback=ef21",
+    ),
+    Case(
+        "config-scaffold-econtrol",
+        small("control=scaffold", "compressor=topk", "feedback=econtrol"),
+        "feedback=econtrol",
+    ),
+    Case(
+        "config-scaffold-central-dp",
+        small("control=scaffold", "privacy=central"),
+        "privacy=central",
+    ),
+    Case("config-scaffold-lr-zero", small("control=scaffold", "control.lr_server=0"), "lr_server"),
+    Case("config-control-unknown", small("control=scaffolding"), "scaffolding"),
     Case(
         "config-dp-noise-negative", small("privacy=dpsgd", "privacy.noise_multiplier=-1"), "noise"
     ),

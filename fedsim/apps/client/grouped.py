@@ -49,6 +49,7 @@ def _start(runtime, items, out) -> tuple[list, list[ClientJob]]:
                 start_step=int(job.common["start_step"]),
                 optimizer_state=job.optimizer_state,
                 dp=dp,
+                terms=job.terms,
             )
         )
         started.append((k, job))

@@ -27,11 +27,13 @@ from fedsim.privacy import train_local_dp
 from fedsim.records import array_record, numpy_dict, payload
 from fedsim.training import (
     LocalResult,
+    LocalTerms,
     client_generator,
     evaluate,
     load_optimizer_state,
     optimizer_state_arrays,
     seed_torch,
+    step_sizes,
     train_local,
 )
 from fedsim.uplink import Outgoing, Sending
@@ -49,6 +51,7 @@ class TrainJob:
     generator: torch.Generator  # its batch order
     common: dict  # train_local's keyword arguments but the optimizer
     optimizer_state: dict[str, np.ndarray] | None  # its kept optimizer state
+    terms: LocalTerms | None = None  # FedProx's proximal term, SCAFFOLD's correction
 
 
 class ClientRuntime:
@@ -76,6 +79,7 @@ class ClientRuntime:
             server_round=int(msg.content[keys.CONFIG][keys.SERVER_ROUND]),
             seed=self.c.sim["seed"],
             state=context.state,
+            config=msg.content[keys.CONFIG],
         )
 
     # ------------------------------------------------------------------ training
@@ -88,7 +92,9 @@ class ClientRuntime:
         seed_torch(job.generator.initial_seed() + 1)  # dropout and other global-RNG draws
         privacy_metrics = {}
         if self.dp is None:
-            result = train_local(self.model, self.c.task, job.data, optimizer, **job.common)
+            result = train_local(
+                self.model, self.c.task, job.data, optimizer, **job.common, terms=job.terms
+            )
         else:
             result, privacy_metrics = self._train_dp(job, optimizer)
         opt_state = (
@@ -130,7 +136,29 @@ class ClientRuntime:
             generator=generator,
             common=common,
             optimizer_state=numpy_dict(state[keys.STATE_OPTIMIZER]) if kept else None,
+            terms=self.local_terms(call),
         )
+
+    def local_terms(self, call: ClientCall) -> LocalTerms | None:
+        """What the client's local steps add to plain training (None: nothing), from the
+        values its trained parameters start from (what it received): FedProx's proximal term
+        on every trained parameter but those a strategy keeps personal (``sim.prox_mu``), and
+        the chain's step offset (SCAFFOLD's ``c - c_i``)."""
+        mu = float(self.c.sim.get("prox_mu", 0.0))
+        offset = self.uplink.step_offset(call)
+        if not mu and offset is None:
+            return None
+        names, offset = self.spec.trained, offset or {}
+        personal = set(self.c.strategy.personal_names(self.spec))
+        anchors = [
+            p.detach().clone() if mu and n not in personal else None
+            for n, p in zip(names, self.trained)
+        ]
+        offsets = [
+            torch.as_tensor(offset[n]).to(p.device, p.dtype) if n in offset else None
+            for n, p in zip(names, self.trained)
+        ]
+        return LocalTerms(list(names), mu, anchors, offsets)
 
     def finish_train(
         self,
@@ -148,7 +176,15 @@ class ClientRuntime:
         if optimizer_state is not None:
             state[keys.STATE_OPTIMIZER] = array_record(optimizer_state)
         out = Outgoing(arrays=c.strategy.client_send(self.model, self.spec, call))
-        sending = Sending(call, job.msg.content[keys.CONFIG], job.reference)
+        common = job.common
+        lr_sum = step_sizes(
+            common["lr"],
+            common["schedule"],
+            common["start_step"],
+            result.steps,
+            common["total_steps"],
+        )
+        sending = Sending(call, job.msg.content[keys.CONFIG], job.reference, lr_sum)
         self.uplink.send(sending, out)
         records = {keys.ARRAYS: array_record(out.arrays)}
         records.update({name: array_record(arrays) for name, arrays in out.records.items()})
@@ -193,6 +229,7 @@ class ClientRuntime:
             sigma=dp.sigma,
             noise_generator=dp.noise,
             **job.common,
+            terms=job.terms,
         )
         return result, self.dp.finish(dp, job.call.state)
 

@@ -51,6 +51,8 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
             else {}
         ),
         **robustness(run),
+        **({"prox_mu": sim["prox_mu"]} if sim.get("prox_mu") else {}),
+        **({"control": run.c.control.name} if run.c.control.active else {}),
         "num_clients": sim["num_clients"],
         "clients_per_round": sim["clients_per_round"],
         **_final_metrics(last, run.evaluation.val_set is not None),
