@@ -43,6 +43,15 @@ def _check_robust(components) -> None:
             "privacy=central replaces the aggregation with a noised sum of clipped updates, so "
             "the robust rule would never run: use robust=none with central DP",
         )
+    if components.control.active:
+        raise ConfigError(
+            key,
+            value,
+            f"control={components.control.name}'s server variate c is the plain mean of the "
+            "clients' control-variate changes, which the rule does not screen, and c corrects "
+            "every client's local steps, so a Byzantine client would still steer them: use "
+            "control=none with a robust rule",
+        )
     feedback = components.feedback
     if components.compresses and feedback.replaces_aggregation:
         keeps = registry.options_where(
@@ -113,6 +122,15 @@ def _check_byzantine(components) -> None:
             why = f"compressor={components.compressor.name} encodes them on the client"
         elif components.privacy.central:
             why = "privacy=central clips them on the client"
+        if why is None and components.control.active:
+            raise ConfigError(
+                "faults.attack",
+                "alie",
+                "the server replaces the attackers' model arrays with mu - z sigma of the benign "
+                f"ones, but not the control-variate changes control={components.control.name} "
+                "clients send, which would stay honest: use sign_flip, scaled, gaussian or "
+                "label_flip (whose changes follow the attacked update), or control=none",
+            )
         if why is not None:
             raise ConfigError(
                 "faults.attack",

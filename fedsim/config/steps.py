@@ -13,7 +13,18 @@ def check_server_opt(components) -> None:
     """A server optimiser steps the global arrays by their aggregated change: a strategy must
     have global arrays that hold its whole server step."""
     opt, strategy = components.server_opt, components.strategy
-    if not opt.active or takes_server_opt(strategy):
+    if not opt.active:
+        return
+    control = components.control
+    if control.active and control.lr_server != 1.0:
+        raise ConfigError(
+            "control.lr_server",
+            control.lr_server,
+            f"with server_opt={opt.name} the server optimiser takes the server's step (its "
+            "server_opt.lr) on the mean change SCAFFOLD's clients send; a second server rate "
+            "eta_g would scale that change first: use control.lr_server=1, or server_opt=none",
+        )
+    if takes_server_opt(strategy):
         return
     why = (
         "folds each round's change into the clients' frozen base weights, outside the global arrays"

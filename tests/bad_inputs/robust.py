@@ -45,4 +45,19 @@ CASES = [
         ),
         "needs the plain arrays",
     ),
+    Case(
+        "robust-scaffold",
+        small("robust=median", "control=scaffold"),
+        "plain mean of the clients' control-variate changes",
+    ),
+    Case(
+        "byzantine-alie-scaffold",
+        small(
+            "faults=byzantine",
+            "faults.byzantine_fraction=0.5",
+            "faults.attack=alie",
+            "control=scaffold",
+        ),
+        "but not the control-variate changes",
+    ),
 ]

@@ -33,4 +33,9 @@ CASES = [
         "has server_opt=None",
         folder="stopped",
     ),
+    Case(
+        "server-opt-scaffold-second-rate",
+        small("server_opt=adam", "control=scaffold", "control.lr_server=0.5"),
+        "control.lr_server=0.5: with server_opt=adam the server optimiser takes the server's step",
+    ),
 ]
