@@ -236,7 +236,8 @@ def _unknown_key(text: str, overrides: Sequence[str], config_name: str) -> str:
         return _one_line(text)
     where = f" in {parent}" if parent else ""
     shown = value if value else "''"
-    line = f"{key}={shown}: unknown key{where}; allowed: {', '.join(map(str, allowed))}"
+    keys = f"allowed: {', '.join(map(str, allowed))}" if allowed else "it takes no keys"
+    line = f"{key}={shown}: unknown key{where}; {keys}"
     return line + _elsewhere(parent, key.rsplit(".", 1)[-1])
 
 

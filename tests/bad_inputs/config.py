@@ -77,6 +77,12 @@ CASES = [
         "noise_multiplier, target_epsilon (a key of privacy=central)",
     ),
     Case(
+        "config-key-of-other-options-only",
+        small("robust.f=2"),
+        "robust.f=2: unknown key in robust; it takes no keys (a key of robust=bulyan, "
+        "robust=krum, robust=multikrum)",
+    ),
+    Case(
         "config-dp-accountant-unknown",
         small("privacy=central", "privacy.accountant=moments"),
         "privacy.accountant=moments: must be rdp or prv",
