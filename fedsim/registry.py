@@ -30,9 +30,6 @@ class Group:
     required: bool = True
     #: the ``_target_`` built when a configuration lacks the group
     default: str | None = None
-    #: the option a configuration saved before the group existed ran with: holding it
-    #: unchanged compares equal to lacking the group (resume, checkpoints)
-    absent: str | None = None
 
 
 #: the groups, in the order a run builds them
@@ -56,14 +53,12 @@ GROUPS: tuple[Group, ...] = (
         "fedsim.server_opt:ServerOpt",
         required=False,
         default="fedsim.server_opt.NoServerOpt",
-        absent="none",
     ),
     Group(
         "robust",
         "fedsim.robust:Robust",
         required=False,
         default="fedsim.robust.Robust",
-        absent="none",
     ),
 )
 #: folders of ``conf/`` that hold presets, not options of a group

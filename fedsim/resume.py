@@ -29,20 +29,16 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a configuration a resumed run must share with the run it continues: what
     changes the computation. Keys newer than some saved configurations are left out at the
     value that changes nothing, so runs saved before they existed resume: a ``sim`` key of
-    ``SIM_OPTIONAL`` at its value, and a group newer than the run left at the option older
-    runs had (its registry ``absent`` option, or its registry default ``{"_target_":
-    default}``)."""
-    from fedsim.registry import GROUPS, option_node
+    ``SIM_OPTIONAL`` at its value, and a group at its registry default (``{"_target_":
+    default}``, the ``none`` option of ``server_opt``, ``robust``, ``control``, ``logger``)."""
+    from fedsim.registry import GROUPS
 
     out = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
     sim = out.get("sim")
     if isinstance(sim, dict):
         out["sim"] = {k: v for k, v in sim.items() if SIM_OPTIONAL.get(k, ()) != v}
     for g in GROUPS:
-        if g.name not in out:
-            continue
-        plain = g.default is not None and out[g.name] == {"_target_": g.default}
-        if plain or (g.absent is not None and out[g.name] == option_node(g.name, g.absent)):
+        if g.default is not None and out.get(g.name) == {"_target_": g.default}:
             del out[g.name]
     return out
 
