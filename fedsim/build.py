@@ -267,6 +267,10 @@ def build_components(cfg: dict[str, Any]) -> Components:
     data = shared_data(cfg, built["task"], built["partition"])
     if built["robust"].active:  # it replaces the mean of an averaging strategy
         built["strategy"].robust = built["robust"]
+    ranks_for = getattr(built["adapter"], "ranks_for", None)
+    if ranks_for is not None:  # adapter.client_ranks, resolved to one rank per client
+        sim = cfg["sim"]
+        built["strategy"].client_ranks = ranks_for(sim["num_clients"], sim["seed"])
     return Components(
         cfg,
         data=data,

@@ -40,6 +40,24 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     for g in GROUPS:
         if g.default is not None and out.get(g.name) == {"_target_": g.default}:
             del out[g.name]
+    adapter = out.get("adapter")
+    if isinstance(adapter, dict) and isinstance(adapter.get("client_ranks"), dict):
+        tiers = adapter["client_ranks"]  # rank tiers: a checkpoint's JSON keys are strings
+        out["adapter"] = {**adapter, "client_ranks": {str(k): v for k, v in tiers.items()}}
+    return out
+
+
+def upgrade(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A configuration saved by an older fedsim in today's form: FLoRA's
+    ``strategy.client_ranks`` is ``adapter.client_ranks`` since heterogeneous ranks became the
+    adapter's (the same ranks, the same run)."""
+    strategy = cfg.get("strategy")
+    if not (isinstance(strategy, dict) and "client_ranks" in strategy):
+        return cfg
+    out = {**cfg, "strategy": {k: v for k, v in strategy.items() if k != "client_ranks"}}
+    adapter = out.get("adapter")
+    if strategy["client_ranks"] is not None and isinstance(adapter, dict):
+        out["adapter"] = {**adapter, "client_ranks": strategy["client_ranks"]}
     return out
 
 
@@ -47,7 +65,8 @@ def with_later_keys(saved: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any
     """``saved`` with the keys a group's YAML gained since the run was saved filled in from
     the group's class defaults (the run ran with them: ``privacy.accountant`` is ``rdp`` for a
     run saved before the key existed). Only for a group whose ``_target_`` is unchanged, and
-    only keys the class has a default for."""
+    only keys the class has a default for (and keys that moved, :func:`upgrade`)."""
+    saved = upgrade(saved)
     out = dict(saved)
     for group, node in cfg.items():
         old = saved.get(group)
@@ -112,7 +131,7 @@ def read_config(folder: Path) -> dict[str, Any] | None:
         raise _damaged(folder, CONFIG_FILE, f"is not YAML ({shown})") from None
     if not isinstance(cfg, dict):
         raise _damaged(folder, CONFIG_FILE, f"holds a {type(cfg).__name__}, not a mapping")
-    return cfg
+    return upgrade(cfg)
 
 
 def _text(folder: Path, path: Path) -> str:

@@ -8,7 +8,7 @@ order runs it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,10 +146,16 @@ class LocalTerms:
     mu: float
     anchors: list[torch.Tensor | None]
     offsets: list[torch.Tensor | None]
+    #: a strategy's regulariser (HetLoRA's rank self-pruning): adds its gradient to the
+    #: tensors' ``grad`` given the names and the tensors; None: none
+    penalty: Callable[[list[str], Sequence[torch.Tensor]], None] | None = None
 
     @torch.no_grad()
     def add_prox(self, params: Sequence[torch.Tensor]) -> None:
-        """``p.grad += mu (p - anchor)`` (a tensor the loss did not reach gets the term alone)."""
+        """``p.grad += mu (p - anchor)`` (a tensor the loss did not reach gets the term alone),
+        and the strategy's regulariser's gradient (:attr:`penalty`)."""
+        if self.penalty is not None:
+            self.penalty(self.names, params)
         if not self.mu:
             return
         for p, anchor in zip(params, self.anchors):
@@ -179,6 +185,8 @@ class LocalTerms:
         """Several clients' terms as one over their stacked tensors (the batched trainer);
         every client of a group has the same structure (one configuration)."""
         first = terms[0]
+        if first.penalty is not None:
+            raise ValueError("a strategy's regulariser acts on one client's tensors")
 
         def stacked(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
             if parts[0] is None:

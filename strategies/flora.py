@@ -8,25 +8,22 @@ client: exact, whatever the ranks. Downlink: the task head and the merges the cl
 as stacked factors (``(sum_j r_j)(m+n)`` each) or dense ``m n``, whichever is smaller (see
 :mod:`fedsim.strategy.folding`).
 
-``client_ranks``: each client's rank (at most ``adapter.r``, which sizes the model's adapter;
-a client of lower rank uses its first ``r_i`` rows of ``A`` and columns of ``B`` and keeps the
-rest at zero); the list is repeated over the clients (client ``i`` gets
-``client_ranks[i % len]``); ``null`` gives every client ``adapter.r``.
+Per-client ranks come from ``adapter.client_ranks`` (:mod:`fedsim.adapters.ranks`; at most
+``adapter.r``, which sizes the model's adapter): a client of lower rank uses its first ``r_i``
+rows of ``A`` and columns of ``B`` and keeps the rest at zero. Without them every client trains
+``adapter.r``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedsim.adapters.base import Adapter, AdapterSpec
-from fedsim.errors import ConfigError
+from fedsim.adapters.base import AdapterSpec
 from fedsim.strategy import ClientCall, ClientUpdate, FoldingStrategy, check_arrays, weighted_mean
 
 A, B = "lora_A.weight", "lora_B.weight"
@@ -37,42 +34,7 @@ class FLoRA(FoldingStrategy):
 
     adapters = ("lora",)
     persistent_parameters = False
-
-    def __init__(self, weighted: bool = True, client_ranks: Sequence[int] | None = None) -> None:
-        super().__init__(weighted)
-        if client_ranks is not None:
-            ok = isinstance(client_ranks, Sequence) and not isinstance(client_ranks, str)
-            ok = ok and len(client_ranks) > 0
-            ok = ok and all(isinstance(r, int) and not isinstance(r, bool) for r in client_ranks)
-            if not ok or min(client_ranks) < 1:
-                raise ConfigError(
-                    "strategy.client_ranks", client_ranks, "must be null or a list of ranks >= 1"
-                )
-            client_ranks = [int(r) for r in client_ranks]
-        self.client_ranks = client_ranks
-        self.max_rank: int | None = None
-
-    def check_setup(self, adapter: Adapter, sim: Mapping[str, Any]) -> None:
-        super().check_setup(adapter, sim)
-        ranks = self.client_ranks or []
-        too_big = [r for r in ranks if r > adapter.r]
-        if too_big:
-            raise ConfigError(
-                "strategy.client_ranks",
-                self.client_ranks,
-                f"ranks must be at most adapter.r={adapter.r} (the model's adapter size)",
-            )
-        if len(ranks) > sim["num_clients"]:
-            raise ConfigError(
-                "strategy.client_ranks",
-                self.client_ranks,
-                f"has more entries than sim.num_clients={sim['num_clients']}",
-            )
-
-    def rank(self, client: int, spec: AdapterSpec) -> int:
-        if self.client_ranks is None:
-            return spec.adapter.r
-        return self.client_ranks[client % len(self.client_ranks)]
+    heterogeneous_ranks = True
 
     # ------------------------------------------------------------------ server half
     def global_names(self, spec: AdapterSpec) -> list[str]:

@@ -308,8 +308,9 @@ def check_rank(
     shapes: Mapping[str, tuple[int, int]],
     bound: str,
     why: str,
+    key: str = "adapter.r",
 ) -> None:
-    """A ConfigError naming ``adapter.r`` if ``r`` exceeds the bound of the smallest layer.
+    """A ConfigError naming ``key`` if ``r`` exceeds the bound of the smallest layer.
 
     ``bound`` is ``"min(m, n)"`` (the rank a product ``B A`` of an ``m x r`` and an ``r x n``
     matrix can reach) or ``"n"`` (a layer's input width); ``why`` says what a larger rank
@@ -324,7 +325,7 @@ def check_rank(
         return
     m, n = shapes[name]
     raise ConfigError(
-        "adapter.r",
+        key,
         r,
         f"must be at most {bound} = {limit(shapes[name])} of the smallest adapted layer, "
         f"{name} ({m} x {n}, m x n): {why}",

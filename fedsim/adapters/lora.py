@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.adapters import ranks as client_ranks_
 from fedsim.adapters.base import AdaptedLinear, Adapter, check_rank
 from fedsim.dropout import AdapterDropout
 from fedsim.validate import integer, number
@@ -63,6 +64,10 @@ class LoRA(Adapter):
         Dropout on the adapter's input, in [0, 1).
     target_modules : list of str, or str, optional
         Linear layers to adapt (suffix names, or a full-name regex); default: the task's.
+    client_ranks : list of int, or dict of int to float, optional
+        Each client's own rank (heterogeneous ranks, :mod:`fedsim.adapters.ranks`): a list
+        (client ``i`` gets ``client_ranks[i % len]``) or tiers with fractions; every rank at
+        most ``r``, which sizes the model's adapter. None: every client trains ``r``.
     """
 
     name = "lora"
@@ -74,18 +79,33 @@ class LoRA(Adapter):
         alpha: float = 16.0,
         dropout: float = 0.0,
         target_modules: Sequence[str] | str | None = None,
+        client_ranks: Sequence[int] | Mapping[int, float] | None = None,
     ) -> None:
         super().__init__(target_modules)
         self.r = integer("adapter.r", r, low=1)
         self.alpha = number("adapter.alpha", alpha, low=0, low_open=True)
         self.dropout = number("adapter.dropout", dropout, 0, 1, high_open=True)
+        self.client_ranks = client_ranks_.parse(client_ranks, self.r)
+
+    def ranks_for(self, num_clients: int, seed: int) -> list[int] | None:
+        """Each client's rank (None: every client trains ``r``)."""
+        if self.client_ranks is None:
+            return None
+        return client_ranks_.assign(self.client_ranks, num_clients, seed)
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         return LoRALinear(base, self.r, self.alpha, self.dropout, generator)
 
     def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
         """``r <= min(m, n)`` of every adapted layer: ``B A`` has rank at most ``min(m, n)``,
-        so a larger rank reaches no new update and only costs ``r (m + n)`` values a layer."""
+        so a larger rank reaches no new update and only costs ``r (m + n)`` values a layer.
+        A client's own rank (``client_ranks``) is bounded the same way, and named first."""
+        why = (
+            "B A (m x r times r x n) has rank at most min(m, n), so a larger r adds nothing "
+            "but r (m + n) values per layer"
+        )
+        if self.client_ranks is not None:
+            check_rank(max(self.client_ranks), shapes, "min(m, n)", why, "adapter.client_ranks")
         check_rank(
             self.r,
             shapes,
@@ -117,6 +137,15 @@ class FFALoRA(LoRA):
     name = "ffa"
     trained_suffixes = ("lora_B.weight",)
     frozen_suffixes = ("lora_A.weight",)
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] | str | None = None,
+    ) -> None:  # one frozen A shared by every client: no per-client ranks
+        super().__init__(r, alpha, dropout, target_modules)
 
     def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
         """``r <= n`` of every adapted layer: with ``A`` (r x n) frozen, the reachable updates

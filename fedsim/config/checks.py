@@ -130,6 +130,7 @@ def check(cfg: dict[str, Any]) -> None:
         return
     validate(cfg)
     components = build_components(cfg)
+    _check_ranks(components)
     components.strategy.check_setup(components.adapter, cfg["sim"])
     _, spec = components.model()
     components.data.check(cfg["sim"]["num_clients"])
@@ -172,6 +173,18 @@ def _check_validation(components) -> None:
     validation_split(n, fraction)
 
 
+def _check_ranks(components) -> None:
+    """Per-client ranks need a strategy that can aggregate them."""
+    ranks, strategy = getattr(components.adapter, "client_ranks", None), components.strategy
+    if ranks is not None and not strategy.heterogeneous_ranks:
+        raise ConfigError(
+            "adapter.client_ranks",
+            ranks,
+            f"strategy {strategy.name} gives every client adapter.r; ranks that differ per "
+            f"client need strategy={_strategies(lambda s: s.heterogeneous_ranks)}",
+        )
+
+
 def _check_codec(components) -> None:
     """Compressor, feedback method and strategy must make sense together."""
     compressor, feedback, strategy = components.compressor, components.feedback, components.strategy
@@ -199,6 +212,14 @@ def _check_codec(components) -> None:
             feedback.lr_server,
             "applies to compressed updates only; without a compressor it must be 1",
         )
+    for group, on in (("compressor", active), ("downlink", downlink.active)):
+        if on and not strategy.compressible:
+            raise ConfigError(
+                group,
+                getattr(components, group).name,
+                f"strategy {name}'s clients send and receive factors at a rank of their own "
+                f"(use {group}=none)",
+            )
     if active and not strategy.communicates:
         raise ConfigError(
             "compressor", compressor.name, f"strategy {name} sends no updates to compress"

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedsim.errors import ConfigCompositionError, ConfigError
 
 CONFIG_MODULE = "fedsim.conf"
+#: keys that moved: given at their old place, one line names the new one
+MOVED = {"strategy.client_ranks": "adapter.client_ranks"}
 CONFIG_NAME = "config"
 
 
@@ -225,6 +227,8 @@ def _unknown_key(text: str, overrides: Sequence[str], config_name: str) -> str:
             value = o.split("=", 1)[1] if "=" in o else ""
         else:
             rest.append(o)
+    if key in MOVED:
+        return f"{key}={value or chr(39) * 2}: moved to {MOVED[key]} ({MOVED[key]}={value})"
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     try:
         base = hydra_compose(config_name, overrides=rest)

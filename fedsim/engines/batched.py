@@ -80,13 +80,21 @@ class BatchedEngine(InlineEngine):
                 f"task {c.task.name} cannot train clients together in one vmapped call "
                 "(its batchable is false): use engine=inline",
             )
-        ranks = getattr(c.strategy, "client_ranks", None)
-        if ranks is not None and len(set(ranks)) > 1:
+        ranks = getattr(c.adapter, "client_ranks", None)
+        if ranks is not None and len(set(c.strategy.client_ranks or ())) > 1:
             raise ConfigError(
-                "strategy.client_ranks",
+                "adapter.client_ranks",
                 ranks,
                 "clients of different ranks cannot train in one batched call: give every "
                 "client the same rank or use engine=inline",
+            )
+        if getattr(c.strategy, "prunes_ranks", False):
+            raise ConfigError(
+                "engine",
+                "batched",
+                f"strategy {c.strategy.name} prunes each client's rank as it trains (its "
+                "regulariser acts on one client's factors): use engine=inline or "
+                "strategy.prune_lambda=0",
             )
         device = c.device  # the check runs where the clients will train
         model, _ = c.model(device)

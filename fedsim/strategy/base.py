@@ -78,6 +78,11 @@ class AdapterStrategy:
     #: changes are folded into the clients' frozen base weights (FedEx, FLoRA), so clients'
     #: base weights differ (the batched engine stacks them)
     folds_into_base = False
+    #: clients may train ranks of their own (``adapter.client_ranks``: FLoRA, HetLoRA, FlexLoRA)
+    heterogeneous_ranks = False
+    #: what a client sends has the shapes of :meth:`reference` (a compressor's payload and
+    #: EF21-P's catch-up rely on it; HetLoRA's clients prune their rank as they train)
+    compressible = True
 
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = boolean("strategy.weighted", weighted)
@@ -93,6 +98,9 @@ class AdapterStrategy:
         #: the run's robust rule (``fedsim.robust``, config group ``robust``) that replaces
         #: :meth:`average`'s mean; None: the mean
         self.robust = None
+        #: each client's rank by partition id, from ``adapter.client_ranks`` (set by the build
+        #: in every process: :func:`fedsim.build.build_components`); None: ``adapter.r``
+        self.client_ranks: list[int] | None = None
         self._averaged = False  # average() was called in this aggregation
 
     @property
@@ -157,6 +165,12 @@ class AdapterStrategy:
         not change ``call.state`` (a personalised strategy may read it).
         """
         spec.load(model, arrays)
+
+    def local_penalty(self, spec: AdapterSpec, call: ClientCall):
+        """A regulariser of the client's local steps (HetLoRA's rank self-pruning): a callable
+        ``penalty(names, tensors)`` that adds its gradient to each trained tensor's ``grad``
+        (after DP-SGD's clipping and noise: it does not depend on the data); None (default)."""
+        return None
 
     def client_data(self, data: FederatedData, client: int) -> Batch:
         """The examples a client trains on (default: its own training split)."""
@@ -250,6 +264,23 @@ class AdapterStrategy:
                 f"robust={self.robust.name} would be ignored (docs/strategies.md)"
             )
         return new
+
+    def rank(self, client: int, spec: AdapterSpec) -> int:
+        """The rank ``client`` trains (``adapter.client_ranks``, else ``adapter.r``)."""
+        return spec.adapter.r if self.client_ranks is None else self.client_ranks[client]
+
+    def diagnostic_ideal(
+        self,
+        spec: AdapterSpec,
+        frozen: Mapping[str, np.ndarray],
+        current: Mapping[str, np.ndarray],
+        updates: list[ClientUpdate],
+    ) -> dict[str, np.ndarray] | None:
+        """The ideal change ``dW*`` of each layer and head (float64) the exactness diagnostic
+        compares the server's change with, for a strategy whose clients start from something
+        else than the global arrays (a truncation to their rank); None (default): the
+        :meth:`weights`-weighted mean of the clients' changes from ``current``."""
+        return None
 
     def min_updates(self) -> int:
         """The fewest good replies the aggregation can use (a robust rule may need more than

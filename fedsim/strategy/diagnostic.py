@@ -39,16 +39,20 @@ def aggregation_error(
     new: Mapping[str, np.ndarray],
     updates: list[ClientUpdate],
     folded: Mapping[str, np.ndarray],
+    ideal: Mapping[str, np.ndarray] | None = None,
 ) -> float | None:
     """The diagnostic (see the module docstring) for clients' trained arrays ``updates``
     weighted by ``weights``; ``folded``: the change folded into the base this round, by
-    module. None when there is nothing to compare."""
+    module; ``ideal``: ``dW*`` by layer and head where the strategy computes it itself
+    (clients that start from a truncation of the global adapter: HetLoRA, FlexLoRA). None
+    when there is nothing to compare."""
     old = effective(spec, frozen, current)
-    ideal = {k: np.zeros_like(v) for k, v in old.items()}
-    for w, update in zip(weights, updates):
-        mine = effective(spec, frozen, update.arrays)
-        for k in ideal:
-            ideal[k] += float(w) * (mine.get(k, old[k]) - old[k])
+    if ideal is None:
+        ideal = {k: np.zeros_like(v) for k, v in old.items()}
+        for w, update in zip(weights, updates):
+            mine = effective(spec, frozen, update.arrays)
+            for k in ideal:
+                ideal[k] += float(w) * (mine.get(k, old[k]) - old[k])
     got = effective(spec, frozen, new)
     worst = None
     for k, want in ideal.items():

@@ -210,7 +210,10 @@ class Federation(Strategy):
             return None
         spec = self.ctx.spec
         weights = s.weights(truth)
-        return aggregation_error(spec, self.frozen, weights, s.current, new, truth, s.round_fold)
+        ideal = s.diagnostic_ideal(spec, self.frozen, s.current, truth)
+        return aggregation_error(
+            spec, self.frozen, weights, s.current, new, truth, s.round_fold, ideal
+        )
 
     def acknowledge(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """The clients that replied hold what they were sent (aggregated or not)."""

@@ -81,7 +81,7 @@ CASES: dict[str, dict[str, Any]] = {
     "ffa": {"overrides": ["strategy=ffa", "adapter=ffa", "partition=iid"]},
     "fedex_partial": {"overrides": ["strategy=fedex", *PARTIAL]},
     "flora_ranks_partial": {
-        "overrides": ["strategy=flora", "strategy.client_ranks=[2,4,8]", *PARTIAL]
+        "overrides": ["strategy=flora", "adapter.client_ranks=[2,4,8]", *PARTIAL]
     },
     "fedsa": {"overrides": ["strategy=fedsa", "sim.validation_fraction=0.25"]},
     "local_lora_sb": {"overrides": ["strategy=local", "adapter=lora_sb"]},
@@ -345,7 +345,7 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "error_flora_too_big_rank": {
         "error": True,
-        "overrides": ["strategy=flora", "strategy.client_ranks=[16]", "adapter.r=8"],
+        "overrides": ["strategy=flora", "adapter.client_ranks=[16]", "adapter.r=8"],
     },
     "error_unknown_sim_key": {"error": True, "overrides": ["sim.rounds_per_day=3"]},
 }

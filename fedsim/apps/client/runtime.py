@@ -143,10 +143,11 @@ class ClientRuntime:
         """What the client's local steps add to plain training (None: nothing), from the
         values its trained parameters start from (what it received): FedProx's proximal term
         on every trained parameter but those a strategy keeps personal (``sim.prox_mu``), and
-        the chain's step offset (SCAFFOLD's ``c - c_i``)."""
+        the chain's step offset (SCAFFOLD's ``c - c_i``), the strategy's regulariser."""
         mu = float(self.c.sim.get("prox_mu", 0.0))
         offset = self.uplink.step_offset(call)
-        if not mu and offset is None:
+        penalty = self.c.strategy.local_penalty(self.spec, call)
+        if not mu and offset is None and penalty is None:
             return None
         names, offset = self.spec.trained, offset or {}
         personal = set(self.c.strategy.personal_names(self.spec))
@@ -158,7 +159,7 @@ class ClientRuntime:
             torch.as_tensor(offset[n]).to(p.device, p.dtype) if n in offset else None
             for n, p in zip(names, self.trained)
         ]
-        return LocalTerms(list(names), mu, anchors, offsets)
+        return LocalTerms(list(names), mu, anchors, offsets, penalty)
 
     def finish_train(
         self,
