@@ -218,6 +218,7 @@ class HetLoRA(AdapterStrategy):
         k, lam = keep_rank(r, self.prune_gamma), self.prune_lambda
         pairs = [(names[A], names[B]) for names in spec.factors.values()]
 
+        @torch.no_grad()
         def penalty(names, tensors) -> None:  # the gradient of lam ||A_t|| ||B_t||
             by = dict(zip(names, tensors))
             for a_name, b_name in pairs:
