@@ -266,7 +266,7 @@ def test_stacked_optimizers_equal_one_torch_optimizer_per_client(make):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["strategy=flora", "strategy.client_ranks=[2,4]"], "strategy.client_ranks=[2, 4]"),
+        (["strategy=flora", "adapter.client_ranks=[2,4]"], "adapter.client_ranks=[2, 4]"),
         (["engine.group_size=0"], "engine.group_size=0: must be an integer >= 1"),
     ],
 )

@@ -333,7 +333,9 @@ def test_fedex_folds_the_exact_residual_and_counts_catch_up():
 
 @pytest.mark.parametrize("ranks", [None, [2, 1, 2, 1, 1]])
 def test_flora_stacks_exactly_with_per_client_ranks(ranks):
-    fed = Federation(FLoRA(client_ranks=ranks), LoRA(r=R, alpha=ALPHA))
+    flora = FLoRA()
+    flora.client_ranks = ranks  # what the build sets from adapter.client_ranks
+    fed = Federation(flora, LoRA(r=R, alpha=ALPHA, client_ranks=ranks))
     spec, s = fed.spec, fed.strategy
     base = {m: np.zeros(shape) for m, shape in LAYERS.items()}
     stacked = []

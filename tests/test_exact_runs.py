@@ -118,7 +118,7 @@ def test_lora_sb_init_starts_from_the_approximated_first_step(run_tiny):
 
 
 def test_per_client_ranks_change_the_uplink(run_tiny):
-    _, rows, _ = run_tiny("strategy=flora", "strategy.client_ranks=[8,4]", *RUN)
+    _, rows, _ = run_tiny("strategy=flora", "adapter.client_ranks=[8,4]", *RUN)
     history = sampled()
     for row, clients in zip(rows[1:], history):
         ranks = [[8, 4][c % 2] for c in clients]

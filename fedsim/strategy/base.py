@@ -98,8 +98,7 @@ class AdapterStrategy:
         #: the run's robust rule (``fedsim.robust``, config group ``robust``) that replaces
         #: :meth:`average`'s mean; None: the mean
         self.robust = None
-        #: each client's rank by partition id, from ``adapter.client_ranks`` (set by the build
-        #: in every process: :func:`fedsim.build.build_components`); None: ``adapter.r``
+        #: each client's rank, from ``adapter.client_ranks`` (set by the build); None: adapter.r
         self.client_ranks: list[int] | None = None
         self._averaged = False  # average() was called in this aggregation
 
@@ -167,9 +166,8 @@ class AdapterStrategy:
         spec.load(model, arrays)
 
     def local_penalty(self, spec: AdapterSpec, call: ClientCall):
-        """A regulariser of the client's local steps (HetLoRA's rank self-pruning): a callable
-        ``penalty(names, tensors)`` that adds its gradient to each trained tensor's ``grad``
-        (after DP-SGD's clipping and noise: it does not depend on the data); None (default)."""
+        """A regulariser of the local steps (HetLoRA's): ``penalty(names, tensors)`` adds its
+        gradient to each trained tensor's ``grad``, after DP-SGD's noise; None (default)."""
         return None
 
     def client_data(self, data: FederatedData, client: int) -> Batch:
@@ -269,17 +267,10 @@ class AdapterStrategy:
         """The rank ``client`` trains (``adapter.client_ranks``, else ``adapter.r``)."""
         return spec.adapter.r if self.client_ranks is None else self.client_ranks[client]
 
-    def diagnostic_ideal(
-        self,
-        spec: AdapterSpec,
-        frozen: Mapping[str, np.ndarray],
-        current: Mapping[str, np.ndarray],
-        updates: list[ClientUpdate],
-    ) -> dict[str, np.ndarray] | None:
-        """The ideal change ``dW*`` of each layer and head (float64) the exactness diagnostic
-        compares the server's change with, for a strategy whose clients start from something
-        else than the global arrays (a truncation to their rank); None (default): the
-        :meth:`weights`-weighted mean of the clients' changes from ``current``."""
+    def diagnostic_ideal(self, spec, frozen, current, updates) -> dict[str, np.ndarray] | None:
+        """The ideal change ``dW*`` by layer and head (float64) for the exactness diagnostic,
+        where clients start from something else than ``current`` (HetLoRA, FlexLoRA); None
+        (default): the :meth:`weights`-weighted mean of their changes from ``current``."""
         return None
 
     def min_updates(self) -> int:
