@@ -21,6 +21,7 @@ from torch import nn
 from fedsim.config import RunSpec
 from fedsim.engines.inline import InlineEngine, InlineGrid
 from fedsim.errors import ConfigError
+from fedsim.strategy import AdapterStrategy
 from fedsim.training import to_device
 from fedsim.validate import integer
 
@@ -87,6 +88,15 @@ class BatchedEngine(InlineEngine):
                 ranks,
                 "clients of different ranks cannot train in one batched call: give every "
                 "client the same rank or use engine=inline",
+            )
+        varies = type(c.strategy).round_trained is not AdapterStrategy.round_trained
+        if c.sim["keep_optimizer_state"] and varies:
+            raise ConfigError(
+                "sim.keep_optimizer_state",
+                True,
+                f"the batched trainer keeps the state of the parameters a round trains; strategy "
+                f"{c.strategy.name} {c.strategy.changing_parameters}: use engine=inline or "
+                "sim.keep_optimizer_state=false",
             )
         device = c.device  # the check runs where the clients will train
         model, _ = c.model(device)

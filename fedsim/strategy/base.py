@@ -73,8 +73,11 @@ class AdapterStrategy:
     averages = False
     #: clients send updates (the references ``local`` and ``centralized`` do not)
     communicates = True
-    #: clients train the same parameters every round (FLoRA starts fresh ones)
+    #: clients train the same parameters every round (FLoRA starts fresh ones, RoLoRA
+    #: alternates its factors)
     persistent_parameters = True
+    #: how the refusals that need persistent parameters describe a strategy without them
+    changing_parameters = "trains fresh parameters every round"
     #: changes are folded into the clients' frozen base weights (FedEx, FLoRA), so clients'
     #: base weights differ (the batched engine stacks them)
     folds_into_base = False
@@ -128,6 +131,12 @@ class AdapterStrategy:
     def personal_names(self, spec: AdapterSpec) -> list[str]:
         """Trained parameters that never leave the client (default: none; FedSA's ``B``)."""
         return []
+
+    def round_trained(self, spec: AdapterSpec, server_round: int) -> list[str]:
+        """The parameters clients train in ``server_round`` (default: all the adapter trains;
+        RoLoRA: one factor). The others keep the values the client received: no gradient,
+        no optimizer step, no weight decay, no DP-SGD clipping or noise."""
+        return list(spec.trained)
 
     # ------------------------------------------------------------------ client half
     def client_receive(
