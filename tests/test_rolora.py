@@ -151,9 +151,7 @@ def test_the_frozen_factor_does_not_move(extra, tmp_path, monkeypatch):
         params = spec.parameters_of(model)
         held = numpy_dict(call.state[STATE_HELD])
         frozen = [n for n in spec.trained if n not in self.round_trained(spec, call.server_round)]
-        assert frozen and all(
-            np.array_equal(params[n].detach().numpy(), held[n]) for n in frozen
-        )
+        assert frozen and all(np.array_equal(params[n].detach().numpy(), held[n]) for n in frozen)
         sent = original(self, model, spec, call)
         assert not set(sent) & set(frozen)
         seen.append(call.server_round)

@@ -27,7 +27,10 @@ def check_server_opt(components) -> None:
     if takes_server_opt(strategy):
         return
     if strategy.folds_into_base:
-        why = "folds each round's change into the clients' frozen base weights, outside the global arrays"
+        why = (
+            "folds each round's change into the clients' frozen base weights, outside the "
+            "global arrays"
+        )
     elif not strategy.communicates:
         why = "aggregates no client updates (a reference)"
     else:  # the moments of an array would move it in the rounds it is not aggregated
@@ -46,9 +49,7 @@ def check_server_opt(components) -> None:
 def takes_server_opt(strategy) -> bool:
     """A strategy whose global arrays change only by its aggregate (a server optimiser may
     then step them by that change)."""
-    return (
-        strategy.communicates and not strategy.folds_into_base and strategy.persistent_parameters
-    )
+    return strategy.communicates and not strategy.folds_into_base and strategy.persistent_parameters
 
 
 def check_local_terms(components, spec) -> None:
