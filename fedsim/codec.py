@@ -226,8 +226,9 @@ class _Decoded:
         def apply(total: Arrays, divisor: float) -> Arrays:
             if codec.feedback.replaces_aggregation:
                 return codec.step(current, [total], info.num_clients)
-            return {
-                k: np.asarray(current[k], np.float64) - step * total[k] / divisor for k in current
+            return {  # an array no client sent (RoLoRA's frozen factor) stays
+                k: np.asarray(current[k], np.float64) - step * total.get(k, 0) / divisor
+                for k in current
             }
 
         return Linear(self._messages(info, updates), 1 / codec.lr, apply)

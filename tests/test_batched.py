@@ -568,6 +568,7 @@ def test_a_task_that_is_not_batchable_is_refused(tmp_path, capsys, monkeypatch):
     from fedsim.tasks.synthetic import SyntheticTask
 
     monkeypatch.setattr(SyntheticTask, "batchable", False)
+    monkeypatch.setattr("fedsim.config.checks._CHECKED", set())  # checked before: not cached
     with pytest.raises(SystemExit) as info:
         main([*tiny("engine=batched"), f"hydra.run.dir={tmp_path / 'r'}"])
     assert info.value.code == 2

@@ -78,7 +78,7 @@ BAD = [
     (["compressor=randk", "feedback=ef14"], "compressor=randk is not"),
     (["compressor=compeft", "feedback=econtrol"], "feedback=econtrol: error feedback needs"),
     (["strategy=fedex", "compressor=topk", "feedback=ef21"], "strategy FedEx does not average"),
-    (["strategy=flora", "compressor=topk", "feedback=ef14"], "trains fresh ones every round"),
+    (["strategy=flora", "compressor=topk", "feedback=ef14"], "trains fresh parameters every round"),
     (["strategy=local", "compressor=topk"], "strategy Local sends no updates to compress"),
     (["strategy=centralized", "downlink=topk"], "strategy Centralized sends no global arrays"),
     (["downlink=randk", "downlink.scaled=true"], "EF21-P needs a contractive compressor"),

@@ -69,12 +69,12 @@ def test_hints_list_the_options_whose_class_qualifies():
     averaging = [
         o for o in registry.options("strategy") if registry.option_class("strategy", o).averages
     ]
-    assert averaging == ["fedavg", "fedsa", "fedsb", "ffa"]
+    assert averaging == ["fedavg", "fedsa", "fedsb", "ffa", "rolora"]
     with pytest.raises(ConfigError, match="use fedavg, fedsa, fedsb or ffa"):
         check(compose(tiny("strategy=fedex", "feedback=ef21"))[0])
     with pytest.raises(ConfigError, match=r"use topk, or randk with scaled=false\)"):
         check(compose(tiny("compressor=qsgd", "feedback=ef14"))[0])
-    with pytest.raises(ConfigError, match="use fedavg, fedsb or ffa"):
+    with pytest.raises(ConfigError, match="use fedavg, fedsb, ffa or rolora"):
         check(compose(tiny("strategy=fedsa", "privacy=central"))[0])
 
 

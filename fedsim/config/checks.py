@@ -232,14 +232,15 @@ def _check_codec(components) -> None:
             "feedback",
             feedback.name,
             f"replaces the server's averaging with its own step; strategy {name} does not "
-            f"average the arrays clients send (use {_strategies(lambda s: s.averages)})",
+            f"average the arrays clients send "
+            f"(use {_strategies(lambda s: s.averages and s.persistent_parameters)})",
         )
     if feedback.states and not strategy.persistent_parameters:
         raise ConfigError(
             "feedback",
             feedback.name,
-            f"keeps memories of a fixed set of parameters; strategy {name} trains fresh ones "
-            "every round (use feedback=none)",
+            f"keeps memories of a fixed set of parameters; strategy {name} "
+            f"{strategy.changing_parameters} (use feedback=none)",
         )
 
 

@@ -26,11 +26,18 @@ def check_server_opt(components) -> None:
         )
     if takes_server_opt(strategy):
         return
-    why = (
-        "folds each round's change into the clients' frozen base weights, outside the global arrays"
-        if strategy.folds_into_base
-        else "aggregates no client updates (a reference)"
-    )
+    if strategy.folds_into_base:
+        why = (
+            "folds each round's change into the clients' frozen base weights, outside the "
+            "global arrays"
+        )
+    elif not strategy.communicates:
+        why = "aggregates no client updates (a reference)"
+    else:  # the moments of an array would move it in the rounds it is not aggregated
+        why = (
+            f"{strategy.changing_parameters}: the momentum of an array's earlier rounds would "
+            "move it in the rounds it is frozen"
+        )
     raise ConfigError(
         "server_opt",
         opt.name,
@@ -42,7 +49,7 @@ def check_server_opt(components) -> None:
 def takes_server_opt(strategy) -> bool:
     """A strategy whose global arrays change only by its aggregate (a server optimiser may
     then step them by that change)."""
-    return strategy.communicates and not strategy.folds_into_base
+    return strategy.communicates and not strategy.folds_into_base and strategy.persistent_parameters
 
 
 def check_local_terms(components, spec) -> None:
@@ -66,7 +73,7 @@ def check_local_terms(components, spec) -> None:
     elif not strategy.averages:
         why = f"strategy {name}'s server step is not a mean of the arrays clients send"
     elif not strategy.persistent_parameters:
-        why = f"strategy {name} trains fresh parameters every round"
+        why = f"strategy {name} {strategy.changing_parameters}"
     else:
         why = None
     if why is not None:

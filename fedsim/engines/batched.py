@@ -21,6 +21,7 @@ from torch import nn
 from fedsim.config import RunSpec
 from fedsim.engines.inline import InlineEngine, InlineGrid
 from fedsim.errors import ConfigError
+from fedsim.strategy import AdapterStrategy
 from fedsim.training import to_device
 from fedsim.validate import integer
 
@@ -69,17 +70,10 @@ class BatchedEngine(InlineEngine):
         super().__init__(num_threads)
         self.group_size = integer("engine.group_size", group_size, low=1)
 
-    def check_components(self, components) -> None:
-        """Refuse, in one line, what the batched trainer cannot do yet; then check on a few
-        test examples that the task's loss computed for a group equals its plain loss."""
-        c = components
-        if not getattr(c.task, "batchable", False):
-            raise ConfigError(
-                "engine",
-                "batched",
-                f"task {c.task.name} cannot train clients together in one vmapped call "
-                "(its batchable is false): use engine=inline",
-            )
+    def _check_strategy(self, c) -> None:
+        """Refuse what the strategy asks of clients that one vmapped call cannot give: ranks
+        that differ per client or change as they train, trained sets that alternate with
+        kept optimizer state."""
         ranks = getattr(c.adapter, "client_ranks", None)
         if ranks is not None and len(set(c.strategy.client_ranks or ())) > 1:
             raise ConfigError(
@@ -96,6 +90,28 @@ class BatchedEngine(InlineEngine):
                 "regulariser acts on one client's factors): use engine=inline or "
                 "strategy.prune_lambda=0",
             )
+        varies = type(c.strategy).round_trained is not AdapterStrategy.round_trained
+        if c.sim["keep_optimizer_state"] and varies:
+            raise ConfigError(
+                "sim.keep_optimizer_state",
+                True,
+                f"the batched trainer keeps the state of the parameters a round trains; strategy "
+                f"{c.strategy.name} {c.strategy.changing_parameters}: use engine=inline or "
+                "sim.keep_optimizer_state=false",
+            )
+
+    def check_components(self, components) -> None:
+        """Refuse, in one line, what the batched trainer cannot do yet; then check on a few
+        test examples that the task's loss computed for a group equals its plain loss."""
+        c = components
+        if not getattr(c.task, "batchable", False):
+            raise ConfigError(
+                "engine",
+                "batched",
+                f"task {c.task.name} cannot train clients together in one vmapped call "
+                "(its batchable is false): use engine=inline",
+            )
+        self._check_strategy(c)
         device = c.device  # the check runs where the clients will train
         model, _ = c.model(device)
         batch_norm = nn.modules.batchnorm._NormBase

@@ -286,9 +286,12 @@ def _original_step(dp, terms: LocalTerms | None, lr: float) -> None:
     if terms is None:
         dp.original_optimizer.step()
         return
-    terms.add_prox(dp.params)
+    # every parameter of the optimizer, in the order of the terms (dp.params leaves out those
+    # that take no gradient this round: a factor RoLoRA freezes)
+    params = [p for group in dp.original_optimizer.param_groups for p in group["params"]]
+    terms.add_prox(params)
     dp.original_optimizer.step()
-    terms.correct(dp.params, lr)
+    terms.correct(params, lr)
 
 
 def _private_step(

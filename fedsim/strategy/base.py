@@ -53,15 +53,9 @@ class StrategyContext:
         self.client_of = {node: client for client, node in self.node_of.items()}
 
 
-class AdapterStrategy:
-    """Base class of fedsim strategies. Subclasses implement :meth:`aggregate`.
-
-    Parameters
-    ----------
-    weighted : bool
-        Weight clients by their number of training examples (``p_i = n_i / sum n_j``) when
-        averaging; otherwise every sampled client counts ``1/k``.
-    """
+class StrategyTraits:
+    """What a strategy declares about itself (class attributes the config checks, the
+    engines and the uplink chain read); :class:`AdapterStrategy` inherits them."""
 
     #: names of the adapters (``conf/adapter``) the strategy works with; ``None``: any
     adapters: tuple[str, ...] | None = None
@@ -73,8 +67,11 @@ class AdapterStrategy:
     averages = False
     #: clients send updates (the references ``local`` and ``centralized`` do not)
     communicates = True
-    #: clients train the same parameters every round (FLoRA starts fresh ones)
+    #: clients train the same parameters every round (FLoRA starts fresh ones, RoLoRA
+    #: alternates its factors)
     persistent_parameters = True
+    #: how the refusals that need persistent parameters describe a strategy without them
+    changing_parameters = "trains fresh parameters every round"
     #: changes are folded into the clients' frozen base weights (FedEx, FLoRA), so clients'
     #: base weights differ (the batched engine stacks them)
     folds_into_base = False
@@ -83,6 +80,17 @@ class AdapterStrategy:
     #: what a client sends has the shapes of :meth:`reference` (a compressor's payload and
     #: EF21-P's catch-up rely on it; HetLoRA's clients prune their rank as they train)
     compressible = True
+
+
+class AdapterStrategy(StrategyTraits):
+    """Base class of fedsim strategies. Subclasses implement :meth:`aggregate`.
+
+    Parameters
+    ----------
+    weighted : bool
+        Weight clients by their number of training examples (``p_i = n_i / sum n_j``) when
+        averaging; otherwise every sampled client counts ``1/k``.
+    """
 
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = boolean("strategy.weighted", weighted)
@@ -135,6 +143,12 @@ class AdapterStrategy:
     def personal_names(self, spec: AdapterSpec) -> list[str]:
         """Trained parameters that never leave the client (default: none; FedSA's ``B``)."""
         return []
+
+    def round_trained(self, spec: AdapterSpec, server_round: int) -> list[str]:
+        """The parameters clients train in ``server_round`` (default: all the adapter trains;
+        RoLoRA: one factor). The others keep the values the client received: no gradient,
+        no optimizer step, no weight decay, no DP-SGD clipping or noise."""
+        return list(spec.trained)
 
     # ------------------------------------------------------------------ client half
     def client_receive(

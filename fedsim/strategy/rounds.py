@@ -51,8 +51,11 @@ class _StrategyReduction:
             for u in updates
         ]
 
-        def apply(total, divisor):
-            return {k: np.asarray(current[k], np.float64) + total[k] / divisor for k in current}
+        def apply(total, divisor):  # an array no client sent (RoLoRA's frozen factor) stays
+            return {
+                k: np.asarray(current[k], np.float64) + (total[k] / divisor if k in total else 0)
+                for k in current
+            }
 
         return Linear(deltas, 1.0, apply)
 
@@ -203,6 +206,8 @@ class Federation(Strategy):
         (their uncompressed, un-clipped side channel when what they sent was encoded)."""
         s = self.strategy
         truth = [u if u.diagnostic is None else replace(u, arrays=u.diagnostic) for u in updates]
+        # a global array a client did not send (RoLoRA's frozen factor) is the one it held
+        truth = [replace(u, arrays={**s.held, **u.arrays}) for u in truth]
         truth = self.uplink.global_frame(self.info, truth)
         if self.uplink.decodes and any(u.diagnostic is None for u in updates):
             return None

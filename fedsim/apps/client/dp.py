@@ -31,6 +31,7 @@ class ClientPrivacy:
     def __init__(self, privacy: DPSGD, components, model, device) -> None:
         self.privacy, self.c, self.model, self.device = privacy, components, model, device
         self._gsm = None
+        self._gsm_trains: tuple[str, ...] = ()  # the parameters its hooks were put on
 
     def sigma(self, n: int) -> float:
         """A client's noise multiplier. For a target epsilon: the worst case, sampled in every
@@ -45,9 +46,19 @@ class ClientPrivacy:
     @property
     def gsm(self):
         """The model wrapped by Opacus for per-example gradients (once per process: its hooks
-        stay on the model; the batched engine computes per-example gradients itself)."""
+        stay on the model; the batched engine computes per-example gradients itself). Opacus
+        puts hooks on the modules whose parameters take gradients when it wraps: when a
+        strategy freezes other parameters this round (RoLoRA's factors), the model is wrapped
+        again for them, the old hooks removed."""
+        trains = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        if self._gsm is not None and trains != self._gsm_trains:
+            remove = getattr(self._gsm, "remove_hooks", None)
+            if remove is not None:
+                remove()
+            self._gsm = None
         if self._gsm is None:
             self._gsm = wrap(self.model, self.privacy)
+            self._gsm_trains = trains
         return self._gsm
 
     def start(self, state: RecordDict, num_examples: int, batch_size: int, seed: int) -> ClientDP:

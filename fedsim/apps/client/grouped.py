@@ -31,7 +31,6 @@ def _start(runtime, items, out) -> tuple[list, list[ClientJob]]:
     """Each client received into the shared model, its tensors copied out as a job."""
     spec = runtime.spec
     started, jobs = [], []
-    names, context = spec.trained, context_names(runtime)
     for k, (msg, ctx) in enumerate(items):
         try:  # an (injected) crash, DP settings it cannot meet, a bug: that client's error
             job = runtime.begin_train(msg, ctx)
@@ -39,6 +38,9 @@ def _start(runtime, items, out) -> tuple[list, list[ClientJob]]:
         except Exception as e:
             out[k] = e
             continue
+        # what trains this round is stacked; a factor the strategy freezes (RoLoRA) is context
+        names = runtime.c.strategy.round_trained(spec, job.call.server_round)
+        context = context_names(runtime) + [n for n in spec.trained if n not in names]
         params = spec.parameters_of(runtime.model)
         jobs.append(
             ClientJob(

@@ -110,6 +110,7 @@ class ClientRuntime:
         call = self._call(msg, context)
         arrays = self.uplink.receive(call, numpy_dict(msg.content[keys.ARRAYS]))
         c.strategy.client_receive(self.model, self.spec, arrays, call)
+        self.train_only(c.strategy.round_trained(self.spec, call.server_round))
         reference = None
         if self.uplink.needs_reference:  # what the update is relative to
             before = c.strategy.sent_arrays(self.model, self.spec, call)
@@ -139,24 +140,37 @@ class ClientRuntime:
             terms=self.local_terms(call),
         )
 
+    def train_only(self, names: list[str]) -> None:
+        """Of the adapter's trained parameters, only ``names`` take gradients this round (the
+        rest get none, so the optimizer leaves them and their state as they are, and DP-SGD
+        clips and noises ``names`` alone (:attr:`ClientPrivacy.gsm`)."""
+        keep = set(names)
+        for name, p in zip(self.spec.trained, self.trained):
+            p.requires_grad_(name in keep)
+
     def local_terms(self, call: ClientCall) -> LocalTerms | None:
         """What the client's local steps add to plain training (None: nothing), from the
         values its trained parameters start from (what it received): FedProx's proximal term
         on every trained parameter but those a strategy keeps personal (``sim.prox_mu``), and
-        the chain's step offset (SCAFFOLD's ``c - c_i``), the strategy's regulariser."""
+        the chain's step offset (SCAFFOLD's ``c - c_i``), the strategy's regulariser; no
+        proximal term or offset on a parameter the strategy freezes this round
+        (``round_trained``)."""
         mu = float(self.c.sim.get("prox_mu", 0.0))
         offset = self.uplink.step_offset(call)
         penalty = self.c.strategy.local_penalty(self.spec, call)
         if not mu and offset is None and penalty is None:
             return None
         names, offset = self.spec.trained, offset or {}
-        personal = set(self.c.strategy.personal_names(self.spec))
+        frozen = set(names) - set(self.c.strategy.round_trained(self.spec, call.server_round))
+        free = frozen | set(self.c.strategy.personal_names(self.spec))
         anchors = [
-            p.detach().clone() if mu and n not in personal else None
+            p.detach().clone() if mu and n not in free else None
             for n, p in zip(names, self.trained)
         ]
         offsets = [
-            torch.as_tensor(offset[n]).to(p.device, p.dtype) if n in offset else None
+            torch.as_tensor(offset[n]).to(p.device, p.dtype)
+            if n in offset and n not in frozen
+            else None
             for n, p in zip(names, self.trained)
         ]
         return LocalTerms(list(names), mu, anchors, offsets, penalty)
