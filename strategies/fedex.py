@@ -37,14 +37,14 @@ class FedEx(FoldingStrategy):
         # (the residual is folded against exactly these; heads stay exact until the final cast).
         sent = dict(mean)
         for names in spec.factors.values():
-            for name in names.values():
+            for name in (names["lora_A.weight"], names["lora_B.weight"]):
                 sent[name] = mean[name].astype(current[name].dtype).astype(np.float64)
         change, factors = {}, {}
         for module, names in spec.factors.items():
             a_name, b_name = names["lora_A.weight"], names["lora_B.weight"]
-            mine = [spec.deltas(u.arrays, [module])[module] for u in updates]
+            mine = [_product(spec, names, u.arrays) for u in updates]
             target = sum(float(w) * d for w, d in zip(p, mine))
-            change[module] = target - spec.deltas(sent, [module])[module]
+            change[module] = target - _product(spec, names, sent)
             bs = [u.arrays[b_name] for u in updates]
             as_ = [u.arrays[a_name] for u in updates]
             factors[module] = self._factors(bs, as_, p, mean[b_name])
@@ -67,6 +67,13 @@ class FedEx(FoldingStrategy):
         left = np.concatenate([b - b_mean for b in b64[:-1]], axis=1)
         right = np.concatenate([w * s * (a - a64[-1]) for w, a in zip(p[:-1], a64[:-1])], axis=0)
         return left.astype(dtype), right.astype(dtype)
+
+
+def _product(spec, names, arrays) -> np.ndarray:
+    """``s B A`` of one layer (float64), from its trained factors only: a frozen offset of the
+    base weight (LoRA-GA's ``-s B0 A0``) is the same on both sides of the residual."""
+    trained = {k: arrays[names[k]] for k in ("lora_A.weight", "lora_B.weight")}
+    return spec.adapter.layer_delta(trained)
 
 
 def _empty(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

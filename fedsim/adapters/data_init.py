@@ -62,6 +62,9 @@ class DataInit:
         "each client's statistics scaled to privacy.clip_norm, the sum noised; one more step "
         "at rate q, included in epsilon"
     )
+    #: ``summary.json``'s ``adapter_init`` also gives the set-up round's ``bytes_up``,
+    #: ``bytes_down`` and ``epsilon`` (round 0's line has them in any case)
+    summary_costs = False
 
     def __init__(
         self, source: str = "server", examples: int = 256, batch_size: int = 32, key: str = "init"

@@ -3,6 +3,8 @@
 ``y = W0 x + s B A x`` with ``s = alpha / r``; ``A`` (r x n) is initialised like a linear layer
 (Kaiming-uniform), ``B`` (m x r) to zero, so the adapted model equals the base at start. ``A`` and
 ``B`` are ``nn.Linear`` modules so that Opacus can compute per-sample gradients for them.
+``adapter.init.method`` picks a data-driven initialisation instead (:data:`INIT_METHODS`; each
+in its own module: LoRA-GA in :mod:`fedsim.adapters.lora_ga`), set up by :mod:`fedsim.init`.
 
 FFA-LoRA (Sun et al., 2024, https://arxiv.org/abs/2403.12313) freezes ``A`` at its random
 initialisation, drawn from the run's seed so that every client and the server hold the same
@@ -11,8 +13,11 @@ initialisation, drawn from the run's seed so that every client and the server ho
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +26,27 @@ from torch import nn
 from fedsim.adapters import ranks as client_ranks_
 from fedsim.adapters.base import AdaptedLinear, Adapter, check_rank
 from fedsim.dropout import AdapterDropout
+from fedsim.errors import ConfigError
 from fedsim.validate import integer, number
+
+#: ``adapter.init.method`` -> the ``module:class`` of its :class:`~fedsim.adapters.data_init.
+#: DataInit` (imported when needed); ``default``: Kaiming ``A``, ``B = 0``, no data
+INIT_METHODS = {"default": None, "lora_ga": "fedsim.adapters.lora_ga:LoRAGAInit"}
+#: the keys every method shares (the set-up's: :class:`~fedsim.adapters.data_init.DataInit`)
+SETUP_KEYS = ("source", "examples", "batch_size")
+#: ``adapter.init`` as ``conf/adapter/lora.yaml`` lists it (a run saved before LoRA had the
+#: key resumes: it ran with these values)
+DEFAULT_INIT = MappingProxyType(
+    {
+        "method": "default",
+        "source": "server",
+        "examples": 256,
+        "batch_size": 32,
+        "direction": "ArB2r",
+        "scale": "stable",
+        "stable_gamma": 16,
+    }
+)
 
 
 class LoRALinear(AdaptedLinear):
@@ -68,6 +93,11 @@ class LoRA(Adapter):
         Each client's own rank (heterogeneous ranks, :mod:`fedsim.adapters.ranks`): a list
         (client ``i`` gets ``client_ranks[i % len]``) or tiers with fractions; every rank at
         most ``r``, which sizes the model's adapter. None: every client trains ``r``.
+    init : dict
+        ``method``: ``default`` (Kaiming ``A``, ``B = 0``) or a data-driven method of
+        :data:`INIT_METHODS`; ``source``, ``examples``, ``batch_size``: where its statistics come
+        from (:class:`~fedsim.adapters.data_init.DataInit`); plus the method's own keys. A key
+        of another method is ignored.
     """
 
     name = "lora"
@@ -80,12 +110,24 @@ class LoRA(Adapter):
         dropout: float = 0.0,
         target_modules: Sequence[str] | str | None = None,
         client_ranks: Sequence[int] | Mapping[int, float] | None = None,
+        init: Mapping[str, Any] | None = DEFAULT_INIT,
     ) -> None:
         super().__init__(target_modules)
         self.r = integer("adapter.r", r, low=1)
         self.alpha = number("adapter.alpha", alpha, low=0, low_open=True)
         self.dropout = number("adapter.dropout", dropout, 0, 1, high_open=True)
         self.client_ranks = client_ranks_.parse(client_ranks, self.r)
+        self.data_init = lora_data_init(self, init)
+        if self.data_init is not None:  # its layer's frozen parameters (LoRA-GA's offset)
+            self.frozen_suffixes = getattr(self.data_init, "frozen_suffixes", ())
+        if self.client_ranks is not None and self.data_init is not None:
+            raise ConfigError(
+                "adapter.client_ranks",
+                client_ranks,
+                f"clients of their own ranks cannot share adapter.init.method="
+                f"{self.data_init.method}'s initialisation (made at rank r={self.r}); "
+                "use adapter.init.method=default",
+            )
 
     def ranks_for(self, num_clients: int, seed: int) -> list[int] | None:
         """Each client's rank (None: every client trains ``r``)."""
@@ -94,6 +136,9 @@ class LoRA(Adapter):
         return client_ranks_.assign(self.client_ranks, num_clients, seed)
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
+        make = getattr(self.data_init, "make_module", None)
+        if make is not None:
+            return make(base, generator)
         return LoRALinear(base, self.r, self.alpha, self.dropout, generator)
 
     def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
@@ -106,25 +151,55 @@ class LoRA(Adapter):
         )
         if self.client_ranks is not None:
             check_rank(max(self.client_ranks), shapes, "min(m, n)", why, "adapter.client_ranks")
-        check_rank(
-            self.r,
-            shapes,
-            "min(m, n)",
-            "B A (m x r times r x n) has rank at most min(m, n), so a larger r adds nothing "
-            "but r (m + n) values per layer",
-        )
+        check_rank(self.r, shapes, "min(m, n)", why)
+        check = getattr(self.data_init, "check_layers", None)
+        if check is not None:
+            check(shapes)
 
     def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``s B A`` with ``s = alpha / r``; ``r`` is read from ``A`` (ranks may differ)."""
-        a = np.asarray(factors["lora_A.weight"], dtype=np.float64)
-        b = np.asarray(factors["lora_B.weight"], dtype=np.float64)
-        return (self.alpha / a.shape[0]) * (b @ a)
+        """``s B A`` with ``s = alpha / r``; ``r`` is read from ``A`` (ranks may differ). With
+        the frozen factors of an initialisation that offsets ``W0`` among ``factors`` (LoRA-GA),
+        the offset too: the change from the pristine ``W0``."""
+        a, b, s = self.lora_factors(factors)
+        return s * (b @ a)
 
     def lora_factors(self, factors: Mapping[str, np.ndarray]):
-        """``(A, B, scaling)`` for a PEFT LoRA export: the factors themselves."""
+        """``(A, B, scaling)`` for a PEFT LoRA export: the factors themselves (with LoRA-GA's
+        offset among ``factors``: ``[A; A0]``, ``[B, -B0]``, rank ``2r``)."""
         a = np.asarray(factors["lora_A.weight"], dtype=np.float64)
         b = np.asarray(factors["lora_B.weight"], dtype=np.float64)
-        return a, b, self.alpha / a.shape[0]
+        s = self.alpha / a.shape[0]
+        offset = getattr(self.data_init, "with_offset", None)
+        if offset is not None and all(k in factors for k in self.frozen_suffixes):
+            a, b = offset(a, b, factors)
+        return a, b, s
+
+
+def lora_data_init(adapter: LoRA, init: Mapping[str, Any] | None):
+    """The :class:`~fedsim.adapters.data_init.DataInit` ``adapter.init`` asks for, or None
+    (``method: default``). Every method's keys are allowed (the YAML lists them all); a method
+    reads the set-up's keys and its own."""
+    init = dict(DEFAULT_INIT if init is None else init)
+    method = init.get("method", "default")
+    if method not in INIT_METHODS:
+        raise ConfigError("adapter.init.method", method, "must be " + " or ".join(INIT_METHODS))
+    classes = {}
+    for name, path in INIT_METHODS.items():
+        if path is not None:
+            module, cls = path.split(":")
+            classes[name] = getattr(importlib.import_module(module), cls)
+    allowed = {"method", *SETUP_KEYS}.union(*(c.keys for c in classes.values()))
+    for key in init:
+        if key not in allowed:
+            raise ConfigError(
+                f"adapter.init.{key}",
+                init[key],
+                f"unknown key; allowed: {', '.join(sorted(allowed))}",
+            )
+    if INIT_METHODS[method] is None:
+        return None
+    cls = classes[method]
+    return cls(adapter, **{k: v for k, v in init.items() if k in SETUP_KEYS or k in cls.keys})
 
 
 class FFALoRA(LoRA):
@@ -144,8 +219,9 @@ class FFALoRA(LoRA):
         alpha: float = 16.0,
         dropout: float = 0.0,
         target_modules: Sequence[str] | str | None = None,
-    ) -> None:  # one frozen A shared by every client: no per-client ranks
-        super().__init__(r, alpha, dropout, target_modules)
+    ) -> None:  # one frozen A from the seed, shared by every client: no per-client ranks,
+        # no adapter.init
+        super().__init__(r, alpha, dropout, target_modules, client_ranks=None, init=None)
 
     def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
         """``r <= n`` of every adapted layer: with ``A`` (r x n) frozen, the reachable updates

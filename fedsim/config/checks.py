@@ -137,6 +137,7 @@ def check(cfg: dict[str, Any]) -> None:
     from fedsim.init import check as check_adapter_init
 
     check_adapter_init(components.adapter, components.task)
+    _check_init_kept(components)
     _check_validation(components)
     _check_codec(components)
     _check_privacy(components)
@@ -160,6 +161,25 @@ def check(cfg: dict[str, Any]) -> None:
 
     resolve_device(cfg["sim"]["device"])
     _CHECKED.add(key)
+
+
+def _check_init_kept(components) -> None:
+    """A data-driven initialisation of the trained parameters needs a strategy that keeps
+    training them (FLoRA starts fresh adapters every round)."""
+    init, strategy = components.adapter.data_init, components.strategy
+    if init is None or strategy.persistent_parameters or not components.adapter.trained_suffixes:
+        return
+    raise ConfigError(
+        "adapter.init.method",
+        init.method,
+        f"strategy {strategy.name} trains fresh adapters every round, so the initialisation "
+        "would be thrown away after round 1 (and LoRA-GA's offset of W0 kept): use "
+        f"adapter.init.method=default, or strategy {_strategies(_keeps_parameters)}",
+    )
+
+
+def _keeps_parameters(cls) -> bool:
+    return cls.persistent_parameters and "lora" in (cls.adapters or ("lora",))
 
 
 def _check_validation(components) -> None:

@@ -37,6 +37,11 @@ CASES = [
         small("strategy=ffa", "adapter=ffa", "adapter.client_ranks=[2,4]"),
         "adapter.client_ranks=[2,4]: unknown key in adapter",
     ),
+    Case(
+        "ranks-with-data-init",
+        small("strategy=hetlora", "adapter.client_ranks=[2,4]", "adapter.init.method=lora_ga"),
+        "cannot share adapter.init.method=lora_ga's initialisation",
+    ),
     Case("ranks-hetlora-topk", small("strategy=hetlora", "compressor=topk"), "compressor=none"),
     Case(
         "ranks-flexlora-downlink",
