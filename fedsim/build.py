@@ -15,6 +15,7 @@ from torch import nn
 
 from fedsim import registry
 from fedsim.adapters.base import Adapter, AdapterSpec, check_protocol
+from fedsim.adapters.eva import LayerRanks
 from fedsim.byzantine import ByzantineClients
 from fedsim.codec import Codec, compresses
 from fedsim.compression import Compressor
@@ -155,6 +156,8 @@ class Components:
         """
         sim, privacy = self.sim, self.privacy
         stages: list[Stage] = []
+        if LayerRanks.needed(spec):  # EVA's per-layer ranks: first, every message
+            stages.append(LayerRanks(spec))
         if FrozenFactors.needed(spec):
             stages.append(FrozenFactors(spec))
         if self.downlink.active:

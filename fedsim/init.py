@@ -198,6 +198,12 @@ def set_up(adapter, setup: Setup) -> SetupResult:
         result, statistics = _setup_round(init, setup, record)
     extra = init.initialize(setup.model, setup.spec, statistics, setup.run)
     result.info = {"method": init.method, "source": init.source, **extra, **result.info}
+    if getattr(init, "reports_cost", False):  # the set-up's cost in summary.json (EVA's)
+        result.info["bytes_up"], result.info["bytes_down"] = (
+            record["bytes_up"],
+            record["bytes_down"],
+        )
+        result.info["epsilon"] = record.get("epsilon", 0.0)
     return result
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,12 @@ from torch import nn
 from fedsim.adapters.base import AdaptedLinear, Adapter, check_rank
 from fedsim.dropout import AdapterDropout
 from fedsim.validate import integer, number
+
+#: ``adapter.init`` as conf/adapter/lora.yaml sets it (read-only): a run saved before the key
+#: existed ran with it, so it resumes (:func:`fedsim.resume.with_later_keys`)
+DEFAULT_INIT = MappingProxyType(
+    {"method": "default", "source": "server", "examples": 256, "batch_size": 32, "rho": 2.0}
+)
 
 
 class LoRALinear(AdaptedLinear):
@@ -63,6 +71,10 @@ class LoRA(Adapter):
         Dropout on the adapter's input, in [0, 1).
     target_modules : list of str, or str, optional
         Linear layers to adapt (suffix names, or a full-name regex); default: the task's.
+    init : dict, optional
+        ``method``: ``default`` (Kaiming-uniform ``A``, zero ``B``) or ``eva`` (EVA,
+        :mod:`fedsim.adapters.eva`: ``A`` from the layer inputs' principal directions, ranks
+        redistributed across layers; with ``source``, ``examples``, ``batch_size``, ``rho``).
     """
 
     name = "lora"
@@ -74,11 +86,13 @@ class LoRA(Adapter):
         alpha: float = 16.0,
         dropout: float = 0.0,
         target_modules: Sequence[str] | str | None = None,
+        init: Mapping[str, Any] | None = DEFAULT_INIT,
     ) -> None:
         super().__init__(target_modules)
         self.r = integer("adapter.r", r, low=1)
         self.alpha = number("adapter.alpha", alpha, low=0, low_open=True)
         self.dropout = number("adapter.dropout", dropout, 0, 1, high_open=True)
+        self.init_method, self.data_init = lora_init(self, init)
 
     def make_module(self, base: nn.Linear, generator: torch.Generator) -> nn.Module:
         return LoRALinear(base, self.r, self.alpha, self.dropout, generator)
@@ -93,6 +107,8 @@ class LoRA(Adapter):
             "B A (m x r times r x n) has rank at most min(m, n), so a larger r adds nothing "
             "but r (m + n) values per layer",
         )
+        if self.data_init is not None:  # a data-driven init's own bounds (EVA's rho r)
+            self.data_init.check_layers(shapes)
 
     def layer_delta(self, factors: Mapping[str, np.ndarray]) -> np.ndarray:
         """``s B A`` with ``s = alpha / r``; ``r`` is read from ``A`` (ranks may differ)."""
@@ -105,6 +121,31 @@ class LoRA(Adapter):
         a = np.asarray(factors["lora_A.weight"], dtype=np.float64)
         b = np.asarray(factors["lora_B.weight"], dtype=np.float64)
         return a, b, self.alpha / a.shape[0]
+
+
+#: ``adapter.init``'s keys (every method's; each method reads its own) and methods
+INIT_KEYS = ("method", "source", "examples", "batch_size", "rho")
+INIT_METHODS = ("default", "eva")
+
+
+def lora_init(adapter: LoRA, init: Mapping[str, Any] | None):
+    """``(method, data_init)`` from ``adapter.init``: ``default`` needs no data."""
+    from fedsim.errors import ConfigError
+
+    init = dict(init or {})
+    for key in init:
+        if key not in INIT_KEYS:
+            raise ConfigError(
+                f"adapter.init.{key}", init[key], f"unknown key; allowed: {', '.join(INIT_KEYS)}"
+            )
+    method = init.get("method", "default")
+    if method not in INIT_METHODS:
+        raise ConfigError("adapter.init.method", method, "must be " + " or ".join(INIT_METHODS))
+    if method == "default":
+        return "default", None
+    from fedsim.adapters.eva import make_init
+
+    return method, make_init(adapter, init)
 
 
 class FFALoRA(LoRA):
