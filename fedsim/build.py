@@ -144,6 +144,7 @@ class Components:
         """The run's uplink chain (:mod:`fedsim.uplink`) for a model with adapter ``spec``.
         The order here is the order of the client halves (the server's run in reverse):
 
+        0. ``ranks``: EVA's per-layer ranks, with every message while they differ from r;
         1. ``frozen``: the adapter's data-derived frozen factors, sent once per client;
         2. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
         3. ``byzantine``: malicious clients' attacks (before encoding: the payload stays
