@@ -326,3 +326,26 @@ def test_a_run_resumes_bit_identically_at_per_layer_ranks(tmp_path, monkeypatch)
         folder.mkdir()
         full, _ = interrupted_equals_uninterrupted(folder, monkeypatch, args, at=1)
         assert len(set(full["adapter_init"]["ranks"].values())) > 1
+
+
+def test_a_hugging_face_model_counts_only_its_real_tokens_and_trains(run_tiny, hf_task):
+    """On a tiny BERT with padded texts: every adapted layer sees each non-padding token once
+    (the attention mask removes the rest), and a run from a set-up round of clients trains."""
+    from fedsim.build import build_components
+    from fedsim.config import compose
+
+    c = build_components(compose(tiny(*hf_task, *EVA))[0])
+    model, spec = c.model()
+    train = c.data.client(0).train
+    data = {k: v[:20] for k, v in train.items()}
+    assert int(data["attention_mask"].sum()) < data["attention_mask"].numel()  # padded
+    stats = layer_statistics(model, spec, c.task, data, batch_size=8)
+    counts = {m: stats[f"{m}/count"][0] for m in spec.adapted_modules}
+    tokens = int(data["attention_mask"].sum())
+    # the encoder's layers see every real token once; BERT's pooler one vector per example
+    assert counts == {m: 20 if m.endswith("pooler.dense") else tokens for m in counts}
+    assert sum(c == tokens for c in counts.values()) >= 6
+    summary, rows, _ = run_tiny(*hf_task, *EVA, "adapter.init.source=clients", "sim.rounds=2")
+    assert summary["status"] == "ok"
+    assert sum(ranks_of(summary)) == 8 * len(spec.adapted_modules)
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]

@@ -116,16 +116,24 @@ def private_layer_statistics(
     used (sample rate 1)."""
     totals: dict[str, torch.Tensor] = {}
     for stats in _batches(model, spec, task, data, batch_size, device):
-        per = {}
+        # each example's squared norm without its n x n scatter: ||X^T X||_F = ||X X^T||_F
+        squares = sum(
+            torch.einsum("btn,bsn->bts", x, x).pow(2).sum((1, 2))
+            + x.sum(1).pow(2).sum(1)
+            + counts.to(x.device).pow(2)
+            for x, counts in stats.values()
+        )
+        factor = torch.clamp(clip_norm / (torch.sqrt(squares) + 1e-12), max=1.0)
         for m, (x, counts) in stats.items():
-            per[f"{m}/scatter"] = torch.einsum("btn,btk->bnk", x, x)
-            per[f"{m}/sum"] = x.sum(1)
-            per[f"{m}/count"] = counts[:, None].to(x.device)
-        norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in per.values()))
-        factor = torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
-        for key, value in per.items():
-            part = torch.einsum("b,b...->...", factor, value).cpu()
-            totals[key] = totals[key] + part if key in totals else part
+            flat, weighted = x.reshape(-1, x.shape[-1]), (x * factor[:, None, None])
+            part = {
+                f"{m}/scatter": weighted.reshape(-1, x.shape[-1]).T @ flat,
+                f"{m}/sum": weighted.sum((0, 1)),
+                f"{m}/count": (factor * counts.to(x.device)).sum()[None],
+            }
+            for key, value in part.items():
+                value = value.cpu()
+                totals[key] = totals[key] + value if key in totals else value
     out = {}
     for key, total in totals.items():
         noise = torch.normal(0.0, sigma * clip_norm, size=total.shape, generator=generator)
