@@ -15,6 +15,7 @@ from torch import nn
 
 from fedsim import registry
 from fedsim.adapters.base import Adapter, AdapterSpec, check_protocol
+from fedsim.adapters.eva import LayerRanks
 from fedsim.byzantine import ByzantineClients
 from fedsim.codec import Codec, compresses
 from fedsim.compression import Compressor
@@ -143,6 +144,7 @@ class Components:
         """The run's uplink chain (:mod:`fedsim.uplink`) for a model with adapter ``spec``.
         The order here is the order of the client halves (the server's run in reverse):
 
+        0. ``ranks``: EVA's per-layer ranks, with every message while they differ from r;
         1. ``frozen``: the adapter's data-derived frozen factors, sent once per client;
         2. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
         3. ``byzantine``: malicious clients' attacks (before encoding: the payload stays
@@ -155,6 +157,8 @@ class Components:
         """
         sim, privacy = self.sim, self.privacy
         stages: list[Stage] = []
+        if LayerRanks.needed(spec):  # EVA's per-layer ranks: first, every message
+            stages.append(LayerRanks(spec))
         if FrozenFactors.needed(spec):
             stages.append(FrozenFactors(spec))
         if self.downlink.active:

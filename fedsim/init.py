@@ -198,7 +198,7 @@ def set_up(adapter, setup: Setup) -> SetupResult:
         result, statistics = _setup_round(init, setup, record)
     extra = init.initialize(setup.model, setup.spec, statistics, setup.run)
     result.info = {"method": init.method, "source": init.source, **extra, **result.info}
-    if getattr(init, "summary_costs", False):  # the set-up's cost, also in round 0's line
+    if getattr(init, "summary_costs", False):  # the set-up's cost (LoRA-GA, EVA)
         result.info.update(
             bytes_up=record["bytes_up"],
             bytes_down=record["bytes_down"],

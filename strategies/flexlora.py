@@ -63,6 +63,7 @@ class FlexLoRA(AdapterStrategy):
     heterogeneous_ranks = True
     compressible = False
     persistent_parameters = False  # each round's factors are a new SVD
+    keeps_adapters = False
     folds_into_base = True  # the global change is dense, outside the global arrays
 
     def __init__(self, weighted: bool = True) -> None:

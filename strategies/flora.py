@@ -34,6 +34,7 @@ class FLoRA(FoldingStrategy):
 
     adapters = ("lora",)
     persistent_parameters = False
+    keeps_adapters = False
     heterogeneous_ranks = True
 
     # ------------------------------------------------------------------ server half

@@ -52,6 +52,11 @@ class AdapterSpec:
         self._model, self._params = model, dict(model.named_parameters())
         return self
 
+    @property
+    def bound_model(self) -> nn.Module | None:
+        """The model :meth:`bind` was given (None before)."""
+        return self._model
+
     def parameters_of(self, model: nn.Module) -> dict[str, nn.Parameter]:
         if self._model is model:
             return self._params

@@ -31,7 +31,11 @@ from fedsim.validate import integer, number
 
 #: ``adapter.init.method`` -> the ``module:class`` of its :class:`~fedsim.adapters.data_init.
 #: DataInit` (imported when needed); ``default``: Kaiming ``A``, ``B = 0``, no data
-INIT_METHODS = {"default": None, "lora_ga": "fedsim.adapters.lora_ga:LoRAGAInit"}
+INIT_METHODS = {
+    "default": None,
+    "lora_ga": "fedsim.adapters.lora_ga:LoRAGAInit",
+    "eva": "fedsim.adapters.eva:EVAInit",
+}
 #: the keys every method shares (the set-up's: :class:`~fedsim.adapters.data_init.DataInit`)
 SETUP_KEYS = ("source", "examples", "batch_size")
 #: ``adapter.init`` as ``conf/adapter/lora.yaml`` lists it (a run saved before LoRA had the
@@ -45,6 +49,7 @@ DEFAULT_INIT = MappingProxyType(
         "direction": "ArB2r",
         "scale": "stable",
         "stable_gamma": 16,
+        "rho": 2.0,
     }
 )
 
@@ -97,7 +102,9 @@ class LoRA(Adapter):
         ``method``: ``default`` (Kaiming ``A``, ``B = 0``) or a data-driven method of
         :data:`INIT_METHODS`; ``source``, ``examples``, ``batch_size``: where its statistics come
         from (:class:`~fedsim.adapters.data_init.DataInit`); plus the method's own keys. A key
-        of another method is ignored.
+        of another method is ignored. ``eva``: EVA (:mod:`fedsim.adapters.eva`), ``A``
+        from the layer inputs' principal directions, ranks redistributed across layers
+        (``rho``); ``lora_ga``: LoRA-GA (:mod:`fedsim.adapters.lora_ga`).
     """
 
     name = "lora"
@@ -118,6 +125,7 @@ class LoRA(Adapter):
         self.dropout = number("adapter.dropout", dropout, 0, 1, high_open=True)
         self.client_ranks = client_ranks_.parse(client_ranks, self.r)
         self.data_init = lora_data_init(self, init)
+        self.init_method = "default" if self.data_init is None else self.data_init.method
         if self.data_init is not None:  # its layer's frozen parameters (LoRA-GA's offset)
             self.frozen_suffixes = getattr(self.data_init, "frozen_suffixes", ())
         if self.client_ranks is not None and self.data_init is not None:

@@ -137,6 +137,9 @@ def check(cfg: dict[str, Any]) -> None:
     from fedsim.init import check as check_adapter_init
 
     check_adapter_init(components.adapter, components.task)
+    from fedsim.adapters.eva import check_run as check_eva
+
+    check_eva(components.adapter, components.strategy, components.privacy)
     _check_init_kept(components)
     _check_validation(components)
     _check_codec(components)
@@ -165,21 +168,21 @@ def check(cfg: dict[str, Any]) -> None:
 
 def _check_init_kept(components) -> None:
     """A data-driven initialisation of the trained parameters needs a strategy that keeps
-    training them (FLoRA starts fresh adapters every round)."""
+    training them (FLoRA starts fresh adapters every round, FlexLoRA re-factorises)."""
     init, strategy = components.adapter.data_init, components.strategy
-    if init is None or strategy.persistent_parameters or not components.adapter.trained_suffixes:
+    if init is None or strategy.keeps_adapters or not components.adapter.trained_suffixes:
         return
     raise ConfigError(
         "adapter.init.method",
         init.method,
-        f"strategy {strategy.name} trains fresh adapters every round, so the initialisation "
-        "would be thrown away after round 1 (and LoRA-GA's offset of W0 kept): use "
-        f"adapter.init.method=default, or strategy {_strategies(_keeps_parameters)}",
+        f"strategy {strategy.name} does not keep the clients' adapters from round to round, so "
+        "the initialisation would be thrown away after round 1: use "
+        f"adapter.init.method=default, or strategy {_strategies(_keeps_adapters)}",
     )
 
 
-def _keeps_parameters(cls) -> bool:
-    return cls.persistent_parameters and "lora" in (cls.adapters or ("lora",))
+def _keeps_adapters(cls) -> bool:
+    return cls.keeps_adapters and "lora" in (cls.adapters or ("lora",))
 
 
 def _check_validation(components) -> None:

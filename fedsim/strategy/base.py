@@ -70,6 +70,10 @@ class StrategyTraits:
     #: clients train the same parameters every round (FLoRA starts fresh ones, RoLoRA
     #: alternates its factors)
     persistent_parameters = True
+    #: the adapter a client trains carries over from round to round, so a data-driven
+    #: initialisation (LoRA-GA, EVA) lasts (FLoRA starts fresh adapters every round, FlexLoRA
+    #: re-factorises the global change)
+    keeps_adapters = True
     #: how the refusals that need persistent parameters describe a strategy without them
     changing_parameters = "trains fresh parameters every round"
     #: changes are folded into the clients' frozen base weights (FedEx, FLoRA), so clients'

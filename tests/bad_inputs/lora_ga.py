@@ -27,7 +27,7 @@ CASES = [
     Case(
         "lora-ga-flora",
         small(GA, "strategy=flora"),
-        "adapter.init.method=lora_ga: strategy FLoRA trains fresh adapters every round",
+        "adapter.init.method=lora_ga: strategy FLoRA does not keep the clients' adapters",
     ),
     Case("lora-ga-ffa", small("adapter=ffa", f"+{GA}"), "unknown key; allowed: alpha, dropout"),
 ]

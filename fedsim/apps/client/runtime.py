@@ -64,7 +64,6 @@ class ClientRuntime:
             torch.set_num_threads(int(threads))
         self.device = self.c.device
         self.model, self.spec = self.c.model(self.device)
-        self.trained = self.spec.trained_parameters(self.model)
         self.uplink = self.c.uplink(self.spec)
         self.privacy = self.c.privacy
         self.dp = (
@@ -72,6 +71,12 @@ class ClientRuntime:
             if self.privacy.client_dp
             else None
         )
+
+    @property
+    def trained(self) -> list:
+        """The model's trained parameters (read each time: EVA's per-layer ranks rebuild
+        layers when the first message arrives)."""
+        return self.spec.trained_parameters(self.model)
 
     def _call(self, msg: Message, context: Context) -> ClientCall:
         return ClientCall(
