@@ -285,6 +285,13 @@ def check_run(adapter, strategy, privacy) -> None:
             "the spectrum the ranks come from; use privacy=dpsgd (per-example clipping) or "
             "adapter.init.source=server (no client data)",
         )
+    if getattr(strategy, "heterogeneous_ranks", False) and init.per_layer_ranks:
+        raise ConfigError(
+            "adapter.init.rho",
+            init.rho,
+            f"strategy {strategy.name} sizes every layer's adapter at adapter.r (clients of "
+            "their own ranks), not at EVA's per-layer ranks: use adapter.init.rho=1",
+        )
     if hasattr(strategy, "fresh_a"):
         raise ConfigError(
             "adapter.init.method",

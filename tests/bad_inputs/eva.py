@@ -26,4 +26,9 @@ CASES = [
         small("strategy=flexlora", "adapter.init.method=eva"),
         "strategy FlexLoRA does not keep the clients' adapters",
     ),
+    Case(
+        "eva-hetlora-layer-ranks",
+        small("strategy=hetlora", "adapter.init.method=eva"),
+        "adapter.init.rho=2.0: strategy HetLoRA sizes every layer's adapter at adapter.r",
+    ),
 ]
