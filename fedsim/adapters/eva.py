@@ -292,10 +292,3 @@ def check_run(adapter, strategy, privacy) -> None:
             f"strategy {strategy.name} sizes every layer's adapter at adapter.r (clients of "
             "their own ranks), not at EVA's per-layer ranks: use adapter.init.rho=1",
         )
-    if hasattr(strategy, "fresh_a"):
-        raise ConfigError(
-            "adapter.init.method",
-            "eva",
-            f"strategy {strategy.name} re-initialises every client's adapter each round, which "
-            "would throw EVA's initialisation away; use adapter.init.method=default",
-        )

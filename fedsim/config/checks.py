@@ -137,10 +137,10 @@ def check(cfg: dict[str, Any]) -> None:
     from fedsim.init import check as check_adapter_init
 
     check_adapter_init(components.adapter, components.task)
+    _check_init_kept(components)
     from fedsim.adapters.eva import check_run as check_eva
 
     check_eva(components.adapter, components.strategy, components.privacy)
-    _check_init_kept(components)
     _check_validation(components)
     _check_codec(components)
     _check_privacy(components)

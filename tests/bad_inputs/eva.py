@@ -15,7 +15,11 @@ CASES = [
         small(*EVA, "adapter.init.source=clients", "privacy=central"),
         "privacy=central",
     ),
-    Case("eva-flora", small(*EVA, "strategy=flora"), "re-initialises"),
+    Case(
+        "eva-flora",
+        small(*EVA, "strategy=flora"),
+        "strategy FLoRA does not keep the clients' adapters",
+    ),
     Case(
         "eva-ffa",
         small("strategy=ffa", "+adapter.init.method=eva"),

@@ -14,7 +14,7 @@ CASES = [
     Case(
         "server-opt-centralized",
         small("strategy=centralized", "server_opt=adam"),
-        "use fedavg, fedsa, fedsb or ffa, or server_opt=none",
+        "use fedavg, fedsa, fedsb, ffa or hetlora, or server_opt=none",
     ),
     Case("server-opt-unknown", small("server_opt=sgd"), "server_opt=sgd: unknown option"),
     Case("server-opt-lr-zero", small("server_opt=adam", "server_opt.lr=0"), "server_opt.lr=0"),
