@@ -32,6 +32,7 @@ from fedsim.schema import check_node
 from fedsim.server_opt import ServerOpt
 from fedsim.sinks import Sink
 from fedsim.strategy import AdapterStrategy, ClientSampler
+from fedsim.system.profiles import System
 from fedsim.tasks.base import Task
 from fedsim.training import Schedule
 from fedsim.uplink import Stage, Uplink
@@ -129,6 +130,7 @@ class Components:
     server_opt: ServerOpt
     robust: Robust
     control: Control
+    system: System
 
     @property
     def compresses(self) -> bool:

@@ -15,6 +15,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def human_seconds(s: float) -> str:
+    """Simulated seconds, readable: 42.0 s, 12.5 min, 3.2 h, 2.1 d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.1f} {unit}"
+    return f"{s:.1f} s"
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -41,6 +49,7 @@ class RoundPrinter:
             f"  up {human_bytes(r['bytes_up'])}  down {human_bytes(r['bytes_down'])}"
             f"  ok {r['clients_ok']}/{r['clients_ok'] + r['clients_failed']}"
             f"  {r['round_time_s']:.2f} s"
+            + (f"  clock {human_seconds(r['sim_time_s'])}" if "sim_time_s" in r else "")
         )
 
     def warning(self, text: str) -> None:

@@ -60,6 +60,12 @@ GROUPS: tuple[Group, ...] = (
         required=False,
         default="fedsim.robust.Robust",
     ),
+    Group(
+        "system",
+        "fedsim.system.profiles:System",
+        required=False,
+        default="fedsim.system.profiles.NoSystem",
+    ),
 )
 #: folders of ``conf/`` that hold presets, not options of a group
 PRESETS = ("experiment", "sweep")

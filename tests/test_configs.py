@@ -38,6 +38,10 @@ def test_every_option_composes_and_builds(group, option, hf_task):
         cfg, choices = compose(tiny(f"+{group}={option}", "sim.clients_per_round=2", *clients))
     elif (group, option) in (("task", "hf"), ("partition", "natural")):  # a task with groups
         cfg, choices = compose(tiny(*hf_task, f"{group}={option}"))
+    elif (group, option) == ("system", "trace"):  # the example trace in examples/system/
+        cfg, choices = compose(
+            tiny(f"system.file={ROOT}/examples/system/trace.json", "system=trace")
+        )
     elif group == "robust" or (group, option) == ("faults", "byzantine"):
         # Bulyan's f = 1 needs 7 clients per round, 20% attackers need 5 clients
         cfg, choices = compose(tiny(f"{group}={option}", "sim.num_clients=8"))

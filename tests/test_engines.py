@@ -27,8 +27,9 @@ CPUS = min(2, usable_cpus())
         ["compressor=topk", "feedback=ef21", "downlink=topk", "sim.rounds=3"],
         ["privacy=dpsgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"],
         ["faults=mixed", "faults.crash_prob=0.3", "faults.corrupt_prob=0.3", "sim.rounds=3"],
+        ["system=mobile", "sim.deadline=0.2", "sim.over_selection=0.5", "sim.rounds=3"],
     ],
-    ids=["fedavg", "fedex", "fedsb-clients-init", "topk-ef21-ef21p", "dpsgd", "faults"],
+    ids=["fedavg", "fedex", "fedsb-clients-init", "topk-ef21-ef21p", "dpsgd", "faults", "clock"],
 )
 def test_inline_and_ray_agree(run_tiny, extra):
     _, inline, _ = run_tiny(base=tiny("sim.clients_per_round=3", *extra))
@@ -46,6 +47,8 @@ def test_inline_and_ray_agree(run_tiny, extra):
                 ]
                 for f, g in zip(x[key], y[key]):
                     assert f["reason"].split(": ", 1)[-1] in g["reason"]
+            elif key.endswith("sim_time_s"):  # the clock is arithmetic: bit-identical
+                assert x[key] == y[key], key
             elif isinstance(x[key], float):
                 assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-6), key
             else:

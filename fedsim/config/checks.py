@@ -18,6 +18,7 @@ from fedsim.config.hints import listed as _listed
 from fedsim.config.hints import strategies_where as _strategies
 from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, SIM_OPTIONAL, TOP_KEYS
 from fedsim.config.steps import check_local_terms, check_server_opt, keeps_aggregation
+from fedsim.config.system import check_system
 from fedsim.errors import ConfigError
 from fedsim.strategy.plugins import refuse_uncalled
 from fedsim.validate import boolean, integer, number
@@ -145,6 +146,7 @@ def check(cfg: dict[str, Any]) -> None:
     _check_codec(components)
     _check_privacy(components)
     check_server_opt(components)
+    check_system(components)
     check_adversary(components)
     check_local_terms(components, spec)
     if hasattr(components.engine, "check"):

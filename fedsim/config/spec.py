@@ -26,10 +26,12 @@ SIM_KEYS = {
     "client_test_fraction",
     "validation_fraction",
     "prox_mu",
+    "deadline",
+    "over_selection",
 }
 #: ``sim`` keys a configuration may lack (saved before they existed), with the value that
 #: changes nothing; a resumed run compares configurations without them at that value
-SIM_OPTIONAL = {"prox_mu": 0.0}
+SIM_OPTIONAL = {"prox_mu": 0.0, "deadline": None, "over_selection": 0.0}
 #: the top-level keys: every config group (fedsim.registry) and the run's settings
 TOP_KEYS = {*registry.names(), *registry.SETTINGS}
 CHECKPOINT_KEYS = {"every", "keep"}

@@ -12,8 +12,9 @@ import torch
 
 import fedsim
 from fedsim import keys
+from fedsim.apps.server.timing import summary as clock_summary
 from fedsim.errors import RunFailed
-from fedsim.progress import human_bytes
+from fedsim.progress import human_bytes, human_seconds
 from fedsim.records import numpy_dict
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
         "aggregation_error_max": max(ledger.aggregation_errors, default=None),
         "client_state_bytes": sum(ledger.state_bytes.values()),
         **privacy_summary(run),
+        **clock_summary(run),
         "adapter_init": ledger.adapter_init,
         "export": run.export_info,
         "bytes_up_total": totals["bytes_up"],
@@ -198,4 +200,9 @@ def done_line(summary: dict[str, Any]) -> str:
         + f"up {human_bytes(summary['bytes_up_total'])}, "
         f"down {human_bytes(summary['bytes_down_total'])}"
         + (f", max aggregation error {error:.2e}" if error is not None else "")
+        + (
+            f", simulated time {human_seconds(summary['sim_time_s'])}"
+            if "sim_time_s" in summary
+            else ""
+        )
     )

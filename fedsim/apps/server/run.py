@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedsim import keys
+from fedsim.apps.server import timing
 from fedsim.apps.server.evaluation import Evaluation
 from fedsim.apps.server.ledger import Ledger
 from fedsim.apps.server.report import done_line, export, summary
@@ -64,6 +65,7 @@ class FederatedRun:
         self.sim = sim = self.c.sim
         self.device = self.c.device
         self.model, self.adapter_spec = self.c.model(self.device)
+        self.clock = timing.build_clock(self.c, self.model, self.device)  # None: no system profile
         self.strategy = self.c.strategy
         self.uplink = self.c.uplink(self.adapter_spec)
         self.central = self.uplink.get("central_dp")
@@ -131,8 +133,10 @@ class FederatedRun:
         """Find the clients' nodes; the strategy and its chain become the run's federation."""
         sim = self.sim
         node_of = self.transport.discover_nodes(sim["num_clients"])
+        sampler = self.c.sampler()
+        timing.attach(self.clock, sampler)
         ctx = StrategyContext(
-            self.c.sampler(),
+            sampler,
             node_of,
             self.adapter_spec,
             sim["seed"],
@@ -146,6 +150,7 @@ class FederatedRun:
         setup = initialize_adapter(self)
         arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
         finite_or_fail("the adapter's initial arrays (adapter.init)", arrays)
+        setup.update(timing.round_zero(self.clock))  # the set-up round's time, on a clock
         self.record_round(0, arrays, setup, t0)
         self.checkpoint(0, arrays, t_start)
         return arrays
@@ -183,10 +188,12 @@ class FederatedRun:
     # ------------------------------------------------------------------ one round
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         """One training round; returns the new global arrays and the round's bookkeeping."""
-        fed, strategy, ledger = self.federation, self.strategy, self.ledger
+        fed, strategy, ledger, clock = self.federation, self.strategy, self.ledger, self.clock
+        waited = clock.begin_round() if clock is not None else {}  # for an online client
         sent = list(fed.configure_train(server_round, arrays, ConfigRecord(), self.grid))
         bytes_down, numel_down = strategy.traffic(sent)
         replies, good, failures = self.transport.send(sent, fed.reply_reason)
+        good, failures, timed = timing.settle(clock, sent, replies, good, failures, self.transport)
         bytes_up, numel_up = strategy.traffic(replies)
         ledger.note_replies(replies, self.transport.client_of_reply)
         # A stage that releases every round (central DP) aggregates whoever replied
@@ -220,6 +227,8 @@ class FederatedRun:
             "round_skipped": skipped,
             **self.uplink.report(server_round, clients),
             **({} if skipped else strategy.round_metrics),
+            **timed,
+            **waited,
         }
 
     def privacy_fields(self) -> dict[str, float]:
@@ -247,22 +256,13 @@ class FederatedRun:
         record["round_time_s"] = now - t0
         record["eval_time_s"] = now - t_eval
         self.writer.append_round(record)
+        if self.clock is not None:
+            self.clock.note(record)
         self.c.logger.log_round(record)
         self.printer.round(record)
         if record["failures"]:
-            self._warn_failures(server_round, record)
+            warn_failures(self, server_round, record)
         self.ledger.add(record)
-
-    def _warn_failures(self, server_round: int, record: dict[str, Any]) -> None:
-        first = record["failures"][0]
-        message = (
-            f"round {server_round}: {len(record['failures'])} client(s) failed, "
-            f"e.g. client {first['client']}: {first['reason']}"
-        )
-        if record["round_skipped"]:
-            message += f"; fewer than {min_replies(self.sim, self.strategy)[1]} good "
-            message += "replies, the global model was kept"
-        self.printer.warning(message)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, server_round: int, arrays: ArrayRecord, t_start: float) -> None:
@@ -275,6 +275,7 @@ class FederatedRun:
         }
         tree = self.state.tree(server_round, arrays, t_start)
         tree["grid"] = {"messages": self.grid.message_count()}
+        tree.update(timing.state(self.clock))
         self.checkpoints.save(tree, clients)
 
     def restore(self, tree: dict) -> ArrayRecord:
@@ -284,6 +285,7 @@ class FederatedRun:
 
         arrays = self.state.restore(tree)
         self.checkpoints.restored(tree)
+        timing.restore(self.clock, tree)
         frozen = self.uplink.get("frozen")
         if frozen is not None:  # the data-derived factors, into the server's model
             self.adapter_spec.load(self.model, frozen.frozen)
@@ -299,3 +301,16 @@ class FederatedRun:
             self.grid.continue_message_count(tree["grid"]["messages"])
         self.printer.line(f"resumed after round {tree['round']} from {self.spec.resume}")
         return arrays
+
+
+def warn_failures(run: FederatedRun, server_round: int, record: dict[str, Any]) -> None:
+    """One warning line for a round with failed clients."""
+    first = record["failures"][0]
+    message = (
+        f"round {server_round}: {len(record['failures'])} client(s) failed, "
+        f"e.g. client {first['client']}: {first['reason']}"
+    )
+    if record["round_skipped"]:
+        message += f"; fewer than {min_replies(run.sim, run.strategy)[1]} good "
+        message += "replies, the global model was kept"
+    run.printer.warning(message)

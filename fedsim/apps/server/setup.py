@@ -25,7 +25,9 @@ def initialize_adapter(run) -> dict[str, Any]:
         clients_per_round=sim["clients_per_round"],
         seed=sim["seed"],
         node_of=fed.ctx.node_of,
-        exchange=lambda sent, reason: run.transport.send(sent, _rejecting(reason)),
+        exchange=lambda sent, reason: _timed(
+            run, sent, run.transport.send(sent, _rejecting(reason))
+        ),
         central=run.central,
         client_of_reply=run.transport.client_of_reply,
     )
@@ -40,6 +42,13 @@ def initialize_adapter(run) -> dict[str, Any]:
     run.ledger.adapter_init = result.info
     frozen_from_model(run)
     return result.record
+
+
+def _timed(run, sent, out):
+    """The set-up round's exchange, on the clock (when the run has one)."""
+    if run.clock is not None:
+        run.clock.setup_round(sent, out[0], run.transport.client_of)
+    return out
 
 
 def _rejecting(reason):
