@@ -29,8 +29,9 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a configuration a resumed run must share with the run it continues: what
     changes the computation. Keys newer than some saved configurations are left out at the
     value that changes nothing, so runs saved before they existed resume: a ``sim`` key of
-    ``SIM_OPTIONAL`` at its value, and a group at its registry default (``{"_target_":
-    default}``, the ``none`` option of ``server_opt``, ``robust``, ``control``, ``logger``)."""
+    ``SIM_OPTIONAL`` at its value, and a group at its registry default with its other keys at
+    the class's defaults (the ``none`` option of ``server_opt``, ``robust``, ``control``,
+    ``logger``, ``system``)."""
     from fedsim.registry import GROUPS
 
     out = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
@@ -38,13 +39,27 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     if isinstance(sim, dict):
         out["sim"] = {k: v for k, v in sim.items() if SIM_OPTIONAL.get(k, ()) != v}
     for g in GROUPS:
-        if g.default is not None and out.get(g.name) == {"_target_": g.default}:
+        if g.default is not None and _at_default(out.get(g.name), g.default):
             del out[g.name]
     adapter = out.get("adapter")
     if isinstance(adapter, dict) and isinstance(adapter.get("client_ranks"), dict):
         tiers = adapter["client_ranks"]  # rank tiers: a checkpoint's JSON keys are strings
         out["adapter"] = {**adapter, "client_ranks": {str(k): v for k, v in tiers.items()}}
     return out
+
+
+def _at_default(node: Any, default: str) -> bool:
+    """Whether a group's node is its registry default with every other key at the class's
+    keyword default (``system=none`` has ``name: none`` and ``targets: []``)."""
+    if not (isinstance(node, dict) and node.get("_target_") == default):
+        return False
+    defaults = _class_defaults(default)
+    rest = {k: v for k, v in node.items() if k != "_target_"}
+    return all(k in defaults and _plain(defaults[k]) == _plain(v) for k, v in rest.items())
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def upgrade(cfg: dict[str, Any]) -> dict[str, Any]:
