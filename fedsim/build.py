@@ -31,6 +31,7 @@ from fedsim.robust import Robust
 from fedsim.schema import check_node
 from fedsim.server_opt import ServerOpt
 from fedsim.sinks import Sink
+from fedsim.staleness import Rebase
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.system.profiles import System
 from fedsim.tasks.base import Task
@@ -146,19 +147,23 @@ class Components:
         """The run's uplink chain (:mod:`fedsim.uplink`) for a model with adapter ``spec``.
         The order here is the order of the client halves (the server's run in reverse):
 
-        0. ``ranks``: EVA's per-layer ranks, with every message while they differ from r;
-        1. ``frozen``: the adapter's data-derived frozen factors, sent once per client;
-        2. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
-        3. ``byzantine``: malicious clients' attacks (before encoding: the payload stays
+        0. ``fedbuff``: FedBuff's rebasing of stale updates (innermost: it sees the decoded
+           updates, :mod:`fedsim.staleness`);
+        1. ``ranks``: EVA's per-layer ranks, with every message while they differ from r;
+        2. ``frozen``: the adapter's data-derived frozen factors, sent once per client;
+        3. ``downlink``: EF21-P (clients train from ``w``; the server rebases their updates);
+        4. ``byzantine``: malicious clients' attacks (before encoding: the payload stays
            well-formed; ALIE's substitution on the server, right after decoding);
-        4. ``control``: SCAFFOLD's control variates (its server step wraps the rebased
+        5. ``control``: SCAFFOLD's control variates (its server step wraps the rebased
            aggregation, inside the decoding of compressed replies);
-        4. ``compression``: compression with error feedback (under central DP it also clips);
-        5. ``central_dp``: clipping (when nothing compresses) and the noised sum;
-        6. ``faults``: crashes, corrupted payloads and late replies.
+        6. ``compression``: compression with error feedback (under central DP it also clips);
+        7. ``central_dp``: clipping (when nothing compresses) and the noised sum;
+        8. ``faults``: crashes, corrupted payloads and late replies.
         """
         sim, privacy = self.sim, self.privacy
         stages: list[Stage] = []
+        if sim.get("async_buffer"):  # FedBuff: rebase stale updates, right before the strategy
+            stages.append(Rebase(sim["staleness_exponent"]))
         if LayerRanks.needed(spec):  # EVA's per-layer ranks: first, every message
             stages.append(LayerRanks(spec))
         if FrozenFactors.needed(spec):

@@ -141,7 +141,7 @@ class Codec(Stage):
                 numpy_dict(reply.content[keys.ARRAYS]),
                 info.reference(client),
                 client,
-                info.server_round,
+                info.round_of(client),
             )
         except (ValueError, KeyError, IndexError) as e:
             return "rejected", f"malformed compressed payload: {e}"

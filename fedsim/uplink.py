@@ -44,6 +44,11 @@ class RoundInfo:
     num_clients: int  # N, registered clients
     expected: int  # clients sampled per round (q N under central DP)
     seed: int
+    #: client -> the round its message was built in, if not this one (FedBuff's stale ones)
+    sent_in: dict[int, int] = field(default_factory=dict)
+
+    def round_of(self, client: int) -> int:
+        return self.sent_in.get(client, self.server_round)
 
 
 @dataclass
@@ -339,8 +344,7 @@ class Uplink:
 
 
 class Checked:
-    """A reduction whose result is checked (:func:`check_arrays`) before it goes further;
-    ``who`` names the step in the refusal."""
+    """A reduction whose result is checked (:func:`check_arrays`; ``who``: the step)."""
 
     def __init__(self, inner: Reduction, who: str) -> None:
         self.inner, self.who = inner, who
@@ -355,9 +359,8 @@ class Checked:
 
 
 def check_arrays(who: str, server_round: int, current: Mapping[str, Any], new: Any) -> None:
-    """RunFailed, naming ``who`` (the server's step, never a client: their replies were
-    checked before) unless ``new`` holds the global arrays' names and shapes with finite
-    values. The round then fails and the global model is not updated."""
+    """RunFailed, naming ``who`` (the server's step: clients' replies were checked before)
+    unless ``new`` has the global arrays' names and shapes, finite (else the round fails)."""
     where = f"round {server_round}: {who}"
     if not isinstance(new, Mapping):
         raise RunFailed(f"{where} returned {type(new).__name__}, not a dict of arrays")
@@ -393,5 +396,5 @@ def non_finite(value: np.ndarray) -> str | None:
         return None
     nan = int(np.isnan(value).sum())
     inf = int(value.size - finite.sum()) - nan
-    parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
-    return f"{' and '.join(p for p in parts if p)} of {value.size} values"
+    parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} inf"] * bool(inf)
+    return f"{' and '.join(parts)} of {value.size} values"

@@ -28,10 +28,20 @@ SIM_KEYS = {
     "prox_mu",
     "deadline",
     "over_selection",
+    "async_buffer",
+    "concurrency",
+    "staleness_exponent",
 }
 #: ``sim`` keys a configuration may lack (saved before they existed), with the value that
 #: changes nothing; a resumed run compares configurations without them at that value
-SIM_OPTIONAL = {"prox_mu": 0.0, "deadline": None, "over_selection": 0.0}
+SIM_OPTIONAL = {
+    "prox_mu": 0.0,
+    "deadline": None,
+    "over_selection": 0.0,
+    "async_buffer": 0,
+    "concurrency": None,
+    "staleness_exponent": 0.5,
+}
 #: the top-level keys: every config group (fedsim.registry) and the run's settings
 TOP_KEYS = {*registry.names(), *registry.SETTINGS}
 CHECKPOINT_KEYS = {"every", "keep"}

@@ -4,7 +4,7 @@ with, one line each."""
 from __future__ import annotations
 
 from fedsim.errors import ConfigError
-from fedsim.validate import number
+from fedsim.validate import integer, number
 
 
 def check_system(components) -> None:
@@ -15,8 +15,16 @@ def check_system(components) -> None:
     if deadline is not None:
         number("sim.deadline", deadline, low=0, low_open=True)
     number("sim.over_selection", over, 0, 10)
+    k = integer("sim.async_buffer", sim.get("async_buffer", 0), low=0)
+    if sim.get("concurrency") is not None:
+        integer("sim.concurrency", sim["concurrency"], 1, sim["num_clients"], "sim.num_clients")
+    number("sim.staleness_exponent", sim.get("staleness_exponent", 0.5), 0, 10)
     if not system.active:
-        for key, value, off in (("deadline", deadline, None), ("over_selection", over, 0.0)):
+        for key, value, off in (
+            ("deadline", deadline, None),
+            ("over_selection", over, 0.0),
+            ("async_buffer", k, 0),
+        ):
             if value != off:
                 raise ConfigError(
                     f"sim.{key}",
@@ -49,4 +57,64 @@ def check_system(components) -> None:
             f"its accountant assumes Poisson sampling of every client at rate k/N; {what} "
             "samples otherwise: use privacy=dpsgd, or a system without offline periods "
             "(system.offline_s=0) and sim.over_selection=0",
+        )
+    if k:
+        check_buffered(components, k)
+
+
+def check_buffered(components, k: int) -> None:
+    """What FedBuff's server steps (``sim.async_buffer``) cannot run with, one line each."""
+    sim, strategy = components.sim, components.strategy
+    key = "sim.async_buffer"
+    integer(key, k, 1, sim["num_clients"], "sim.num_clients")  # one update per client a step
+    for name, off in (("deadline", None), ("over_selection", 0.0)):
+        if sim.get(name, off) != off:
+            raise ConfigError(
+                f"sim.{name}",
+                sim[name],
+                f"applies to synchronous rounds; with {key}={k} (FedBuff) there are none: set "
+                f"it to {'null' if off is None else off}",
+            )
+    steady = strategy.communicates and not strategy.folds_into_base
+    steady = steady and strategy.persistent_parameters and not strategy.heterogeneous_ranks
+    if not steady:
+        raise ConfigError(
+            "strategy",
+            strategy.name,
+            f"{key}={k} (FedBuff) rebases each update onto the newer global arrays, which needs "
+            "a strategy that averages the same arrays every step: use fedavg, fedsa, fedsb or ffa",
+        )
+    feedback = components.feedback
+    if components.compresses and feedback.replaces_aggregation and sim["staleness_exponent"]:
+        raise ConfigError(
+            "sim.staleness_exponent",
+            sim["staleness_exponent"],
+            f"feedback={feedback.name}'s server step moves the model by its running mean of "
+            "every client's state, not by the buffered updates, so there is no update to "
+            "weight by staleness: set sim.staleness_exponent=0 or use feedback=ef14 or naive",
+        )
+    stages = {
+        "downlink": (components.downlink.active, "the clients' copy w of EF21-P"),
+        "control": (components.control.active, "SCAFFOLD's variates"),
+        "privacy=central": (components.privacy.central, "its noise and accountant"),
+        "faults.byzantine_fraction": (
+            components.faults.byzantine is not None,
+            "the attacks' view of the honest updates",
+        ),
+    }
+    for what, (on, state) in stages.items():
+        if on:
+            raise ConfigError(
+                key,
+                k,
+                f"FedBuff aggregates updates trained from older global arrays, and {state} "
+                f"assumes a synchronous round (all from the same arrays): turn {what} off or "
+                "use sim.async_buffer=0",
+            )
+    if components.cfg.get("resume", False) is not False:
+        raise ConfigError(
+            "resume",
+            components.cfg["resume"],
+            f"{key}={k} keeps clients in flight across server steps, which no checkpoint holds: "
+            "FedBuff runs are not checkpointed",
         )

@@ -103,9 +103,8 @@ class Federation(Strategy):
         )
 
     # ------------------------------------------------------------------ training
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid | None
-    ) -> Iterable[Message]:
+    def begin(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RoundInfo:
+        """The round's state, server side: the strategy's current arrays, the stages' round."""
         s, sampler = self.strategy, self.ctx.sampler
         s.current = numpy_dict(arrays)
         config[keys.SERVER_ROUND] = server_round
@@ -120,8 +119,21 @@ class Federation(Strategy):
         )
         s.held = info.held = self.uplink.begin_round(info)
         self.info = info
+        return info
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid | None
+    ) -> Iterable[Message]:
+        info = self.begin(server_round, arrays, config)
+        return self.messages(info, self.train_clients(server_round), arrays, config)
+
+    def messages(
+        self, info: RoundInfo, clients: list[int], arrays: ArrayRecord, config: ConfigRecord
+    ) -> list[Message]:
+        """Training messages for ``clients`` in the round ``info`` begun with ``arrays``."""
+        s, server_round = self.strategy, info.server_round
         messages = []
-        for client in self.train_clients(server_round):
+        for client in clients:
             record = s.downlink(server_round, client, arrays)
             record, mine = self.uplink.outgoing(info, client, record, config)
             content = RecordDict({keys.ARRAYS: record, keys.CONFIG: mine})

@@ -24,7 +24,7 @@ give the same seconds on every engine and after a resume.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,12 +128,15 @@ class Clock:
         wait = self.wait_for_clients()
         return {"sim_wait_s": wait, "clients_online": len(self.pool())}
 
-    def wait_for_clients(self) -> float:
-        """Move the clock to the first moment somebody is online; returns the wait."""
-        if not self.system.has_availability or self.pool():
+    def wait_for_clients(self, busy: Collection[int] = ()) -> float:
+        """Move the clock to the first moment somebody (not ``busy``) is online; returns the
+        wait."""
+        others = [c for c in range(self.system.num_clients) if c not in busy]
+        if not others:
+            raise RunFailed("every client is busy: none can be sampled")
+        if not self.system.has_availability or set(self.pool()) - set(busy):
             return 0.0
-        n = self.system.num_clients
-        first = min(self.system.profile(c).availability.next_online(self.now) for c in range(n))
+        first = min(self.system.profile(c).availability.next_online(self.now) for c in others)
         if math.isinf(first):
             raise RunFailed(
                 f"no client is ever online again after {self.now:.1f} simulated seconds "
@@ -189,14 +192,14 @@ class Clock:
         source = {r.metadata.src_node_id: r for r in good}
         mine = [(times[client_of[node]], node) for node in source]
         arrivals = sorted((t.total, t.client, node) for t, node in mine if not t.dropped_out)
-        dropped = [self._failure(t, "offline") for t, _ in mine if t.dropped_out]
+        dropped = [self.failure(t, "offline") for t, _ in mine if t.dropped_out]
         kept, cut_by_deadline, closed_at = [], False, None
         for total, client, node in arrivals:
             if self.deadline is not None and total > self.deadline:
                 cut_by_deadline = True
-                dropped.append(self._failure(times[client], "late"))
+                dropped.append(self.failure(times[client], "late"))
             elif self.over_selection and len(kept) >= self.k:
-                dropped.append(self._failure(times[client], "over_selected"))
+                dropped.append(self.failure(times[client], "over_selected"))
             else:
                 kept.append((client, source[node]))
                 if self.over_selection and len(kept) == self.k:
@@ -216,7 +219,7 @@ class Clock:
         good = [r for _, r in sorted(kept, key=lambda cr: cr[0])]
         return good, failures + sorted(dropped, key=lambda f: f["client"]), fields
 
-    def _failure(self, t: ClientTime, kind: str) -> dict[str, Any]:
+    def failure(self, t: ClientTime, kind: str) -> dict[str, Any]:
         if kind == "offline":
             reason = (
                 f"offline: went offline {t.offline_at:.2f} simulated s into the round, before "

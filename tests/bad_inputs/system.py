@@ -7,6 +7,7 @@ from pathlib import Path
 from tests.bad_inputs import Case, small
 
 MOBILE = ("system=mobile",)
+BUFFERED = (*MOBILE, "sim.async_buffer=2")
 
 
 def _trace(records):
@@ -65,6 +66,24 @@ CASES = [
         small(*TRACE),
         "intervals must be sorted",
         prepare=_trace({**FOUR, "1": {**GOOD, "active": [50, 0], "inactive": [60, 10]}}),
+    ),
+    Case("fedbuff-no-clock", small("sim.async_buffer=2"), "needs a simulated clock"),
+    Case("fedbuff-buffer-too-big", small(*BUFFERED[:1], "sim.async_buffer=9"), "from 1 to"),
+    Case("fedbuff-concurrency-zero", small(*BUFFERED, "sim.concurrency=0"), "sim.concurrency=0"),
+    Case("fedbuff-exponent-negative", small(*BUFFERED, "sim.staleness_exponent=-1"), "[0, 10]"),
+    Case("fedbuff-deadline", small(*BUFFERED, "sim.deadline=5"), "synchronous rounds"),
+    Case("fedbuff-fedex", small(*BUFFERED, "strategy=fedex"), "use fedavg, fedsa, fedsb or ffa"),
+    Case(
+        "fedbuff-ef21-weighted",
+        small(*BUFFERED, "compressor=topk", "feedback=ef21"),
+        "set sim.staleness_exponent=0",
+    ),
+    Case("fedbuff-scaffold", small(*BUFFERED, "control=scaffold"), "SCAFFOLD's variates"),
+    Case("fedbuff-downlink", small(*BUFFERED, "downlink=topk"), "turn downlink off"),
+    Case(
+        "fedbuff-central-dp",
+        small(*BUFFERED, "system.offline_s=0", "privacy=central"),
+        "turn privacy=central off",
     ),
     Case(
         "system-trace-not-json",

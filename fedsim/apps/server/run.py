@@ -82,6 +82,7 @@ class FederatedRun:
         self.transport = Transport(grid, sim["round_timeout"], abort)
         self.checkpoints = Checkpoints(spec, can_save=hasattr(grid, "node_states"))
         self.state = ServerState(self.strategy, self.uplink, self.ledger, self.c.server_opt)
+        self.buffered = timing.buffered(self)  # FedBuff's server steps (sim.async_buffer)
         self.federation: Federation | None = None
         self.export_info: dict[str, Any] | None = None
 
@@ -105,7 +106,8 @@ class FederatedRun:
                 first = int(resume["round"]) + 1
             for server_round in range(first, sim["rounds"] + 1):
                 t0 = time.perf_counter()
-                arrays, train = self.train_round(server_round, arrays)
+                step = self.train_round if self.buffered is None else self.buffered.train_round
+                arrays, train = step(server_round, arrays)
                 self.record_round(server_round, arrays, train, t0)
                 self.checkpoint(server_round, arrays, t_start)
         except Exception as exc:

@@ -94,6 +94,10 @@ class Checkpoints:
         self.every = int(ck.get("every", 1))
         self.keep = bool(ck.get("keep", False))
         self.can_save = can_save  # the engine keeps client states where the server sees them
+        self.why_not = (
+            "this engine keeps client states in its own processes; checkpoints need "
+            "engine=inline or engine=batched"
+        )
         self.info: dict[str, Any] = {"every": self.every, "written": 0}
 
     @property
@@ -175,9 +179,6 @@ class Checkpoints:
             return {
                 "every": self.every,
                 "written": 0,
-                "skipped": (
-                    "this engine keeps client states in its own processes; checkpoints need "
-                    "engine=inline or engine=batched"
-                ),
+                "skipped": self.why_not,
             }
         return {**self.info, "kept": self.keep}

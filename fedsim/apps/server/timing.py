@@ -33,6 +33,18 @@ def attach(clock: Clock | None, sampler) -> None:
         sampler.pool, sampler.sample_size = clock.pool, clock.sample_size
 
 
+def buffered(run):
+    """FedBuff's server steps when ``sim.async_buffer`` > 0 (None: synchronous rounds). Its
+    clients stay in flight across steps, which a checkpoint does not hold: none are written."""
+    if not run.sim.get("async_buffer"):
+        return None
+    from fedsim.apps.server.buffered import BufferedRounds
+
+    run.checkpoints.can_save = False
+    run.checkpoints.why_not = "FedBuff keeps clients in flight across server steps"
+    return BufferedRounds(run)
+
+
 def round_zero(clock: Clock | None) -> dict[str, Any]:
     """Round 0's clock fields: the set-up round's time (0 without one)."""
     if clock is None:
