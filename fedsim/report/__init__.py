@@ -16,8 +16,9 @@ nesting: a run folder holds fedsim's ``config.yaml``), and writes beside them (o
   accuracies, ``system.targets``): per configuration and target, how many seeds reached it and
   the mean simulated seconds over those that did;
 * PNG plots (matplotlib, headless): test accuracy against round per configuration, one panel
-  per strategy; final accuracy against total bytes (log scale) with the Pareto frontier
-  marked; accuracy against epsilon when runs with differential privacy exist.
+  per strategy, and against simulated time for the runs with a clock; final accuracy against
+  total bytes (log scale) with the Pareto frontier marked; accuracy against epsilon when runs
+  with differential privacy exist.
 
 With a simulated clock (``system=mobile`` ...), ``report.csv`` gains the columns ``system`` (the
 profile's name, which then tells configurations apart as a swept override does) and
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsim.report.plots import pareto_front, plot_curves, plot_pareto, plot_privacy
+from fedsim.report.plots import pareto_front, plot_curves, plot_pareto, plot_privacy, plot_time
 from fedsim.report.runs import Run, find_runs, read_run
 from fedsim.report.tables import (
     ALIASES,
@@ -77,6 +78,7 @@ __all__ = [
     "plot_curves",
     "plot_pareto",
     "plot_privacy",
+    "plot_time",
     "print_table",
     "read_run",
     "report",
@@ -129,6 +131,8 @@ def report(paths: Sequence[Path], out: Path | None = None, plots: bool = True) -
         swept = [c for c in columns if c not in COLUMNS]
         if plot_curves(runs, columns, out / "accuracy_by_round.png"):
             written["files"].append("accuracy_by_round.png")
+        if plot_time(runs, columns, out / "accuracy_vs_time.png"):
+            written["files"].append("accuracy_vs_time.png")
         if plot_pareto(groups, swept, out / "accuracy_vs_bytes.png"):
             written["files"].append("accuracy_vs_bytes.png")
         if plot_privacy(groups, swept, out / "accuracy_vs_epsilon.png"):
