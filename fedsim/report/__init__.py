@@ -12,9 +12,17 @@ nesting: a run folder holds fedsim's ``config.yaml``), and writes beside them (o
 * ``tuned.csv`` / ``tuned.md`` (when runs differ in ``sim.lr``): for each configuration, the
   learning rate with the best mean **validation** accuracy, and the **test** results at that
   rate (``sim.validation_fraction`` holds a validation split out of the test set);
+* ``time_to_target.csv`` / ``time_to_target.md`` (when runs have a simulated clock with target
+  accuracies, ``system.targets``): per configuration and target, how many seeds reached it and
+  the mean simulated seconds over those that did;
 * PNG plots (matplotlib, headless): test accuracy against round per configuration, one panel
-  per strategy; final accuracy against total bytes (log scale) with the Pareto frontier
-  marked; accuracy against epsilon when runs with differential privacy exist.
+  per strategy, and against simulated time for the runs with a clock; final accuracy against
+  total bytes (log scale) with the Pareto frontier marked; accuracy against epsilon when runs
+  with differential privacy exist.
+
+With a simulated clock (``system=mobile`` ...), ``report.csv`` gains the columns ``system`` (the
+profile's name, which then tells configurations apart as a swept override does) and
+``sim_time_s``, and ``groups.csv`` the mean ``sim_time_s``.
 """
 
 from __future__ import annotations
@@ -26,14 +34,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsim.report.plots import pareto_front, plot_curves, plot_pareto, plot_privacy
+from fedsim.report.plots import pareto_front, plot_curves, plot_pareto, plot_privacy, plot_time
 from fedsim.report.runs import Run, find_runs, read_run
 from fedsim.report.tables import (
     ALIASES,
+    CLOCK_COLUMNS,
     COLUMNS,
     IDENTITY,
     LR_KEYS,
     SEED_KEYS,
+    TARGET_STATS,
     _cell,
     group_seeds,
     markdown,
@@ -42,6 +52,7 @@ from fedsim.report.tables import (
     swept_keys,
     t_quantile,
     table,
+    time_to_target,
     tune,
     varying,
     write_csv,
@@ -51,10 +62,12 @@ from fedsim.results import CONFIG_FILE, METRICS_FILE
 
 __all__ = [
     "ALIASES",
+    "CLOCK_COLUMNS",
     "COLUMNS",
     "IDENTITY",
     "LR_KEYS",
     "SEED_KEYS",
+    "TARGET_STATS",
     "Run",
     "find_runs",
     "group_seeds",
@@ -65,12 +78,14 @@ __all__ = [
     "plot_curves",
     "plot_pareto",
     "plot_privacy",
+    "plot_time",
     "print_table",
     "read_run",
     "report",
     "swept_keys",
     "t_quantile",
     "table",
+    "time_to_target",
     "tune",
     "varying",
     "write_csv",
@@ -106,16 +121,25 @@ def report(paths: Sequence[Path], out: Path | None = None, plots: bool = True) -
         title = "Best learning rate per configuration (by validation accuracy), test results"
         write_markdown(out / "tuned.md", title, tuned_cols, tuned)
         written["files"] += ["tuned.csv", "tuned.md"]
+    timed_cols, timed = time_to_target(columns, rows)
+    if timed:
+        write_csv(out / "time_to_target.csv", timed_cols, timed)
+        title = "Simulated time to each target accuracy (mean over the seeds that reached it)"
+        write_markdown(out / "time_to_target.md", title, timed_cols, timed)
+        written["files"] += ["time_to_target.csv", "time_to_target.md"]
     if plots:
         swept = [c for c in columns if c not in COLUMNS]
         if plot_curves(runs, columns, out / "accuracy_by_round.png"):
             written["files"].append("accuracy_by_round.png")
+        if plot_time(runs, columns, out / "accuracy_vs_time.png"):
+            written["files"].append("accuracy_vs_time.png")
         if plot_pareto(groups, swept, out / "accuracy_vs_bytes.png"):
             written["files"].append("accuracy_vs_bytes.png")
         if plot_privacy(groups, swept, out / "accuracy_vs_epsilon.png"):
             written["files"].append("accuracy_vs_epsilon.png")
     written.update(columns=columns, rows=rows, group_columns=group_cols, groups=groups)
     written.update(tuned_columns=tuned_cols, tuned=tuned, out=out)
+    written.update(time_to_target_columns=timed_cols, time_to_target=timed)
     return written
 
 
@@ -143,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = done["rows"]
         always = ["strategy", "status", "final_accuracy", "final_loss", "bytes_up", "bytes_down"]
         always += ["epsilon"] if any(r.get("epsilon") is not None for r in rows) else []
+        always += ["sim_time_s"] if "sim_time_s" in done["columns"] else []
         always += ["wall_time_s", "run"]
         other = [c for c in done["columns"] if c not in always and c != "reason"]
         shown = varying(rows, other) + always
@@ -152,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print_table(list(dict.fromkeys(shown)), rows, title)
         if done["tuned"]:
             print_table(done["tuned_columns"], done["tuned"], "selected learning rates")
+        if done["time_to_target"]:
+            timed = [c for c in done["time_to_target_columns"] if c not in TARGET_STATS]
+            timed = varying(done["time_to_target"], timed)
+            timed += ["target", "seeds", "reached", "time"]
+            print_table(timed, done["time_to_target"], "simulated time to target accuracy")
     failed = [r for r in done["rows"] if r["status"] != "ok"]
     for r in failed:
         print(f"{r['status']}: {r['run']}: {r['reason']}", file=sys.stderr)

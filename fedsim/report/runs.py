@@ -1,5 +1,6 @@
 """Finding run folders and reading each into a :class:`Run` (the row of ``report.csv``, the
-Hydra overrides, the test-accuracy curve)."""
+Hydra overrides, the test-accuracy curve, and with a simulated clock its time curve and times
+to the target accuracies)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class Run:
     row: dict[str, Any]
     overrides: dict[str, str]
     curve: list[tuple[int, float | None]] = field(default_factory=list)
+    #: with a simulated clock: (round, simulated seconds at its end, test accuracy)
+    time_curve: list[tuple[int, float, float | None]] = field(default_factory=list)
+    #: with a simulated clock: ``summary.json``'s ``time_to_accuracy`` (target: seconds or None)
+    time_to_accuracy: dict[str, float | None] | None = None
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -116,6 +121,8 @@ def read_run(folder: Path) -> Run:
         "bytes_down": s.get("bytes_down_total", sum(m.get("bytes_down", 0) or 0 for m in metrics)),
         "epsilon": s.get("epsilon", last.get("epsilon")),
         "wall_time_s": s.get("wall_time_s"),
+        "system": _system(s, cfg, choice),
+        "sim_time_s": s.get("sim_time_s", last.get("sim_time_s")),
     }
     if summary is None:
         row["status"] = "incomplete"
@@ -126,7 +133,20 @@ def read_run(folder: Path) -> Run:
         row["status"] = "ok" if s.get("status") == "ok" else "failed"
         row["reason"] = "" if row["status"] == "ok" else str(s.get("error") or s.get("status"))
     curve = [(int(m["round"]), m.get("eval_accuracy")) for m in metrics if "round" in m]
-    return Run(folder, row, _overrides(folder), curve)
+    timed = [m for m in metrics if "round" in m and m.get("sim_time_s") is not None]
+    times = [(int(m["round"]), float(m["sim_time_s"]), m.get("eval_accuracy")) for m in timed]
+    reached = s.get("time_to_accuracy")
+    reached = dict(reached) if isinstance(reached, dict) else None
+    return Run(folder, row, _overrides(folder), curve, times, reached)
+
+
+def _system(summary: dict[str, Any], cfg: Any, choice: dict[str, Any]) -> str:
+    """The run's system profile (``system.name``): ``none`` for a run without a clock, empty
+    for a run from before the clock existed (its config has no ``system``)."""
+    for block in (summary.get("system"), cfg.get("system") if isinstance(cfg, dict) else None):
+        if isinstance(block, dict) and block.get("name") is not None:
+            return str(block["name"])
+    return str(choice.get("system", ""))
 
 
 def _choices(folder: Path, cfg: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The report's tables: one row per run, runs grouped over seeds (mean and 95% interval),
-the learning rate selected on the validation split; and writing them as CSV, Markdown and a
-printed table."""
+the learning rate selected on the validation split, the simulated time to each target accuracy;
+and writing them as CSV, Markdown and a printed table."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ IDENTITY = [
     "lr",
 ]
 
-#: the columns of ``report.csv`` after the swept overrides, in order
+#: the columns of ``report.csv`` after the swept overrides, in order (``sim_time_s`` only when
+#: a run has a simulated clock; ``system`` then comes first, as a swept override would)
 COLUMNS = [
     *IDENTITY,
     "seed",
@@ -43,6 +44,7 @@ COLUMNS = [
     "bytes_up",
     "bytes_down",
     "epsilon",
+    "sim_time_s",
     "wall_time_s",
     "reason",
     "run",
@@ -59,6 +61,10 @@ ALIASES = {
     "rounds": "sim.rounds",
 }
 LR_KEYS = ("sim.lr", "lr")
+#: the columns a simulated clock adds (``system``: the profile's name, an identity key)
+CLOCK_COLUMNS = ("system", "sim_time_s")
+#: the columns of ``time_to_target.csv`` after the configuration's
+TARGET_STATS = ["target", "seeds", "reached", "time_s_mean", "time_s_ci95", "time"]
 
 
 def swept_keys(runs: Sequence[Run]) -> list[str]:
@@ -77,16 +83,20 @@ def swept_keys(runs: Sequence[Run]) -> list[str]:
 
 
 def table(runs: Sequence[Run], root: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """The report's columns and one row per run."""
+    """The report's columns and one row per run (``system`` and ``sim_time_s`` only when a run
+    has a simulated clock)."""
     swept = swept_keys(runs)
     rows = []
     for run in runs:
         row = {k: run.overrides.get(k, "") for k in swept}
         row.update(run.row)
         row["run"] = _relative(run.path, root)
+        row["time_to_accuracy"] = run.time_to_accuracy  # not a column: time_to_target's
         rows.append(row)
-    columns = swept + [c for c in COLUMNS if c not in swept and ALIASES.get(c) not in swept]
-    return columns, rows
+    clock = any(run.row.get("sim_time_s") is not None for run in runs)
+    known = [c for c in COLUMNS if clock or c not in CLOCK_COLUMNS]
+    known = [c for c in known if c not in swept and ALIASES.get(c) not in swept]
+    return swept + (["system"] if clock and "system" not in swept else []) + known, rows
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -147,6 +157,8 @@ def group_seeds(
         g["bytes_up"] = _mean(m["bytes_up"] for m in members)
         g["bytes_down"] = _mean(m["bytes_down"] for m in members)
         g["epsilon"] = _mean(m["epsilon"] for m in members)
+        if "sim_time_s" in columns:
+            g["sim_time_s"] = _mean(m["sim_time_s"] for m in members)
         out.append(g)
     keys = [k for k, _ in next(iter(groups))] if groups else []
     stats = [
@@ -161,7 +173,7 @@ def group_seeds(
         "bytes_down",
         "epsilon",
     ]
-    return keys + stats, out
+    return keys + stats + [c for c in ("sim_time_s",) if c in columns], out
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -179,7 +191,7 @@ def tune(
     if len(rates) < 2:
         return [], []
     stats = {c for c in group_columns if c.startswith("final_") or c in ("seeds", "bytes_up")}
-    stats |= {"bytes_down", "epsilon"}
+    stats |= {"bytes_down", "epsilon", "sim_time_s"}
     ident = [c for c in group_columns if c not in stats and c not in LR_KEYS]
     by_config: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for g in groups:
@@ -218,6 +230,58 @@ def tune(
         "note",
     ]
     return cols, out
+
+
+def time_to_target(
+    columns: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Per configuration (finished runs grouped over seeds, as :func:`group_seeds`) and per
+    target accuracy in the runs' ``time_to_accuracy``: how many seeds reached it and the mean
+    simulated seconds over those that did (none when none did: never a made-up number)."""
+    swept = [c for c in columns if c not in COLUMNS]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "ok" and row.get("time_to_accuracy"):
+            groups[_identity(row, swept, SEED_KEYS)].append(row)
+    out = []
+    for key, members in groups.items():
+        targets = {t for m in members for t in m["time_to_accuracy"]}
+        for target in sorted(targets, key=float):
+            tracked = [m["time_to_accuracy"] for m in members if target in m["time_to_accuracy"]]
+            times = [t[target] for t in tracked]  # None: not reached
+            mean, half, reached = mean_ci(times)
+            seeds = len(times)
+            out.append(
+                {
+                    **dict(key),
+                    "target": target,
+                    "seeds": seeds,
+                    "reached": reached,
+                    "time_s_mean": mean,
+                    "time_s_ci95": half,
+                    "time": _reached(mean, reached, seeds),
+                }
+            )
+    keys = [k for k, _ in next(iter(groups))] if groups else []
+    return keys + TARGET_STATS, out
+
+
+def _reached(mean: float | None, reached: int, seeds: int) -> str:
+    if mean is None:
+        return "not reached" + (f" (0 of {seeds} seeds)" if seeds > 1 else "")
+    if reached == seeds:
+        return human_time(mean)
+    mean_of = f" (the mean of those {reached})" if reached > 1 else ""
+    return f"{human_time(mean)}: reached by {reached} of {seeds} seeds{mean_of}"
+
+
+def human_time(seconds: float) -> str:
+    """Simulated seconds, readable to three significant digits: 2.5 ms, 42.1 s, 12.6 min,
+    3.2 h, 2.1 d."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0), ("s", 1.0)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return "0 s" if seconds == 0 else f"{seconds * 1000:.3g} ms"
 
 
 # ----------------------------------------------------------------------------- writing
