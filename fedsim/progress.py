@@ -16,11 +16,11 @@ def human_bytes(n: float) -> str:
 
 
 def human_seconds(s: float) -> str:
-    """Simulated seconds, readable: 42.0 s, 12.5 min, 3.2 h, 2.1 d."""
+    """Simulated seconds, readable: 12 ms, 4.2 s, 12.5 min, 3.2 h, 2.1 d."""
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if s >= size:
             return f"{s / size:.1f} {unit}"
-    return f"{s:.1f} s"
+    return f"{s:.1f} s" if s >= 0.9995 or s == 0 else f"{s * 1e3:.3g} ms"
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -378,3 +378,10 @@ def test_a_run_on_the_clock_is_the_same_on_the_batched_engine_and_after_a_resume
     assert kinds & {"late", "over_selected", "offline"}  # the clock really dropped some
     assert all(row["sim_time_s"] >= prev["sim_time_s"] for prev, row in zip(inline, inline[1:]))
     assert strip_timings(inline)[0]["sim_time_s"] == 0.0
+
+
+def test_simulated_seconds_read_well_at_every_scale():
+    from fedsim.progress import human_seconds
+
+    got = [human_seconds(s) for s in (0, 0.0094, 0.25, 0.9996, 42, 800, 4000, 1e5)]
+    assert got == ["0.0 s", "9.4 ms", "250 ms", "1.0 s", "42.0 s", "13.3 min", "1.1 h", "1.2 d"]

@@ -12,13 +12,7 @@ def check_system(components) -> None:
     the federation; what its sampling or deadline would make wrong is refused."""
     sim, system = components.sim, components.system
     deadline, over = sim.get("deadline"), sim.get("over_selection", 0.0)
-    if deadline is not None:
-        number("sim.deadline", deadline, low=0, low_open=True)
-    number("sim.over_selection", over, 0, 10)
-    k = integer("sim.async_buffer", sim.get("async_buffer", 0), low=0)
-    if sim.get("concurrency") is not None:
-        integer("sim.concurrency", sim["concurrency"], 1, sim["num_clients"], "sim.num_clients")
-    number("sim.staleness_exponent", sim.get("staleness_exponent", 0.5), 0, 10)
+    k = _sim_keys(sim)
     if not system.active:
         for key, value, off in (
             ("deadline", deadline, None),
@@ -60,6 +54,27 @@ def check_system(components) -> None:
         )
     if k:
         check_buffered(components, k)
+
+
+def _sim_keys(sim) -> int:
+    """The clock's ``sim`` keys in range; returns ``sim.async_buffer``."""
+    deadline, over = sim.get("deadline"), sim.get("over_selection", 0.0)
+    if deadline is not None:
+        number("sim.deadline", deadline, low=0, low_open=True)
+    number("sim.over_selection", over, 0, 10)
+    k = integer("sim.async_buffer", sim.get("async_buffer", 0), low=0)
+    if sim.get("concurrency") is not None:
+        integer("sim.concurrency", sim["concurrency"], 1, sim["num_clients"], "sim.num_clients")
+    number("sim.staleness_exponent", sim.get("staleness_exponent", 0.5), 0, 10)
+    if sim.get("concurrency") is not None and not k:
+        raise ConfigError(
+            "sim.concurrency",
+            sim["concurrency"],
+            "is FedBuff's number of clients training at once on the simulated clock (it does "
+            "not parallelise anything: see engine); set sim.async_buffer=K with a system "
+            "profile, or leave it null",
+        )
+    return k
 
 
 def check_buffered(components, k: int) -> None:

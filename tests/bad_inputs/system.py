@@ -69,6 +69,7 @@ CASES = [
     ),
     Case("fedbuff-no-clock", small("sim.async_buffer=2"), "needs a simulated clock"),
     Case("fedbuff-buffer-too-big", small(*BUFFERED[:1], "sim.async_buffer=9"), "from 1 to"),
+    Case("fedbuff-concurrency-alone", small(*MOBILE, "sim.concurrency=2"), "set sim.async_buffer"),
     Case("fedbuff-concurrency-zero", small(*BUFFERED, "sim.concurrency=0"), "sim.concurrency=0"),
     Case("fedbuff-exponent-negative", small(*BUFFERED, "sim.staleness_exponent=-1"), "[0, 10]"),
     Case("fedbuff-deadline", small(*BUFFERED, "sim.deadline=5"), "synchronous rounds"),
