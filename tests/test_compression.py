@@ -9,6 +9,7 @@ import pytest
 
 from fedsim.compression import (
     QSGD,
+    Cast,
     ComPEFT,
     NoCompression,
     RandK,
@@ -51,8 +52,21 @@ def test_index_bits():
         (QSGD(bits=3, block=64), math.ceil(D * 3 / 8) + 4 * math.ceil(D / 64)),  # a norm a block
         (ComPEFT(ratio=0.1), math.ceil(100 * 10 / 8) + math.ceil(100 / 8) + 4),
         (NoCompression(), 4 * D),
+        (Cast("bfloat16"), 2 * D),
+        (Cast("float16"), 2 * D),
     ],
-    ids=["topk", "topk-k", "randk-seed", "randk-sent", "qsgd", "qsgd-blocks", "compeft", "none"],
+    ids=[
+        "topk",
+        "topk-k",
+        "randk-seed",
+        "randk-sent",
+        "qsgd",
+        "qsgd-blocks",
+        "compeft",
+        "none",
+        "bf16",
+        "fp16",
+    ],
 )
 def test_payload_is_the_compressed_form_at_its_exact_size(compressor, expected_bytes):
     x = X.astype(np.float32)
@@ -168,8 +182,20 @@ def test_malformed_payloads_are_refused():
         QSGD(bits=3, block=7),
         QSGD(bits=8),
         ComPEFT(ratio=0.15),
+        Cast("bfloat16"),
+        Cast("float16"),
     ],
-    ids=["none", "topk", "randk", "randk-indices", "qsgd-blocks", "qsgd", "compeft"],
+    ids=[
+        "none",
+        "topk",
+        "randk",
+        "randk-indices",
+        "qsgd-blocks",
+        "qsgd",
+        "compeft",
+        "bf16",
+        "fp16",
+    ],
 )
 def test_payload_sizes_are_what_the_decoder_expects_and_others_are_refused(compressor):
     for d in (1, 9, 64, 1001):
@@ -187,3 +213,34 @@ def test_payload_sizes_are_what_the_decoder_expects_and_others_are_refused(compr
         longer = {**payload, name: np.concatenate([value, value[:1]])}
         with pytest.raises(ValueError, match="has shape|values, expected"):
             decompress_arrays(compressor, longer, shapes, rng_for, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cast_rounds_as_torch_does_and_contracts_by_its_unit_roundoff(dtype):
+    import torch
+
+    rng = np.random.default_rng(3)
+    # every binade of float16's normal range, ties, zeros and signs
+    x = (rng.normal(size=5000) * 10.0 ** rng.uniform(-4, 4, size=5000)).astype(np.float32)
+    x[:4] = [0.0, -0.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8]  # bfloat16 ties: to even
+    c = Cast(dtype)
+    back = c.decompress(c.compress(x, None), x.size, np.float32, None)
+    want = torch.from_numpy(x).to(getattr(torch, dtype)).to(torch.float32).numpy()
+    np.testing.assert_array_equal(back, want)
+    u = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+    normal = np.abs(x) >= (np.finfo(np.float16).tiny if dtype == "float16" else 0)
+    err = np.abs(back[normal].astype(np.float64) - x[normal])
+    assert np.all(err <= u * np.abs(x[normal]) * (1 + 1e-12))
+    assert c.alpha(x.size) == 1 - u**2
+
+
+def test_cast_saturates_float16_and_keeps_bfloat16_range_and_nan():
+    big = np.array([1e6, -1e6, 3e38, np.nan], dtype=np.float32)
+    half = Cast("float16")
+    back = half.decompress(half.compress(big[:2], None), 2, np.float32, None)
+    np.testing.assert_array_equal(back, [65504.0, -65504.0])
+    bf = Cast("bfloat16")
+    back = bf.decompress(bf.compress(big, None), 4, np.float32, None)
+    assert back[2] == pytest.approx(3e38, rel=2**-8) and np.isnan(back[3])
+    with pytest.raises(ValueError, match="arrive as uint16"):
+        bf.decompress({"half": np.zeros(4, np.float16)}, 4, np.float32, None)

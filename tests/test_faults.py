@@ -201,8 +201,10 @@ def test_faults_compose_with_compression_and_privacy(extra, run_tiny):
         ["compressor=qsgd", "compressor.block=16"],
         ["compressor=compeft"],
         ["compressor=topk", "feedback=ef21", "feedback.compress_first=true"],
+        ["compressor=cast"],
+        ["compressor=cast", "compressor.dtype=float16"],
     ],
-    ids=["topk", "randk-indices", "qsgd", "qsgd-blocks", "compeft", "ef21"],
+    ids=["topk", "randk-indices", "qsgd", "qsgd-blocks", "compeft", "ef21", "bf16", "fp16"],
 )
 @pytest.mark.parametrize("kind", ["shape", "nan"])
 def test_every_corrupted_payload_is_rejected(compressor, kind, run_tiny):

@@ -28,11 +28,13 @@ from fedsim.compression.base import (
     scale_to_norm,
     unpack_uint,
 )
+from fedsim.compression.cast import Cast
 from fedsim.compression.qsgd import QSGD
 from fedsim.compression.sparse import ComPEFT, RandK, TopK, top_indices
 
 __all__ = [
     "DENSE",
+    "Cast",
     "FLAT",
     "QSGD",
     "SCOPES",

@@ -38,6 +38,11 @@ CASES = [
     Case("config-blocklisted-target", small("logger._target_=os.system"), "blocklisted"),
     Case("config-missing-target", small("logger._target_=nowhere.Thing"), "nowhere.Thing"),
     Case("config-topk-ratio", small("compressor=topk", "compressor.ratio=2"), "compressor"),
+    Case(
+        "config-cast-dtype",
+        small("compressor=cast", "compressor.dtype=float32"),
+        "compressor.dtype=float32: must be float16 or bfloat16",
+    ),
     # FedProx and SCAFFOLD (docs/strategies.md)
     Case("config-prox-mu-negative", small("sim.prox_mu=-0.1"), "sim.prox_mu=-0.1"),
     Case("config-prox-mu-text", small("sim.prox_mu=much"), "sim.prox_mu"),
