@@ -209,18 +209,29 @@ class EControl(_Tracking):
 
     Parameters
     ----------
-    eta : float
-        Weight of the error term in what is compressed (> 0).
+    eta : float or None
+        Weight of the error term in what is compressed (> 0). None (the default): the
+        compressor's contraction parameter ``a`` of each compressed unit (``K/d`` for Top-K),
+        the order the paper's analysis takes ``eta`` at (Gao, Islamov & Stich, 2023,
+        arXiv:2311.05645); ``eta = 1`` lets the error memory grow without bound under Top-K.
     """
 
     name = "econtrol"
     states = ("e", "h")
 
     def __init__(
-        self, lr_server: float = 1.0, compress_first: bool = False, eta: float = 1.0
+        self, lr_server: float = 1.0, compress_first: bool = False, eta: float | None = None
     ) -> None:
         super().__init__(lr_server, compress_first)
-        self.eta = number("feedback.eta", eta, low=0, low_open=True)
+        self.eta = None if eta is None else number("feedback.eta", eta, low=0, low_open=True)
+
+    def etas(self, u: Arrays, compressor) -> dict[str, float]:
+        """``eta`` for each array of ``u`` (its unit's ``a`` when ``eta`` is None)."""
+        if self.eta is not None:
+            return dict.fromkeys(u, self.eta)
+        if compressor.scope == "flat":
+            return dict.fromkeys(u, compressor.alpha(sum(np.size(v) for v in u.values())))
+        return {k: compressor.alpha(np.size(v)) for k, v in u.items()}
 
     def encode(self, u, compressor, rng_for, dtype, state, clip=None):
         first = f"h/{next(iter(u))}" not in state
@@ -230,7 +241,8 @@ class EControl(_Tracking):
             payload, d = _dense(dict(u), dtype, clip)
             new_e = {k: np.zeros(np.shape(u[k])) for k in u}
         else:
-            v = {k: self.eta * e[k] + u[k] - h[k] for k in u}
+            eta = self.etas(u, compressor)
+            v = {k: eta[k] * e[k] + u[k] - h[k] for k in u}
             payload, d = send_compressed(compressor, v, rng_for, dtype, clip)
             new_e = {k: e[k] + u[k] - h[k] - d[k] for k in u}
         for k in u:

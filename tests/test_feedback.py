@@ -85,12 +85,14 @@ def test_naive_matches_numpy():
     assert_trajectories_equal(got, want)
 
 
-@pytest.mark.parametrize("eta", [1.0, 0.3])
+@pytest.mark.parametrize("eta", [1.0, 0.3, None])
 def test_econtrol_matches_numpy(eta):
     u, sampled, p, x0 = scenario(3)
     feedback = EControl(lr_server=LR_SERVER, eta=eta)
     got, _ = simulate(feedback, u, sampled, p, x0)
-    want, h, _, _ = ref.run_econtrol(u, sampled, N, compress, x0, LR, LR_SERVER, eta)
+    # the default: Top-K's contraction parameter, K/d = 5/50
+    want_eta = K / D if eta is None else eta
+    want, h, _, _ = ref.run_econtrol(u, sampled, N, compress, x0, LR, LR_SERVER, want_eta)
     assert_trajectories_equal(got, want)
     np.testing.assert_allclose(feedback.server_state["w"], h, atol=1e-12)
 
@@ -143,3 +145,33 @@ def test_compressed_updates_under_central_dp_match_numpy(method):
     assert max(norms) <= clip * (1 + 1e-6)  # what a client sends is bounded
     if method in ("ef21", "econtrol"):  # dense first messages sit on the bound: clipped
         assert max(norms) == pytest.approx(clip, rel=1e-6)
+
+
+def test_econtrol_converges_at_its_default_eta_and_diverges_at_one():
+    """Distributed least squares (5 heterogeneous clients, Top-K 10%, full gradients): at the
+    default eta (K/d) EControl reaches the optimum to 1e-10; at eta = 1 its error memory
+    blows up (the regime the old default sat in)."""
+    rng = np.random.default_rng(0)
+    A = [rng.normal(size=(60, D)) / np.sqrt(60) for _ in range(N)]
+    b = [rng.normal(size=60) for _ in range(N)]
+    hess = sum(a.T @ a for a in A) / N
+    optimum = np.linalg.solve(hess, sum(a.T @ bb for a, bb in zip(A, b)) / N)
+    lr = 0.5 / np.linalg.eigvalsh(hess).max()
+
+    def distance(eta):
+        codec = Codec(TopK(ratio=0.1), EControl(eta=eta), lr, seed=0)
+        states = {c: RecordDict() for c in range(N)}
+        x = {"w": np.zeros(D)}
+        for t in range(1, 401):
+            decoded = []
+            for c in range(N):
+                grad = A[c].T @ (A[c] @ x["w"] - b[c])
+                payload = codec.client_encode(x, {"w": x["w"] - lr * grad}, c, t, states[c], t - 1)
+                decoded.append(codec.decode(payload, x, c, t))
+            x = codec.step(x, decoded, N)
+            if not np.linalg.norm(x["w"] - optimum) < 1e10:
+                return np.inf
+        return np.linalg.norm(x["w"] - optimum)
+
+    assert distance(None) < 1e-10
+    assert distance(1.0) == np.inf
