@@ -35,12 +35,12 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     from fedsim.registry import GROUPS
 
     out = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
-    sim = out.get("sim")
-    if isinstance(sim, dict):
-        out["sim"] = {k: v for k, v in sim.items() if SIM_OPTIONAL.get(k, ()) != v}
     for g in GROUPS:
         if g.default is not None and _at_default(out.get(g.name), g.default):
             del out[g.name]
+    later = {**{f"sim.{k}": v for k, v in SIM_OPTIONAL.items()}, **NESTED_OPTIONAL}
+    for path, value in later.items():
+        out = _without(out, path.split("."), value)
     adapter = out.get("adapter")
     if isinstance(adapter, dict) and isinstance(adapter.get("client_ranks"), dict):
         tiers = adapter["client_ranks"]  # rank tiers: a checkpoint's JSON keys are strings
@@ -48,9 +48,22 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: keys inside a group's nested settings that configurations saved before them lack, with the
+#: value that changes nothing (left out of the comparison at that value, as ``SIM_OPTIONAL``)
+NESTED_OPTIONAL = {"adapter.init.eta1": "schedule", "adapter.init.warmup_ratio": 0.02}
+
+
+def _without(node: Any, path: list[str], value: Any) -> Any:
+    """``node`` without the key at ``path`` if it holds ``value`` (copies on the way down)."""
+    if not isinstance(node, dict) or path[0] not in node:
+        return node
+    if len(path) == 1:
+        return {k: v for k, v in node.items() if k != path[0] or v != value}
+    return {**node, path[0]: _without(node[path[0]], path[1:], value)}
+
+
 def _at_default(node: Any, default: str) -> bool:
-    """Whether a group's node is its registry default with every other key at the class's
-    keyword default (``system=none`` has ``name: none`` and ``targets: []``)."""
+    """Whether a group's node is its registry default, other keys at the class's defaults."""
     if not (isinstance(node, dict) and node.get("_target_") == default):
         return False
     defaults = _class_defaults(default)
@@ -58,7 +71,7 @@ def _at_default(node: Any, default: str) -> bool:
     return all(k in defaults and _plain(defaults[k]) == _plain(v) for k, v in rest.items())
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any) -> Any:  # a tuple default and a list from YAML are the same
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -217,3 +217,27 @@ def test_the_rank_bounds_are_where_a_larger_rank_stops_adding_updates():
     for refused in (FFALoRA(r=9), LoRA(r=6)):
         with pytest.raises(ConfigError, match="adapter.r"):
             apply(refused)
+
+
+def test_lora_sb_first_step_size_by_each_rule():
+    """eta1: the client schedule's first rate, the reference code's lr / (warmup_ratio * total
+    steps) (train_arithmetic.py's eff_lr), or a number; anything else is refused."""
+    from fedsim.adapters import LoRASB
+    from fedsim.adapters.data_init import InitRun
+    from fedsim.training import ConstantSchedule
+
+    run = InitRun(lr=0.01, schedule=ConstantSchedule(warmup_steps=4), total_steps=10000)
+    first = {
+        rule: LoRASB(init={"eta1": rule}).data_init.first_step(run)
+        for rule in ("schedule", "reference", 0.003)
+    }
+    assert first["schedule"] == pytest.approx(0.01 / 5)  # the warm-up's first factor, 1/(4+1)
+    assert first["reference"] == pytest.approx(0.01 / (0.02 * 10000))
+    assert first[0.003] == 0.003
+    ratio = LoRASB(init={"eta1": "reference", "warmup_ratio": 0.06}).data_init.first_step(run)
+    assert ratio == pytest.approx(0.01 / 600)
+    short = InitRun(lr=0.01, schedule=ConstantSchedule(), total_steps=20)  # < one warm-up step
+    assert LoRASB(init={"eta1": "reference"}).data_init.first_step(short) == 0.01
+    for bad in ("fast", -1, 0):
+        with pytest.raises(ConfigError, match="must be schedule, reference or a number > 0"):
+            LoRASB(init={"eta1": bad})

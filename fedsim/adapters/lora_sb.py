@@ -34,9 +34,11 @@ from fedsim.adapters.data_init import DataInit, InitRun
 from fedsim.adapters.gradients import base_gradients, private_base_gradients
 from fedsim.dropout import AdapterDropout
 from fedsim.errors import ConfigError
-from fedsim.validate import integer, number
+from fedsim.validate import integer, is_number, number
 
 INIT_METHODS = ("gradient", "random")
+#: rules for LoRA-SB's first step size (or a number)
+ETA1_RULES = ("schedule", "reference")
 
 
 class LoRASBLinear(AdaptedLinear):
@@ -88,7 +90,10 @@ class LoRASB(Adapter):
         ``method``: ``gradient`` (LoRA-SB's update approximation) or ``random``;
         ``source``: ``server`` or ``clients`` (where the gradient examples come from);
         ``examples``: ``N_init``, examples the gradient is accumulated on (the reference uses
-        50 to 550); ``batch_size``: examples per gradient batch.
+        50 to 550); ``batch_size``: examples per gradient batch; ``eta1``: the first step's
+        size, ``schedule`` (the client schedule's first learning rate), ``reference`` (the
+        reference code's ``lr / (warmup_ratio * total steps)``: its first warm-up rate) or a
+        number; ``warmup_ratio`` (for ``reference``; 0.02, the reference's default).
     """
 
     name = "lora_sb"
@@ -106,7 +111,7 @@ class LoRASB(Adapter):
         self.r = integer("adapter.r", r, low=1)
         self.dropout = number("adapter.dropout", dropout, 0, 1, high_open=True)
         init = dict(init or {})
-        allowed = {"method", "source", "examples", "batch_size"}
+        allowed = {"method", "source", "examples", "batch_size", "eta1", "warmup_ratio"}
         for key in init:
             if key not in allowed:
                 raise ConfigError(
@@ -124,6 +129,8 @@ class LoRASB(Adapter):
             source=init.get("source", "server"),
             examples=init.get("examples", 256),
             batch_size=init.get("batch_size", 32),
+            eta1=init.get("eta1", "schedule"),
+            warmup_ratio=init.get("warmup_ratio", 0.02),
         )
         self.data_init = gradient if self.init_method == "gradient" else None
 
@@ -182,9 +189,31 @@ class GradientInit(DataInit):
         "uses its sign); one more step at rate q, included in epsilon"
     )
 
-    def __init__(self, adapter: LoRASB, source: str, examples: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        adapter: LoRASB,
+        source: str,
+        examples: int,
+        batch_size: int,
+        eta1: str | float = "schedule",
+        warmup_ratio: float = 0.02,
+    ) -> None:
         super().__init__(source, examples, batch_size, key="adapter.init")
         self.adapter = adapter
+        if eta1 not in ETA1_RULES and not (is_number(eta1) and eta1 > 0):
+            raise ConfigError(
+                "adapter.init.eta1", eta1, "must be schedule, reference or a number > 0"
+            )
+        self.eta1 = eta1
+        self.warmup_ratio = number("adapter.init.warmup_ratio", warmup_ratio, 0, 1, low_open=True)
+
+    def first_step(self, run: InitRun) -> float:
+        """``eta1`` by its rule (see :class:`LoRASB`)."""
+        if self.eta1 == "schedule":
+            return run.lr * run.schedule.factor(0, run.total_steps)
+        if self.eta1 == "reference":
+            return run.lr / max(1.0, self.warmup_ratio * run.total_steps)
+        return float(self.eta1)
 
     def statistic_shapes(self, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
         return {m: spec.shapes[m] for m in spec.adapted_modules}
@@ -201,6 +230,7 @@ class GradientInit(DataInit):
         )
 
     def initialize(self, model, spec, statistics, run: InitRun) -> dict[str, Any]:
-        eta1 = run.lr * run.schedule.factor(0, run.total_steps)
+        eta1 = self.first_step(run)
         self.adapter.initialize(model, spec, statistics, eta1)
-        return {"eta1": eta1}
+        rule = self.eta1 if isinstance(self.eta1, str) else "set"
+        return {"eta1": eta1, "eta1_rule": rule}

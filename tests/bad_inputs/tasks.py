@@ -127,6 +127,11 @@ CASES = [
     Case("adapter-rank-string", small("strategy=fedavg", "adapter.r=eight"), "adapter.r=eight"),
     Case("adapter-lora-sb-rank-negative", small("strategy=fedsb", "adapter.r=-3"), "adapter.r=-3"),
     Case(
+        "adapter-lora-sb-eta1",
+        small("strategy=fedsb", "adapter.init.eta1=fast"),
+        "adapter.init.eta1=fast: must be schedule, reference or a number > 0",
+    ),
+    Case(
         "adapter-alpha-negative", small("strategy=fedavg", "adapter.alpha=-16"), "adapter.alpha=-16"
     ),
     Case("adapter-dropout-one", small("strategy=fedavg", "adapter.dropout=1"), "adapter.dropout=1"),
