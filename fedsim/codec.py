@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim import keys
-from fedsim.compression import Compressor, decompress_arrays
+from fedsim.compression import Compressor, decompress_arrays, raw_extra
 from fedsim.feedback import Arrays, Feedback, Naive, rng_factory
 from fedsim.records import array_record, numpy_dict
 from fedsim.uplink import Linear, Stage
@@ -81,6 +81,9 @@ class Codec(Stage):
         out.arrays = self.client_encode(
             sending.reference, trained, call.client, call.server_round, call.state, absorbed
         )
+        extra = raw_extra(self.compressor, out.arrays, trained)
+        if extra:  # what the fixed-width format would have sent more (bytes_up_raw)
+            out.metrics[keys.RAW_EXTRA] = float(extra)
         if self.diagnose:
             out.diagnostic = trained
 

@@ -39,6 +39,7 @@ STATE_CONTROL_INFO = "fedsim.control-pending-info"  # ConfigRecord: ...in this r
 EPSILON = "epsilon"  # MetricRecord keys of a DP client's reply
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
+RAW_EXTRA = "raw-extra-bytes"  # MetricRecord key: fixed-width bytes minus the coded ones sent
 DELAY = "simulated-delay-s"  # MetricRecord key: a straggler's simulated delay (fedsim.faults)
 ABSORBED = "absorbed"  # ConfigRecord key: the last round the server aggregated your message
 CONTROL_ABSORBED = "control-absorbed"  # the same for SCAFFOLD's variates (fedsim.control)

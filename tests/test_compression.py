@@ -41,39 +41,54 @@ def test_index_bits():
     assert [index_bits(d) for d in (1, 2, 3, 4, 5, 1000, 1024, 1025)] == [0, 1, 2, 2, 3, 10, 10, 11]
 
 
+def log2_binomial(d: int, k: int) -> float:
+    return (math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1)) / math.log(2)
+
+
 @pytest.mark.parametrize(
-    "compressor, expected_bytes",
+    "compressor, fixed_bytes, kept",
     [
-        (TopK(ratio=0.1), 4 * 100 + math.ceil(100 * 10 / 8)),  # values + packed 10-bit indices
-        (TopK(k=7), 4 * 7 + math.ceil(7 * 10 / 8)),
-        (RandK(ratio=0.1), 4 * 100),  # indices from the shared seed cost nothing
-        (RandK(ratio=0.1, shared_seed=False), 4 * 100 + math.ceil(100 * 10 / 8)),
-        (QSGD(bits=4), math.ceil(D * 4 / 8) + 4),  # codes (sign included) + one norm
-        (QSGD(bits=3, block=64), math.ceil(D * 3 / 8) + 4 * math.ceil(D / 64)),  # a norm a block
-        (ComPEFT(ratio=0.1), math.ceil(100 * 10 / 8) + math.ceil(100 / 8) + 4),
-        (NoCompression(), 4 * D),
-        (Cast("bfloat16"), 2 * D),
-        (Cast("float16"), 2 * D),
+        (TopK(ratio=0.1), 4 * 100, 100),  # values + coded positions of 100 of 1000
+        (TopK(k=7), 4 * 7, 7),
+        (RandK(ratio=0.1), 4 * 100, 0),  # positions from the shared seed cost nothing
+        (RandK(ratio=0.1, shared_seed=False), 4 * 100, 100),
+        (ComPEFT(ratio=0.1), math.ceil(100 / 8) + 4, 100),  # signs + a scale + positions
+        (NoCompression(), 4 * D, 0),
+        (Cast("bfloat16"), 2 * D, 0),
+        (Cast("float16"), 2 * D, 0),
     ],
-    ids=[
-        "topk",
-        "topk-k",
-        "randk-seed",
-        "randk-sent",
-        "qsgd",
-        "qsgd-blocks",
-        "compeft",
-        "none",
-        "bf16",
-        "fp16",
-    ],
+    ids=["topk", "topk-k", "randk-seed", "randk-sent", "compeft", "none", "bf16", "fp16"],
 )
-def test_payload_is_the_compressed_form_at_its_exact_size(compressor, expected_bytes):
+def test_payload_is_the_compressed_form_with_positions_at_their_information(
+    compressor, fixed_bytes, kept
+):
+    """What travels: the fixed parts at their size, and the kept positions in between
+    log2 C(d, K) bits and 5% (+ 2 bytes) more."""
     x = X.astype(np.float32)
     payload = compressor.compress(x, np.random.default_rng(1))
-    assert nbytes(payload) == expected_bytes
+    coded = nbytes(payload) - fixed_bytes
+    ideal = log2_binomial(D, kept) / 8
+    assert ideal <= coded <= 1.05 * ideal + 2
     back = compressor.decompress(payload, D, x.dtype, np.random.default_rng(1))
     assert back.shape == (D,) and back.dtype == np.float32
+
+
+@pytest.mark.parametrize("levels", [1, 4, 7, 16])
+def test_qsgd_levels_are_coded_below_fixed_width_and_decode_exactly(levels):
+    """Any number of levels (the paper's s); the signed levels travel coded, far below the
+    fixed width (1 + bits for s) on a Gaussian vector, and decode to sign * norm * level / s."""
+    q = QSGD(levels=levels)
+    x = X.astype(np.float32)
+    payload = q.compress(x, np.random.default_rng(2))
+    fixed = math.ceil(D * (1 + levels.bit_length()) / 8)
+    assert payload["codes"].dtype == np.uint8 and payload["codes"].nbytes < 0.5 * fixed
+    back = q.decompress(payload, D, np.float64, None)
+    norm = float(payload["scales"][0])
+    level = back * levels / norm
+    np.testing.assert_allclose(level, np.round(level), atol=1e-9)
+    assert np.abs(np.round(level)).max() <= levels and np.all(np.sign(back) * np.sign(x) >= 0)
+    assert q.omega(D) == pytest.approx(min(D / levels**2, math.sqrt(D) / levels))
+    assert QSGD(bits=4).levels == 7
 
 
 def test_topk_keeps_the_largest_with_lower_index_tie_break():
@@ -201,9 +216,13 @@ def test_payload_sizes_are_what_the_decoder_expects_and_others_are_refused(compr
     for d in (1, 9, 64, 1001):
         x = np.random.default_rng(d).standard_normal(d).astype(np.float32)
         payload = compressor.compress(x, np.random.default_rng(0))
-        assert {k: v.shape for k, v in payload.items()} == {
-            k: (n,) for k, n in compressor.part_sizes(d).items()
-        }
+        sizes = compressor.part_sizes(d)
+        assert set(payload) == set(sizes)
+        for k, n in sizes.items():  # None: a coded byte buffer, its length the data's
+            if n is None:
+                assert payload[k].dtype == np.uint8 and payload[k].ndim == 1
+            else:
+                assert payload[k].shape == (n,)
     arrays = {"w": np.random.default_rng(1).standard_normal((8, 9)).astype(np.float32)}
     rng_for = lambda unit: np.random.default_rng([3, unit])  # noqa: E731
     payload = compress_arrays(compressor, arrays, rng_for, np.float32)
@@ -211,7 +230,7 @@ def test_payload_sizes_are_what_the_decoder_expects_and_others_are_refused(compr
     decompress_arrays(compressor, payload, shapes, rng_for, np.float32)
     for name, value in payload.items():  # one value too many, in any part: refused
         longer = {**payload, name: np.concatenate([value, value[:1]])}
-        with pytest.raises(ValueError, match="has shape|values, expected"):
+        with pytest.raises(ValueError, match="has shape|values, expected|trailing bytes"):
             decompress_arrays(compressor, longer, shapes, rng_for, np.float32)
 
 
@@ -244,3 +263,25 @@ def test_cast_saturates_float16_and_keeps_bfloat16_range_and_nan():
     assert back[2] == pytest.approx(3e38, rel=2**-8) and np.isnan(back[3])
     with pytest.raises(ValueError, match="arrive as uint16"):
         bf.decompress({"half": np.zeros(4, np.float16)}, 4, np.float32, None)
+
+
+@pytest.mark.parametrize(
+    "compressor, raw",
+    [
+        (TopK(ratio=0.1), lambda d, k: 4 * k + math.ceil(k * math.ceil(math.log2(d)) / 8)),
+        (RandK(ratio=0.1, shared_seed=False), lambda d, k: 4 * k + math.ceil(k * 10 / 8)),
+        (ComPEFT(ratio=0.1), lambda d, k: math.ceil(k * 10 / 8) + math.ceil(k / 8) + 4),
+        (QSGD(bits=4), lambda d, k: math.ceil(d * 4 / 8) + 4),
+        (RandK(ratio=0.1), lambda d, k: 4 * k),
+        (Cast("bfloat16"), lambda d, k: 2 * d),
+    ],
+    ids=["topk", "randk-indices", "compeft", "qsgd", "randk-seed", "bf16"],
+)
+def test_raw_extra_is_what_the_fixed_width_format_would_add(compressor, raw):
+    """bytes_up_raw: the coded payload plus raw_extra is the old fixed-width size, by hand
+    (values at 4 bytes, positions at ceil(log2 d) = 10 bits for d = 1000)."""
+    from fedsim.compression import raw_extra
+
+    arrays = {"w": X.astype(np.float32)}
+    payload = compress_arrays(compressor, arrays, lambda u: np.random.default_rng(u), np.float32)
+    assert nbytes(payload) + raw_extra(compressor, payload, arrays) == raw(D, 100)

@@ -15,7 +15,7 @@ indices with ``shared_seed``) at no cost. ``scope``: compress each tensor on its
 (``tensor``) or the concatenated update (``flat``).
 """
 
-from fedsim.compression.arrays import compress_arrays, decompress_arrays, units
+from fedsim.compression.arrays import compress_arrays, decompress_arrays, raw_extra, units
 from fedsim.compression.base import (
     DENSE,
     FLAT,
@@ -48,6 +48,7 @@ __all__ = [
     "decompress_arrays",
     "index_bits",
     "pack_uint",
+    "raw_extra",
     "scale_to_norm",
     "top_indices",
     "unpack_uint",

@@ -66,7 +66,9 @@ def decompress_arrays(
         else:
             for part, size in compressor.part_sizes(d).items():
                 got = np.shape(parts[part])
-                if got != (size,):
+                if size is None and (len(got) != 1 or np.asarray(parts[part]).dtype != np.uint8):
+                    raise ValueError(f"{unit}/{part} is not a coded byte buffer (shape {got})")
+                if size is not None and got != (size,):
                     raise ValueError(f"{unit}/{part} has shape {got}, expected ({size},)")
             x = compressor.decompress(parts, d, dtype, rng_for(index)).astype(np.float64)
         for name, piece in zip(names, np.split(x, np.cumsum(sizes)[:-1])):
@@ -75,3 +77,20 @@ def decompress_arrays(
     if extra:
         raise ValueError(f"unexpected payload arrays {sorted(extra)[:3]}")
     return out
+
+
+def raw_extra(
+    compressor: Compressor, payload: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]
+) -> int:
+    """How many bytes more ``payload`` (the encoding of ``arrays``) would take in the
+    fixed-width format (:meth:`Compressor.raw_bytes`); 0 for dense units."""
+    extra = 0
+    for unit, names in units(compressor, list(arrays)):
+        parts = {k: v for k, v in payload.items() if k.rsplit("/", 1)[0] == unit}
+        if f"{unit}/{DENSE}" in parts:
+            continue
+        d = sum(int(np.size(arrays[n])) for n in names)
+        raw = compressor.raw_bytes(d, np.asarray(arrays[names[0]]).dtype.itemsize)
+        if raw is not None:
+            extra += raw - sum(int(np.asarray(v).nbytes) for v in parts.values())
+    return extra

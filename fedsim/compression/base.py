@@ -94,8 +94,15 @@ class Compressor:
 
     def part_sizes(self, d: int) -> dict[str, int]:
         """How many values each payload array holds for a unit of ``d`` values (a payload of
-        other sizes is malformed: the decoder refuses it instead of truncating it)."""
+        other sizes is malformed: the decoder refuses it instead of truncating it); None for
+        an entropy-coded byte buffer, whose length depends on the data (its decoder checks
+        that it ends where its code does)."""
         raise NotImplementedError
+
+    def raw_bytes(self, d: int, itemsize: int) -> int | None:
+        """The bytes of a unit of ``d`` values in the fixed-width format fedsim sent before
+        payloads were entropy-coded (``bytes_up_raw``); None: the same as what travels."""
+        return None
 
     def compress(self, x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError

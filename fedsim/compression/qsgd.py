@@ -6,27 +6,39 @@ import math
 
 import numpy as np
 
-from fedsim.compression.base import Compressor, pack_uint, unpack_uint
+from fedsim.compression.base import Compressor
+from fedsim.compression.coding import decode_levels, encode_levels
 from fedsim.validate import integer
 
 
 class QSGD(Compressor):
-    """QSGD (Alistarh et al., 2017): b-bit stochastic quantisation with one norm per block.
+    """QSGD (Alistarh et al., 2017): stochastic quantisation to ``s`` levels, one norm per block.
 
-    Each entry becomes a sign bit and a level in ``0..s`` (``s = 2^(b-1) - 1``) drawn so that
+    Each entry becomes a sign and a level in ``0..s`` drawn so that
     ``E[norm * sign * level / s] = x``: unbiased, ``w = min(B/s^2, sqrt(B)/s)`` for blocks of
-    ``B`` entries (``block: null``: the whole tensor). Payload: ``b`` bits per entry, packed, and
-    one norm per block.
+    ``B`` entries (``block: null``: the whole tensor). ``levels`` is the paper's ``s`` (null:
+    ``2^(bits-1) - 1``, what ``bits`` bits with a sign bit hold). Payload: the signed levels
+    entropy-coded (:func:`fedsim.compression.coding.encode_levels`: at or below the paper's
+    Elias code) and one norm per block.
     """
 
     name = "qsgd"
     unbiased = True
 
-    def __init__(self, bits: int = 4, block: int | None = None, scope: str = "tensor") -> None:
+    def __init__(
+        self,
+        bits: int = 4,
+        block: int | None = None,
+        scope: str = "tensor",
+        levels: int | None = None,
+    ) -> None:
         super().__init__(scope)
         self.bits = integer("compressor.bits", bits, 2, 32)
         self.block = None if block is None else integer("compressor.block", block, low=1)
-        self.levels = 2 ** (self.bits - 1) - 1
+        if levels is None:
+            self.levels = 2 ** (self.bits - 1) - 1
+        else:
+            self.levels = integer("compressor.levels", levels, 1, 2**31 - 1)
 
     def _block(self, d: int) -> int:
         return d if self.block is None else min(self.block, d)
@@ -36,7 +48,12 @@ class QSGD(Compressor):
         return min(b / s**2, math.sqrt(b) / s)
 
     def part_sizes(self, d):
-        return {"codes": math.ceil(d * self.bits / 8), "scales": math.ceil(d / self._block(d))}
+        return {"codes": None, "scales": math.ceil(d / self._block(d))}
+
+    def raw_bytes(self, d, itemsize):
+        """``1 + bits(s)`` bits per entry (a sign and the level), packed, and the norms."""
+        bits = 1 + self.levels.bit_length()
+        return math.ceil(d * bits / 8) + itemsize * math.ceil(d / self._block(d))
 
     def compress(self, x, rng):
         d, b = x.size, self._block(x.size)
@@ -48,14 +65,11 @@ class QSGD(Compressor):
         low = np.floor(r)
         level = low + (rng.random(r.shape) < (r - low))
         level = np.minimum(level, self.levels).ravel()[:d].astype(np.int64)
-        sign = (blocks.ravel()[:d] < 0).astype(np.int64)
-        codes = (sign << (self.bits - 1)) | level
-        return {"codes": pack_uint(codes, self.bits), "scales": norms}
+        signed = np.where(blocks.ravel()[:d] < 0, -level, level)
+        return {"codes": encode_levels(signed, self.levels), "scales": norms}
 
     def decompress(self, payload, d, dtype, rng):
         b = self._block(d)
-        codes = unpack_uint(payload["codes"], self.bits, d)
-        sign = np.where(codes >> (self.bits - 1), -1.0, 1.0)
-        level = codes & ((1 << (self.bits - 1)) - 1)
+        signed = decode_levels(payload["codes"], d, self.levels).astype(np.float64)
         norms = np.repeat(np.asarray(payload["scales"], dtype=np.float64), b)[:d]
-        return (sign * norms * level / self.levels).astype(dtype)
+        return (norms * signed / self.levels).astype(dtype)

@@ -1,4 +1,7 @@
-"""Sparsifiers: Top-K, Rand-K, and ComPEFT (Top-K signs with one scale)."""
+"""Sparsifiers: Top-K, Rand-K, and ComPEFT (Top-K signs with one scale).
+
+The kept positions travel Golomb-coded (:func:`fedsim.compression.coding.encode_positions`:
+within about 1% of ``log2 C(d, K)`` bits), the values in their dtype, in position order."""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ import math
 
 import numpy as np
 
-from fedsim.compression.base import Compressor, index_bits, pack_uint, unpack_uint
+from fedsim.compression.base import Compressor, index_bits
+from fedsim.compression.coding import decode_positions, encode_positions
 from fedsim.errors import ConfigError
 from fedsim.validate import boolean, integer, number
 
@@ -27,6 +31,11 @@ class _Sparse(Compressor):
         )
         self.k = None if k is None else integer("compressor.k", k, low=1)
 
+    def raw_bytes(self, d: int, itemsize: int) -> int | None:
+        """Values at ``itemsize`` and ``ceil(log2 d)``-bit packed positions."""
+        k = self.count(d)
+        return itemsize * k + math.ceil(k * index_bits(d) / 8)
+
     def count(self, d: int) -> int:
         if self.k is not None:
             return min(self.k, d)
@@ -40,7 +49,7 @@ def top_indices(x: np.ndarray, k: int) -> np.ndarray:
 
 
 class TopK(_Sparse):
-    """Top-K: the K largest magnitudes with their indices. Contractive, ``a = K/d``."""
+    """Top-K: the K largest magnitudes with their coded positions. Contractive, ``a = K/d``."""
 
     name = "topk"
     contractive = norm_non_increasing = True
@@ -49,17 +58,15 @@ class TopK(_Sparse):
         return self.count(d) / d
 
     def part_sizes(self, d):
-        k = self.count(d)
-        return {"values": k, "indices": math.ceil(k * index_bits(d) / 8)}
+        return {"values": self.count(d), "indices": None}
 
     def compress(self, x, rng):
         idx = top_indices(x, self.count(x.size))
-        return {"values": x[idx], "indices": pack_uint(idx, index_bits(x.size))}
+        return {"values": x[idx], "indices": encode_positions(idx, x.size)}
 
     def decompress(self, payload, d, dtype, rng):
-        k = self.count(d)
         out = np.zeros(d, dtype=dtype)
-        out[unpack_uint(payload["indices"], index_bits(d), k)] = payload["values"]
+        out[decode_positions(payload["indices"], d, self.count(d))] = payload["values"]
         return out
 
 
@@ -99,7 +106,12 @@ class RandK(_Sparse):
         k = self.count(d)
         if self.shared_seed:
             return {"values": k}
-        return {"values": k, "indices": math.ceil(k * index_bits(d) / 8)}
+        return {"values": k, "indices": None}
+
+    def raw_bytes(self, d, itemsize):
+        if self.shared_seed:
+            return None
+        return super().raw_bytes(d, itemsize)
 
     def _indices(self, d: int, rng: np.random.Generator) -> np.ndarray:
         return np.sort(rng.choice(d, size=self.count(d), replace=False))
@@ -109,7 +121,7 @@ class RandK(_Sparse):
         values = x[idx] * (x.size / idx.size) if self.scaled else x[idx]
         out = {"values": values.astype(x.dtype)}
         if not self.shared_seed:
-            out["indices"] = pack_uint(idx, index_bits(x.size))
+            out["indices"] = encode_positions(idx, x.size)
         return out
 
     def decompress(self, payload, d, dtype, rng):
@@ -117,7 +129,7 @@ class RandK(_Sparse):
         if self.shared_seed:
             idx = self._indices(d, rng)
         else:
-            idx = unpack_uint(payload["indices"], index_bits(d), k)
+            idx = decode_positions(payload["indices"], d, k)
         out = np.zeros(d, dtype=dtype)
         out[idx] = payload["values"]
         return out
@@ -126,7 +138,7 @@ class RandK(_Sparse):
 class ComPEFT(_Sparse):
     """ComPEFT (Yadav et al., 2023): the top-K magnitudes sent as ``sign * alpha * std(x)``.
 
-    Payload: packed indices, one sign bit per kept entry, one scale per tensor. Neither
+    Payload: coded positions, one sign bit per kept entry, one scale per tensor. Neither
     contractive nor unbiased: no error-feedback guarantee covers it.
     """
 
@@ -144,24 +156,24 @@ class ComPEFT(_Sparse):
 
     def part_sizes(self, d):
         k = self.count(d)
-        return {
-            "indices": math.ceil(k * index_bits(d) / 8),
-            "signs": math.ceil(k / 8),
-            "scales": 1,
-        }
+        return {"indices": None, "signs": math.ceil(k / 8), "scales": 1}
+
+    def raw_bytes(self, d, itemsize):
+        k = self.count(d)
+        return math.ceil(k * index_bits(d) / 8) + math.ceil(k / 8) + itemsize
 
     def compress(self, x, rng):
         idx = top_indices(x, self.count(x.size))
         scale = np.array([self.alpha_scale * np.std(x.astype(np.float64))], dtype=x.dtype)
         return {
-            "indices": pack_uint(idx, index_bits(x.size)),
+            "indices": encode_positions(idx, x.size),
             "signs": np.packbits((x[idx] < 0).astype(np.uint8)),
             "scales": scale,
         }
 
     def decompress(self, payload, d, dtype, rng):
         k = self.count(d)
-        idx = unpack_uint(payload["indices"], index_bits(d), k)
+        idx = decode_positions(payload["indices"], d, k)
         negative = np.unpackbits(np.asarray(payload["signs"], dtype=np.uint8))[:k]
         out = np.zeros(d, dtype=np.float64)
         out[idx] = np.where(negative, -1.0, 1.0) * float(payload["scales"][0])

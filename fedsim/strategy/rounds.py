@@ -31,7 +31,14 @@ from fedsim.uplink import REFUSED, Linear, RoundInfo, Uplink, non_finite
 log = logging.getLogger(__name__)
 
 #: metrics a reply carries for the server's bookkeeping, not for the strategy
-BOOKKEEPING = (keys.STATE_BYTES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.DELAY)
+BOOKKEEPING = (
+    keys.STATE_BYTES,
+    keys.EPSILON,
+    keys.DELTA,
+    keys.NOISE_MULTIPLIER,
+    keys.DELAY,
+    keys.RAW_EXTRA,
+)
 
 
 class _StrategyReduction:

@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsim import keys
+from fedsim.apps.server.ledger import raw_fields
 from fedsim.records import messages_payload, numpy_dict
 from fedsim.system.clock import percentiles
 
@@ -68,6 +69,7 @@ class Window:
     dispatched: list[int] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     buffer: list[InFlight] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)  # every reply that arrived
 
 
 class BufferedRounds:
@@ -154,6 +156,7 @@ class BufferedRounds:
         while len(window.buffer) < self.k:
             item = self.next_arrival(server_round, arrays, window)
             if item.reply is not None:
+                window.replies.append(item.reply)
                 nbytes, numel = messages_payload([item.reply])
                 window.bytes_up += nbytes
                 window.numel_up += numel
@@ -196,6 +199,7 @@ class BufferedRounds:
             **run.privacy_fields(),
             "aggregation_error": run.federation.last_aggregation_error,
             "bytes_up": window.bytes_up,
+            **raw_fields(run.uplink, window.replies, window.bytes_up),
             "bytes_down": window.bytes_down,
             "clients_sampled": len(window.dispatched),
             "clients_ok": len(window.buffer),

@@ -79,6 +79,9 @@ class Ledger:
         for kind, n in record.get("faults_injected", {}).items():
             injected = t["faults_injected"]
             injected[kind] = injected.get(kind, 0) + n
+        if "bytes_up_raw" in record:  # rounds before it (set-up, or a run saved before the
+            # fixed-width count was kept, when every payload was fixed-width) were raw already
+            t["bytes_up_raw"] = t.get("bytes_up_raw", t["bytes_up"]) + record["bytes_up_raw"]
         t["bytes_up"] += record["bytes_up"]
         t["bytes_down"] += record["bytes_down"]
         self.last = record
@@ -109,3 +112,16 @@ class Ledger:
         self.adapter_init = run["adapter_init"]
         self.elapsed_before = float(run["elapsed_s"])
         self.resumed_from = [*run["resumed_from"], int(server_round)]
+
+
+def raw_fields(uplink, replies, bytes_up: int) -> dict[str, int]:
+    """``bytes_up_raw`` when the uplink compresses: ``bytes_up`` plus what each reply's
+    fixed-width format would have taken more (each client says so, bookkeeping)."""
+    if "compression" not in uplink.names:
+        return {}
+    extra = sum(
+        int(r.content[keys.METRICS].get(keys.RAW_EXTRA, 0))
+        for r in replies
+        if r.has_content() and keys.METRICS in r.content.metric_records
+    )
+    return {"bytes_up_raw": bytes_up + extra}

@@ -64,6 +64,7 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
         "adapter_init": ledger.adapter_init,
         "export": run.export_info,
         "bytes_up_total": totals["bytes_up"],
+        **({"bytes_up_raw_total": totals["bytes_up_raw"]} if "bytes_up_raw" in totals else {}),
         "bytes_down_total": totals["bytes_down"],
         "params_sent_per_client": {
             "up": totals["numel_up"] / totals["replies"] if totals["replies"] else 0,

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from fedsim import keys
 from fedsim.apps.server import timing
 from fedsim.apps.server.evaluation import Evaluation
-from fedsim.apps.server.ledger import Ledger
+from fedsim.apps.server.ledger import Ledger, raw_fields
 from fedsim.apps.server.report import done_line, export, summary
 from fedsim.apps.server.setup import frozen_from_model, initialize_adapter
 from fedsim.apps.server.state import Checkpoints, ServerState
@@ -221,6 +221,7 @@ class FederatedRun:
             **self.privacy_fields(),
             "aggregation_error": error,
             "bytes_up": bytes_up,
+            **raw_fields(self.uplink, replies, bytes_up),
             "bytes_down": bytes_down,
             "clients_sampled": len(sent),
             "clients_ok": len(good),
