@@ -155,3 +155,30 @@ def test_mean_and_interval_by_hand():
     assert n == 4 and mean == pytest.approx(np.mean(xs))
     assert half == pytest.approx(3.182446305284263 * sd / 2)  # t(0.975, 3)
     assert mean_ci([0.5]) == (0.5, None, 1) and mean_ci([]) == (None, None, 0)
+
+
+def test_a_run_at_the_default_rate_is_reported_at_it(sweep, tmp_path):
+    """Two runs, one setting sim.lr and one keeping its default (no override): the report
+    reads the second's rate from its configuration instead of crashing on an empty one."""
+    import yaml
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(sweep / "sweep" / "0", a)
+    shutil.copytree(sweep / "sweep" / "0", b)
+    overrides = b / ".hydra" / "overrides.yaml"
+    kept = [o for o in yaml.safe_load(overrides.read_text()) if not o.startswith("sim.lr=")]
+    overrides.write_text(yaml.safe_dump(kept))
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    cfg["sim"]["lr"] = 0.01
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.report", str(a), str(b), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rates = {row["run"]: row["sim.lr"] for row in read_csv(out / "report.csv")}
+    assert sorted(rates.values()) == ["0.003", "0.01"]
+    assert read_csv(out / "tuned.csv")[0]["rates_tried"] == "0.003, 0.01"

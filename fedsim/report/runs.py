@@ -28,6 +28,24 @@ class Run:
     time_curve: list[tuple[int, float, float | None]] = field(default_factory=list)
     #: with a simulated clock: ``summary.json``'s ``time_to_accuracy`` (target: seconds or None)
     time_to_accuracy: dict[str, float | None] | None = None
+    #: the run's resolved configuration (``config.yaml``)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def setting(self, key: str) -> str:
+        """An override's value for this run: the one on its command line, else the value its
+        configuration resolved to (a run that kept ``sim.lr``'s default ran at it), else ''."""
+        if key in self.overrides:
+            return self.overrides[key]
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return ""
+            node = node[part]
+        if isinstance(node, (dict, list)):
+            return ""
+        return (
+            "null" if node is None else str(node).lower() if isinstance(node, bool) else str(node)
+        )
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -137,7 +155,8 @@ def read_run(folder: Path) -> Run:
     times = [(int(m["round"]), float(m["sim_time_s"]), m.get("eval_accuracy")) for m in timed]
     reached = s.get("time_to_accuracy")
     reached = dict(reached) if isinstance(reached, dict) else None
-    return Run(folder, row, _overrides(folder), curve, times, reached)
+    config = cfg if isinstance(cfg, dict) else {}
+    return Run(folder, row, _overrides(folder), curve, times, reached, config)
 
 
 def _system(summary: dict[str, Any], cfg: Any, choice: dict[str, Any]) -> str:

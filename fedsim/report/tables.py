@@ -71,12 +71,11 @@ def swept_keys(runs: Sequence[Run]) -> list[str]:
     """Override keys whose values differ between runs (all of them for a single run)."""
     keys: dict[str, set[str]] = defaultdict(set)
     for run in runs:
-        for k, v in run.overrides.items():
-            keys[k].add(v)
-    for run in runs:  # a key missing from some runs varies too
+        for k in run.overrides:
+            keys[k]
+    for run in runs:  # a run without the override ran at its configuration's value
         for k in keys:
-            if k not in run.overrides:
-                keys[k].add("")
+            keys[k].add(run.setting(k))
     if len(runs) == 1:
         return sorted(keys)
     return sorted(k for k, values in keys.items() if len(values) > 1)
@@ -88,7 +87,7 @@ def table(runs: Sequence[Run], root: Path) -> tuple[list[str], list[dict[str, An
     swept = swept_keys(runs)
     rows = []
     for run in runs:
-        row = {k: run.overrides.get(k, "") for k in swept}
+        row = {k: run.setting(k) for k in swept}
         row.update(run.row)
         row["run"] = _relative(run.path, root)
         row["time_to_accuracy"] = run.time_to_accuracy  # not a column: time_to_target's
@@ -176,6 +175,14 @@ def group_seeds(
     return keys + stats + [c for c in ("sim_time_s",) if c in columns], out
 
 
+def _rate(text: str) -> tuple[float, str]:
+    """Learning rates in numeric order (a value that is not a number last, by its text)."""
+    try:
+        return float(text), ""
+    except ValueError:
+        return float("inf"), text
+
+
 def _mean(values: Iterable[Any]) -> float | None:
     xs = [float(v) for v in values if v is not None]
     return sum(xs) / len(xs) if xs else None
@@ -200,7 +207,7 @@ def tune(
     for members in by_config.values():
         scored = [g for g in members if g.get("final_val_accuracy_mean") is not None]
         row = {k: members[0].get(k) for k in ident}
-        row["rates_tried"] = ", ".join(sorted({str(g.get(lr_key)) for g in members}, key=float))
+        row["rates_tried"] = ", ".join(sorted({str(g.get(lr_key)) for g in members}, key=_rate))
         if not scored:
             row["selected_lr"] = None
             row["note"] = "no validation split (set sim.validation_fraction): no rate selected"
