@@ -9,6 +9,7 @@ import pytest
 
 from fedsim.cli import main
 from fedsim.config import check, compose, expand_sweep
+from fedsim.errors import ConfigError
 from tests.conftest import ROOT, synthetic, tiny
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
@@ -362,3 +363,16 @@ def test_schema_types_admit_what_they_say(hint, good, bad):
     h = eval(hint) if isinstance(hint, str) else hint
     assert all(admits(h, v) for v in good), describe(h)
     assert not any(admits(h, v) for v in bad), describe(h)
+
+
+@pytest.mark.parametrize("task", ["news", "sentiment", "math"])
+def test_task_presets_cap_their_clients_at_the_federation(task):
+    """A preset's clients_per_round and eval_clients are at most sim.num_clients (a user's
+    sim.num_clients=4 is not refused for values it never set); a user's own values still are."""
+    cfg, _ = compose([f"task={task}", "sim.num_clients=1"])
+    check(cfg)
+    assert cfg["sim"]["clients_per_round"] == cfg["sim"]["eval_clients"] == 1
+    cfg, _ = compose([f"task={task}"])
+    assert cfg["sim"]["num_clients"] == 10 and cfg["sim"]["clients_per_round"] in (2, 5)
+    with pytest.raises(ConfigError, match="sim.eval_clients=9"):
+        check(compose([f"task={task}", "sim.num_clients=4", "sim.eval_clients=9"])[0])

@@ -18,6 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim.errors import ConfigCompositionError, ConfigError
 
+if not OmegaConf.has_resolver("min"):  # ${min:5,${sim.num_clients}}: a preset's value, capped
+    OmegaConf.register_new_resolver("min", lambda *values: min(values))
+
 CONFIG_MODULE = "fedsim.conf"
 #: keys that moved: given at their old place, one line names the new one
 MOVED = {"strategy.client_ranks": "adapter.client_ranks"}
