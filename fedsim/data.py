@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import Dataset
@@ -86,7 +87,8 @@ class FederatedData:
             except ConfigError:  # the task's own settings, already named
                 raise
             except (ValueError, KeyError, IndexError) as e:
-                reason = " ".join(str(e).split())
+                reason = " ".join(str(e).split()).rstrip(".")
+                reason += _advice(self.partitioner, num_clients)
                 notes = _distinct([str(w.message) for w in caught])
                 if notes:
                     reason += " (it warned: " + "; ".join(notes) + ")"
@@ -169,3 +171,23 @@ def take(batch: Batch, indices: np.ndarray) -> Batch:
 
     idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     return {k: v[idx] for k, v in batch.items()}
+
+
+def _advice(partitioner: Any, num_clients: int) -> str:
+    """The keys to change when a partitioner cannot satisfy its settings, with their values."""
+    keys = []
+    alpha = getattr(partitioner, "_alpha", None)
+    if alpha is not None:
+        keys.append(f"partition.alpha (now {float(np.min(alpha)):g}; larger is less skewed)")
+    size = getattr(partitioner, "_min_partition_size", None)
+    if size is not None:
+        keys.append(f"partition.min_partition_size (now {size})")
+    per_client = getattr(partitioner, "_num_classes_per_partition", None)
+    if per_client is not None:
+        keys.append(f"partition.num_classes_per_partition (now {per_client})")
+    try:
+        rows = f" for {partitioner.dataset.num_rows} training examples"
+    except (AttributeError, ValueError):
+        rows = ""
+    keys.append(f"sim.num_clients (now {num_clients}{rows})")
+    return ". Change " + ", ".join(keys[:-1]) + (" or " if len(keys) > 1 else "") + keys[-1]

@@ -87,3 +87,15 @@ def test_client_shift_offsets_inputs_per_client_and_not_the_test_set():
     off1 = shifted.task.client_offset(1)
     assert not np.allclose(off0.numpy(), off1.numpy())
     assert (shifted.task.test_set()["x"] == base.task.test_set()["x"]).all()
+
+
+def test_a_partitioner_that_cannot_split_names_the_keys_to_change():
+    from fedsim.errors import ComponentError
+
+    cfg, _ = compose(tiny("partition=dirichlet", "partition.min_partition_size=100"))
+    with pytest.raises(ComponentError) as info:
+        build_components(cfg).data.check(cfg["sim"]["num_clients"])
+    text = str(info.value)
+    assert "Change partition.alpha (now 0.5; larger is less skewed)" in text
+    assert "partition.min_partition_size (now 100)" in text
+    assert "sim.num_clients (now 4 for 256 training examples)" in text
