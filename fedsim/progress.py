@@ -1,4 +1,4 @@
-"""One line per round on the terminal (rich), or nothing with ``quiet=true``."""
+"""One line per round on the terminal (rich); with ``quiet=true`` only the closing line."""
 
 from __future__ import annotations
 
@@ -59,3 +59,7 @@ class RoundPrinter:
     def line(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text)
+
+    def final(self, text: str) -> None:
+        """The run's closing line: printed with ``quiet=true`` too (where the results are)."""
+        self.console.print(text)

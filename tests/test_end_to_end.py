@@ -238,3 +238,21 @@ def test_inline_engine_matches_a_plain_pytorch_loop_on_text_with_dropout(run_tin
         assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
     undropped = plain_fedavg(compose([*overrides[:-1], "task.dropout=0"])[0])
     assert undropped[-1]["eval_loss"] != pytest.approx(ref[-1]["eval_loss"], rel=1e-6)
+
+
+def test_quiet_prints_only_the_closing_line_with_the_run_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import tiny
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", *tiny("sim.rounds=1"), f"hydra.run.dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("done in ") and lines[0].endswith(f"-> {out}")

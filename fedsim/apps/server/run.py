@@ -178,7 +178,7 @@ class FederatedRun:
         done = summary(self, self.ledger.elapsed(t_start), "ok")
         self.finish(done)
         self.checkpoints.drop()
-        self.printer.line(done_line(done))
+        self.printer.final(f"{done_line(done)} -> {self.spec.output_dir}")
         return done
 
     def finish(self, summary: dict[str, Any]) -> None:
