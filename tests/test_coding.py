@@ -4,6 +4,8 @@ the information-theoretic ideal (computed here independently), and malformed buf
 from __future__ import annotations
 
 import ast
+import functools
+import hashlib
 import importlib.util
 import math
 import subprocess
@@ -324,8 +326,135 @@ def test_garbage_never_crashes_or_hangs_the_interpreter():
 
 
 def test_module_is_standalone():
-    """No import of the rest of fedsim (nor of fedsim.compression's __init__)."""
-    tree = ast.parse(Path(coding.__file__).read_text())
-    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert names <= {"__future__", "math", "numpy", "constriction"}
+    """No import of the rest of fedsim (nor of fedsim.compression's __init__): the coding
+    modules import each other and the standard library, numpy and constriction only."""
+    allowed = {"__future__", "math", "functools", "itertools", "operator", "numpy"}
+    for path in Path(coding.__file__).parent.glob("coding*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        inside = {name for name in names if name.startswith("fedsim.compression.coding")}
+        assert names - inside <= allowed | {"constriction"}, path.name
+
+
+# ------------------------------------------------------------------------ bytes unchanged
+
+
+def hashed(n: int, seed: int) -> np.ndarray:
+    """Deterministic pseudo-random uint64s (splitmix64), independent of numpy's generators."""
+    x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def golden_positions(d: int, k: int, seed: int) -> np.ndarray:
+    if d > 2**20:  # k distinct positions spread over [0, d)
+        return np.unique((hashed(k, seed) >> np.uint64(2)) % np.uint64(d)).astype(np.int64)
+    return np.sort(np.argsort(hashed(d, seed), kind="stable")[:k]).astype(np.int64)
+
+
+def golden_levels(n: int, s: int, seed: int, density: int, geometric: bool) -> np.ndarray:
+    """``density`` per mille non-zero; magnitudes geometric (P(m) = 2^-m) or uniform in [1, s]."""
+    h = hashed(n, seed)
+    low = (h >> np.uint64(12)) | np.uint64(1 << 51)
+    if geometric:
+        magnitude = np.log2((low & (~low + np.uint64(1))).astype(np.float64)).astype(np.int64) + 1
+    else:
+        magnitude = ((h >> np.uint64(12)) % np.uint64(min(s, 2**50))).astype(np.int64) + 1
+    magnitude = np.minimum(magnitude, s)
+    signed = np.where((h >> np.uint64(8)) & np.uint64(1), -magnitude, magnitude)
+    return np.where(h % np.uint64(1000) < np.uint64(density), signed, 0)
+
+
+#: SHA-256 of the coded bytes, computed with the coder before its small-input path existed
+#: (the bytes are part of stored results: golden files)
+POSITION_DIGESTS = [  # d, k, seed, digest
+    (256, 3, 1, "dfbdce2df1d9c7f8772a0545319f78630d3457876b1f3dbd2854b2837a09afda"),
+    (256, 26, 2, "5bbd2386421a27dd2c5bb5bb813acfd51ac94b221a59570389e23f6d9aa1d62e"),
+    (256, 200, 3, "9db4b73e62124cc3b9ccd1103d0c31affb3650193ffe469e798ca35a293056e1"),
+    (1024, 102, 4, "d4b95e32c9b14fb181fd92a2fe9b234d28f9847f56b7f7c0522a83680b184258"),
+    (4096, 41, 5, "4ef37e961fbc94cdcf920fe267b691fd356584b4677661d6ab25a1c7688e9fb5"),
+    (10, 1, 6, "9e076ceaf246b6003d9c2680a2b4cf0bffd069805902b0b5edeebf49039fe4bd"),
+    (10**5, 300, 7, "dc708d31bcd91c48003fb5ca505ed374a6488f917121d25bbd7fc9087dfd0282"),
+    (10**5, 1000, 8, "38b26e0a654692216f9543aab76aab3a1d968cd27fda410f7c08464ad5eea8d8"),
+    (2**62, 60, 9, "7de09725293fdfcd2c3ef7bd6e8ba5a211369b84cdd99ea348744e0b84ce5c7b"),
+    (10**6, 3, 10, "7878b0b966965f2ffb47247e7589107f111b4a587237ba488ca8dd2a655e9327"),
+]
+LEVEL_DIGESTS = [  # n, s, seed, density per mille, geometric magnitudes, digest
+    (256, 7, 1, 300, True, "4312be65b8731d8c5190e04e1b08035a665bad863069d36055759f54f8874b47"),
+    (256, 7, 2, 300, False, "6b54145e88f1d52c18bcd6da76be8ac3ee6818255354568ee41204eefba57e8f"),
+    (256, 7, 3, 40, True, "7fa82dfd69a8d68617809811919157639ef458d19657697c57d53b7ad60d4506"),
+    (10, 7, 4, 600, True, "3fe470d0d2a68c4a123f584ee57b877550f229b34d87a98b8b3a55720ff71265"),
+    (1024, 7, 5, 150, True, "cab229efbfcb5063dff220b9533380c4647e6c5aa208daa8a052477413385f4f"),
+    (1024, 1, 6, 500, True, "66f7b1747839171735af7c3687a96c34412d079653955173d352c1c8adb2359c"),
+    (256, 255, 7, 900, True, "45d41920e6683f2de6222ae85f16055751d4a0e113752850de9b64dfee991389"),
+    (256, 255, 8, 900, False, "36e8c20f1d50a6ebafb3b6ff840ba215053593d0cc6a10b45a3bcc29f65cc565"),
+    (4096, 31, 9, 300, True, "3dd670d9c134b945cb41d0e29c8c884ae591f5efc92d8c849d7b91993b770560"),
+    (300, 2**40, 10, 50, False, "c458c1b2676f45b20412ddf61a36644c33c9f3c1ac93ba76630d63195ade3b98"),
+    (300, 2**40, 11, 50, True, "9cdd1d265e7572ed3e464d610435fb4fdb050bf2f59bdaed547d89d7e723a576"),
+    (10**5, 7, 12, 20, True, "f1f42f34c472397172c4c1bfee44f18cdb1aee6897ab5cf2a3b92b6dec15e564"),
+]
+
+
+@pytest.mark.parametrize("d, k, seed, digest", POSITION_DIGESTS)
+def test_position_bytes_unchanged(d, k, seed, digest):
+    positions = golden_positions(d, k, seed)
+    assert hashlib.sha256(check_positions(positions, d).tobytes()).hexdigest() == digest
+
+
+@needs_constriction
+@pytest.mark.parametrize("n, s, seed, density, geometric, digest", LEVEL_DIGESTS)
+def test_level_bytes_unchanged(n, s, seed, density, geometric, digest):
+    levels = golden_levels(n, s, seed, density, geometric)
+    assert hashlib.sha256(check_levels(levels, s).tobytes()).hexdigest() == digest
+
+
+def _outcomes(kind: str, x: np.ndarray, size: int) -> list:
+    """The coded bytes, then the decode (or ValueError) of them and of mutants of them."""
+    if kind == "positions":
+        raw = encode_positions(x, size).tobytes()
+        decode = functools.partial(decode_positions, d=size, k=x.size)
+    else:
+        raw = encode_levels(x, size).tobytes()
+        decode = functools.partial(decode_levels, n=x.size, s=size)
+    flips = [
+        raw[:i] + bytes([raw[i] ^ flip]) + raw[i + 1 :]
+        for i in range(0, len(raw), max(1, len(raw) // 6))
+        for flip in (0x01, 0x80)
+    ]
+    out = [raw]
+    for mutant in (raw, raw[:-1], raw + b"\x00", raw + b"\x01", *flips):
+        try:
+            decoded = decode(np.frombuffer(mutant, dtype=np.uint8))
+            out.append((decoded.dtype.str, decoded.tobytes()))
+        except ValueError:
+            out.append("ValueError")
+    return out
+
+
+@needs_constriction
+def test_small_and_numpy_paths_agree(monkeypatch):
+    """Small inputs take coding_small/coding_levels (Python strings and ints); with the size
+    limits at -1 everything takes the whole-array numpy path: the same bytes, the same
+    decodes, the same refusals of malformed buffers."""
+    rng = np.random.default_rng(2024)
+    cases = []
+    for d in (1, 2, 7, 64, 256, 1000, 5000, 2**62):
+        for k in sorted({0, 1, 2, min(d, 47), min(d, 48), min(d, 300), d // 3, d - 1, d}):
+            if k <= 5000:
+                positions = np.unique(rng.integers(0, d, size=k, dtype=np.int64))
+                cases.append(("positions", positions, d))
+    for n in (1, 10, 256, 1024):
+        for s in (1, 7, 255, 4097, 2**40):
+            for density in (0.01, 0.3, 0.9):
+                big = rng.integers(1, s, n, endpoint=True)
+                magnitude = big if s == 2**40 else np.minimum(rng.geometric(0.4, n), s)
+                levels = np.where(rng.random(n) < density, magnitude, 0)
+                cases.append(("levels", levels * rng.choice([-1, 1], n), s))
+    for kind, x, size in cases:
+        small = _outcomes(kind, x, size)
+        for name in ("SMALL_ENCODE", "SMALL_DECODE", "SMALL_LEVELS", "SMALL_BYTES"):
+            monkeypatch.setattr(coding, name, -1)
+        assert _outcomes(kind, x, size) == small, (kind, size, x.size)
+        monkeypatch.undo()

@@ -16,18 +16,35 @@ to another valid input of the asked length, as any compact code must allow).
   the shortest of fixed width, Elias-gamma, or rANS (``constriction``) under their empirical
   distribution with its counts in the header: QSGD's own Elias code (Alistarh et al., 2017,
   section 3.2) with each part coded near its entropy. All zeros: 0 bytes.
+
+Small inputs (up to ``SMALL_ENCODE`` positions encoded, ``SMALL_DECODE`` decoded, levels of up to
+``SMALL_LEVELS`` entries with at most 512 non-zero) take :mod:`.coding_small` and
+:mod:`.coding_levels`: the same bytes from Python strings and integers, without the numpy
+path's fixed cost per call; ``tests/test_coding.py`` checks both paths byte for byte.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-#: the largest magnitude the range-coded mode takes (beyond it: fixed width or Elias-gamma)
-MAX_ALPHABET = 4096
-FIXED, GAMMA, RANGE = 0, 1, 2  # the magnitude modes (2 header bits when the maximum is > 1)
+import fedsim.compression.coding_levels as coding_levels
+import fedsim.compression.coding_small as coding_small
+from fedsim.compression.coding_levels import ans_decode, ans_encode
+from fedsim.compression.coding_small import (  # noqa: F401 - golomb_parameter: public here
+    FIXED,
+    GAMMA,
+    MAX_ALPHABET,
+    RANGE,
+    complement,
+    golomb_parameter,
+)
+
+#: up to these sizes the same bytes come from (and go to) :mod:`coding_small`: positions
+#: encoded, positions decoded (or their complement's), levels (at most 512 non-zero), and
+#: buffers decoded (a small input's never comes near: longer ones are malformed)
+SMALL_ENCODE, SMALL_DECODE, SMALL_LEVELS, SMALL_BYTES = 256, 4096, 4096, 1 << 16
 _EMPTY = np.zeros(0, dtype=np.uint8)
+_UINT8, _INT64 = np.dtype(np.uint8), np.dtype(np.int64)
 
 
 # ------------------------------------------------------------------------------- bit helpers
@@ -35,6 +52,8 @@ _EMPTY = np.zeros(0, dtype=np.uint8)
 
 def _buffer(buf) -> np.ndarray:
     """A received buffer as a 1-D ``uint8`` array (``bytes`` accepted)."""
+    if type(buf) is np.ndarray and buf.dtype is _UINT8 and buf.ndim == 1:
+        return buf
     if isinstance(buf, bytes | bytearray | memoryview):
         return np.frombuffer(bytes(buf), dtype=np.uint8)
     arr = np.asarray(buf)
@@ -45,6 +64,8 @@ def _buffer(buf) -> np.ndarray:
 
 def _count(name: str, value, low: int = 0) -> int:
     """A size or bound: an integer in ``[low, 2^63)`` (levels and positions are int64)."""
+    if type(value) is int and low <= value < 2**63:
+        return value
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if not low <= value < 2**63:
@@ -53,6 +74,8 @@ def _count(name: str, value, low: int = 0) -> int:
 
 
 def _integers(values, name: str) -> np.ndarray:
+    if type(values) is np.ndarray and values.dtype is _INT64 and values.ndim == 1:
+        return values  # read only, never written
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -60,7 +83,7 @@ def _integers(values, name: str) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu" or (arr.dtype == np.uint64 and int(arr.max()) >= 2**63):
         raise ValueError(f"{name} must hold integers (int64 range), got {arr.dtype}")
-    return arr.astype(np.int64)
+    return arr.astype(np.int64, copy=False)  # read only, never written
 
 
 def pack_bits(bits) -> np.ndarray:
@@ -157,14 +180,6 @@ def _finish(bits: np.ndarray, buf: np.ndarray, end: int) -> None:
 # --------------------------------------------------------------------------------- positions
 
 
-def golomb_parameter(d: int, k: int) -> int:
-    """Golomb's optimal divisor for the gaps of a density-``k / d`` set (``k <= d / 2``): the
-    smallest ``m`` with ``q^m (1 + q) <= 1``, ``q = 1 - k / d``."""
-    if k <= 0 or 2 * k >= d:
-        return 1
-    return max(1, math.ceil(math.log1p((d - k) / d) / -math.log1p(-k / d)))
-
-
 def _golomb_bits(positions: np.ndarray, d: int) -> np.ndarray:
     """The Golomb code of sorted distinct ``positions`` (at most ``d / 2`` of them)."""
     if positions.size == 0:
@@ -203,23 +218,17 @@ def _read_golomb(bits: np.ndarray, at: int, d: int, k: int) -> tuple[np.ndarray,
     return positions, at
 
 
-def _complement(positions: np.ndarray, d: int) -> np.ndarray:
-    mask = np.ones(d, dtype=bool)
-    mask[positions] = False
-    return np.flatnonzero(mask)
-
-
 def _positions_bits(positions: np.ndarray, d: int) -> np.ndarray:
     """The Golomb code of the set, or of its complement when that is smaller."""
     if 2 * positions.size > d:
-        return _golomb_bits(_complement(positions, d), d)
+        return _golomb_bits(complement(positions, d), d)
     return _golomb_bits(positions, d)
 
 
 def _read_positions(bits: np.ndarray, at: int, d: int, k: int) -> tuple[np.ndarray, int]:
     if 2 * k > d:
         coded, at = _read_golomb(bits, at, d, d - k)
-        return _complement(coded, d), at
+        return complement(coded, d), at
     return _read_golomb(bits, at, d, k)
 
 
@@ -227,6 +236,8 @@ def encode_positions(positions: np.ndarray, d: int) -> np.ndarray:
     """Sorted distinct ``positions`` in ``[0, d)``, coded in close to ``log2 C(d, k)`` bits."""
     d = _count("d", d)
     positions = _integers(positions, "positions")
+    if positions.size <= SMALL_ENCODE:
+        return coding_small.encode_positions(positions, d)
     if positions.size and (
         positions[0] < 0 or positions[-1] >= d or np.any(np.diff(positions) <= 0)
     ):
@@ -239,6 +250,8 @@ def decode_positions(buf, d: int, k: int) -> np.ndarray:
     d, k, buf = _count("d", d), _count("k", k), _buffer(buf)
     if k > d:
         raise ValueError(f"k = {k} positions do not fit in d = {d}")
+    if min(k, d - k) <= SMALL_DECODE and buf.size <= SMALL_BYTES:
+        return coding_small.decode_positions(buf.tobytes(), d, k)
     bits = np.unpackbits(buf)
     positions, end = _read_positions(bits, 0, d, k)
     _finish(bits, buf, end)
@@ -269,50 +282,6 @@ def _read_gamma(bits: np.ndarray, at: int, count: int, top: int) -> tuple[np.nda
     return (np.int64(1) << low) + rest, at
 
 
-def _constriction():
-    try:
-        import constriction
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise ImportError("range-coded levels need constriction==0.5.0") from err
-    return constriction
-
-
-def _model(counts: np.ndarray):
-    return _constriction().stream.model.Categorical(counts.astype(np.float64), perfect=False)
-
-
-def _ans_encode(symbols: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """rANS code of ``symbols`` under the categorical model ``counts``, little-endian bytes;
-    the last word (never zero) without its zero high bytes."""
-    coder = _constriction().stream.stack.AnsCoder()
-    coder.encode_reverse(symbols.astype(np.int32), _model(counts))
-    data = np.asarray(coder.get_compressed(), dtype="<u4").view(np.uint8)
-    end = data.size
-    while end > data.size - 3 and data[end - 1] == 0:
-        end -= 1
-    return data[:end].copy()
-
-
-def _ans_decode(data: np.ndarray, counts: np.ndarray, count: int) -> np.ndarray:
-    """Inverse of :func:`_ans_encode`; the decoded symbols' histogram must equal ``counts``."""
-    if data.size and data[-1] == 0:
-        raise ValueError("non-canonical range-coded section")
-    words = np.concatenate([data, np.zeros(-data.size % 4, dtype=np.uint8)]).view("<u4")
-    try:
-        coder = _constriction().stream.stack.AnsCoder(words.astype(np.uint32))
-        symbols = np.asarray(coder.decode(_model(counts), count), dtype=np.int64)
-        drained = coder.is_empty()
-    except (KeyboardInterrupt, SystemExit, ImportError):  # pragma: no cover
-        raise
-    except BaseException as err:  # constriction's errors, a Rust panic included
-        raise ValueError(f"malformed range-coded section: {err}") from err
-    if not drained or symbols.size != count or symbols.min() < 0 or symbols.max() >= counts.size:
-        raise ValueError("malformed range-coded section")
-    if not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):
-        raise ValueError("range-coded section disagrees with its header")
-    return symbols
-
-
 # ------------------------------------------------------------------------------------ levels
 
 
@@ -321,6 +290,9 @@ def encode_levels(levels: np.ndarray, s: int) -> np.ndarray:
     empirical entropy: header, non-zero positions, signs, magnitudes in the shortest mode."""
     s = _count("s", s, 1)
     levels = _integers(levels, "levels")
+    coded = coding_levels.encode_levels(levels, s) if levels.size <= SMALL_LEVELS else None
+    if coded is not None:
+        return coded
     if levels.size and (int(levels.min()) < -s or int(levels.max()) > s):
         raise ValueError(f"levels must lie in [-{s}, {s}]")
     if not levels.any():
@@ -344,7 +316,8 @@ def encode_levels(levels: np.ndarray, s: int) -> np.ndarray:
         counts = np.bincount(magnitude - 1, minlength=top)
         header = [*head, _uint_bits(np.array([RANGE]), 2), _gamma_bits(counts[:-1] + 1)]
         bits = np.packbits(np.concatenate(header + body))
-        candidates.append(np.concatenate([bits, _ans_encode(magnitude - 1, counts)]))
+        ans = ans_encode(magnitude - 1, tuple(counts.tolist()))
+        candidates.append(np.concatenate([bits, np.frombuffer(ans, dtype=np.uint8)]))
     return min(candidates, key=lambda c: c.size)  # the first of equals: no range coder
 
 
@@ -376,6 +349,10 @@ def decode_levels(buf, n: int, s: int) -> np.ndarray:
         return levels
     if n == 0:
         raise ValueError("a non-empty buffer for an empty vector")
+    small = n <= SMALL_LEVELS and buf.size <= SMALL_BYTES
+    decoded = coding_levels.decode_levels(buf.tobytes(), n, s) if small else None
+    if decoded is not None:
+        return decoded
     bits = np.unpackbits(buf)
     nnz, top, mode, counts, at = _read_header(bits, n, s)
     nonzero, at = _read_positions(bits, at, n, nnz)
@@ -391,7 +368,7 @@ def decode_levels(buf, n: int, s: int) -> np.ndarray:
         stop = (at + 7) // 8
         if bits[at : 8 * stop].any():
             raise ValueError("non-zero padding before the range-coded section")
-        magnitude = _ans_decode(buf[stop:], counts, nnz) + 1
+        magnitude = ans_decode(buf[stop:].tobytes(), tuple(counts.tolist()), nnz) + 1
     else:
         _finish(bits, buf, at)
         if magnitude.max() != top:
