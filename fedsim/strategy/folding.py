@@ -5,10 +5,10 @@ base ``W0`` of every client, sampled or not. The server keeps the sum of all fol
 and, for each recent fold, a low-rank factorisation ``F_t = L_t R_t`` (``None`` when the rank is
 so high that dense is smaller). A client learns the folds it missed at its next participation:
 per layer, the factors of every missed fold, or the layer's whole folded change as one dense
-``m x n`` matrix, whichever has fewer values (REFERENCE sections 2 and 3). A client keeps its
-folded change and the round it is current to in its ``Context.state``; catch-up messages are
-idempotent, so a client the server believes to be behind (its last reply was lost) is not
-corrupted by receiving a fold twice.
+``m x n`` matrix, whichever has fewer values (docs/results.md, "What bytes count"). A client
+keeps its folded change and the round it is current to in its ``Context.state``; catch-up
+messages are idempotent, so a client the server believes to be behind (its last reply was lost)
+is not corrupted by receiving a fold twice.
 
 Message layout (names in the ``arrays`` record): ``fold/<round>/<module>/left`` and ``.../right``
 for factors, ``fold/upto<round>/<module>/dense`` for a whole folded change; evaluation messages
@@ -125,7 +125,7 @@ class FoldingStrategy(AdapterStrategy):
         super().load_state_dict(state)
 
     def catch_up(self, client: int) -> dict[str, np.ndarray]:
-        """The arrays that make ``client``'s base current (REFERENCE section 2)."""
+        """The arrays that make ``client``'s base current (the module docstring)."""
         spec = self.context.spec
         have = self.version.get(client, 0)
         missed = [f for f in self.folds if f.round > have]
