@@ -72,7 +72,7 @@ def test_hints_list_the_options_whose_class_qualifies():
     assert averaging == ["fedavg", "fedsa", "fedsb", "ffa", "rolora"]
     with pytest.raises(ConfigError, match="use fedavg, fedsa, fedsb or ffa"):
         check(compose(tiny("strategy=fedex", "feedback=ef21"))[0])
-    with pytest.raises(ConfigError, match=r"use topk, or randk with scaled=false\)"):
+    with pytest.raises(ConfigError, match=r"use cast, topk, or randk with scaled=false\)"):
         check(compose(tiny("compressor=qsgd", "feedback=ef14"))[0])
     with pytest.raises(ConfigError, match="use fedavg, fedsb, ffa or rolora"):
         check(compose(tiny("strategy=fedsa", "privacy=central"))[0])
