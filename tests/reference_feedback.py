@@ -1,4 +1,4 @@
-"""Plain-numpy ground truth for /work/shared/REFERENCE.md, section 4 (compression, error feedback).
+"""Plain-numpy ground truth for docs/reference.md, section 4 (compression, error feedback).
 
 Independent of ``fedsim`` and ``strategies`` on purpose: other tests compare the simulator against
 these direct transcriptions. Everything is float64 and works on flat 1-D vectors.
@@ -366,7 +366,7 @@ def run_central_dp(
     method: str,
     eta: float = 1.0,
 ) -> list[np.ndarray]:
-    """Compressed updates under central DP (REFERENCE section 5: clip the message, a
+    """Compressed updates under central DP (docs/reference.md, 5.3: clip the message, a
     norm-non-increasing compressor, the first ``g_i`` privatised). ``clip`` bounds ``lr`` times
     a message's norm, so what a client compresses is clipped to ``b = clip / lr`` first;
     ``noise_seq[t]`` is round ``t``'s Gaussian noise (in the messages' units); the server clips

@@ -1,4 +1,4 @@
-"""Plain-numpy ground truth for the equations of /work/shared/REFERENCE.md, sections 1-3.
+"""Plain-numpy ground truth for the equations of docs/reference.md, sections 1-3.
 
 Independent of ``fedsim`` and ``strategies`` on purpose: other tests compare the simulator against
 these direct transcriptions. Everything is float64. Conventions: a base weight ``W0`` is ``m x n``

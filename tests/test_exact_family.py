@@ -1,5 +1,5 @@
 """One battery over every strategy: fake client replies through Flower's message path, checked
-against the direct numpy equations of ``tests/reference_numpy.py`` (REFERENCE sections 1-3):
+against the direct numpy equations of ``tests/reference_numpy.py`` (docs/reference.md, 1-3):
 the new global state, the aggregation error, and the bytes of every message, for sampled and
 returning clients; then the client halves (catch-up, one-time broadcast, personal state)."""
 
@@ -177,7 +177,7 @@ def lora_layers(spec, arrays, frozen=None):
 
 
 def reference_error(spec, record, p, layer_fn, fold=None):
-    """REFERENCE section 3 from the numpy equations: layers and head parameters."""
+    """docs/reference.md, 3.2, from the numpy equations: layers and head parameters."""
     clients = record["clients"]
     old = layer_fn(record["old"])
     new = layer_fn({k: v.astype(np.float64) for k, v in record["exact_new"].items()})
@@ -311,7 +311,7 @@ def test_fedex_folds_the_exact_residual_and_counts_catch_up():
             as_ = [rec["sent"][c][an] for c in clients]
             b, a = ref.fedit(bs, as_, p)
             np.testing.assert_allclose(rec["new"][bn], b, rtol=1e-6, atol=1e-7)
-            # the residual against the means as sent (float32), REFERENCE section 2
+            # the residual against the means as sent (float32), docs/reference.md 2.4
             base[m] += ref.fedex_residual(bs, as_, p, ALPHA, rec["new"][bn], rec["new"][an])
             np.testing.assert_allclose(s.base_delta[m], base[m], rtol=1e-12, atol=1e-12)
             # exactness of the global effective weight

@@ -1,6 +1,6 @@
 """Whole runs of every strategy of the exact-aggregation family on the inline engine: the
-per-round aggregation error, and bytes equal to REFERENCE's formulas for the clients the seed
-sampled (first participations and catch-ups included)."""
+per-round aggregation error, and bytes equal to the formulas of docs/results.md for the clients
+the seed sampled (first participations and catch-ups included)."""
 
 from __future__ import annotations
 
