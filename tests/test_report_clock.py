@@ -187,7 +187,7 @@ def test_a_mix_of_runs_with_and_without_a_clock(clocked, monkeypatch):
 
     assert "accuracy_vs_time.png" in done["files"]
     lines = [label for label in figures["accuracy_vs_time.png"] if not label.startswith("_")]
-    assert sorted(lines) == ["system=datacenter", "system=mobile (3 seeds)"]
+    assert sorted(lines) == ["system=datacenter", "system=mobile (3 seeds, 95% CI)"]
     by_round = [label for label in figures["accuracy_by_round.png"] if not label.startswith("_")]
     assert len(by_round) == 4  # every run has a round curve: mobile, datacenter, none, pre-clock
 

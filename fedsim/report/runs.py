@@ -1,6 +1,7 @@
 """Finding run folders and reading each into a :class:`Run` (the row of ``report.csv``, the
 Hydra overrides, the test-accuracy curve, and with a simulated clock its time curve and times
-to the target accuracies)."""
+to the target accuracies). A row also carries the run's ``aggregation_error_max`` and, for
+plug-in aggregators, each ``aggregator_*`` metric's value in the last round that logged it."""
 
 from __future__ import annotations
 
@@ -141,6 +142,8 @@ def read_run(folder: Path) -> Run:
         "wall_time_s": s.get("wall_time_s"),
         "system": _system(s, cfg, choice),
         "sim_time_s": s.get("sim_time_s", last.get("sim_time_s")),
+        "aggregation_error_max": s.get("aggregation_error_max", _largest(metrics)),
+        **_aggregator_metrics(s, metrics),
     }
     if summary is None:
         row["status"] = "incomplete"
@@ -157,6 +160,24 @@ def read_run(folder: Path) -> Run:
     reached = dict(reached) if isinstance(reached, dict) else None
     config = cfg if isinstance(cfg, dict) else {}
     return Run(folder, row, _overrides(folder), curve, times, reached, config)
+
+
+def _largest(metrics: Sequence[dict[str, Any]]) -> float | None:
+    """The largest ``aggregation_error`` of the rounds written (a run without a summary)."""
+    errors = [m.get("aggregation_error") for m in metrics]
+    return max((float(e) for e in errors if isinstance(e, (int, float))), default=None)
+
+
+def _aggregator_metrics(summary: dict[str, Any], metrics: Sequence[dict[str, Any]]) -> dict:
+    """A plug-in aggregator's ``aggregator_*`` metrics: each one's value in the last round that
+    logged it (``summary.json``'s, should it hold one)."""
+    out: dict[str, Any] = {}
+    for m in metrics:
+        for key, value in m.items():
+            if key.startswith("aggregator_") and value is not None:
+                out[key] = value
+    out.update({k: v for k, v in summary.items() if k.startswith("aggregator_")})
+    return dict(sorted(out.items()))
 
 
 def _system(summary: dict[str, Any], cfg: Any, choice: dict[str, Any]) -> str:

@@ -1,18 +1,17 @@
-"""The report's tables: one row per run, runs grouped over seeds (mean and 95% interval),
-the learning rate selected on the validation split, the simulated time to each target accuracy;
-and writing them as CSV, Markdown and a printed table."""
+"""The report's tables: one row per run, runs grouped over seeds (mean and 95% interval), and
+the simulated time to each target accuracy. (The learning rate chosen on the validation split:
+:mod:`fedsim.report.tuning`; differences paired by seed: :mod:`fedsim.report.paired`; writing:
+:mod:`fedsim.report.writing`.)"""
 
 from __future__ import annotations
 
-import csv
-import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedsim.report.runs import Run
+from fedsim.report.stats import mean, mean_ci
 
 #: what identifies a configuration, besides the swept overrides (the seed excepted)
 IDENTITY = [
@@ -44,6 +43,7 @@ COLUMNS = [
     "bytes_up",
     "bytes_down",
     "epsilon",
+    "aggregation_error_max",
     "sim_time_s",
     "wall_time_s",
     "reason",
@@ -65,6 +65,15 @@ LR_KEYS = ("sim.lr", "lr")
 CLOCK_COLUMNS = ("system", "sim_time_s")
 #: the columns of ``time_to_target.csv`` after the configuration's
 TARGET_STATS = ["target", "seeds", "reached", "time_s_mean", "time_s_ci95", "time"]
+#: plug-in aggregators' metrics (``metrics.jsonl``): columns after ``aggregation_error_max``
+AGGREGATOR = "aggregator_"
+#: columns present only when some run has a value
+OPTIONAL = ("aggregation_error_max",)
+
+
+def swept_of(columns: Sequence[str]) -> list[str]:
+    """The swept overrides among a table's ``columns`` (those before the known columns)."""
+    return [c for c in columns if c not in COLUMNS and not c.startswith(AGGREGATOR)]
 
 
 def swept_keys(runs: Sequence[Run]) -> list[str]:
@@ -91,10 +100,15 @@ def table(runs: Sequence[Run], root: Path) -> tuple[list[str], list[dict[str, An
         row.update(run.row)
         row["run"] = _relative(run.path, root)
         row["time_to_accuracy"] = run.time_to_accuracy  # not a column: time_to_target's
+        row["_run"] = run  # not a column: the plots'
         rows.append(row)
     clock = any(run.row.get("sim_time_s") is not None for run in runs)
     known = [c for c in COLUMNS if clock or c not in CLOCK_COLUMNS]
     known = [c for c in known if c not in swept and ALIASES.get(c) not in swept]
+    known = [c for c in known if c not in OPTIONAL or any(r.get(c) is not None for r in rows)]
+    plugin = sorted({k for r in rows for k in r if k.startswith(AGGREGATOR)})
+    at = known.index("epsilon") + 1 + ("aggregation_error_max" in known)
+    known[at:at] = plugin
     return swept + (["system"] if clock and "system" not in swept else []) + known, rows
 
 
@@ -103,26 +117,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.resolve().relative_to(root.resolve())) or "."
     except ValueError:
         return str(path)
-
-
-def t_quantile(n: int) -> float:
-    """The 97.5% quantile of Student's t with ``n - 1`` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1))
-
-
-def mean_ci(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
-    """``(mean, half-width of the 95% confidence interval, n)`` of the finite values (half-width
-    None with fewer than two)."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not xs:
-        return None, None, 0
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None, len(xs)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-    return mean, t_quantile(len(xs)) * sd / math.sqrt(len(xs)), len(xs)
 
 
 def _identity(row: dict[str, Any], swept: Sequence[str], leave_out: Sequence[str]) -> tuple:
@@ -136,107 +130,72 @@ def varying(rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> list[str]:
     return [k for k in keys if len({str(r.get(k, "")) for r in rows}) > 1]
 
 
+def bound(rows: Sequence[dict[str, Any]], keys: Iterable[str], by: str = "strategy") -> list[str]:
+    """The ``keys`` whose value follows from ``by``'s (each strategy one value, the strategies
+    not all the same: ``adapter`` when only ``strategy`` was swept): they say nothing the
+    strategy's name does not, and go with it. Never the learning rate: a rate chosen per
+    strategy is worth showing."""
+    out = []
+    for k in keys:
+        if k == by or k in LR_KEYS:
+            continue
+        values: dict[str, set[str]] = defaultdict(set)
+        for r in rows:
+            values[str(r.get(by))].add(str(r.get(k, "")))
+        if all(len(v) == 1 for v in values.values()) and len(set.union(*values.values())) > 1:
+            out.append(k)
+    return out
+
+
 def group_seeds(
     columns: Sequence[str], rows: Sequence[dict[str, Any]]
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Finished runs that differ only in the seed, with means and 95% intervals."""
-    swept = [c for c in columns if c not in COLUMNS]
+    """Finished runs that differ only in the seed, with means and 95% intervals (and, not
+    columns, ``_key``: the identity, ``_rows``: the runs' rows)."""
+    swept = swept_of(columns)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["status"] == "ok":
             groups[_identity(row, swept, SEED_KEYS)].append(row)
+    extra = [c for c in columns if c.startswith(AGGREGATOR) or c in OPTIONAL]
+    extra += [c for c in ("sim_time_s",) if c in columns]
     out = []
     for key, members in groups.items():
-        g = dict(key)
+        g: dict[str, Any] = {**dict(key), "_key": key, "_rows": members}
         for metric in ("final_accuracy", "final_loss", "final_val_accuracy", "final_val_loss"):
-            mean, half, n = mean_ci(m[metric] for m in members)
-            g[f"{metric}_mean"] = mean
-            g[f"{metric}_ci95"] = half
+            g[f"{metric}_mean"], g[f"{metric}_ci95"], _ = mean_ci(m[metric] for m in members)
+        accuracies = [m["final_accuracy"] for m in members if m["final_accuracy"] is not None]
+        g["final_accuracy_min"] = min(accuracies, default=None)
+        g["final_accuracy_max"] = max(accuracies, default=None)
         g["seeds"] = len(members)
-        g["bytes_up"] = _mean(m["bytes_up"] for m in members)
-        g["bytes_down"] = _mean(m["bytes_down"] for m in members)
-        g["epsilon"] = _mean(m["epsilon"] for m in members)
-        if "sim_time_s" in columns:
-            g["sim_time_s"] = _mean(m["sim_time_s"] for m in members)
+        for c in ("bytes_up", "bytes_down", "epsilon", *extra):
+            values = [m.get(c) for m in members]
+            g[c] = max(_numbers(values), default=None) if c in OPTIONAL else mean(values)
         out.append(g)
     keys = [k for k, _ in next(iter(groups))] if groups else []
-    stats = [
-        "seeds",
-        "final_accuracy_mean",
-        "final_accuracy_ci95",
-        "final_loss_mean",
-        "final_loss_ci95",
-        "final_val_accuracy_mean",
-        "final_val_accuracy_ci95",
-        "bytes_up",
-        "bytes_down",
-        "epsilon",
-    ]
-    return keys + stats + [c for c in ("sim_time_s",) if c in columns], out
+    return keys + GROUP_STATS + extra, out
 
 
-def _rate(text: str) -> tuple[float, str]:
-    """Learning rates in numeric order (a value that is not a number last, by its text)."""
-    try:
-        return float(text), ""
-    except ValueError:
-        return float("inf"), text
+#: the columns of ``groups.csv`` after the configuration's (then ``aggregation_error_max``,
+#: the largest over the seeds, the means of ``aggregator_*`` metrics, and ``sim_time_s``)
+GROUP_STATS = [
+    "seeds",
+    "final_accuracy_mean",
+    "final_accuracy_ci95",
+    "final_accuracy_min",
+    "final_accuracy_max",
+    "final_loss_mean",
+    "final_loss_ci95",
+    "final_val_accuracy_mean",
+    "final_val_accuracy_ci95",
+    "bytes_up",
+    "bytes_down",
+    "epsilon",
+]
 
 
-def _mean(values: Iterable[Any]) -> float | None:
-    xs = [float(v) for v in values if v is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def tune(
-    group_columns: Sequence[str], groups: Sequence[dict[str, Any]]
-) -> tuple[list[str], list[dict[str, Any]]]:
-    """Per configuration (all but the learning rate), the rate with the best mean validation
-    accuracy and the test results at that rate; empty when runs share one rate."""
-    lr_key = next((k for k in LR_KEYS if k in group_columns), None)
-    rates = {str(g.get(lr_key)) for g in groups} if lr_key else set()
-    if len(rates) < 2:
-        return [], []
-    stats = {c for c in group_columns if c.startswith("final_") or c in ("seeds", "bytes_up")}
-    stats |= {"bytes_down", "epsilon", "sim_time_s"}
-    ident = [c for c in group_columns if c not in stats and c not in LR_KEYS]
-    by_config: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for g in groups:
-        by_config[tuple(str(g.get(k)) for k in ident)].append(g)
-    out = []
-    for members in by_config.values():
-        scored = [g for g in members if g.get("final_val_accuracy_mean") is not None]
-        row = {k: members[0].get(k) for k in ident}
-        row["rates_tried"] = ", ".join(sorted({str(g.get(lr_key)) for g in members}, key=_rate))
-        if not scored:
-            row["selected_lr"] = None
-            row["note"] = "no validation split (set sim.validation_fraction): no rate selected"
-            out.append(row)
-            continue
-        best = max(scored, key=lambda g: g["final_val_accuracy_mean"])
-        row["selected_lr"] = best.get(lr_key)
-        row["val_accuracy"] = best["final_val_accuracy_mean"]
-        row["test_accuracy_mean"] = best["final_accuracy_mean"]
-        row["test_accuracy_ci95"] = best["final_accuracy_ci95"]
-        row["test_loss_mean"] = best["final_loss_mean"]
-        row["seeds"] = best["seeds"]
-        row["bytes_up"] = best["bytes_up"]
-        row["bytes_down"] = best["bytes_down"]
-        row["note"] = ""
-        out.append(row)
-    cols = ident + [
-        "rates_tried",
-        "selected_lr",
-        "val_accuracy",
-        "test_accuracy_mean",
-        "test_accuracy_ci95",
-        "test_loss_mean",
-        "seeds",
-        "bytes_up",
-        "bytes_down",
-        "note",
-    ]
-    return cols, out
+def _numbers(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float))]
 
 
 def time_to_target(
@@ -245,7 +204,7 @@ def time_to_target(
     """Per configuration (finished runs grouped over seeds, as :func:`group_seeds`) and per
     target accuracy in the runs' ``time_to_accuracy``: how many seeds reached it and the mean
     simulated seconds over those that did (none when none did: never a made-up number)."""
-    swept = [c for c in columns if c not in COLUMNS]
+    swept = swept_of(columns)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["status"] == "ok" and row.get("time_to_accuracy"):
@@ -256,7 +215,7 @@ def time_to_target(
         for target in sorted(targets, key=float):
             tracked = [m["time_to_accuracy"] for m in members if target in m["time_to_accuracy"]]
             times = [t[target] for t in tracked]  # None: not reached
-            mean, half, reached = mean_ci(times)
+            average, half, reached = mean_ci(times)
             seeds = len(times)
             out.append(
                 {
@@ -264,9 +223,9 @@ def time_to_target(
                     "target": target,
                     "seeds": seeds,
                     "reached": reached,
-                    "time_s_mean": mean,
+                    "time_s_mean": average,
                     "time_s_ci95": half,
-                    "time": _reached(mean, reached, seeds),
+                    "time": _reached(average, reached, seeds),
                 }
             )
     keys = [k for k, _ in next(iter(groups))] if groups else []
@@ -289,52 +248,3 @@ def human_time(seconds: float) -> str:
         if abs(seconds) >= size:
             return f"{seconds / size:.3g} {unit}"
     return "0 s" if seconds == 0 else f"{seconds * 1000:.3g} ms"
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return ""
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
-    return str(value)
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for row in rows:
-            w.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
-    os.replace(tmp, path)
-
-
-def markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [_cell(row.get(c)).replace("|", "\\|") for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_markdown(path: Path, title: str, columns, rows) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"# {title}\n\n" + markdown(columns, rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def print_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, show_lines=False)
-    for c in columns:
-        t.add_column(c, overflow="fold")
-    for row in rows:
-        t.add_row(*(_cell(row.get(c)) for c in columns))
-    Console(width=max(120, min(400, 14 * len(columns)))).print(t)

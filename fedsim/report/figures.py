@@ -1,0 +1,201 @@
+"""What every plot of the report shares: headless matplotlib, a colour and a marker per
+strategy, axes in bytes (:func:`fedsim.progress.human_bytes`, as the tables) and in whole
+rounds, labels that tell configurations apart, and the last step before saving: tick labels
+thinned and annotations moved (or left out) until no two overlap (:func:`declutter`;
+:func:`overlaps` is the check)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsim.progress import human_bytes
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+#: offsets tried for an annotation, in points from its point, with their alignment
+PLACES = (
+    (4, 4, "left"),
+    (4, -11, "left"),
+    (-4, 4, "right"),
+    (-4, -11, "right"),
+    (0, 9, "center"),
+    (0, -17, "center"),
+)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def palette(strategies: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """A colour and a marker per strategy (sorted by name, so every plot agrees)."""
+    names = sorted(set(strategies))
+    return {s: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, s in enumerate(names)}
+
+
+def short(key: str) -> str:
+    return key.split(".", 1)[1] if key.startswith(("sim.", "task.")) else key
+
+
+def label(row: dict[str, Any], keys: Sequence[str]) -> str:
+    """``fedavg, lr=0.01, compressor=topk``: the values of ``keys`` (``sim.`` left off the
+    names; the strategy by its name alone)."""
+    return ", ".join(
+        str(row.get(k)) if k == "strategy" else f"{short(k)}={row.get(k)}" for k in keys
+    )
+
+
+def bytes_label(value: float, _pos=None) -> str:
+    return human_bytes(value)
+
+
+def bytes_axis(axis, values: Sequence[float]) -> bool:
+    """Byte ticks on ``axis`` (an x or y axis) for the ``values`` plotted: a log scale when
+    they span more than a factor of 10, else linear; True for log."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    positive = [v for v in values if v > 0]
+    log = bool(positive) and max(positive) / min(positive) > 10
+    if log:
+        axis.axes.set_xscale("log") if axis is axis.axes.xaxis else axis.axes.set_yscale("log")
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(NullFormatter())
+    elif positive:
+        axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10], min_n_ticks=2))
+        low, high = min(positive), max(positive)
+        if high - low < 0.4 * high:  # ticks far enough apart to read differently
+            middle = (low + high) / 2
+            lim = (middle - 0.25 * high, middle + 0.25 * high)
+            axis.axes.set_xlim(lim) if axis is axis.axes.xaxis else axis.axes.set_ylim(lim)
+    axis.set_major_formatter(FuncFormatter(bytes_label))
+    return log
+
+
+def integer_axis(axis) -> None:
+    """Whole-number ticks (rounds)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def save(fig, path: Path, note_ax=None) -> None:
+    """Declutter (a note under ``note_ax``'s x label when labels had to go), save, close."""
+    hidden = declutter(fig)
+    if hidden and note_ax is not None:
+        note = f"({hidden} point label(s) left out where they would overlap)"
+        note_ax.set_xlabel(note_ax.get_xlabel() + "\n" + note)
+        declutter(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def declutter(fig, passes: int = 3) -> int:
+    """Thin each axis's tick labels and place each annotation where it overlaps nothing, else
+    hide it; returns how many annotations were hidden."""
+    hidden = 0
+    for _ in range(passes):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                _thin(axis, renderer)
+            hidden += _place(ax, renderer)
+        if not overlaps(fig):
+            break
+    return hidden
+
+
+def _boxes(texts, renderer, pad: float = 2.0) -> list:
+    return [t.get_window_extent(renderer).padded(pad / 2) for t in texts]
+
+
+def _any_overlap(boxes) -> bool:
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def _ticks(axis) -> list:
+    """The major ticks whose label is drawn (visible, non-empty, inside the view)."""
+    low, high = sorted(axis.get_view_interval())
+    lax = 1e-9 * (high - low)
+    return [
+        tick
+        for tick in axis.get_major_ticks()
+        if tick.label1.get_visible()
+        and tick.label1.get_text()
+        and low - lax <= tick.get_loc() <= high + lax
+    ]
+
+
+def tick_labels(axis) -> list:
+    """The tick labels drawn on ``axis``."""
+    return [tick.label1 for tick in _ticks(axis)]
+
+
+def _thin(axis, renderer) -> None:
+    """Keep every n-th tick label, the smallest n at which none overlap."""
+    ticks = _ticks(axis)
+    labels = [t.label1 for t in ticks]
+    if not _any_overlap(_boxes(labels, renderer)):
+        return
+    locs = [t.get_loc() for t in ticks]
+    texts = [t.get_text() for t in labels]
+    for step in range(2, len(labels) + 1):
+        kept = list(range(0, len(labels), step))
+        if not _any_overlap(_boxes([labels[i] for i in kept], renderer)):
+            break
+    axis.set_ticks([locs[i] for i in kept], labels=[texts[i] for i in kept])
+
+
+def annotations(ax) -> list:
+    from matplotlib.text import Annotation
+
+    return [t for t in ax.texts if isinstance(t, Annotation) and t.get_visible()]
+
+
+def _place(ax, renderer) -> int:
+    """Move each annotation to the first of :data:`PLACES` that overlaps no tick label, no
+    annotation placed before it, and stays in the axes; hide it when none does."""
+    taken = _boxes([*tick_labels(ax.xaxis), *tick_labels(ax.yaxis)], renderer)
+    frame = ax.get_window_extent(renderer)
+    hidden = 0
+    for note in annotations(ax):
+        first = (*note.get_position(), note.get_horizontalalignment())
+        if not hasattr(note, "_fedsim_first"):
+            note._fedsim_first = first  # where its plot put it: tried first
+        for dx, dy, ha in (note._fedsim_first, *PLACES):
+            note.set_position((dx, dy))
+            note.set_horizontalalignment(ha)
+            box = _boxes([note], renderer)[0]
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+            if inside and box.y1 <= frame.y1 and not any(box.overlaps(b) for b in taken):
+                taken.append(box)
+                break
+        else:
+            note.set_visible(False)
+            hidden += 1
+    return hidden
+
+
+def overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs of texts that overlap, drawn at the figure's size: two tick labels of one axis,
+    two annotations of one axes, an annotation and a tick label of its axes (empty for a
+    readable figure)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    found = []
+    for ax in fig.axes:
+        xs, ys, notes = tick_labels(ax.xaxis), tick_labels(ax.yaxis), annotations(ax)
+        pairs = [
+            (a, b) for texts in (xs, ys, notes) for i, a in enumerate(texts) for b in texts[i + 1 :]
+        ]
+        pairs += [(a, b) for a in notes for b in (*xs, *ys)]
+        for a, b in pairs:
+            if _boxes([a], renderer, 0.0)[0].overlaps(_boxes([b], renderer, 0.0)[0]):
+                found.append((a.get_text(), b.get_text()))
+    return found

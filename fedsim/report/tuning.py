@@ -1,0 +1,139 @@
+"""The learning rate chosen on the validation split: per configuration (everything but the rate
+and the seed), the rate with the best mean validation accuracy; the groups the plots draw by
+default (each configuration at its chosen rate); one warning line when a chosen rate is the
+smallest or largest of those tried, and one for the configurations without a validation split
+(no rate is chosen for them: choosing on test accuracy and reporting test accuracy would
+overstate them, so their plots keep every rate)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedsim.report.stats import rate_order
+from fedsim.report.tables import AGGREGATOR, LR_KEYS, OPTIONAL, bound, varying
+
+#: the columns of ``tuned.csv`` after the configuration's
+TUNED_STATS = [
+    "rates_tried",
+    "selected_lr",
+    "val_accuracy",
+    "test_accuracy_mean",
+    "test_accuracy_ci95",
+    "test_loss_mean",
+    "seeds",
+    "bytes_up",
+    "bytes_down",
+]
+NO_VALIDATION = "no validation split (set sim.validation_fraction): no rate selected"
+
+
+@dataclass
+class Tuning:
+    """What :func:`tune` found."""
+
+    #: ``tuned.csv``: its columns and a row per configuration (empty when runs share one rate)
+    columns: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    #: the groups the plots draw by default: each configuration at its chosen rate, and every
+    #: rate of a configuration without a validation split
+    chosen: list[dict[str, Any]] = field(default_factory=list)
+    #: one line each: chosen rates at the edge of the grid, configurations without validation
+    warnings: list[str] = field(default_factory=list)
+    #: the key of the rate (``sim.lr`` when swept, else ``lr``); None when runs share one
+    lr_key: str | None = None
+
+
+def lr_key_of(groups: Sequence[dict[str, Any]]) -> str | None:
+    """The identity key that holds the rate, when the groups tried more than one."""
+    names = {k for g in groups for k, _ in g["_key"]}
+    key = next((k for k in LR_KEYS if k in names), None)
+    return key if key and len({str(g.get(key)) for g in groups}) > 1 else None
+
+
+def configurations(groups: Sequence[dict[str, Any]], leave_out: Sequence[str]) -> dict:
+    """The groups by their identity less ``leave_out`` (in the groups' order)."""
+    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for g in groups:
+        out[tuple((k, v) for k, v in g["_key"] if k not in leave_out)].append(g)
+    return out
+
+
+def tune(group_columns: Sequence[str], groups: Sequence[dict[str, Any]]) -> Tuning:
+    """Per configuration (all but the learning rate), the rate with the best mean validation
+    accuracy and the test results at that rate; see :class:`Tuning`."""
+    lr_key = lr_key_of(groups)
+    if lr_key is None:
+        return Tuning(chosen=list(groups))
+    by_config = configurations(groups, [lr_key])
+    ident = [k for k, _ in next(iter(by_config))]
+    configs = [dict(c) for c in by_config]
+    label_keys = [k for k in varying(configs, ident) if k not in bound(configs, ident)]
+    extra = [c for c in group_columns if c.startswith(AGGREGATOR) or c in OPTIONAL]
+    out, chosen, warnings, unscored = [], [], [], []
+    for config, members in by_config.items():
+        members = sorted(members, key=lambda g: rate_order(str(g.get(lr_key))))
+        row = {**dict(config), **_best(members, lr_key, extra)}
+        out.append(row)
+        name = _name(dict(config), label_keys)
+        if row["selected_lr"] is None:
+            unscored.append(name)
+            chosen += members
+            continue
+        chosen += [g for g in members if g.get(lr_key) == row["selected_lr"]]
+        edge = _edge(members, lr_key, row["selected_lr"])
+        if edge:
+            row["note"] = f"{edge} rate tried"
+            tried = f"{members[0].get(lr_key)} to {members[-1].get(lr_key)}"
+            warnings.append(
+                f"warning: {name}: the chosen {lr_key}={row['selected_lr']} is the {edge} "
+                f"rate tried ({tried}); the best rate may lie beyond the grid"
+            )
+    if unscored:
+        warnings.append(
+            f"warning: no validation split for {', '.join(unscored)}: no rate chosen "
+            "(set sim.validation_fraction), so the plots show every rate tried"
+        )
+    cols = ident + TUNED_STATS + extra + ["note"]
+    return Tuning(cols, out, chosen, warnings, lr_key)
+
+
+def _best(members: Sequence[dict[str, Any]], lr_key: str, extra: Sequence[str]) -> dict:
+    """The tuned row's numbers: the rates tried and the best by mean validation accuracy."""
+    row: dict[str, Any] = {"rates_tried": ", ".join(str(g.get(lr_key)) for g in members)}
+    scored = [g for g in members if g.get("final_val_accuracy_mean") is not None]
+    if not scored:
+        return {**row, "selected_lr": None, "note": NO_VALIDATION}
+    best = max(scored, key=lambda g: g["final_val_accuracy_mean"])  # ties: the smaller rate
+    row.update(
+        selected_lr=best.get(lr_key),
+        val_accuracy=best["final_val_accuracy_mean"],
+        test_accuracy_mean=best["final_accuracy_mean"],
+        test_accuracy_ci95=best["final_accuracy_ci95"],
+        test_loss_mean=best["final_loss_mean"],
+        seeds=best["seeds"],
+        bytes_up=best["bytes_up"],
+        bytes_down=best["bytes_down"],
+        note="" if len(members) > 1 else "one rate tried",
+    )
+    row.update({c: best.get(c) for c in extra})
+    return row
+
+
+def _edge(members: Sequence[dict[str, Any]], lr_key: str, selected: Any) -> str:
+    """'smallest' or 'largest' when ``selected`` is at that end of two or more rates tried."""
+    if len(members) < 2:
+        return ""
+    if selected == members[0].get(lr_key):
+        return "smallest"
+    return "largest" if selected == members[-1].get(lr_key) else ""
+
+
+def _name(config: dict[str, Any], keys: Sequence[str]) -> str:
+    """A configuration's name in a warning: its strategy, or what tells it apart."""
+    parts = [f"{k}={config.get(k)}" for k in keys if k != "strategy"]
+    if "strategy" in keys:
+        parts.insert(0, str(config["strategy"]))
+    return ", ".join(parts) if parts else "the runs"
