@@ -52,9 +52,20 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_report_rows_groups_tuning_and_plots(sweep):
-    from fedsim.report import report
+def test_report_rows_groups_tuning_and_plots(sweep, monkeypatch):
+    import matplotlib.figure
 
+    from fedsim.report import report
+    from fedsim.report.figures import overlaps
+
+    figures = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        figures[path.name] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     out = sweep / "out"
     done = report([sweep / "sweep"], out)
     rows = read_csv(out / "report.csv")
@@ -73,6 +84,7 @@ def test_report_rows_groups_tuning_and_plots(sweep):
         assert float(r["final_accuracy"]) == pytest.approx(s["final_eval_accuracy"])
         assert float(r["final_val_accuracy"]) == pytest.approx(s["final_val_accuracy"])
         assert int(r["bytes_up"]) == s["bytes_up_total"]
+        assert float(r["aggregation_error_max"]) == pytest.approx(s["aggregation_error_max"])
 
     groups = read_csv(out / "groups.csv")
     assert len(groups) == 4 and {g["seeds"] for g in groups} == {"2"}
@@ -95,9 +107,26 @@ def test_report_rows_groups_tuning_and_plots(sweep):
         assert float(row["test_accuracy_mean"]) == pytest.approx(float(best["final_accuracy_mean"]))
         assert row["rates_tried"] == "0.003, 0.03"
 
+    paired = read_csv(out / "paired.csv")  # fedsb against fedavg, each at its chosen rate
+    (fedsb,) = paired
+    assert (fedsb["strategy"], fedsb["baseline"], fedsb["n"]) == ("fedsb", "fedavg", "2")
+    chosen = {t["strategy"]: t["selected_lr"] for t in tuned}
+    final = {
+        (r["strategy"], r["sim.seed"]): float(r["final_accuracy"])
+        for r in rows
+        if r["sim.lr"] == chosen[r["strategy"]]
+    }
+    diffs = [final["fedsb", s] - final["fedavg", s] for s in ("0", "1")]
+    assert float(fedsb["mean_difference"]) == pytest.approx(sum(diffs) / 2)
+    assert fedsb["by_seed"] == f"0: {diffs[0]:+.4f}, 1: {diffs[1]:+.4f}"
+    assert float(fedsb["ci95_half"]) == pytest.approx(t * abs(diffs[0] - diffs[1]) / 2)
+
     import matplotlib.image
 
-    for name in ("accuracy_by_round.png", "accuracy_vs_bytes.png"):
+    drawn = ["accuracy_by_round.png", "accuracy_by_round_overlay.png", "accuracy_vs_bytes.png"]
+    assert [f for f in done["files"] if f.endswith(".png")] == drawn
+    for name in drawn:
+        assert overlaps(figures[name]) == [], name
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(out / name)
@@ -120,7 +149,15 @@ def test_a_run_without_summary_is_reported_incomplete(sweep):
 
 def test_the_command_line_prints_and_refuses_a_missing_path(sweep, tmp_path):
     ok = subprocess.run(
-        [sys.executable, "-m", "fedsim.report", str(sweep / "sweep"), "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "fedsim.report",
+            str(sweep / "sweep"),
+            "--out",
+            str(tmp_path),
+            "--no-plots",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,
@@ -173,7 +210,7 @@ def test_a_run_at_the_default_rate_is_reported_at_it(sweep, tmp_path):
     (b / "config.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.report", str(a), str(b), "--out", str(out)],
+        [sys.executable, "-m", "fedsim.report", str(a), str(b), "--out", str(out), "--no-plots"],
         capture_output=True,
         text=True,
         timeout=300,

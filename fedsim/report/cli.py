@@ -101,7 +101,9 @@ def show(done: dict[str, Any]) -> None:
     if done["paired"]:
         for row in done["paired"]:
             low, high = row["ci95_low"], row["ci95_high"]
-            row["95% CI"] = "" if low is None else f"[{cell(low)}, {cell(high)}]"
+            row["95% CI"] = (
+                "" if low is None else f"[{cell(low, 'ci95_low')}, {cell(high, 'ci95_high')}]"
+            )
         title = f"paired by seed: final accuracy minus {done['baseline']}'s"
         print_table([*_terminal(done["paired_columns"]), "95% CI"], done["paired"], title)
     if done["time_to_target"]:

@@ -96,19 +96,26 @@ def save(fig, path: Path, note_ax=None) -> None:
 
 
 def declutter(fig, passes: int = 3) -> int:
-    """Thin each axis's tick labels and place each annotation where it overlaps nothing, else
+    """Thin each axis's tick labels, then place each annotation where it overlaps nothing, else
     hide it; returns how many annotations were hidden."""
     hidden = 0
     for _ in range(passes):
-        fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()
-        for ax in fig.axes:
-            for axis in (ax.xaxis, ax.yaxis):
-                _thin(axis, renderer)
-            hidden += _place(ax, renderer)
-        if not overlaps(fig):
+        renderer = _layout(fig)
+        thinned = [_thin(axis, renderer) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)]
+        if not any(thinned):
+            hidden += sum(_place(ax, renderer) for ax in fig.axes)
             break
     return hidden
+
+
+def _layout(fig):
+    """Lay the figure out as it will be drawn (without painting it); its renderer."""
+    if not hasattr(fig.canvas, "get_renderer"):  # a closed figure: lay it out with Agg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    return fig.canvas.get_renderer()
 
 
 def _boxes(texts, renderer, pad: float = 2.0) -> list:
@@ -137,12 +144,32 @@ def tick_labels(axis) -> list:
     return [tick.label1 for tick in _ticks(axis)]
 
 
-def _thin(axis, renderer) -> None:
-    """Keep every n-th tick label, the smallest n at which none overlap."""
+#: an axis whose every tick names something (a column per configuration): its labels are made
+#: smaller, down to this size, before any is left out
+NAMED = "_fedsim_named"
+SMALLEST = 4.5
+
+
+def name_every_tick(axis) -> None:
+    """Mark ``axis`` as :data:`NAMED`."""
+    setattr(axis, NAMED, True)
+
+
+def _thin(axis, renderer) -> bool:
+    """Keep every n-th tick label, the smallest n at which none overlap (on a :data:`NAMED`
+    axis, first make them smaller); True when it changed them."""
     ticks = _ticks(axis)
     labels = [t.label1 for t in ticks]
+    changed = False
+    while getattr(axis, NAMED, False) and _any_overlap(_boxes(labels, renderer)):
+        size = labels[0].get_fontsize() - 0.5
+        if size < SMALLEST:
+            break
+        for text in labels:
+            text.set_fontsize(size)
+        changed = True
     if not _any_overlap(_boxes(labels, renderer)):
-        return
+        return changed
     locs = [t.get_loc() for t in ticks]
     texts = [t.get_text() for t in labels]
     for step in range(2, len(labels) + 1):
@@ -150,6 +177,7 @@ def _thin(axis, renderer) -> None:
         if not _any_overlap(_boxes([labels[i] for i in kept], renderer)):
             break
     axis.set_ticks([locs[i] for i in kept], labels=[texts[i] for i in kept])
+    return True
 
 
 def annotations(ax) -> list:
@@ -160,8 +188,10 @@ def annotations(ax) -> list:
 
 def _place(ax, renderer) -> int:
     """Move each annotation to the first of :data:`PLACES` that overlaps no tick label, no
-    annotation placed before it, and stays in the axes; hide it when none does."""
+    annotated point, no annotation placed before it, and stays in the axes; hide it when none
+    does."""
     taken = _boxes([*tick_labels(ax.xaxis), *tick_labels(ax.yaxis)], renderer)
+    taken += [_marker(ax, note) for note in annotations(ax)]
     frame = ax.get_window_extent(renderer)
     hidden = 0
     for note in annotations(ax):
@@ -182,12 +212,21 @@ def _place(ax, renderer) -> int:
     return hidden
 
 
+def _marker(ax, note, radius: float = 4.0):
+    """The box of the point an annotation names (its marker), in pixels."""
+    from matplotlib.transforms import Bbox, Transform
+
+    coords = note.xycoords
+    to_pixels = coords if isinstance(coords, Transform) else ax.transData
+    x, y = to_pixels.transform(note.xy)
+    return Bbox.from_bounds(x - radius, y - radius, 2 * radius, 2 * radius)
+
+
 def overlaps(fig) -> list[tuple[str, str]]:
     """Pairs of texts that overlap, drawn at the figure's size: two tick labels of one axis,
     two annotations of one axes, an annotation and a tick label of its axes (empty for a
     readable figure)."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    renderer = _layout(fig)
     found = []
     for ax in fig.axes:
         xs, ys, notes = tick_labels(ax.xaxis), tick_labels(ax.yaxis), annotations(ax)

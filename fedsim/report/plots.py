@@ -82,11 +82,11 @@ def _title(text: str, lines: Sequence[Line]) -> str:
     return text + (" (mean over seeds)" if any(ln.seeds > 1 for ln in lines) else "")
 
 
-def _draw(ax, line: Line, xs: Sequence[float], name: str, color=None, marker="o", style="-"):
+def _draw(ax, line: Line, xs, name: str, color=None, marker="o", style="-", band=True):
     (drawn,) = ax.plot(
         xs, line.means, marker=marker, markersize=3, label=name, color=color, linestyle=style
     )
-    if line.seeds > 1:
+    if band and line.seeds > 1:
         ax.fill_between(xs, line.lows, line.highs, color=drawn.get_color(), alpha=0.18)
 
 
@@ -151,17 +151,25 @@ def _panels(groups, path: Path, points: Points, xlabel: str, title: str, time_ax
     return True
 
 
+#: the most lines of an overlay panel drawn with their bands (more would hide each other)
+BANDS = 6
+#: the line styles of one strategy's configurations on the overlay
+DASHES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+
+
 def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bool:
-    """All strategies on shared axes, a panel per task: test accuracy by round, the mean over
-    seeds with its band, a colour and marker per strategy (a line style per configuration
-    when a strategy has several)."""
+    """All strategies on shared axes, a panel (row) per task: test accuracy by round, the mean
+    over seeds with its band (up to :data:`BANDS` lines), a colour and marker per strategy, a
+    line style per configuration when a strategy has several; the legend on the right."""
     lines = _lines(groups, by_round)
     if not lines:
         return False
     style = palette(str(ln.group.get("strategy")) for ln in lines)
     tasks = sorted({str(ln.group.get("task")) for ln in lines})
+    most = max(sum(str(ln.group.get("task")) == t for ln in lines) for t in tasks)
+    ncol = 1 if most <= 14 else 2
     plt = pyplot()
-    fig, axes = _grid(plt, len(tasks), width=8.0, height=4.8, cols=2, sharey=False)
+    fig, axes = _grid(plt, len(tasks), width=7.0 + 3.4 * ncol, height=4.6, cols=1, sharey=False)
     for ax, task in zip(axes, tasks):
         mine = [ln for ln in lines if str(ln.group.get("task")) == task]
         keys = _label_keys(mine, ("task",))
@@ -169,17 +177,19 @@ def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
         for line in sorted(mine, key=lambda ln: label(ln.group, keys)):
             strategy = str(line.group.get("strategy"))
             color, marker = style[strategy]
-            dash = ("-", "--", ":", "-.")[seen[strategy] % 4]
+            dash = DASHES[seen[strategy] % len(DASHES)]
             seen[strategy] += 1
-            _draw(ax, line, line.xs, line.name(keys, strategy), color, marker, dash)
-        ax.set_title(f"task: {task}" if len(tasks) > 1 else "strategies compared")
+            name = line.name(keys, strategy)
+            _draw(ax, line, line.xs, name, color, marker, dash, band=len(mine) <= BANDS)
+        title = f"task: {task}" if len(tasks) > 1 else "strategies compared"
+        ax.set_title(
+            title + (f" (bands left off: over {BANDS} lines)" if len(mine) > BANDS else "")
+        )
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (global model)")
         ax.grid(alpha=0.3)
         integer_axis(ax.xaxis)
-        ncol = 2 if len(mine) > 4 else 1
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False,
-                  ncol=ncol)  # fmt: skip
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
     fig.suptitle(_title(f"Test accuracy by round, {rates}", lines))
     fig.tight_layout()
     save(fig, path)

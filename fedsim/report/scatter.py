@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.progress import human_bytes
-from fedsim.report.figures import bytes_axis, label, palette, pyplot, save
+from fedsim.report.figures import bytes_axis, label, name_every_tick, palette, pyplot, save
 from fedsim.report.stats import CI_SEEDS, band
 from fedsim.report.tables import SEED_KEYS, bound, varying
 
@@ -149,8 +149,8 @@ def _cost_panel(ax, points, x_label: str, style, byte_axis: bool, title: str) ->
         text = label(p.group, keys)
         if text:
             ax.annotate(
-                text, (p.x, p.y), xytext=(4, 4), textcoords="offset points", fontsize=6,
-                color=style[p.strategy][0],
+                text, (p.x, p.y), xycoords=ax.transData + _shift(ax, p), xytext=(4, 4),
+                textcoords="offset points", fontsize=6, color=style[p.strategy][0],
             )  # fmt: skip
     _frontier(ax, points)
     note = f"\n({moved} points at the same cost drawn side by side)" if moved else ""
@@ -164,20 +164,21 @@ def _cost_panel(ax, points, x_label: str, style, byte_axis: bool, title: str) ->
 
 
 def _side_by_side(ax, points, style) -> None:
-    """A column per configuration, strategies side by side, each named with its total bytes."""
+    """A column per configuration, strategies side by side, each named with its total bytes
+    (on one line, turned upright, when there are more than five)."""
     keys = _label_keys(points)
     order = sorted(points, key=lambda p: (p.strategy, label(p.group, keys)))
     for i, p in enumerate(order):
         _errorbar(ax, p, i, style[p.strategy], None, shifted=False)
+    many = len(order) > 5
     names = [
-        "\n".join([p.strategy, *([label(p.group, keys)] if keys else []), human_bytes(p.x)])
+        (", " if many else "\n").join(
+            [p.strategy, *([label(p.group, keys)] if keys else []), human_bytes(p.x)]
+        )
         for p in order
     ]
-    ax.set_xticks(range(len(order)), names, fontsize=7)
-    if len(order) > 5:
-        ax.tick_params(axis="x", labelrotation=35)
-        for text in ax.get_xticklabels():
-            text.set_horizontalalignment("right")
+    ax.set_xticks(range(len(order)), names, fontsize=7, rotation=90 if many else 0)
+    name_every_tick(ax.xaxis)
     ax.set_xlim(-0.6, len(order) - 0.4)
     ax.set_title("side by side, with total bytes", fontsize=9)
     ax.grid(alpha=0.3, axis="y")

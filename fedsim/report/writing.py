@@ -44,6 +44,8 @@ SHORT = {
     "rates_tried": "rates",
     "selected_lr": "chosen lr",
 }
+#: differences, shown with their sign
+SIGNED = ("mean_difference", "ci95_low", "ci95_high")
 #: the terminal's width, when the table fits
 WIDTH = 120
 
@@ -69,6 +71,8 @@ def cell(value: Any, column: str = "", style: str = "md") -> str:
             return f"{value:,.0f}" if abs(value) >= 1e4 else str(value)
         if column.startswith("aggregation_error") and style == "term":
             return f"{value:.2g}"
+        if column in SIGNED:
+            return f"{value:+.4f}"
         return f"{value:.4g}"
     return str(value)
 

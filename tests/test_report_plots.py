@@ -1,0 +1,170 @@
+"""fedsim-report's plots are readable: every figure drawn at its default size (Agg) has no two
+tick labels of an axis, no two annotations, and no annotation and tick label overlapping;
+rounds are ticked in whole numbers, bytes in one human format; the overlay puts strategies on
+shared axes; bands are t intervals with 3 seeds and the seeds' range with 2; points that would
+hide each other are set apart."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.test_report_choice import write_run
+
+BYTES = re.compile(r"^\d+(\.\d)? (B|kB|MB|GB)$")
+
+
+def _figures(monkeypatch):
+    """The figures the report saves, by file name (still drawable after they are closed)."""
+    import matplotlib.figure
+
+    figures = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        figures[path.name] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return figures
+
+
+def _crowd(root):
+    """4 strategies x 4 rates x 2 seeds, no validation split (every rate drawn), with a clock
+    and differential privacy; two strategies at identical bytes."""
+    job = 0
+    for s, strategy in enumerate(["fedavg", "plugin", "fedsb", "flora"]):
+        for k, lr in enumerate([0.001, 0.003, 0.01, 0.03]):
+            for seed in (0, 1):
+                up = [800_000, 800_000, 250_000, 5_000_000][s]
+                acc = 0.2 + 0.1 * k + [0.0, 0.0, 0.04, 0.06][s] + 0.01 * seed
+                folder = write_run(root / str(job), strategy, lr, seed, acc, up=up, down=up)
+                _private_and_timed(folder, epsilon=1.0 + k + 0.1 * s, seconds=10.0 * (s + 1))
+                job += 1
+
+
+def _private_and_timed(folder, epsilon: float, seconds: float) -> None:
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(privacy="dpsgd", epsilon=epsilon, sim_time_s=seconds * 3)
+    summary["system"] = {"name": "mobile"}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["sim_time_s"] = seconds * row["round"]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_overlap_check_finds_overlaps_and_declutter_removes_them():
+    from fedsim.report.figures import declutter, overlaps, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [0, 1])
+    ax.set_xticks([i / 40 for i in range(41)], [f"{i} MB" for i in range(41)])
+    for _ in range(3):
+        ax.annotate("lr=0.01", (0.5, 0.5), xytext=(4, 4), textcoords="offset points")
+    found = overlaps(fig)
+    assert ("lr=0.01", "lr=0.01") in found and ("0 MB", "1 MB") in found
+    hidden = declutter(fig)
+    assert overlaps(fig) == [] and hidden <= 2  # moved where they fit, hidden where not
+    visible = [t for t in ax.texts if t.get_visible()]
+    assert len(visible) >= 1 and len(visible) + hidden == 3
+    plt.close(fig)
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crowd") / "runs"
+    _crowd(root)
+    return root
+
+
+def test_every_figure_is_readable_at_its_default_size(crowded, tmp_path, monkeypatch):
+    from fedsim.report import report
+    from fedsim.report.figures import overlaps, tick_labels
+
+    figures = _figures(monkeypatch)
+    done = report([crowded], tmp_path)
+    names = {
+        "accuracy_by_round.png",
+        "accuracy_by_round_overlay.png",
+        "accuracy_vs_time.png",
+        "accuracy_vs_bytes.png",
+        "accuracy_vs_epsilon.png",
+    }
+    assert names <= set(figures) and names <= set(done["files"])
+    for name in names:
+        assert overlaps(figures[name]) == [], name
+    for name in ("accuracy_by_round.png", "accuracy_by_round_overlay.png"):
+        for ax in figures[name].axes:
+            if ax.get_xlabel() == "round":
+                ticks = [t.get_text() for t in tick_labels(ax.xaxis)]
+                assert ticks and all(t.isdigit() for t in ticks), ticks
+    cost, side = figures["accuracy_vs_bytes.png"].axes
+    ticks = [t.get_text() for t in tick_labels(cost.xaxis)]
+    assert len(ticks) >= 2 and all(BYTES.match(t) for t in ticks), ticks
+    assert len(set(ticks)) == len(ticks)
+    assert len(tick_labels(side.xaxis)) == 16  # a column per configuration, each named
+    assert "side by side" in cost.get_xlabel()  # fedavg and plugin sent the same bytes
+
+
+def test_the_overlay_puts_strategies_on_shared_axes(crowded, tmp_path, monkeypatch):
+    from fedsim.report import plot_overlay, report
+
+    figures = _figures(monkeypatch)
+    done = report([crowded], tmp_path, plots=False)
+    assert plot_overlay(done["groups"], tmp_path / "overlay.png", "every rate")
+    (ax,) = figures["overlay.png"].axes
+    labels = [ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    assert len(labels) == 16
+    assert {label.split(",")[0] for label in labels} == {"fedavg", "plugin", "fedsb", "flora"}
+    assert all(label.endswith("(2 seeds, min-max)") for label in labels)
+
+
+def test_bands_are_t_intervals_from_three_seeds_and_ranges_below():
+    from fedsim.report.stats import band, band_name
+
+    mean, low, high = band([0.5, 0.9])  # two seeds: their range, not a t interval
+    assert (mean, low, high) == (pytest.approx(0.7), 0.5, 0.9)
+    xs = [0.8, 0.9, 1.0]  # sd 0.1: 0.9 -/+ 4.303 * 0.1 / sqrt(3), clipped to [0, 1]
+    mean, low, high = band(xs)
+    assert low == pytest.approx(0.9 - 4.302652729911275 * 0.1 / 3**0.5) and high == 1.0
+    assert band([0.4]) == (0.4, 0.4, 0.4)
+    assert (band_name(1), band_name(2), band_name(3)) == ("", "2 seeds, min-max", "3 seeds, 95% CI")
+
+
+def test_one_seed_is_not_called_a_mean_over_seeds(tmp_path, monkeypatch):
+    from fedsim.report import report
+
+    for job, strategy in enumerate(["fedavg", "fedsb"]):
+        write_run(tmp_path / "one" / str(job), strategy, acc=0.5 + job / 10)
+        for seed in (0, 1, 2):
+            write_run(tmp_path / "three" / f"{job}{seed}", strategy, seed=seed, acc=0.5)
+    figures = _figures(monkeypatch)
+    report([tmp_path / "one"], tmp_path / "out1")
+    title = figures["accuracy_by_round.png"]._suptitle.get_text()
+    assert "seeds" not in title and "mean" not in title
+    assert "one seed" in figures["accuracy_vs_bytes.png"].axes[0].get_ylabel()
+    report([tmp_path / "three"], tmp_path / "out3")
+    assert figures["accuracy_by_round.png"]._suptitle.get_text().endswith("(mean over seeds)")
+
+
+def test_points_that_would_hide_each_other_are_set_apart(tmp_path, monkeypatch):
+    from fedsim.report import report
+
+    for job, strategy in enumerate(["fedavg", "plugin", "fedsb"]):
+        up = 1_000_000 if strategy != "fedsb" else 300_000
+        write_run(tmp_path / "runs" / str(job), strategy, acc=0.6, up=up, down=up)
+    figures = _figures(monkeypatch)
+    report([tmp_path / "runs"], tmp_path / "out")
+    cost = figures["accuracy_vs_bytes.png"].axes[0]
+    drawn = {}
+    for bars in cost.containers:  # each strategy's error bar, where it is drawn
+        line = bars.lines[0]
+        drawn[bars.get_label()] = line.get_transform().transform(line.get_xydata())[0]
+    assert set(drawn) == {"fedavg", "plugin", "fedsb"}
+    apart = abs(drawn["fedavg"][0] - drawn["plugin"][0])  # same bytes, same accuracy
+    assert apart > 5 and drawn["fedavg"][1] == pytest.approx(drawn["plugin"][1])
+    assert "2 points at the same cost drawn side by side" in cost.get_xlabel()
