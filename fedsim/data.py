@@ -166,6 +166,19 @@ def validation_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
+def eval_subset(test: Batch, examples: Any) -> Batch | None:
+    """The fixed subset of ``examples`` test examples that the server evaluates between round
+    0 and the last round (``sim.eval_examples``); None for ``all`` or at least the whole set.
+    Like the validation split, the choice does not depend on ``sim.seed``."""
+    if examples == "all":
+        return None
+    n = len(next(iter(test.values())))
+    if int(examples) >= n:
+        return None
+    perm = np.random.default_rng([0, 31]).permutation(n)
+    return take(test, np.sort(perm[: int(examples)]))
+
+
 def take(batch: Batch, indices: np.ndarray) -> Batch:
     import torch
 

@@ -85,6 +85,15 @@ def _validate_sim(sim: Any) -> int:
                 e,
                 f"must be 'all' or an integer from 0 to sim.num_clients ({n})",
             ) from None
+    integer("sim.eval_every", sim.get("eval_every", 1), low=1)
+    x = sim.get("eval_examples", "all")
+    if x != "all":
+        try:
+            integer("sim.eval_examples", x, low=1)
+        except ConfigError:
+            raise ConfigError(
+                "sim.eval_examples", x, "must be 'all' or a positive integer"
+            ) from None
     number("sim.client_test_fraction", sim["client_test_fraction"], 0, 1, high_open=True)
     number("sim.validation_fraction", sim.get("validation_fraction", 0.0), 0, 1, high_open=True)
     number("sim.prox_mu", sim.get("prox_mu", 0.0), low=0)

@@ -23,6 +23,8 @@ SIM_KEYS = {
     "seed",
     "keep_optimizer_state",
     "eval_clients",
+    "eval_every",
+    "eval_examples",
     "client_test_fraction",
     "validation_fraction",
     "prox_mu",
@@ -41,6 +43,8 @@ SIM_OPTIONAL = {
     "async_buffer": 0,
     "concurrency": None,
     "staleness_exponent": 0.5,
+    "eval_every": 1,
+    "eval_examples": "all",
 }
 #: the top-level keys: every config group (fedsim.registry) and the run's settings
 TOP_KEYS = {*registry.names(), *registry.SETTINGS}
