@@ -319,3 +319,19 @@ def test_constant_columns_are_folded_and_bytes_read_one_way(grid, tmp_path, caps
     assert {r["bytes_up"] for r in rows} == {"4000000", "1234567"}
     groups = read_csv(tmp_path / "groups.csv")
     assert {g["bytes_up"] for g in groups} == {"4000000", "1234567"}  # integers, not 4e+06
+
+
+def test_a_report_of_failed_and_killed_runs_only(tmp_path, capsys):
+    from fedsim.report import main
+
+    write_run(tmp_path / "runs" / "failed", status="failed", val=0.5)
+    write_run(tmp_path / "runs" / "killed", seed=1, summary=False)
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "2 runs" in captured.out and "failed: failed: RuntimeError: diverged" in captured.err
+    assert [r["status"] for r in read_csv(tmp_path / "out" / "report.csv")] == [
+        "failed",
+        "incomplete",
+    ]
+    assert read_csv(tmp_path / "out" / "groups.csv") == []
+    assert not list((tmp_path / "out").glob("*.png"))

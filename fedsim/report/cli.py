@@ -92,7 +92,9 @@ def show(done: dict[str, Any]) -> None:
     """Print the report's tables."""
     rows, groups = done["rows"], done["groups"]
     if len(rows) <= MAX_ROWS or not groups:
-        print_table(_terminal(done["columns"]), rows, f"{len(rows)} runs")
+        print_table(
+            _terminal(done["columns"]), rows, f"{len(rows)} run" + ("s" if len(rows) != 1 else "")
+        )
     else:
         title = f"{len(rows)} runs in {len(groups)} configurations (every run: report.md)"
         print_table(_terminal(done["group_columns"]), groups, title)

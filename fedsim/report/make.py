@@ -79,9 +79,9 @@ def report(
 
 
 def _rates(tuning: Tuning, all_rates: bool) -> str:
-    """What the plots show of the rates, for their titles."""
+    """What the plots show of the rates, for their titles (nothing when runs share one)."""
     if tuning.lr_key is None:
-        return "at the one learning rate run"
+        return ""
     if all_rates:
         return "every learning rate tried"
     unscored = [r for r in tuning.rows if r.get("note") == NO_VALIDATION]

@@ -190,7 +190,7 @@ def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
         ax.grid(alpha=0.3)
         integer_axis(ax.xaxis)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
-    fig.suptitle(_title(f"Test accuracy by round, {rates}", lines))
+    fig.suptitle(_title("Test accuracy by round" + (f", {rates}" if rates else ""), lines))
     fig.tight_layout()
     save(fig, path)
     return True

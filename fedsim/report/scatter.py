@@ -205,7 +205,7 @@ def plot_pareto(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> boo
         _cost_panel(ax, points, "total bytes sent, up + down, whole run", style, True, title)
         _side_by_side(side, points, style)
         side.sharey(ax)
-    fig.suptitle(f"Final test accuracy against communication, {rates}")
+    fig.suptitle("Final test accuracy against communication" + (f", {rates}" if rates else ""))
     fig.tight_layout()
     save(fig, path, note_ax=axes[-1][0])
     return True
@@ -224,7 +224,7 @@ def plot_privacy(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
         title = ("" if len(by_task) == 1 else f"task: {task}; ") + "dashed: frontier"
         x_label = "epsilon spent by the end of the run (smaller: more private)"
         _cost_panel(ax, points, x_label, style, False, title)
-    fig.suptitle(f"Final test accuracy against privacy budget, {rates}")
+    fig.suptitle("Final test accuracy against privacy budget" + (f", {rates}" if rates else ""))
     fig.tight_layout()
     save(fig, path, note_ax=axes[0][0])
     return True

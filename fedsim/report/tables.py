@@ -142,7 +142,7 @@ def bound(rows: Sequence[dict[str, Any]], keys: Iterable[str], by: str = "strate
         values: dict[str, set[str]] = defaultdict(set)
         for r in rows:
             values[str(r.get(by))].add(str(r.get(k, "")))
-        if all(len(v) == 1 for v in values.values()) and len(set.union(*values.values())) > 1:
+        if all(len(v) == 1 for v in values.values()) and len(set().union(*values.values())) > 1:
             out.append(k)
     return out
 

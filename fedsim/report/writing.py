@@ -83,6 +83,8 @@ def fold(
     """The columns to show and the ``key=value`` of those that hold one value in every row
     (empty columns are left out without a word, ``keep`` always shown). A table of one row
     folds only its settings (values that are not numbers), never its measurements."""
+    if not rows:
+        return list(columns), []
     shown, same = [], []
     for c in columns:
         values = {cell(r.get(c), c, style) for r in rows}
