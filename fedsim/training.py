@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim import meter
 from fedsim.errors import ConfigError
 from fedsim.tasks.base import Batch, Task
 from fedsim.validate import integer, number
@@ -91,6 +92,15 @@ def resolve_device(name: str) -> torch.device:
                 "sim.device", name, f"this machine has {torch.cuda.device_count()} CUDA devices"
             )
     return device
+
+
+def describe_device(device: torch.device) -> str:
+    """The device for the run's header: ``cpu (1 thread)``, ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    threads = torch.get_num_threads()
+    return f"{device} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def to_device(batch: Batch, device: torch.device | None) -> Batch:
@@ -254,6 +264,7 @@ def train_local(
             optimizer.step()
             terms.correct(params, lr * factor)
         total += float(loss.detach())
+        meter.steps()
     return LocalResult(loss=total / max(steps, 1), steps=steps)
 
 
@@ -287,6 +298,7 @@ def evaluate(
         batch_loss, batch_correct = task.eval_sums(model, batch)
         loss_sum += batch_loss
         correct += batch_correct
+        meter.examples(len(batch[task.label_key]))
     model.train(was_training)
     if n == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)

@@ -153,3 +153,18 @@ def test_a_model_holding_nan_or_inf_is_refused_and_nothing_is_written(where, tmp
             base_changes=changes,
         )
     assert not out.exists()
+
+
+def test_packaged_models_are_named_portably_in_the_export():
+    """A packaged model's PEFT base is its Hub id, not this machine's site-packages path; a
+    folder the user gives stays as written."""
+    from fedsim.tasks import SentimentTask
+    from fedsim.tasks.generative import SMOLLM2_ID
+    from fedsim.tasks.text import MINILM_ID
+
+    packaged = SentimentTask()
+    assert packaged.model_id == MINILM_ID != packaged.model_path
+    assert "site-packages" not in packaged.model_id
+    given = SentimentTask(model=packaged.model_path)
+    assert given.model_id == given.model_path == packaged.model_path
+    assert SMOLLM2_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"

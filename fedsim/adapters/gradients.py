@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim import meter
 from fedsim.dropout import without_dropout
 from fedsim.tasks.base import Batch
 from fedsim.training import to_device
@@ -45,6 +46,7 @@ def base_gradients(
             if device is not None and device.type != "cpu":
                 batch = {k: v.to(device) for k, v in batch.items()}
             loss_fn(model, batch).backward()
+            meter.examples(len(next(iter(batch.values()))))
         return {
             m: (
                 w.grad.detach().cpu().numpy().copy()

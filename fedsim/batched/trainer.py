@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedsim import meter
 from fedsim.batched.dpsgd import dp_gradients, per_example_gradients
 from fedsim.batched.group import padded_group, quiet_fallbacks, vmapped_loss
 from fedsim.batched.jobs import ClientJob, ClientOutcome
@@ -112,6 +113,7 @@ def _steps(
             terms.add_prox(trained)
             optimizer.step(lrs)
             terms.correct(trained, lrs)
+        meter.steps(clients)
     return totals, counted
 
 

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim import keys
+from fedsim import keys, meter
 from fedsim.config import RunSpec
 from fedsim.errors import ConfigError
 from fedsim.validate import integer
@@ -77,6 +77,9 @@ class InlineGrid(Grid):
     ``partition-id`` and ``num-partitions`` as in Flower's simulation engine. Contexts are
     created when a node first receives a message and persist for the whole run.
     """
+
+    #: the grid reports each reply to :mod:`fedsim.meter` itself (the transport need not)
+    reports_progress = True
 
     def __init__(
         self, client_app: ClientApp, num_nodes: int, seed: int = 0, run_id: int = 1
@@ -207,6 +210,7 @@ class InlineGrid(Grid):
             reply = Message(error, reply_to=msg)
         reply.metadata.__dict__["_message_id"] = f"r{msg_id}"
         self._replies[msg_id] = transport_copy(reply)  # what the server receives
+        meter.client_done()
 
 
 class InlineEngine:

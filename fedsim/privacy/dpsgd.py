@@ -9,6 +9,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from fedsim import meter
 from fedsim.errors import ConfigError
 from fedsim.privacy.accountant import ACCOUNTANTS, Accountant, AccountingError
 from fedsim.tasks.base import Batch, Task
@@ -264,6 +265,7 @@ def train_local_dp(
             total += _private_step(dp, gsm, task, batch, terms, lr * factor)
             counted += 1
         accountant.step(sigma, q)
+        meter.steps()
     dp.zero_grad(set_to_none=True)
     return LocalResult(loss=total / max(counted, 1), steps=steps)
 

