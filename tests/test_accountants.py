@@ -118,3 +118,30 @@ def test_a_run_saved_before_a_key_existed_compares_with_its_default():
     )
     moved = {"privacy": {"_target_": "fedsim.privacy.DPSGD", "accountant": "rdp"}}
     assert first_difference(moved, with_later_keys(saved, moved)) is not None
+
+
+def _gaussian_epsilon(sigma: float, steps: int, delta: float, orders) -> float:
+    """Epsilon of ``steps`` unsubsampled Gaussian steps (RDP ``alpha / (2 sigma^2)`` each),
+    converted with Balle et al.'s (2020) bound, the minimum over ``orders``: in numpy."""
+    import numpy as np
+
+    a = np.asarray(orders, dtype=float)
+    rdp = steps * a / (2 * sigma**2)
+    eps = rdp + np.log1p(-1 / a) - (np.log(delta) + np.log(a)) / (a - 1)
+    return float(np.min(eps))
+
+
+def test_rdp_orders_reach_beyond_opacus_grid_for_small_epsilons(recwarn):
+    from opacus.accountants import RDPAccountant
+
+    from fedsim.privacy.accountant import EXTRA_ORDERS
+
+    grid = [*RDPAccountant.DEFAULT_ALPHAS, *EXTRA_ORDERS]
+    got = Accountant([(20.0, 1.0, 1)]).epsilon(1e-5)
+    assert got == pytest.approx(_gaussian_epsilon(20.0, 1, 1e-5, grid), rel=1e-9)
+    opacus_only = _gaussian_epsilon(20.0, 1, 1e-5, RDPAccountant.DEFAULT_ALPHAS)
+    assert got < opacus_only * 0.99  # the optimum lies beyond order 63
+    # where the optimum is inside Opacus' grid, nothing changes
+    mid = Accountant([(1.0, 1.0, 3)]).epsilon(1e-5)
+    assert mid == pytest.approx(_gaussian_epsilon(1.0, 3, 1e-5, RDPAccountant.DEFAULT_ALPHAS))
+    assert not [w for w in recwarn if "Optimal order" in str(w.message)]
