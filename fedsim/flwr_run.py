@@ -1,8 +1,9 @@
 """Glue for ``flwr run .``: the apps read fedsim's Hydra overrides from Flower's run_config.
 
 ``pyproject.toml``'s ``[tool.flwr.app.config]`` holds ``overrides`` (a string of Hydra overrides,
-as on fedsim's command line) and ``output-dir``; change them with
-``flwr run . --run-config "overrides='sim.rounds=3 strategy=fedavg'"``.
+as on fedsim's command line: the app's defaults), ``extra`` (more overrides, applied after
+them; empty by default) and ``output-dir``. Add to the defaults with
+``flwr run . --run-config "extra='sim.rounds=5'"``; replace them with ``overrides='...'``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ def _compose(overrides: str) -> tuple[dict[str, Any], dict[str, str]]:
     return compose(shlex.split(overrides))
 
 
+#: run_config key: overrides applied after ``overrides`` (the app's defaults), so that a
+#: ``--run-config`` changes one setting and keeps the others
+RUN_EXTRA = "extra"
+
+
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    return _compose(str(run_config.get(keys.RUN_OVERRIDES, "")))
+    base = str(run_config.get(keys.RUN_OVERRIDES, ""))
+    extra = str(run_config.get(RUN_EXTRA, "") or "")
+    return _compose(f"{base} {extra}".strip())
 
 
 def spec_from_run_config(run_config: dict[str, Any]) -> RunSpec:
