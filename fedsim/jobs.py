@@ -32,7 +32,8 @@ def run_job(spec: RunSpec, sweep_log: str | None) -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             traceback.print_exc()
         if sweep_log:  # a sweep goes on: the job's summary.json says why it failed
-            print(f"fedsim: job failed: {reason} ({where})", file=sys.stderr)
+            tag = os.environ.get("FEDSIM_JOB_TAG")  # which job, among parallel workers' lines
+            print(f"fedsim: {tag or 'job'} failed: {reason} ({where})", file=sys.stderr)
             with open(sweep_log, "a", encoding="utf-8") as f:
                 f.write(f"{spec.output_dir}\n")
             return

@@ -18,6 +18,7 @@ import time
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedsim import meter
 
@@ -187,7 +188,7 @@ class RoundPrinter:
         self.console = Console(highlight=False, soft_wrap=True, file=out)
         live = not quiet and out.isatty() and os.environ.get("TERM") != "dumb"
         self.progress = Progress(rounds, local_steps, out, live)
-        self.tag = job_tag()
+        self.tag = escape(job_tag())  # rich would read [job 1/2] as markup
 
     def start(self) -> None:
         """Listen to the training loops (until :meth:`stop`); nothing with ``quiet=true``."""

@@ -245,6 +245,12 @@ def test_a_failing_job_does_not_stop_a_parallel_sweep_and_shows_in_the_report(us
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "2 job(s) of the sweep failed" in proc.stderr
+    assert f"4 jobs, 2 ok, 2 failed -> {sweep}; compare them with: fedsim-report {sweep}" in (
+        proc.stdout
+    )
+    for i in range(1, 5):  # each job's last line says which job it was (parallel workers)
+        assert f"[job {i}/4] done in" in proc.stdout or f"job {i}/4 failed:" in proc.stderr
+    assert proc.stdout.count("] done in") == 2 and proc.stderr.count("/4 failed:") == 2
     report = subprocess.run(
         [sys.executable, "-m", "fedsim.report", str(sweep), "--no-plots", "--quiet"],
         capture_output=True,
