@@ -117,9 +117,8 @@ def sparse_rows(d: int, ratio: float, repeats: int, rng: np.random.Generator) ->
     x = rng.normal(size=d).astype(np.float32)
     k = max(1, round(ratio * d))
     top, compeft = TopK(k=k), ComPEFT(k=k)
-    payload = top.compress(x, rng)
-    fixed_top = sum(v.nbytes for v in payload.values())
-    fixed_compeft = sum(v.nbytes for v in compeft.compress(x, rng).values())
+    fixed_top = top.raw_bytes(d, 4)  # the fixed-width format (bytes_up_raw), not the coded one
+    fixed_compeft = compeft.raw_bytes(d, 4)
     positions = top_indices(x, k)
     buf, t_enc = timed(lambda: encode_positions(positions, d), repeats)
     out, t_dec = timed(lambda: decode_positions(buf, d, k), repeats)
