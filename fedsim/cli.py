@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -24,13 +23,8 @@ from fedsim.config import (
     to_container,
 )
 from fedsim.errors import ConfigCompositionError, ConfigError
-from fedsim.jobs import run_job
+from fedsim.jobs import SWEEP_FAILURES, SWEEP_TOTAL, run_job, run_sweep
 from fedsim.results import METRICS_FILE
-
-#: environment variable naming the file where a sweep's failed jobs are listed
-_SWEEP_FAILURES = "FEDSIM_SWEEP_FAILURES"
-#: environment variable holding a sweep's number of jobs (each job's lines say "job i/N")
-_SWEEP_TOTAL = "FEDSIM_SWEEP_TOTAL"
 
 # Hydra flags after which fedsim only passes through (they print, they do not run).
 _INFO_FLAGS = {
@@ -237,9 +231,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         output_dir=Path(hc.runtime.output_dir),
         quiet=bool(plain.get("quiet")),
     )
-    sweep_log = os.environ.get(_SWEEP_FAILURES)
+    sweep_log = os.environ.get(SWEEP_FAILURES)
     if sweep_log is not None:  # every line of the job says which it is (parallel workers)
-        total = os.environ.get(_SWEEP_TOTAL, "?")
+        total = os.environ.get(SWEEP_TOTAL, "?")
         os.environ["FEDSIM_JOB_TAG"] = f"job {int(hc.job.num) + 1}/{total}"
     if plain.get("resume") is True:
         action, ckpt = resume.plan(spec.output_dir, plain)
@@ -364,42 +358,7 @@ def _main(argv: list[str]) -> None:
         app(_hydra_main)()
         return
     # a sweep: a failing job is recorded and the others go on (any launcher, any process)
-    _sweep(app, folders)
-
-
-def _sweep(app, folders: list[tuple[str, Path, bool]]) -> None:
-    """Run a sweep's jobs; then one line: how many ran, failed, how long, and the report's
-    command (exit status 1 when a job failed)."""
-    import time
-
-    from fedsim.progress import human_seconds
-
-    jobs = [f for key, f, _ in folders[1:] if key == "hydra.sweep.dir"]
-    fd, log_path = tempfile.mkstemp(prefix="fedsim-sweep-", suffix=".txt")
-    os.close(fd)
-    os.environ[_SWEEP_FAILURES] = log_path
-    os.environ[_SWEEP_TOTAL] = str(len(jobs))
-    t0 = time.perf_counter()
-    try:
-        app(_hydra_main)()
-        failed = Path(log_path).read_text(encoding="utf-8").splitlines()
-    finally:
-        for key in (_SWEEP_FAILURES, _SWEEP_TOTAL):
-            os.environ.pop(key, None)
-        Path(log_path).unlink(missing_ok=True)
-    root = folders[0][1] if folders else Path(".")
-    ok = len(jobs) - len(failed)
-    print(
-        f"fedsim: sweep done in {human_seconds(time.perf_counter() - t0)}: {len(jobs)} jobs, "
-        f"{ok} ok, {len(failed)} failed -> {root}; compare them with: fedsim-report {root}"
-    )
-    if failed:
-        print(
-            f"fedsim: {len(failed)} job(s) of the sweep failed; the others ran "
-            f"(`fedsim-report {Path(failed[0]).parent}` lists them with the reasons)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    run_sweep(lambda: app(_hydra_main)(), folders)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from fedsim.config import RunSpec
 from fedsim.errors import ConfigCompositionError, ConfigError, RunFailed
 from fedsim.results import LOG_FILE, SUMMARY_FILE
+
+#: environment variable naming the file where a sweep's failed jobs are listed
+SWEEP_FAILURES = "FEDSIM_SWEEP_FAILURES"
+#: environment variable holding a sweep's number of jobs (each job's lines say "job i/N")
+SWEEP_TOTAL = "FEDSIM_SWEEP_TOTAL"
 
 
 def run_job(spec: RunSpec, sweep_log: str | None) -> None:
@@ -70,3 +77,38 @@ def run_failed(exc: BaseException) -> RunFailed | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def run_sweep(launch: Callable[[], None], folders: list[tuple[str, Path, bool]]) -> None:
+    """Run a sweep's jobs (``launch``: Hydra's multirun); then one line: how many ran and
+    failed, how long, and the report's command (exit status 1 when a job failed)."""
+    import time
+
+    from fedsim.progress import human_seconds
+
+    jobs = [f for key, f, _ in folders[1:] if key == "hydra.sweep.dir"]
+    fd, log_path = tempfile.mkstemp(prefix="fedsim-sweep-", suffix=".txt")
+    os.close(fd)
+    os.environ[SWEEP_FAILURES] = log_path
+    os.environ[SWEEP_TOTAL] = str(len(jobs))
+    t0 = time.perf_counter()
+    try:
+        launch()
+        failed = Path(log_path).read_text(encoding="utf-8").splitlines()
+    finally:
+        for key in (SWEEP_FAILURES, SWEEP_TOTAL):
+            os.environ.pop(key, None)
+        Path(log_path).unlink(missing_ok=True)
+    root = folders[0][1] if folders else Path(".")
+    ok = len(jobs) - len(failed)
+    print(
+        f"fedsim: sweep done in {human_seconds(time.perf_counter() - t0)}: {len(jobs)} jobs, "
+        f"{ok} ok, {len(failed)} failed -> {root}; compare them with: fedsim-report {root}"
+    )
+    if failed:
+        print(
+            f"fedsim: {len(failed)} job(s) of the sweep failed; the others ran "
+            f"(`fedsim-report {Path(failed[0]).parent}` lists them with the reasons)",
+            file=sys.stderr,
+        )
+        sys.exit(1)

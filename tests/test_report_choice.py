@@ -335,3 +335,25 @@ def test_a_report_of_failed_and_killed_runs_only(tmp_path, capsys):
     ]
     assert read_csv(tmp_path / "out" / "groups.csv") == []
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_personal_strategies_are_named_as_such_not_as_lacking_validation(tmp_path):
+    """fedsa and local have no global model: a validation split exists but gives them no
+    accuracy, and the report says that (not 'set sim.validation_fraction')."""
+    from fedsim.report import report
+
+    for job, lr in enumerate([0.01, 0.1]):
+        write_run(tmp_path / "runs" / str(job), lr=lr, acc=0.5, val=0.6)
+        folder = write_run(tmp_path / "runs" / f"p{job}", "local", lr, acc=0.5, val=0.6)
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            row.update(eval_accuracy=None, val_accuracy=None)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(final_eval_accuracy=None, final_val_accuracy=None)
+        (folder / "summary.json").write_text(json.dumps(summary))
+    done = report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    notes = {r["strategy"]: r["note"] for r in done["tuned"]}
+    assert notes["local"] == "no global model (personal adapters) to validate: no rate selected"
+    assert [w for w in done["warnings"] if "local train personal adapters" in w]
+    assert not [w for w in done["warnings"] if "no validation split" in w]

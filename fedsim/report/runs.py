@@ -65,8 +65,8 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
 
 
 def _natural(path: Path) -> list:
-    """Sort key: sweep job folders 2 before 10."""
-    return [int(p) if p.isdigit() else p for p in path.parts]
+    """Sort key: sweep job folders 2 before 10 (numbers before names, never compared)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -28,6 +28,8 @@ TUNED_STATS = [
     "bytes_down",
 ]
 NO_VALIDATION = "no validation split (set sim.validation_fraction): no rate selected"
+#: a personalised strategy (fedsa, local) has no global model, so no validation accuracy
+NO_GLOBAL = "no global model (personal adapters) to validate: no rate selected"
 
 
 @dataclass
@@ -72,14 +74,14 @@ def tune(group_columns: Sequence[str], groups: Sequence[dict[str, Any]]) -> Tuni
     configs = [dict(c) for c in by_config]
     label_keys = [k for k in varying(configs, ident) if k not in bound(configs, ident)]
     extra = [c for c in group_columns if c.startswith(AGGREGATOR) or c in OPTIONAL]
-    out, chosen, warnings, unscored = [], [], [], []
+    out, chosen, warnings, unscored, personal = [], [], [], [], []
     for config, members in by_config.items():
         members = sorted(members, key=lambda g: rate_order(str(g.get(lr_key))))
         row = {**dict(config), **_best(members, lr_key, extra)}
         out.append(row)
         name = _name(dict(config), label_keys)
         if row["selected_lr"] is None:
-            unscored.append(name)
+            (personal if row["note"] == NO_GLOBAL else unscored).append(name)
             chosen += members
             continue
         chosen += [g for g in members if g.get(lr_key) == row["selected_lr"]]
@@ -96,6 +98,11 @@ def tune(group_columns: Sequence[str], groups: Sequence[dict[str, Any]]) -> Tuni
             f"warning: no validation split for {', '.join(unscored)}: no rate chosen "
             "(set sim.validation_fraction), so the plots show every rate tried"
         )
+    if personal:
+        warnings.append(
+            f"warning: {', '.join(personal)} train personal adapters (no global model, no "
+            "validation accuracy): no rate chosen, so the plots show every rate tried"
+        )
     cols = ident + TUNED_STATS + extra + ["note"]
     return Tuning(cols, out, chosen, warnings, lr_key)
 
@@ -105,7 +112,8 @@ def _best(members: Sequence[dict[str, Any]], lr_key: str, extra: Sequence[str]) 
     row: dict[str, Any] = {"rates_tried": ", ".join(str(g.get(lr_key)) for g in members)}
     scored = [g for g in members if g.get("final_val_accuracy_mean") is not None]
     if not scored:
-        return {**row, "selected_lr": None, "note": NO_VALIDATION}
+        personal = all(g.get("final_accuracy_mean") is None for g in members)
+        return {**row, "selected_lr": None, "note": NO_GLOBAL if personal else NO_VALIDATION}
     best = max(scored, key=lambda g: g["final_val_accuracy_mean"])  # ties: the smaller rate
     row.update(
         selected_lr=best.get(lr_key),
