@@ -103,6 +103,31 @@ def describe_device(device: torch.device) -> str:
     return f"{device} ({threads} thread{'s' if threads != 1 else ''})"
 
 
+def device_fields(device: torch.device) -> dict[str, str]:
+    """summary.json's ``device`` (``cpu``, ``cuda:0``) and ``device_name`` (the CPU's
+    ``platform.processor()``, else ``cpu``; the GPU's name)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return {"device": f"cuda:{index}", "device_name": torch.cuda.get_device_name(index)}
+    import platform
+
+    return {"device": str(device), "device_name": platform.processor() or str(device)}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a new peak of the GPU memory allocated on ``device`` (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_fields(device: torch.device) -> dict[str, int]:
+    """``{"gpu_peak_mem_bytes": ...}``: the most memory torch allocated on ``device`` since
+    :func:`reset_peak_memory` (CUDA only; nothing on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_mem_bytes": int(torch.cuda.max_memory_allocated(device))}
+
+
 def to_device(batch: Batch, device: torch.device | None) -> Batch:
     if device is None or device.type == "cpu":
         return batch

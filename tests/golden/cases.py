@@ -33,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUT = "stopped"  # a resume case's stopped run folder, inside its golden folder
 TIMING = ("round_time_s", "eval_time_s", "wall_time_s", "write_time_s")
-#: fields that describe the software, not the result
-UNSTABLE = ("versions",)
+#: fields that describe the software or the machine, not the result
+UNSTABLE = ("versions", "device", "device_name")
 #: the checkpoint's size varies with the digits of the wall time it records
 SIZES = ("bytes",)
 

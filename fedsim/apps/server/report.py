@@ -16,7 +16,7 @@ from fedsim.apps.server.timing import summary as clock_summary
 from fedsim.errors import RunFailed
 from fedsim.progress import human_bytes, human_seconds
 from fedsim.records import numpy_dict
-from fedsim.training import describe_device
+from fedsim.training import describe_device, device_fields
 
 log = logging.getLogger(__name__)
 #: parameters above which a run on the CPU is told that rounds will be slow
@@ -97,6 +97,7 @@ def summary(run, wall: float, status: str, error: str | None = None) -> dict[str
         "checkpoint": run.checkpoints.summary(),
         "resumed_from": ledger.resumed_from,
         "seed": sim["seed"],
+        **device_fields(run.device),  # device, device_name: the machine's, not the result's
         "versions": {
             "fedsim": fedsim.__version__,
             "flwr": flwr.__version__,

@@ -34,6 +34,7 @@ from fedsim.progress import RoundPrinter
 from fedsim.records import array_record, numpy_dict
 from fedsim.results import ResultsWriter
 from fedsim.strategy import Federation, StrategyContext
+from fedsim.training import peak_memory_fields, reset_peak_memory
 from fedsim.uplink import non_finite
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class FederatedRun:
         self.printer.start()
         try:
             t0 = time.perf_counter()
+            reset_peak_memory(self.device)  # each round's gpu_peak_mem_bytes (CUDA only)
             self._bind()
             if resume is None:
                 arrays = self._round_zero(t0, t_start)
@@ -107,6 +109,7 @@ class FederatedRun:
                 first = int(resume["round"]) + 1
             for server_round in range(first, sim["rounds"] + 1):
                 t0 = time.perf_counter()
+                reset_peak_memory(self.device)
                 step = self.train_round if self.buffered is None else self.buffered.train_round
                 arrays, train = step(server_round, arrays)
                 self.record_round(server_round, arrays, train, t0)
@@ -255,6 +258,7 @@ class FederatedRun:
         now = time.perf_counter()
         record["round_time_s"] = now - t0
         record["eval_time_s"] = now - t_eval
+        record.update(peak_memory_fields(self.device))  # CUDA only: none on the CPU
         self.writer.append_round(record)
         if self.clock is not None:
             self.clock.note(record)
