@@ -14,16 +14,17 @@ engine's.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
 
 from fedsim.config import RunSpec
+from fedsim.engines import group_size as auto_group
 from fedsim.engines.inline import InlineEngine, InlineGrid
 from fedsim.errors import ConfigError
 from fedsim.strategy import AdapterStrategy
 from fedsim.training import to_device
-from fedsim.validate import integer
 
 
 class BatchedGrid(InlineGrid):
@@ -56,8 +57,10 @@ class BatchedEngine(InlineEngine):
 
     Parameters
     ----------
-    group_size : int
+    group_size : int or "auto"
         Clients trained together (>= 1); a round's clients are split into groups of this size.
+        ``auto``: the largest group that fits in the GPU's free memory (on the CPU: 32;
+        :mod:`fedsim.engines.group_size`).
     num_threads : int
         torch threads (1 was fastest on the project's 2-core machine; larger models and
         groups may gain from more).
@@ -66,9 +69,9 @@ class BatchedEngine(InlineEngine):
     name = "batched"
     checkpoints = True
 
-    def __init__(self, group_size: int = 32, num_threads: int = 1) -> None:
+    def __init__(self, group_size: int | Literal["auto"] = 32, num_threads: int = 1) -> None:
         super().__init__(num_threads)
-        self.group_size = integer("engine.group_size", group_size, low=1)
+        self.group_size = auto_group.check_group_size(group_size)
 
     def _check_strategy(self, c) -> None:
         """Refuse what the strategy asks of clients that one vmapped call cannot give: ranks
@@ -138,14 +141,18 @@ class BatchedEngine(InlineEngine):
                 "example (the batched engine weights them); it does not: use engine=inline",
             )
         _check_group_loss(c.task, model, data, private=c.privacy.client_dp)
+        if self.group_size == auto_group.AUTO:
+            self.group_size = auto_group.resolve(c, model, data)
 
     def run(self, spec: RunSpec) -> None:
         from fedsim.apps.client import runtime_for
 
+        size = self.group_size  # auto is resolved by check_components (else: the CPU's)
+        size = auto_group.CPU_GROUP if size == auto_group.AUTO else size
         self.run_grid(
             spec,
             lambda app, n, seed: BatchedGrid(
-                app, n, lambda: runtime_for(spec.cfg), self.group_size, seed=seed
+                app, n, lambda: runtime_for(spec.cfg), size, seed=seed
             ),
         )
 

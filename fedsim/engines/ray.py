@@ -22,7 +22,7 @@ from fedsim.config import RunSpec
 from fedsim.engines.inline import check_threads, usable_cpus
 from fedsim.errors import ConfigError
 from fedsim.results import LOG_FILE
-from fedsim.validate import integer, number
+from fedsim.validate import integer, is_number, number
 
 
 class RayEngine:
@@ -52,7 +52,7 @@ class RayEngine:
         if num_cpus is not None:
             integer("engine.num_cpus", num_cpus, low=1)
         if num_gpus is not None:
-            number("engine.num_gpus", num_gpus, low=0)
+            whole_gpus("engine.num_gpus", num_gpus)
         if address is not None and (num_cpus is not None or num_gpus is not None):
             key = "engine.num_cpus" if num_cpus is not None else "engine.num_gpus"
             raise ConfigError(
@@ -66,7 +66,7 @@ class RayEngine:
         self.num_cpus_per_client = number(
             "engine.num_cpus_per_client", num_cpus_per_client, low=0, low_open=True
         )
-        self.num_gpus_per_client = number("engine.num_gpus_per_client", num_gpus_per_client, low=0)
+        self.num_gpus_per_client = gpu_share(num_gpus_per_client)
         self.num_threads = integer("engine.num_threads", num_threads, low=1)
 
     def check(self, sim: dict) -> None:
@@ -193,6 +193,27 @@ class RayEngine:
             quiet()
             if ray.is_initialized():
                 ray.shutdown()
+
+
+def whole_gpus(key: str, value) -> float:
+    """A local Ray's GPUs: a whole number >= 0 (Ray refuses fractions of a node's GPUs)."""
+    if not is_number(value) or value < 0 or float(value) != int(value):
+        raise ConfigError(key, value, "must be a whole number of GPUs >= 0 (null: all)")
+    return value
+
+
+def gpu_share(value) -> float:
+    """``engine.num_gpus_per_client``: 0 (none), a share of one GPU in (0, 1] (clients share
+    it: 0.25 puts four client actors on each GPU), or a whole number of GPUs."""
+    whole = is_number(value) and float(value) == int(value) and value >= 0
+    if not (whole or (is_number(value) and 0 < value <= 1)):
+        raise ConfigError(
+            "engine.num_gpus_per_client",
+            value,
+            "must be 0, a share of one GPU in (0, 1] (0.25: four clients per GPU) or a whole "
+            "number of GPUs",
+        )
+    return float(value)
 
 
 @contextmanager
