@@ -35,6 +35,7 @@ from fedsim.staleness import Rebase
 from fedsim.strategy import AdapterStrategy, ClientSampler
 from fedsim.system.profiles import System
 from fedsim.tasks.base import Task
+from fedsim.tasks.memory import check_run as check_memory
 from fedsim.training import Schedule
 from fedsim.uplink import Stage, Uplink
 
@@ -275,6 +276,7 @@ def build_components(cfg: dict[str, Any]) -> Components:
         built[group.name] = build(group.name, node)
         if group.name == "optimizer":
             _check_optimizer(built["optimizer"], cfg)
+    check_memory(built["task"], built["strategy"], built["engine"], built["privacy"])
     data = shared_data(cfg, built["task"], built["partition"])
     if built["robust"].active:  # it replaces the mean of an averaging strategy
         built["strategy"].robust = built["robust"]

@@ -12,6 +12,10 @@ the exported LoRA reproduces the layer's whole change from the pretrained weight
   rank it needs (singular values above ``1e-7`` times the largest); the ranks are reported.
 
 The task head (the modules the checkpoint lacks) travels through ``modules_to_save``.
+A run on a 16-bit base (``task.dtype``) exports the same float32 factors, and its ``export``
+block names the base's dtype (``base_dtype``): PEFT on the base loaded in that dtype computes
+what the simulation did (PEFT's LoRA layers keep float32 factors over a 16-bit base, as
+fedsim's do).
 ``summary.json``'s ``export`` block says where the adapter is, its ranks and the largest
 relative difference between the exported and the simulated effective weights (float64).
 Personal strategies (FedSA-LoRA, local training) have no global model: nothing is exported and
@@ -98,6 +102,7 @@ def export_peft(
             )
     refuse_non_finite(dict(base_changes or {}), "the change folded into")
     layers, folded, wanted = _layer_forms(model, spec, pristine, base_changes)
+    base_dtype = _base_dtype(pristine, spec)  # before PEFT's layers go into it
     ranks = {m: int(a.shape[0]) for m, (a, _, _) in layers.items()}
     config = _lora_config(spec, layers, ranks, head_modules, base_model, task_type)
     with warnings.catch_warnings():  # deprecation notices between peft and transformers
@@ -126,7 +131,15 @@ def export_peft(
         "ranks_from_svd": len(folded),
         "modules_to_save": list(head_modules),
         "max_relative_error": max(errors, default=0.0),
+        **base_dtype,
     }
+
+
+def _base_dtype(pristine: nn.Module, spec: AdapterSpec) -> dict[str, str]:
+    """``{"base_dtype": ...}`` for a 16-bit base (``task.dtype``; PEFT's users load the base
+    in it), else nothing."""
+    dtype = pristine.get_submodule(spec.adapted_modules[0]).weight.dtype
+    return {} if dtype == torch.float32 else {"base_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _layer_forms(

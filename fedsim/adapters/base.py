@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ConfigError
+from fedsim.tasks.memory import HALF, float32_adapter
 
 
 @dataclass
@@ -214,7 +215,11 @@ class Adapter:
         generator = torch.Generator().manual_seed(int(seed))
         for name in names:
             parent, child = _parent(model, name)
-            setattr(parent, child, self.make_module(getattr(parent, child), generator))
+            layer = self.make_module(getattr(parent, child), generator)
+            base = getattr(layer, "base", None)
+            if base is not None and base.weight.dtype in HALF:  # task.dtype: float32 adapter
+                float32_adapter(layer)
+            setattr(parent, child, layer)
         heads = []
         for head in head_modules:
             module = model.get_submodule(head)

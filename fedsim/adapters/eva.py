@@ -42,6 +42,7 @@ from fedsim.adapters.activations import layer_statistics, private_layer_statisti
 from fedsim.adapters.data_init import DataInit, InitRun
 from fedsim.errors import ConfigError
 from fedsim.messages import extend_record
+from fedsim.tasks.memory import factor_dtype
 from fedsim.uplink import Stage
 from fedsim.validate import number
 
@@ -195,7 +196,7 @@ def set_ranks(model: nn.Module, spec, ranks: Mapping[str, int]) -> bool:
         rank = int(ranks[module])
         if rank == layer.r:
             continue
-        kw = {"bias": False, "dtype": layer.base.weight.dtype, "device": layer.base.weight.device}
+        kw = {"bias": False, "dtype": factor_dtype(layer.base), "device": layer.base.weight.device}
         layer.lora_A = nn.Linear(layer.base.in_features, rank, **kw)
         layer.lora_B = nn.Linear(rank, layer.base.out_features, **kw)
         with torch.no_grad():

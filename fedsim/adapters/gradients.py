@@ -49,7 +49,7 @@ def base_gradients(
             meter.examples(len(next(iter(batch.values()))))
         return {
             m: (
-                w.grad.detach().cpu().numpy().copy()
+                w.grad.detach().float().cpu().numpy().copy()  # float32 (a 16-bit base's too)
                 if w.grad is not None
                 else np.zeros(tuple(w.shape), dtype=np.float32)
             )

@@ -27,6 +27,7 @@ from fedsim.adapters import ranks as client_ranks_
 from fedsim.adapters.base import AdaptedLinear, Adapter, check_rank
 from fedsim.dropout import AdapterDropout
 from fedsim.errors import ConfigError
+from fedsim.tasks.memory import factor_dtype
 from fedsim.validate import integer, number
 
 #: ``adapter.init.method`` -> the ``module:class`` of its :class:`~fedsim.adapters.data_init.
@@ -63,7 +64,7 @@ class LoRALinear(AdaptedLinear):
         super().__init__()
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        kw = {"bias": False, "dtype": base.weight.dtype, "device": base.weight.device}
+        kw = {"bias": False, "dtype": factor_dtype(base), "device": base.weight.device}
         self.lora_A = nn.Linear(base.in_features, r, **kw)
         self.lora_B = nn.Linear(r, base.out_features, **kw)
         with torch.no_grad():

@@ -53,6 +53,7 @@ from fedsim.adapters.data_init import DataInit, InitRun
 from fedsim.adapters.gradients import base_gradients, private_base_gradients
 from fedsim.adapters.lora import LoRALinear
 from fedsim.errors import ConfigError
+from fedsim.tasks.memory import factor_dtype
 from fedsim.validate import number
 
 #: ``init.direction``: which of the first ``2r`` singular vectors go to ``A0`` and ``B0``
@@ -97,7 +98,7 @@ class LoRAGALinear(LoRALinear):
         self, base: nn.Linear, r: int, alpha: float, dropout: float, generator: torch.Generator
     ) -> None:
         super().__init__(base, r, alpha, dropout, generator)
-        kw = {"bias": False, "dtype": base.weight.dtype, "device": base.weight.device}
+        kw = {"bias": False, "dtype": factor_dtype(base), "device": base.weight.device}
         self.lora_A0 = nn.Linear(base.in_features, r, **kw)
         self.lora_B0 = nn.Linear(r, base.out_features, **kw)
         with torch.no_grad():  # the offset of the default start, zero (B = 0)

@@ -34,6 +34,7 @@ from fedsim.adapters.data_init import DataInit, InitRun
 from fedsim.adapters.gradients import base_gradients, private_base_gradients
 from fedsim.dropout import AdapterDropout
 from fedsim.errors import ConfigError
+from fedsim.tasks.memory import factor_dtype
 from fedsim.validate import integer, is_number, number
 
 INIT_METHODS = ("gradient", "random")
@@ -48,7 +49,7 @@ class LoRASBLinear(AdaptedLinear):
         super().__init__()
         self.base = base
         self.r = r
-        kw = {"bias": False, "dtype": base.weight.dtype, "device": base.weight.device}
+        kw = {"bias": False, "dtype": factor_dtype(base), "device": base.weight.device}
         self.lora_A = nn.Linear(base.in_features, r, **kw)
         self.lora_R = nn.Linear(r, r, **kw)
         self.lora_B = nn.Linear(r, base.out_features, **kw)

@@ -47,6 +47,7 @@ from fedsim.tasks.hf_models import (
     load_causal_lm,
 )
 from fedsim.tasks.math_problems import DEFAULT_MODULES, check_modules, math_problems
+from fedsim.tasks.memory import check_settings, enable_checkpointing
 from fedsim.validate import integer
 
 #: the linear layers of a Llama-style decoder block: attention projections and the gated MLP
@@ -85,6 +86,8 @@ class CausalLMTask(SplitTask):
     eval_batch_size : int
     precision : str
         ``float32`` or ``bfloat16`` (forward passes and decoding under autocast).
+    dtype, gradient_checkpointing, quantization
+        The memory options (see :class:`~fedsim.tasks.text.TextClassificationTask`).
     split_seed : int
         Seed of the test / server / pool split.
     """
@@ -103,6 +106,9 @@ class CausalLMTask(SplitTask):
         target_modules: Sequence[str] | str | None = None,
         eval_batch_size: int = 32,
         precision: str = "float32",
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        quantization: str = "none",
         split_seed: int = 0,
         seed: int = 0,
     ) -> None:
@@ -110,6 +116,9 @@ class CausalLMTask(SplitTask):
         #: the base model's name in the PEFT export (see TextClassificationTask.model_id)
         self.model_id = self.model_path
         self.precision = check_precision(precision)
+        self.dtype, self.gradient_checkpointing, self.quantization = check_settings(
+            precision, dtype, gradient_checkpointing, quantization
+        )
         self.system_prompt = system_prompt
         self.answer_tokens = integer("task.answer_tokens", answer_tokens, low=1)
         self.test_examples = integer("task.test_examples", test_examples, low=1)
@@ -225,9 +234,11 @@ class CausalLMTask(SplitTask):
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
-        model = load_causal_lm(self.model_path)
+        model = load_causal_lm(self.model_path, self.dtype)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer().pad_token_id
+        if self.gradient_checkpointing:
+            enable_checkpointing(model)
         return model
 
     def _autocast(self, device: torch.device):
@@ -248,7 +259,7 @@ class CausalLMTask(SplitTask):
         """The group's batch cut to its longest example, with the causal 4-D attention mask
         of the model's attention (:func:`fedsim.tasks.base.cut_group`)."""
         if getattr(self, "_attention", None) is None:  # one model copy, once
-            self._attention = attention_of(load_causal_lm(self.model_path))
+            self._attention = attention_of(load_causal_lm(self.model_path, self.dtype))
         return cut_group(batch, self._attention, True, 2)
 
     def token_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:

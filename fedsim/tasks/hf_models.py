@@ -23,6 +23,7 @@ from torch import nn
 
 from fedsim.errors import ComponentError, ConfigError
 from fedsim.tasks.corpora import _version, cache_dir, packaged_file
+from fedsim.tasks.memory import DTYPES, float32_module
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,22 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_classifier(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[str, ...]]:
+def load_classifier(
+    path: str, num_labels: int, seed: int, dtype: str = "float32"
+) -> tuple[nn.Module, tuple[str, ...]]:
     """A pretrained sequence classifier with a seeded new head; returns the model (a fresh copy
-    on every call) and the modules whose weights were not in the checkpoint (the head)."""
-    model, head = _pristine(path, num_labels, seed)
+    on every call) and the modules whose weights were not in the checkpoint (the head).
+    ``dtype`` (``task.dtype``): the checkpoint's weights in it, the head float32 whatever it is
+    (:func:`~fedsim.tasks.memory.float32_module`)."""
+    model, head = _pristine(path, num_labels, seed, dtype)
     return copy.deepcopy(model), head
 
 
-def _pristine(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[str, ...]]:
+def _pristine(
+    path: str, num_labels: int, seed: int, dtype: str = "float32"
+) -> tuple[nn.Module, tuple[str, ...]]:
     """The cached model as loaded (never handed out: callers get copies) and its head."""
-    key = (str(path), num_labels, seed)
+    key = (str(path), num_labels, seed, dtype)
     if key not in _CLASSIFIERS:
         _quiet_transformers()
         from transformers import AutoModelForSequenceClassification
@@ -71,7 +78,7 @@ def _pristine(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[s
                 local_files_only=True,
                 use_safetensors=True,  # never a pickle (pytorch_model.bin)
                 output_loading_info=True,
-                dtype=torch.float32,  # adapters and optimizers train in float32
+                dtype=DTYPES[dtype],  # the head, adapters and optimizers train in float32
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError("task.model", path, _why_not(path, e)) from None
@@ -81,6 +88,8 @@ def _pristine(path: str, num_labels: int, seed: int) -> tuple[nn.Module, tuple[s
         with torch.no_grad():
             for name in missing:  # the head, drawn from the run's seed (not the global RNG)
                 module = model.get_submodule(name)
+                if dtype != "float32":
+                    float32_module(module)
                 if isinstance(module, nn.Linear):
                     module.weight.copy_(torch.randn(module.weight.shape, generator=g) * std)
                     if module.bias is not None:
@@ -236,22 +245,24 @@ def gguf_model(package: str, filename: str) -> str:
     return str(target)
 
 
-_CAUSAL_LMS: dict[str, nn.Module] = {}
+_CAUSAL_LMS: dict[tuple[str, str], nn.Module] = {}
 
 
-def load_causal_lm(path: str) -> nn.Module:
-    """A pretrained causal language model in float32 (a fresh copy on every call)."""
-    if path not in _CAUSAL_LMS:
+def load_causal_lm(path: str, dtype: str = "float32") -> nn.Module:
+    """A pretrained causal language model in float32, or ``dtype`` (``task.dtype``), a fresh
+    copy on every call."""
+    key = (path, dtype)
+    if key not in _CAUSAL_LMS:
         _quiet_transformers()
         from transformers import AutoModelForCausalLM
 
         check_weights(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, use_safetensors=True, dtype=torch.float32
+                path, local_files_only=True, use_safetensors=True, dtype=DTYPES[dtype]
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError("task.model", path, _why_not(path, e, "a causal LM")) from None
         model.eval()
-        _CAUSAL_LMS[path] = model
-    return copy.deepcopy(_CAUSAL_LMS[path])
+        _CAUSAL_LMS[key] = model
+    return copy.deepcopy(_CAUSAL_LMS[key])

@@ -61,6 +61,7 @@ from fedsim.tasks.hf_models import (
     load_classifier,
     tokenize,
 )
+from fedsim.tasks.memory import check_settings, enable_checkpointing
 from fedsim.validate import integer, number
 
 #: the linear layers of a BERT block: attention projections, attention output, MLP
@@ -96,6 +97,14 @@ class TextClassificationTask(SplitTask):
         Batch size of evaluation passes.
     precision : str
         ``float32``, or ``bfloat16`` (forward passes under autocast).
+    dtype : str
+        The frozen base's weights: ``float32``, ``bfloat16`` or ``float16`` (the head and the
+        adapters stay float32; :mod:`fedsim.tasks.memory`).
+    gradient_checkpointing : bool
+        Recompute each block in the backward pass instead of keeping its activations.
+    quantization : str
+        ``none`` (a 4-bit / 8-bit base is refused: :func:`~fedsim.tasks.memory.
+        check_quantization`).
     split_seed : int
         Seed of the test / server / pool split: fixed by default, so that runs with
         different ``sim.seed`` are tested on the same examples.
@@ -120,6 +129,9 @@ class TextClassificationTask(SplitTask):
         target_modules: Sequence[str] | str | None = None,
         eval_batch_size: int = 128,
         precision: str = "float32",
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        quantization: str = "none",
         split_seed: int = 0,
         dropout: float | None = None,
         seed: int = 0,
@@ -132,6 +144,9 @@ class TextClassificationTask(SplitTask):
             None if dropout is None else number("task.dropout", dropout, 0, 1, high_open=True)
         )
         self.precision = check_precision(precision)
+        self.dtype, self.gradient_checkpointing, self.quantization = check_settings(
+            precision, dtype, gradient_checkpointing, quantization
+        )
         self.max_length = integer("task.max_length", max_length, low=2)
         self.test_examples = integer("task.test_examples", test_examples, low=1)
         self.server_examples = integer("task.server_examples", server_examples, low=0)
@@ -219,16 +234,18 @@ class TextClassificationTask(SplitTask):
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
-        model, _ = load_classifier(self.model_path, self.num_classes, self.seed)
+        model, _ = load_classifier(self.model_path, self.num_classes, self.seed, self.dtype)
         if getattr(model.config, "pad_token_id", None) is None:  # decoder models: as tokenised
             model.config.pad_token_id = self.tokenizer().pad_token_id
         if self.dropout is not None:
             set_dropout(model, self.dropout)
+        if self.gradient_checkpointing:
+            enable_checkpointing(model)
         return model
 
     @property
     def head_modules(self) -> tuple[str, ...]:  # what the checkpoint lacks: the new head
-        return hf_models._pristine(self.model_path, self.num_classes, self.seed)[1]
+        return hf_models._pristine(self.model_path, self.num_classes, self.seed, self.dtype)[1]
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The model's logits (float32); batches are cut to their longest text (the tokenizer
@@ -252,7 +269,7 @@ class TextClassificationTask(SplitTask):
         (bidirectional for an encoder, causal for a decoder used as a classifier): see
         :func:`fedsim.tasks.base.cut_group`; the batched engine checks on examples that the
         group's losses equal the plain ones before a run starts."""
-        model = hf_models._pristine(self.model_path, self.num_classes, self.seed)[0]
+        model = hf_models._pristine(self.model_path, self.num_classes, self.seed, self.dtype)[0]
         if self._causal is None:
             self._causal = is_causal(model, int(model.config.vocab_size))
         return cut_group(batch, attention_of(model), self._causal)
