@@ -43,10 +43,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors import SafetensorError
 
+from fedsim.keys import CHECKPOINT_FILE as CHECKPOINT_FILE  # re-exported (light: no PyTorch)
 from fedsim.records import array_record, numpy_dict
 
-#: the file name inside a run folder
-CHECKPOINT_FILE = "checkpoint.safetensors"
 #: bumped when the file's layout changes (2: the server's state as ServerState gathers it; 3: the
 #: SHA-256 digest; the server upgrades format 1, reads 2 as it is (no digest to check), and
 #: refuses others with a clear message)

@@ -54,6 +54,9 @@ STATE_BYTES = "state-bytes"  # MetricRecord key: bytes of arrays in the client's
 ACTION_INIT = "init"  # LoRA-SB's set-up round: clients send base-weight gradients
 INIT_EXAMPLES = "init-examples"  # ConfigRecord key: how many examples a client uses for it
 
+# The checkpoint's file name inside a run folder (fedsim.checkpoint writes and reads it).
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
 # run_config keys understood by the apps when they are started by `flwr run`.
 RUN_OVERRIDES = "overrides"
 RUN_OUTPUT_DIR = "output-dir"

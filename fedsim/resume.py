@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from fedsim.checkpoint import CHECKPOINT_FILE
 from fedsim.config import RESUME_FREE, SIM_OPTIONAL
 from fedsim.errors import ConfigError
+from fedsim.keys import CHECKPOINT_FILE
 from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 DONE, CONTINUE, RESTART = "done", "continue", "restart"

@@ -6,7 +6,6 @@ from __future__ import annotations
 from fedsim import registry
 from fedsim.config.hints import strategies_where
 from fedsim.errors import ConfigError
-from fedsim.strategy.plugins import PluginStrategy
 
 
 def check_adversary(components) -> None:
@@ -19,6 +18,8 @@ def _check_robust(components) -> None:
     rule, strategy = components.robust, components.strategy
     if not rule.active:
         return
+    from fedsim.strategy.plugins import PluginStrategy
+
     key, value, name = "robust", rule.name, strategy.name
     if isinstance(strategy, PluginStrategy):
         raise ConfigError(
