@@ -35,13 +35,14 @@ def torch_dropout():
         text.model_dropout, generative.model_dropout = saved
 
 
-def plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run ``cfg`` (a composed fedsim config using FedAvg) directly; one record per round."""
+def plain_fedavg(cfg: dict[str, Any], records: list | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg`` (a composed fedsim config using FedAvg) directly; one record per round
+    (appended to ``records`` as each round ends, if given: what a stopped run leaves)."""
     with torch_dropout():
-        return _plain_fedavg(cfg)
+        return _plain_fedavg(cfg, [] if records is None else records)
 
 
-def _plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def _plain_fedavg(cfg: dict[str, Any], records: list) -> list[dict[str, Any]]:
     c = build_components(cfg)
     sim = c.sim
     torch.set_num_threads(int(getattr(c.engine, "num_threads", 1)))
@@ -74,7 +75,7 @@ def _plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             "eval_accuracy_client_min": min(accs) if accs else None,
         }
 
-    records = [{"round": 0, "train_loss": None, **eval_round(0), "round_time_s": 0.0}]
+    records.append({"round": 0, "train_loss": None, **eval_round(0), "round_time_s": 0.0})
     for server_round in range(1, sim["rounds"] + 1):
         t0 = time.perf_counter()
         states, sizes, losses = [], [], []
@@ -108,11 +109,14 @@ def _plain_fedavg(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             n: sum(w * st[n].double() for w, st in zip(weights, states)).to(global_state[n].dtype)
             for n in global_state
         }
+        t_eval = time.perf_counter()
         record = {
             "round": server_round,
             "train_loss": sum(w * loss for w, loss in zip(weights, losses)),
             **eval_round(server_round),
         }
-        record["round_time_s"] = time.perf_counter() - t0
+        now = time.perf_counter()
+        record["round_time_s"] = now - t0
+        record["eval_time_s"] = now - t_eval
         records.append(record)
     return records
