@@ -20,8 +20,13 @@ from fedsim.results import METRICS_FILE, SUMMARY_FILE
 
 def run_spec(spec: RunSpec) -> dict[str, Any]:
     """Validate ``spec.cfg``, run it on its engine (from ``spec.resume``'s checkpoint, if
-    given), return the summary it wrote."""
+    given), return the summary it wrote. With ``estimate=true``: print the estimate
+    (:mod:`fedsim.estimate`) and return its numbers; nothing is trained or written."""
     check(spec.cfg)
+    if spec.cfg.get("estimate") is True:
+        from fedsim.estimate import show
+
+        return show(spec.cfg, spec.choices)
     if spec.resume is None and (spec.output_dir / METRICS_FILE).exists():
         from fedsim.errors import ConfigError
 
@@ -42,6 +47,8 @@ def run(
     """Compose the config from ``overrides`` (as on the command line) and run it.
 
     ``output_dir`` must not hold a run yet; by default ``results/api/<date>/<time>``. With
+    ``estimate=true`` among the overrides nothing runs: the estimate is printed and its numbers
+    returned (:meth:`fedsim.estimate.Estimate.as_dict`), and no folder is written. With
     ``resume=True`` it must be given: a finished run there is returned as it is, an unfinished
     one continues from its checkpoint (or starts again without one).
     """
@@ -53,6 +60,8 @@ def run(
     cfg, choices = compose(overrides, config_dir=config_dir)
     spec = RunSpec(cfg=cfg, choices=choices, output_dir=Path(output_dir), quiet=quiet)
     check(cfg)  # before anything in the folder is touched (the lock creates it)
+    if cfg.get("estimate") is True:  # nothing is written: no folder, no lock
+        return run_spec(spec)
     held = locks.hold(spec.output_dir, "output_dir")  # one run per folder
     try:
         return _run_held(spec, cfg, resume)

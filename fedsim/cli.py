@@ -70,11 +70,14 @@ def _parse(argv: list[str]) -> tuple[list[str], dict[str, str], bool, bool]:
     return overrides, flags, multirun, info
 
 
-def prevalidate(argv: list[str]) -> tuple[list[tuple[str, Path, bool]], list[str]]:
+def prevalidate(
+    argv: list[str], estimates: list | None = None
+) -> tuple[list[tuple[str, Path, bool]], list[str]]:
     """Compose, validate and build every job of the command line; returns the folders the
     command will write (``(key, folder, resumed)``: the run's, or the sweep's and each job's)
     and the overrides to add (the folders, resolved here once, so that they are known and
-    locked before Hydra writes anything; ``resume=true`` finds the folder it continues)."""
+    locked before Hydra writes anything; ``resume=true`` finds the folder it continues).
+    ``estimate=true`` jobs write no folder: their ``(overrides, composed)`` go to ``estimates``."""
     overrides, flags, multirun, info = _parse(argv)
     if info or "rerun" in flags:
         return [], []
@@ -87,6 +90,7 @@ def prevalidate(argv: list[str]) -> tuple[list[tuple[str, Path, bool]], list[str
         "config_path": _config_path(flags.get("path")),
     }
     jobs, fixed_error = [overrides], None
+    estimates = [] if estimates is None else estimates
     if multirun:
         jobs = expand_sweep(overrides, _sweeper_params(overrides, where))
         try:  # what Hydra itself composes before it launches the jobs
@@ -96,6 +100,9 @@ def prevalidate(argv: list[str]) -> tuple[list[tuple[str, Path, bool]], list[str
     for index, job in enumerate(jobs):
         composed = compose_job(job, **where)
         check(composed.cfg)
+        if _estimating(composed.cfg, index, estimates):
+            estimates.append((job, composed))
+            continue
         resuming = composed.cfg.get("resume") is True
         resuming_any = resuming_any or resuming
         if multirun:
@@ -123,6 +130,15 @@ def prevalidate(argv: list[str]) -> tuple[list[tuple[str, Path, bool]], list[str
     if resuming_any:  # the folders keep the .hydra/ record of the command that started them
         added.append("hydra.output_subdir=null")
     return folders, added
+
+
+def _estimating(cfg: dict, index: int, estimates: list) -> bool:
+    """Whether job ``index`` only estimates (``estimate=true``: it writes no folder), given the
+    earlier jobs that do (``estimates``): a sweep's jobs all estimate or none does."""
+    estimating = cfg.get("estimate") is True
+    if len(estimates) != (index if estimating else 0):
+        raise ConfigError("estimate", estimating, "a sweep estimates all its jobs or none")
+    return estimating
 
 
 def _run_folder(job: list[str], composed, added: list[str], folders: list) -> None:
@@ -333,13 +349,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str]) -> None:
     folder = _resume_folder(argv)
-    done = None
+    done, estimates = None, []
     try:
         if folder is not None:
             spec = _resume_saved(folder, argv)
             _lock([("resume", spec.output_dir, True)])
         else:
-            folders, added = prevalidate(argv)
+            folders, added = prevalidate(argv, estimates)
             _lock(folders)
             done = _finished_single_run(argv)
     except (ConfigError, ConfigCompositionError) as e:
@@ -347,6 +363,11 @@ def _main(argv: list[str]) -> None:
         sys.exit(2)
     if folder is not None:
         run_job(spec, None)
+        return
+    if estimates:  # estimate=true: printed, nothing written (no folder, no Hydra)
+        from fedsim.estimate import show_jobs
+
+        show_jobs(estimates)
         return
     if done is not None:  # resume=true of a finished run: touch nothing
         print(f"fedsim: {done} has finished already; nothing to resume")

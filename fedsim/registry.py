@@ -70,7 +70,7 @@ GROUPS: tuple[Group, ...] = (
 #: folders of ``conf/`` that hold presets, not options of a group
 PRESETS = ("experiment", "sweep")
 #: top-level keys of a run's configuration besides the groups
-SETTINGS = ("sim", "quiet", "export", "checkpoint", "resume")
+SETTINGS = ("sim", "quiet", "export", "checkpoint", "resume", "estimate")
 
 
 def names() -> list[str]:

@@ -106,9 +106,10 @@ def _validate_sim(sim: Any) -> int:
 
 
 def _validate_settings(cfg: dict[str, Any]) -> None:
-    """The top-level settings: quiet, export, checkpoint, resume."""
+    """The top-level settings: quiet, export, estimate, checkpoint, resume."""
     boolean("quiet", cfg.get("quiet", False))
     boolean("export", cfg.get("export", True))
+    boolean("estimate", cfg.get("estimate", False))
     ck = cfg.get("checkpoint", {})
     if not isinstance(ck, dict):
         raise ConfigError("checkpoint", ck, "must be a mapping with keys every, keep")

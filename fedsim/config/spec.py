@@ -50,7 +50,7 @@ SIM_OPTIONAL = {
 TOP_KEYS = {*registry.names(), *registry.SETTINGS}
 CHECKPOINT_KEYS = {"every", "keep"}
 #: keys a resumed run may change: they do not change what the run computes
-RESUME_FREE = ("resume", "quiet", "checkpoint")
+RESUME_FREE = ("resume", "quiet", "checkpoint", "estimate")
 
 
 @dataclass
