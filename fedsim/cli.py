@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,7 @@ from fedsim.config import (
     expand_sweep,
     to_container,
 )
+from fedsim.config.compose import shared_group_listings
 from fedsim.errors import ConfigCompositionError, ConfigError
 from fedsim.jobs import SWEEP_FAILURES, SWEEP_TOTAL, run_job, run_sweep
 from fedsim.results import METRICS_FILE
@@ -39,6 +41,8 @@ _INFO_FLAGS = {
     "-sc",
     "--version",
 }
+#: the flags whose text lists every config group's options
+_HELP = {"--help", "-h", "--hydra-help"}
 _VALUE_FLAGS = {
     "--config-name": "name",
     "-cn": "name",
@@ -376,7 +380,8 @@ def _main(argv: list[str]) -> None:
     sys.argv = [sys.argv[0] if sys.argv else "fedsim", *argv]
     app = hydra.main(config_path=config_search_path(), config_name="config", version_base="1.3")
     if not _parse(argv)[2]:  # one run
-        app(_hydra_main)()
+        with shared_group_listings() if _HELP & set(argv) else nullcontext():  # half the time
+            app(_hydra_main)()
         return
     # a sweep: a failing job is recorded and the others go on (any launcher, any process)
     run_sweep(lambda: app(_hydra_main)(), folders)

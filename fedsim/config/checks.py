@@ -20,7 +20,6 @@ from fedsim.config.spec import CHECKPOINT_KEYS, SIM_KEYS, SIM_OPTIONAL, TOP_KEYS
 from fedsim.config.steps import check_local_terms, check_server_opt, keeps_aggregation
 from fedsim.config.system import check_system
 from fedsim.errors import ConfigError
-from fedsim.strategy.plugins import refuse_uncalled
 from fedsim.validate import boolean, integer, number
 
 #: the largest sim.seed: PyTorch's generators overflow past 64 bits, NumPy's legacy seeds past
@@ -134,12 +133,12 @@ def check(cfg: dict[str, Any]) -> None:
     """
     import json
 
-    from fedsim.build import build_components
-
     key = json.dumps(cfg, sort_keys=True, default=str)
     if key in _CHECKED:
         return
-    validate(cfg)
+    validate(cfg)  # before the components' modules (PyTorch, flwr-datasets) are imported
+    from fedsim.build import build_components
+
     components = build_components(cfg)
     _check_ranks(components)
     components.strategy.check_setup(components.adapter, cfg["sim"])
@@ -260,6 +259,8 @@ def _check_codec(components) -> None:
             "compressor", compressor.name, f"strategy {name} sends no updates to compress"
         )
     if feedback.replaces_aggregation:
+        from fedsim.strategy.plugins import refuse_uncalled
+
         instead = _listed(registry.options_where("feedback", keeps_aggregation))
         refuse_uncalled(strategy, "feedback", feedback.name, "its server step", instead)
     if feedback.replaces_aggregation and not strategy.averages:
@@ -291,6 +292,8 @@ def _check_privacy(components) -> None:
     if privacy.client_dp:
         _check_client_accountant(components)
     if privacy.central:
+        from fedsim.strategy.plugins import refuse_uncalled
+
         name = strategy.name
         instead = _listed(registry.options_where("privacy", _not_central))
         refuse_uncalled(strategy, "privacy", privacy.name, "central DP's noised mean", instead)

@@ -9,7 +9,8 @@ what is allowed.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,34 @@ def initialize_config_source():
     if source.startswith("pkg://"):
         return initialize_config_module(CONFIG_MODULE, version_base="1.3")
     return initialize_config_dir(source[len("file://") :], version_base="1.3")
+
+
+@contextmanager
+def shared_group_listings() -> Iterator[None]:
+    """Hydra's ``--help`` lists the options of every config group, and for each listing
+    deep-copies its whole config repository (about 150 copies: 1 s of the 1.5 s the help
+    took). Inside this context the listings of one config loader share one copy (they only
+    read it), so the help prints the same text in half the time."""
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        original = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
+    except (ImportError, AttributeError):  # another Hydra: its own way, unchanged
+        yield
+        return
+    made: dict[tuple, Any] = {}
+
+    def shared(loader, config_name, overrides):
+        key = (id(loader), config_name, tuple(overrides))
+        if key not in made:
+            made[key] = original(loader, config_name, overrides)
+        return made[key]
+
+    ConfigLoaderImpl._parse_overrides_and_create_caching_repo = shared
+    try:
+        yield
+    finally:
+        ConfigLoaderImpl._parse_overrides_and_create_caching_repo = original
 
 
 @dataclass
