@@ -25,7 +25,7 @@ from fedsim.config import (
 )
 from fedsim.config.compose import shared_group_listings
 from fedsim.errors import ConfigCompositionError, ConfigError
-from fedsim.jobs import SWEEP_FAILURES, SWEEP_TOTAL, run_job, run_sweep
+from fedsim.jobs import JOB_TAG, SWEEP_FAILURES, SWEEP_TOTAL, run_job, run_sweep
 from fedsim.results import METRICS_FILE
 
 # Hydra flags after which fedsim only passes through (they print, they do not run).
@@ -254,7 +254,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     sweep_log = os.environ.get(SWEEP_FAILURES)
     if sweep_log is not None:  # every line of the job says which it is (parallel workers)
         total = os.environ.get(SWEEP_TOTAL, "?")
-        os.environ["FEDSIM_JOB_TAG"] = f"job {int(hc.job.num) + 1}/{total}"
+        os.environ[JOB_TAG] = f"job {int(hc.job.num) + 1}/{total}"
     if plain.get("resume") is True:
         action, ckpt = resume.plan(spec.output_dir, plain)
         if action == resume.DONE:

@@ -18,6 +18,8 @@ from fedsim.results import LOG_FILE, SUMMARY_FILE
 SWEEP_FAILURES = "FEDSIM_SWEEP_FAILURES"
 #: environment variable holding a sweep's number of jobs (each job's lines say "job i/N")
 SWEEP_TOTAL = "FEDSIM_SWEEP_TOTAL"
+#: environment variable naming the job whose lines are printed (fedsim.progress.job_tag)
+JOB_TAG = "FEDSIM_JOB_TAG"
 
 
 def run_job(spec: RunSpec, sweep_log: str | None) -> None:
@@ -96,7 +98,7 @@ def run_sweep(launch: Callable[[], None], folders: list[tuple[str, Path, bool]])
         launch()
         failed = Path(log_path).read_text(encoding="utf-8").splitlines()
     finally:
-        for key in (SWEEP_FAILURES, SWEEP_TOTAL):
+        for key in (SWEEP_FAILURES, SWEEP_TOTAL, JOB_TAG):  # (a sweep run in-process)
             os.environ.pop(key, None)
         Path(log_path).unlink(missing_ok=True)
     root = folders[0][1] if folders else Path(".")

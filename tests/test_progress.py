@@ -11,6 +11,11 @@ from fedsim import meter
 from fedsim.progress import Progress, RoundPrinter
 
 
+@pytest.fixture(autouse=True)
+def _not_in_a_sweep(monkeypatch):
+    monkeypatch.delenv("FEDSIM_JOB_TAG", raising=False)
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
