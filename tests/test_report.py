@@ -53,19 +53,11 @@ def read_csv(path):
 
 
 def test_report_rows_groups_tuning_and_plots(sweep, monkeypatch):
-    import matplotlib.figure
-
     from fedsim.report import report
     from fedsim.report.figures import overlaps
+    from tests.test_report_plots import _figures
 
-    figures = {}
-    save = matplotlib.figure.Figure.savefig
-
-    def keep(fig, path, *args, **kwargs):
-        figures[path.name] = fig
-        return save(fig, path, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    figures = _figures(monkeypatch)
     out = sweep / "out"
     done = report([sweep / "sweep"], out)
     rows = read_csv(out / "report.csv")
