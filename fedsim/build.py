@@ -273,9 +273,10 @@ def build_components(cfg: dict[str, Any]) -> Components:
         node = cfg.get(group.name)
         if node is None and group.default is not None:
             node = {"_target_": group.default}
-        built[group.name] = build(group.name, node)
-        if group.name == "optimizer":
-            _check_optimizer(built["optimizer"], cfg)
+        if group.name == "partition":  # built when first used (flwr-datasets is slow to import)
+            built[group.name] = functools.partial(build, group.name, node)
+        else:
+            built[group.name] = build(group.name, node)
     check_memory(built["task"], built["strategy"], built["engine"], built["privacy"])
     data = shared_data(cfg, built["task"], built["partition"])
     if built["robust"].active:  # it replaces the mean of an averaging strategy
@@ -292,10 +293,13 @@ def build_components(cfg: dict[str, Any]) -> Components:
     )
 
 
-def _check_optimizer(make_optimizer: Callable[..., Any], cfg: dict[str, Any]) -> None:
+def check_optimizer(components: Components) -> None:
+    """The optimizer's own checks of its settings, on a probe parameter (last in the check of a
+    configuration: PyTorch imports its compiler, about 1.5 s, at the first optimizer built)."""
+    cfg = components.cfg
     probe = [nn.Parameter(torch.zeros(1))]
     try:
-        make_optimizer(probe, lr=cfg["sim"]["lr"])
+        components.make_optimizer(probe, lr=cfg["sim"]["lr"])
     except Exception as e:  # the optimizer's own checks: ValueError, IndexError (betas=[0.9]), ...
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ComponentError("optimizer", str(cfg["optimizer"].get("_target_")), reason) from None

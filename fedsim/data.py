@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
 
 from fedsim.errors import ComponentError, ConfigError
-from fedsim.partitioners import GROUP
 from fedsim.tasks.base import Batch, Task
+
+#: clients whose local splits :meth:`FederatedData.client` keeps made (a round of 1,000
+#: clients and the evaluated ones fit; a pool of 100,000 is made again as clients come back)
+CACHED_CLIENTS = 2048
 
 
 @dataclass
@@ -39,8 +41,11 @@ class FederatedData:
     Parameters
     ----------
     task : Task
-    partitioner : flwr_datasets.partitioner.Partitioner
-        With ``num_partitions`` equal to the number of clients.
+    partitioner : flwr_datasets.partitioner.Partitioner, or a callable that builds one
+        With ``num_partitions`` equal to the number of clients. A callable is called on first
+        use: the check of a configuration then refuses a combination of components before
+        flwr-datasets (and the partitioner's library) is imported, and a build that never
+        partitions (``estimate=true``) never imports it.
     test_fraction : float
         Share of each client's examples held out as its local test split.
     seed : int
@@ -48,17 +53,31 @@ class FederatedData:
     """
 
     def __init__(self, task: Task, partitioner, test_fraction: float, seed: int) -> None:
-        self.task, self.partitioner = task, partitioner
+        self.task, self._partitioner = task, partitioner
         self.test_fraction, self.seed = float(test_fraction), int(seed)
         self._ready = False
         self._cache: dict[int, ClientData] = {}
         self._pooled: Batch | None = None
 
+    @property
+    def partitioner(self) -> Any:
+        if callable(self._partitioner) and not hasattr(self._partitioner, "load_partition"):
+            self._partitioner = self._partitioner()
+        return self._partitioner
+
     def _setup(self) -> None:
         if not self._ready:
+            from datasets import Dataset
+
+            from fedsim.partitioners import GROUP
+
             labels = self.task.pool_labels()
-            # "label": what conf/partition's label-based partitioners partition by
-            columns = {"idx": np.arange(len(labels)), "label": labels}
+            # "label": what conf/partition's label-based partitioners partition by; "idx": the
+            # pool's rows, read back from a partition (not needed by a partitioner that gives
+            # indices itself: 8 bytes an example, 200 MB for a pool of 25 million)
+            columns = {"label": labels}
+            if not _gives_indices(self.partitioner):
+                columns["idx"] = np.arange(len(labels), dtype=_index_dtype(len(labels)))
             groups = self.task.pool_groups()
             if groups is not None:  # natural client ids, for partition=natural
                 columns[GROUP] = groups
@@ -68,8 +87,15 @@ class FederatedData:
 
     def indices(self, client: int) -> np.ndarray:
         self._setup()
+        if _gives_indices(self.partitioner):
+            return np.asarray(self.partitioner.partition_indices(client), dtype=np.int64)
         part = self.partitioner.load_partition(client).with_format("arrow")  # no row objects
         return np.asarray(part["idx"], dtype=np.int64)
+
+    def _sizes(self, num_clients: int) -> list[int]:
+        if _gives_indices(self.partitioner):
+            return [int(n) for n in self.partitioner.partition_sizes()[:num_clients]]
+        return [len(self.partitioner.load_partition(c)) for c in range(num_clients)]
 
     def check(self, num_clients: int) -> None:
         """Partition now and make sure every client gets examples (a ConfigError otherwise).
@@ -83,7 +109,7 @@ class FederatedData:
             warnings.simplefilter("always")
             try:
                 self._setup()
-                sizes = [len(self.partitioner.load_partition(c)) for c in range(num_clients)]
+                sizes = self._sizes(num_clients)
             except ConfigError:  # the task's own settings, already named
                 raise
             except (ValueError, KeyError, IndexError) as e:
@@ -115,15 +141,21 @@ class FederatedData:
         return n - self._num_test(n)
 
     def client(self, client: int) -> ClientData:
-        if client not in self._cache:
+        """Client ``client``'s local splits, made when first asked for and kept while among the
+        :data:`CACHED_CLIENTS` most recently used (the same data when made again)."""
+        data = self._cache.pop(client, None)
+        if data is None:
             idx = self.indices(client)
             perm = np.random.default_rng([self.seed, 7, client]).permutation(len(idx))
             n_test = self._num_test(len(idx))
             test_idx, train_idx = idx[perm[:n_test]], idx[perm[n_test:]]
             train = self.task.pool_examples(train_idx, client)
             test = self.task.pool_examples(test_idx, client) if n_test else {}
-            self._cache[client] = ClientData(train=train, test=test)
-        return self._cache[client]
+            data = ClientData(train=train, test=test)
+        self._cache[client] = data  # most recent last
+        if len(self._cache) > CACHED_CLIENTS:
+            del self._cache[next(iter(self._cache))]
+        return data
 
     def pooled_train(self) -> Batch:
         """Every client's training split, concatenated in client order (cached)."""
@@ -134,6 +166,16 @@ class FederatedData:
             parts = [self.client(c).train for c in range(self.partitioner.num_partitions)]
             self._pooled = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return self._pooled
+
+
+def _gives_indices(partitioner: Any) -> bool:
+    """Whether a partitioner gives each partition's rows and sizes as arrays (fedsim's own,
+    :mod:`fedsim.partitioners`), instead of flwr-datasets' ``load_partition`` datasets only."""
+    return hasattr(partitioner, "partition_indices") and hasattr(partitioner, "partition_sizes")
+
+
+def _index_dtype(n: int) -> type:
+    return np.int32 if n <= np.iinfo(np.int32).max else np.int64
 
 
 def _distinct(messages: list[str]) -> list[str]:

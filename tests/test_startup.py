@@ -31,11 +31,11 @@ print(json.dumps({{"code": code, "heavy": heavy}}))
 """
 
 
-def _probe(*args: str, cwd) -> dict:
+def _probe(*args: str, cwd, heavy: tuple[str, ...] = HEAVY) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(heavy=HEAVY), *args],
+        [sys.executable, "-c", _PROBE.format(heavy=heavy), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -66,10 +66,22 @@ def test_light_path_imports_no_heavy_module(tmp_path, args, code, says):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_a_check_that_needs_the_components_still_runs(tmp_path):
-    """A combination only the built components refuse is still refused, with the same line
-    (it imports the components' modules: PyTorch is then loaded)."""
-    out = _probe("task=synthetic", "strategy=local", "sim.prox_mu=0.1", cwd=tmp_path)
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["strategy=local", "sim.prox_mu=0.1"], "sim.prox_mu=0.1: FedProx keeps"),
+        (["compressor=topk", "compressor.ratio=2"], "compressor.ratio=2: must be a number"),
+    ],
+)
+def test_a_check_that_needs_the_components_still_runs(tmp_path, args, says):
+    """A component's value or a combination that only the built components refuse is still
+    refused, with the same line. It imports the components' modules (PyTorch), but not the
+    partitioner's libraries nor PyTorch's compiler (the partitioning and the optimizer's probe
+    come after every combination is checked)."""
+    out = _probe("task=synthetic", *args, cwd=tmp_path, heavy=(*HEAVY, "torch._dynamo"))
     assert out["code"] == 2
-    assert "sim.prox_mu=0.1: FedProx keeps" in out["stderr"]
+    assert says in out["stderr"]
     assert "torch" in out["heavy"]
+    for late in ("flwr_datasets", "datasets", "torch._dynamo", "transformers"):
+        assert late not in out["heavy"], f"imported {late} before refusing"
+    assert list(tmp_path.iterdir()) == []

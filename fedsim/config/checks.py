@@ -137,13 +137,12 @@ def check(cfg: dict[str, Any]) -> None:
     if key in _CHECKED:
         return
     validate(cfg)  # before the components' modules (PyTorch, flwr-datasets) are imported
-    from fedsim.build import build_components
+    from fedsim.build import build_components, check_optimizer
 
     components = build_components(cfg)
     _check_ranks(components)
     components.strategy.check_setup(components.adapter, cfg["sim"])
     _, spec = components.model()
-    components.data.check(cfg["sim"]["num_clients"])
     from fedsim.init import check as check_adapter_init
 
     check_adapter_init(components.adapter, components.task)
@@ -158,6 +157,11 @@ def check(cfg: dict[str, Any]) -> None:
     check_system(components)
     check_adversary(components)
     check_local_terms(components, spec)
+    # the partitioning, then what depends on the clients' data (after the combinations above:
+    # partitioning imports flwr-datasets and may take a while for many clients)
+    components.data.check(cfg["sim"]["num_clients"])
+    if components.privacy.client_dp:
+        _check_client_accountant(components)
     if hasattr(components.engine, "check"):
         components.engine.check(cfg["sim"])
     if hasattr(components.engine, "check_components"):
@@ -174,6 +178,7 @@ def check(cfg: dict[str, Any]) -> None:
     from fedsim.training import resolve_device
 
     resolve_device(cfg["sim"]["device"])
+    check_optimizer(components)
     _CHECKED.add(key)
 
 
@@ -289,8 +294,6 @@ def _check_privacy(components) -> None:
             components.task.precision,
             "privacy=dpsgd computes per-example gradients in float32: use task.precision=float32",
         )
-    if privacy.client_dp:
-        _check_client_accountant(components)
     if privacy.central:
         from fedsim.strategy.plugins import refuse_uncalled
 
