@@ -11,6 +11,13 @@ in a network small enough for 10 clients x 5 rounds to run in seconds.
 Clients differ through the partitioner (label skew, ``conf/partition``) and, optionally,
 through a per-client input offset (``client_shift``, feature skew: client ``i`` sees
 ``x + delta_i`` with the label of ``x``). The server's global test set has no offset.
+
+Where the examples come from (``pool``): ``stored`` draws the whole pool from one seeded stream
+up front and keeps it (``num_clients * examples_per_client * input_dim`` floats: 3.3 GB for
+100,000 clients of 256 examples); ``on_demand`` makes example ``i`` from its index with a
+counter-based generator (:mod:`fedsim.tasks.counter_rng`) when a client needs it and keeps only
+the labels (one byte each), which the partitioner needs up front. Same distribution, other
+random numbers: runs with one and with the other differ.
 """
 
 from __future__ import annotations
@@ -22,8 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsim.errors import ConfigError
+from fedsim.tasks import counter_rng
 from fedsim.tasks.base import Batch, Task
 from fedsim.validate import integer, number
+
+#: ``task.pool``: the whole pool drawn up front and kept, or each example made from its index
+POOLS = ("stored", "on_demand")
 
 
 class Block(nn.Module):
@@ -84,6 +96,9 @@ class SyntheticTask(Task):
         Standard deviation of each client's input offset (0: none).
     seed : int
         Seed of the base weights, the subspace, the class means and the data.
+    pool : str
+        ``stored`` (the pool drawn up front and kept) or ``on_demand`` (each example made from
+        its index when needed; only the labels are kept): see the module docstring.
     """
 
     name = "synthetic"
@@ -105,6 +120,7 @@ class SyntheticTask(Task):
         server_examples: int = 512,
         client_shift: float = 0.0,
         seed: int = 0,
+        pool: str = "stored",
     ) -> None:
         self.num_clients = integer("task.num_clients", num_clients, low=1)
         self.num_classes = integer("task.num_classes", num_classes, low=2)
@@ -119,7 +135,13 @@ class SyntheticTask(Task):
         self.separation = number("task.separation", separation, low=0)
         self.client_shift = number("task.client_shift", client_shift, low=0)
         self.leak = number("task.leak", leak, 0, 1)
+        if pool not in POOLS:
+            raise ConfigError("task.pool", pool, f"must be one of {', '.join(POOLS)}")
+        self.pool = pool
         self._data: tuple[torch.Tensor, ...] | None = None
+        self._labels: np.ndarray | None = None  # on_demand: the pool's and the test set's
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None  # on_demand's test set
+        self._signal: torch.Tensor | None = None  # on_demand: class means in input space
 
     def _generator(self, stream: int) -> torch.Generator:
         mixed = np.random.SeedSequence([self.seed, stream]).generate_state(1)[0]
@@ -153,7 +175,35 @@ class SyntheticTask(Task):
             self._data = (x[:n_pool], y[:n_pool], x[n_pool:], y[n_pool:])
         return self._data
 
+    def _means(self) -> torch.Tensor:
+        """The class means (the first draw of the data stream, as in the stored pool)."""
+        g = self._generator(2)
+        return self.separation * torch.randn(self.num_classes, self.signal_dim, generator=g)
+
+    @property
+    def _pool_size(self) -> int:
+        return self.examples_per_client * self.num_clients
+
+    def _on_demand_labels(self) -> np.ndarray:
+        """The labels of every example, pool then test set (``pool=on_demand``)."""
+        if self._labels is None:
+            key = counter_rng.stream_key(self.seed, 2, 1)
+            n = self._pool_size + self.test_examples
+            self._labels = counter_rng.integers(key, 0, n, self.num_classes)
+        return self._labels
+
+    def _on_demand(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Examples ``rows`` (pool then test set) made from their indices (``pool=on_demand``)."""
+        if self._signal is None:  # each class's mean in input space
+            self._signal = self._means() @ self._subspace().T
+        rows = np.asarray(rows, dtype=np.int64)
+        y = torch.as_tensor(self._on_demand_labels()[rows].astype(np.int64))
+        noise = counter_rng.normal(counter_rng.stream_key(self.seed, 2, 2), rows, self.input_dim)
+        return torch.as_tensor(noise, dtype=torch.float32) + self._signal[y], y
+
     def pool_labels(self) -> np.ndarray:
+        if self.pool == "on_demand":
+            return self._on_demand_labels()[: self._pool_size]
         return self._generate()[1].numpy()
 
     def client_offset(self, client: int) -> torch.Tensor:
@@ -161,15 +211,23 @@ class SyntheticTask(Task):
         return self.client_shift * torch.randn(self.input_dim, generator=g)
 
     def pool_examples(self, indices: np.ndarray, client: int) -> Batch:
-        x, y = self._generate()[:2]
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        xs = x[idx]
+        if self.pool == "on_demand":
+            xs, ys = self._on_demand(indices)
+        else:
+            x, y = self._generate()[:2]
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            xs, ys = x[idx], y[idx]
         if self.client_shift:
             xs = xs + self.client_offset(client)
-        return {"x": xs, self.label_key: y[idx]}
+        return {"x": xs, self.label_key: ys}
 
     def test_set(self) -> Batch:
-        x, y = self._generate()[2:]
+        if self.pool == "on_demand":
+            if self._test is None:
+                self._test = self._on_demand(np.arange(self.test_examples) + self._pool_size)
+            x, y = self._test
+        else:
+            x, y = self._generate()[2:]
         return {"x": x, self.label_key: y}
 
     def server_size(self) -> int:
@@ -178,8 +236,7 @@ class SyntheticTask(Task):
     def server_set(self) -> Batch:
         # Its own stream, so that adding a server split leaves the clients' data unchanged.
         g = self._generator(3)
-        means = torch.randn(self.num_classes, self.signal_dim, generator=self._generator(2))
-        means = self.separation * means  # the class means of _generate (same stream)
+        means = self._means()
         y = torch.randint(0, self.num_classes, (self.server_examples,), generator=g)
         x = torch.randn(self.server_examples, self.input_dim, generator=g)
         return {"x": x + means[y] @ self._subspace().T, self.label_key: y}

@@ -39,6 +39,11 @@ CASES = [
     Case("config-missing-target", small("logger._target_=nowhere.Thing"), "nowhere.Thing"),
     Case("config-topk-ratio", small("compressor=topk", "compressor.ratio=2"), "compressor"),
     Case(
+        "config-synthetic-pool",
+        small("task.pool=lazy"),
+        "task.pool=lazy: must be one of stored, on_demand",
+    ),
+    Case(
         "config-cast-dtype",
         small("compressor=cast", "compressor.dtype=float32"),
         "compressor.dtype=float32: must be float16 or bfloat16",
