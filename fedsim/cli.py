@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fedsim import locks, resume
+from fedsim import locks, resume, targets
 from fedsim.config import (
     RunSpec,
     check,
@@ -304,7 +304,7 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
     from fedsim.checkpoint import CHECKPOINT_FILE
 
     folder = Path(folder_arg)
-    config_dir, argv = resume.config_dir_arg(argv)
+    config_dir, argv = targets.config_dir_arg(argv)
     cfg = resume.read_config(folder)
     if cfg is None:
         raise ConfigError("resume", folder_arg, "is not a run folder (it has no config.yaml)")
@@ -316,7 +316,7 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
             f"continues that run with its saved configuration; drop the other arguments "
             f"({' '.join(others[:3])})",
         )
-    resume.refuse_foreign_targets(cfg, config_dir)
+    targets.refuse_foreign_targets(cfg, config_dir)
     ckpt = folder / CHECKPOINT_FILE
     if resume.summary_status(folder) == "ok":
         raise ConfigError("resume", folder_arg, "holds a finished run; nothing to resume")

@@ -21,6 +21,7 @@ from fedsim.config import RESUME_FREE, SIM_OPTIONAL
 from fedsim.errors import ConfigError
 from fedsim.keys import CHECKPOINT_FILE
 from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from fedsim.targets import SAME_AS
 
 DONE, CONTINUE, RESTART = "done", "continue", "restart"
 
@@ -41,6 +42,9 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     later = {**{f"sim.{k}": v for k, v in SIM_OPTIONAL.items()}, **NESTED_OPTIONAL}
     for path, value in later.items():
         out = _without(out, path.split("."), value)
+    for group, node in out.items():  # two classes that compute the same thing
+        if isinstance(node, dict) and node.get("_target_") in SAME_AS:
+            out[group] = {**node, "_target_": SAME_AS[node["_target_"]]}
     adapter = out.get("adapter")
     if isinstance(adapter, dict) and isinstance(adapter.get("client_ranks"), dict):
         tiers = adapter["client_ranks"]  # rank tiers: a checkpoint's JSON keys are strings
@@ -329,72 +333,3 @@ def find_run(root: Path, cfg: dict[str, Any]) -> Path | None:
             plan(folder, cfg)  # a damaged file in it is a ConfigError naming the folder
             return folder
     return None
-
-
-# ----------------------------------------------------------------------------- trusted targets
-
-
-def config_dir_arg(argv: list[str]) -> tuple[str | None, list[str]]:
-    """``--config-dir <dir>`` (``-cd``, or ``--config-dir=<dir>``) of a command line, and the
-    command line without it."""
-    folder, rest, it = None, [], iter(argv)
-    for arg in it:
-        name, eq, value = arg.partition("=")
-        if name in ("--config-dir", "-cd"):
-            folder = value if eq else next(it, "")
-        else:
-            rest.append(arg)
-    return folder, rest
-
-
-def targets(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Every ``_target_`` of a configuration, at any depth: ``(dotted key, value)``."""
-    found: list[tuple[str, Any]] = []
-    items = (
-        node.items()
-        if isinstance(node, dict)
-        else enumerate(node)
-        if isinstance(node, list)
-        else ()
-    )
-    for key, value in items:
-        if key == "_target_":
-            found.append((f"{prefix}{key}", value))
-        else:
-            found.extend(targets(value, f"{prefix}{key}."))
-    return found
-
-
-def trusted_targets(config_dir: str | None) -> set[str]:
-    """The ``_target_``s fedsim ships (every one in its ``conf/``, and the groups' defaults)
-    and those of the YAML files in ``config_dir`` (the user's own plug-ins)."""
-    from fedsim.registry import GROUPS, conf_folder
-
-    folders = [conf_folder(), *([Path(config_dir)] if config_dir else [])]
-    found = {g.default for g in GROUPS if g.default}
-    for folder in folders:
-        for path in sorted(folder.rglob("*.yaml")):
-            try:
-                node = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError, yaml.YAMLError):
-                continue
-            found.update(v for _, v in targets(node) if isinstance(v, str))
-    return found
-
-
-def refuse_foreign_targets(cfg: dict[str, Any], config_dir: str | None) -> None:
-    """A configuration read from a results folder is data: every ``_target_`` in it (each is
-    imported and called) must be one fedsim ships or one of ``--config-dir``; a ConfigError
-    naming the key and the target otherwise, before anything is built."""
-    if config_dir is not None and not Path(config_dir).is_dir():
-        raise ConfigError("--config-dir", config_dir, "is not a folder")
-    allowed = trusted_targets(config_dir)
-    for key, target in targets(cfg):
-        if not isinstance(target, str) or target not in allowed:
-            raise ConfigError(
-                key,
-                target,
-                "is neither a target fedsim ships nor one in --config-dir; a results folder is "
-                "data, so resume=<folder> builds only those (if you trust this folder's "
-                "target, give the folder of its YAML with --config-dir <dir>)",
-            )

@@ -627,10 +627,12 @@ def test_a_folder_s_own_target_is_never_built(tmp_path, monkeypatch, capsys):
 
 
 def test_the_trusted_targets_are_fedsim_s_own_and_the_config_dir_s(tmp_path):
-    from fedsim import resume
+    from fedsim import targets as resume
 
     shipped = resume.trusted_targets(None)
     assert {"fedsim.sinks.NoSink", "strategies.fedavg.FedAvg", "torch.optim.SGD"} <= shipped
+    # conf/partition/dirichlet.yaml's target before fedsim had its own: old runs resume
+    assert "flwr_datasets.partitioner.DirichletPartitioner" in shipped
     assert "joblib.load" not in shipped and "builtins.exec" not in shipped
     (tmp_path / "strategy").mkdir()
     (tmp_path / "strategy" / "median.yaml").write_text("_target_: my_plugins.Median\n")

@@ -141,7 +141,7 @@ BAD = [
     (["+strategy.nope=1"], "strategy.nope=1: unknown key; allowed: weighted"),
     (["strategy.weighted=maybe"], "strategy.weighted=maybe"),
     (["+privacy.clip_norm=1"], "privacy.clip_norm=1: unknown key; allowed: (none)"),
-    (["partition.alpha=0"], "partition (flwr_datasets.partitioner.DirichletPartitioner) rejected"),
+    (["partition.alpha=0"], "partition (fedsim.partitioners.DirichletPartitioner) rejected"),
     (["optimizer.weight_decay=-1"], "optimizer (torch.optim.AdamW) rejected"),
     (
         ["optimizer._target_=torch.optim.Nope"],
