@@ -105,3 +105,56 @@ def test_unknown_pool_is_refused():
 
     with pytest.raises(ConfigError, match="task.pool=lazy: must be one of stored, on_demand"):
         SyntheticTask(num_clients=2, pool="lazy")
+
+
+def _data(partitioner_cls, num_clients=20, pool="on_demand"):
+    from fedsim.data import FederatedData
+
+    task = SyntheticTask(num_clients=num_clients, examples_per_client=40, pool=pool, seed=1)
+    part = partitioner_cls(
+        num_partitions=num_clients, partition_by="label", alpha=0.5, min_partition_size=5, seed=1
+    )
+    return FederatedData(task, part, test_fraction=0.25, seed=1)
+
+
+def test_fedsims_partitioner_gives_clients_flwr_datasets_would():
+    """The same clients' splits through fedsim's index arrays as through flwr-datasets'
+    datasets (and fedsim's never reads a partition back as a dataset)."""
+    from flwr_datasets.partitioner import DirichletPartitioner as Flwr
+
+    from fedsim.partitioners import DirichletPartitioner
+
+    ours, theirs = _data(DirichletPartitioner), _data(Flwr)
+    ours.check(20)
+    theirs.check(20)
+    ours.partitioner.load_partition = None  # the fast path must not need it
+    for c in range(20):
+        a, b = ours.client(c), theirs.client(c)
+        assert ours.num_train(c) == theirs.num_train(c)
+        for split in ("train", "test"):
+            for key in getattr(a, split):
+                assert torch.equal(getattr(a, split)[key], getattr(b, split)[key])
+
+
+def test_client_splits_are_kept_for_the_most_recent_clients_only(monkeypatch):
+    import fedsim.data
+    from fedsim.partitioners import DirichletPartitioner
+
+    monkeypatch.setattr(fedsim.data, "CACHED_CLIENTS", 4)
+    data = _data(DirichletPartitioner)
+    first = data.client(0).train["x"].clone()
+    for c in range(1, 10):
+        data.client(c)
+    assert len(data._cache) == 4 and 0 not in data._cache
+    assert torch.equal(data.client(0).train["x"], first)  # made again, the same
+
+
+def test_a_run_on_an_on_demand_pool_learns(tmp_path):
+    from fedsim.api import run
+
+    summary = run(
+        ["task=synthetic", "task.pool=on_demand", "strategy=fedavg", "sim.rounds=5"],
+        output_dir=tmp_path / "run",
+    )
+    # chance is 0.1; measured: 0.8965 on demand, 0.891 with the stored pool (same settings)
+    assert summary["final_eval_accuracy"] > 0.8, summary
