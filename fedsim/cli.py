@@ -29,18 +29,8 @@ from fedsim.jobs import JOB_TAG, SWEEP_FAILURES, SWEEP_TOTAL, run_job, run_sweep
 from fedsim.results import METRICS_FILE
 
 # Hydra flags after which fedsim only passes through (they print, they do not run).
-_INFO_FLAGS = {
-    "--help",
-    "-h",
-    "--hydra-help",
-    "--info",
-    "-i",
-    "--cfg",
-    "-c",
-    "--shell-completion",
-    "-sc",
-    "--version",
-}
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"}
+_INFO_FLAGS |= {"--shell-completion", "-sc", "--version"}
 #: the flags whose text lists every config group's options
 _HELP = {"--help", "-h", "--hydra-help"}
 _VALUE_FLAGS = {
@@ -344,11 +334,24 @@ def _resume_saved(folder_arg: str, argv: list[str]) -> RunSpec:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The ``fedsim`` command. As the console script (no ``argv``), a configuration refused
+    before anything ran ends the process right after its line: nothing is written or open, and
+    Python's teardown of PyTorch's modules would add 0.5 s (benchmarks/startup.py)."""
     try:
-        _main(argv)
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except _Refused:
+        locks.free_all()
+        if argv is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+        sys.exit(2)
     finally:
         locks.free_all()  # a process's locks end with it anyway; main() may be called again
+
+
+class _Refused(Exception):  # a configuration refused before anything ran (its line printed)
+    pass
 
 
 def _main(argv: list[str]) -> None:
@@ -364,7 +367,7 @@ def _main(argv: list[str]) -> None:
             done = _finished_single_run(argv)
     except (ConfigError, ConfigCompositionError) as e:
         print(f"fedsim: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise _Refused from None
     if folder is not None:
         run_job(spec, None)
         return
