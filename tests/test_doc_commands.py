@@ -55,8 +55,6 @@ SKIP = {
 #: against its class), but no model is loaded and no data partitioned
 LIGHT = {
     "fedsim task=math": "the task loads SmolLM2-135M when built: 10 to 70 s on a 2-core CPU",
-    "fedsim task=synthetic strategy=fedavg engine=batched sim.num_clients=10000": "partitioning "
-    "2.56 million examples among 10,000 clients takes 30 to 130 s on a 2-core CPU",
 }
 
 #: commands that leave the task to conf/config.yaml's default (sentiment) on purpose; every
