@@ -115,7 +115,9 @@ def _moments(compressor, x, draws=4000):
 
 
 @pytest.mark.parametrize(
-    "compressor", [RandK(ratio=0.2), QSGD(bits=3), QSGD(bits=2, block=8)], ids=str
+    "compressor",
+    [RandK(ratio=0.2), QSGD(bits=3), QSGD(bits=2, block=8)],
+    ids=["randk-0.2", "qsgd-3bits", "qsgd-2bits-block8"],
 )
 def test_unbiased_compressors_are_unbiased_with_their_variance_bound(compressor):
     x = np.random.default_rng(5).normal(size=40)
