@@ -91,7 +91,6 @@ def export_peft(
     without it the change is read off the float32 weights, whose rounding would make an SVD
     see full rank. ``task_type``: PEFT's (``SEQ_CLS``, ``CAUSAL_LM``), so that
     ``AutoPeftModelFor...`` classes can load the adapter too."""
-    from peft import get_peft_model
 
     for name, param in model.named_parameters():
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
@@ -105,9 +104,7 @@ def export_peft(
     base_dtype = _base_dtype(pristine, spec)  # before PEFT's layers go into it
     ranks = {m: int(a.shape[0]) for m, (a, _, _) in layers.items()}
     config = _lora_config(spec, layers, ranks, head_modules, base_model, task_type)
-    with warnings.catch_warnings():  # deprecation notices between peft and transformers
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(pristine, config)
+    peft_model = _peft_model(pristine, config, base_model)
     inner = peft_model.base_model.model
     with torch.no_grad():
         _load_peft(inner, model, layers, head_modules)
@@ -171,6 +168,21 @@ def _layer_forms(
         layers[module] = form
         wanted[module] = base_change + delta
     return layers, folded, wanted
+
+
+def _peft_model(pristine: nn.Module, config, base_model: str | None):
+    """PEFT's model of ``pristine`` for ``config``, naming ``base_model`` (peft's
+    ``get_peft_model`` replaces the config's name by the model's local path, with a warning:
+    the portable name is put back)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():  # deprecation notices between peft and transformers
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="The PEFT config's `base_model_name_or_path`")
+        peft_model = get_peft_model(pristine, config)
+    if base_model is not None:
+        peft_model.peft_config["default"].base_model_name_or_path = base_model
+    return peft_model
 
 
 def _lora_config(spec: AdapterSpec, layers, ranks, head_modules, base_model, task_type):

@@ -128,7 +128,7 @@ def test_hf_task_learns_on_a_tiny_bert(strategy, run_tiny, hf_task):
 def test_minilm_sentiment_runs_offline(run_tiny, monkeypatch):
     """The packaged model and corpus: one short round, nothing fetched."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    summary, rows, _ = run_tiny(
+    summary, rows, out = run_tiny(
         "task=sentiment",
         "strategy=fedsb",
         "sim.num_clients=2",
@@ -142,6 +142,9 @@ def test_minilm_sentiment_runs_offline(run_tiny, monkeypatch):
     assert summary["status"] == "ok" and summary["export"]["modules"] == 36
     assert summary["export"]["modules_to_save"] == ["classifier"]
     assert rows[1]["eval_accuracy"] is not None
+    # the export names the model portably (peft's get_peft_model had put the local path back)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def test_bfloat16_autocast_runs_close_to_float32(run_tiny, hf_task):
