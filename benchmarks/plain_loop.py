@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fedsim import threads
 from fedsim.build import build_components
 from fedsim.training import client_generator, evaluate, seed_torch, train_local
 
@@ -45,9 +46,9 @@ def plain_fedavg(cfg: dict[str, Any], records: list | None = None) -> list[dict[
 def _plain_fedavg(cfg: dict[str, Any], records: list) -> list[dict[str, Any]]:
     c = build_components(cfg)
     sim = c.sim
-    torch.set_num_threads(int(getattr(c.engine, "num_threads", 1)))
     device = c.device
     model, spec = c.model(device)
+    threads.apply(getattr(c.engine, "num_threads", 1), model)  # as the engines resolve it
     sent = spec.sent_state(model)  # name -> live parameter
     trained = spec.trained_parameters(model)
     sampler = c.sampler()

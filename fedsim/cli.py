@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fedsim import locks, resume, targets
+from fedsim import locks, resume, targets, threads
 from fedsim.config import (
     RunSpec,
     check,
@@ -241,6 +241,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         output_dir=Path(hc.runtime.output_dir),
         quiet=bool(plain.get("quiet")),
     )
+    n_jobs = hc.launcher.get("n_jobs") if "n_jobs" in hc.launcher else None
+    if isinstance(n_jobs, int) and n_jobs != 1:  # parallel jobs share the CPUs
+        os.environ[threads.PARALLEL_JOBS] = str(n_jobs if n_jobs > 0 else threads.usable_cpus())
     sweep_log = os.environ.get(SWEEP_FAILURES)
     if sweep_log is not None:  # every line of the job says which it is (parallel workers)
         total = os.environ.get(SWEEP_TOTAL, "?")

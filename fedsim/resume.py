@@ -42,6 +42,9 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     later = {**{f"sim.{k}": v for k, v in SIM_OPTIONAL.items()}, **NESTED_OPTIONAL}
     for path, value in later.items():
         out = _without(out, path.split("."), value)
+    engine = out.get("engine")
+    if isinstance(engine, dict) and "num_threads" in engine:  # a resource, like the machine:
+        out["engine"] = {k: v for k, v in engine.items() if k != "num_threads"}  # (and 1 -> auto)
     for group, node in out.items():  # two classes that compute the same thing
         if isinstance(node, dict) and node.get("_target_") in SAME_AS:
             out[group] = {**node, "_target_": SAME_AS[node["_target_"]]}

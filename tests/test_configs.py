@@ -194,7 +194,7 @@ BAD = [
     (["task.hidden_dim=wide"], "task.hidden_dim=wide: must be an integer"),
     (["adapter.r=1.5"], "adapter.r=1.5: must be an integer"),
     (["strategy.weighted=2"], "strategy.weighted=2: must be true or false"),
-    (["engine.num_threads=1.5"], "engine.num_threads=1.5: must be an integer"),
+    (["engine.num_threads=1.5"], "engine.num_threads=1.5: must be an integer or auto"),
     (["compressor=topk", "compressor.scope=1"], "compressor.scope=1: must be a string"),
     (["optimizer.eps=tiny"], "optimizer.eps=tiny: must be a number"),
     (["adapter.target_modules={a: 1}"], "adapter.target_modules={'a': 1}: must be a list of"),

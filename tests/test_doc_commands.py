@@ -60,7 +60,7 @@ LIGHT = {
 #: commands that leave the task to conf/config.yaml's default (sentiment) on purpose; every
 #: other command names its task: ``task=...``, or a preset that pins one (``override /task``)
 DEFAULT_TASK = {
-    "fedsim": "the demo run, whose time (4.5 minutes on 2 cores) README.md states",
+    "fedsim": "the demo run, whose time (3.6 minutes on 2 cores) README.md states",
     "fedsim --cfg job": "prints the composed configuration; nothing runs",
 }
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from fedsim.engines.inline import usable_cpus
 from fedsim.errors import ConfigError
+from fedsim.threads import usable_cpus
 from tests.conftest import strip_timings, tiny
 
 #: a local Ray may use at most the machine's CPUs (engine.num_cpus above them is refused)

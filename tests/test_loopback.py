@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from fedsim.engines.inline import usable_cpus
+from fedsim.threads import usable_cpus
 from tests.conftest import tiny
 
 

@@ -61,15 +61,17 @@ class BatchedEngine(InlineEngine):
         Clients trained together (>= 1); a round's clients are split into groups of this size.
         ``auto``: the largest group that fits in the GPU's free memory (on the CPU: 32;
         :mod:`fedsim.engines.group_size`).
-    num_threads : int
-        torch threads (1 was fastest on the project's 2-core machine; larger models and
-        groups may gain from more).
+    num_threads : int or "auto"
+        torch threads; ``auto``: every usable CPU for a model above 1M parameters, else 1
+        (:mod:`fedsim.threads`).
     """
 
     name = "batched"
     checkpoints = True
 
-    def __init__(self, group_size: int | Literal["auto"] = 32, num_threads: int = 1) -> None:
+    def __init__(
+        self, group_size: int | Literal["auto"] = 32, num_threads: int | Literal["auto"] = "auto"
+    ) -> None:
         super().__init__(num_threads)
         self.group_size = auto_group.check_group_size(group_size)
 

@@ -10,8 +10,8 @@ would copy them (:func:`transport_copy`), so neither side can alias the other's 
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
@@ -21,29 +21,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim import keys, meter
+from fedsim import keys, meter, threads
 from fedsim.config import RunSpec
-from fedsim.errors import ConfigError
-from fedsim.validate import integer
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
-
-
-def check_threads(num_threads: int) -> None:
-    """More torch threads than CPUs only oversubscribe them (and OpenMP gives up allocating
-    100,000 threads' stacks after the run folder exists): refuse before anything starts."""
-    cpus = usable_cpus()
-    if num_threads > cpus:
-        raise ConfigError(
-            "engine.num_threads",
-            num_threads,
-            f"must be at most the {cpus} CPUs this machine lets fedsim use",
-        )
+def check_threads(num_threads) -> None:
+    """``engine.num_threads`` must fit the machine (:func:`fedsim.threads.check`)."""
+    threads.check(num_threads)
 
 
 def transport_copy(msg: Message) -> Message:
@@ -218,16 +202,17 @@ class InlineEngine:
 
     Parameters
     ----------
-    num_threads : int
-        torch threads for training (1 is fastest for small models on a few cores).
+    num_threads : int or "auto"
+        torch threads for training; ``auto``: every usable CPU for a model above 1M
+        parameters, else 1 (:mod:`fedsim.threads`).
     """
 
     name = "inline"
     #: client states live in this process's grid, so runs can be checkpointed and resumed
     checkpoints = True
 
-    def __init__(self, num_threads: int = 1) -> None:
-        self.num_threads = integer("engine.num_threads", num_threads, low=1)
+    def __init__(self, num_threads: int | Literal["auto"] = "auto") -> None:
+        self.num_threads = threads.setting(num_threads)
 
     def check(self, sim: dict) -> None:
         """Everything runs in this process: only its threads must fit the machine."""
@@ -242,7 +227,8 @@ class InlineEngine:
 
         from fedsim.apps import make_client_app, make_server_app
 
-        torch.set_num_threads(self.num_threads)
+        if self.num_threads != threads.AUTO:  # auto: set once the model is built (its size)
+            torch.set_num_threads(self.num_threads)
         grid = make_grid(
             make_client_app(spec.cfg), spec.cfg["sim"]["num_clients"], spec.cfg["sim"]["seed"]
         )

@@ -19,9 +19,10 @@ import threading
 from contextlib import contextmanager
 
 from fedsim.config import RunSpec
-from fedsim.engines.inline import check_threads, usable_cpus
+from fedsim.engines.inline import check_threads
 from fedsim.errors import ConfigError
 from fedsim.results import LOG_FILE
+from fedsim.threads import usable_cpus
 from fedsim.validate import integer, is_number, number
 
 

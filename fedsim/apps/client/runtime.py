@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedsim import keys
+from fedsim import keys, threads
 from fedsim.apps.client.dp import ClientPrivacy
 from fedsim.build import Components, build_components, small_cache
 from fedsim.init import client_statistics
@@ -59,11 +59,9 @@ class ClientRuntime:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.c: Components = build_components(cfg)
-        threads = getattr(self.c.engine, "num_threads", None)
-        if threads:
-            torch.set_num_threads(int(threads))
         self.device = self.c.device
         self.model, self.spec = self.c.model(self.device)
+        threads.apply(getattr(self.c.engine, "num_threads", None), self.model)
         self.uplink = self.c.uplink(self.spec)
         self.privacy = self.c.privacy
         self.dp = (

@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedsim import keys
+from fedsim import keys, threads
 from fedsim.apps.server import timing
 from fedsim.apps.server.evaluation import Evaluation
 from fedsim.apps.server.ledger import Ledger, raw_fields
@@ -66,6 +66,7 @@ class FederatedRun:
         self.sim = sim = self.c.sim
         self.device = self.c.device
         self.model, self.adapter_spec = self.c.model(self.device)
+        threads.apply(getattr(self.c.engine, "num_threads", None), self.model)
         self.clock = timing.build_clock(self.c, self.model, self.device)  # None: no system profile
         self.strategy = self.c.strategy
         self.uplink = self.c.uplink(self.adapter_spec)
