@@ -25,11 +25,6 @@ from fedsim import keys, meter, threads
 from fedsim.config import RunSpec
 
 
-def check_threads(num_threads) -> None:
-    """``engine.num_threads`` must fit the machine (:func:`fedsim.threads.check`)."""
-    threads.check(num_threads)
-
-
 def transport_copy(msg: Message) -> Message:
     """What the receiving side of a transport gets: new records, new Arrays, new metadata.
 
@@ -216,7 +211,7 @@ class InlineEngine:
 
     def check(self, sim: dict) -> None:
         """Everything runs in this process: only its threads must fit the machine."""
-        check_threads(self.num_threads)
+        threads.check(self.num_threads)
 
     def run(self, spec: RunSpec) -> None:
         self.run_grid(spec, lambda app, n, seed: InlineGrid(app, n, seed=seed))

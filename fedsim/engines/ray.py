@@ -18,8 +18,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
+from fedsim import threads
 from fedsim.config import RunSpec
-from fedsim.engines.inline import check_threads
 from fedsim.errors import ConfigError
 from fedsim.results import LOG_FILE
 from fedsim.threads import usable_cpus
@@ -77,7 +77,7 @@ class RayEngine:
         if self.address is not None:
             check_address(self.address)
             return
-        check_threads(self.num_threads)
+        threads.check(self.num_threads)
         cpus = usable_cpus()
         if self.num_cpus is not None and self.num_cpus > cpus:
             raise ConfigError(
