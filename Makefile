@@ -31,8 +31,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/fedsim
 
+# two pytest-xdist workers, each test file's tests on one of them (its fixtures made once; the
+# tests that start Ray share the machine through tests.conftest.ray_on_this_machine);
+# `make test PYTEST_WORKERS=0` runs the suite in one process
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check fedsim strategies tests benchmarks

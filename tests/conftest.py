@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,38 @@ def math_task(tmp_path_factory) -> list[str]:
     from tests.tiny_lm import math_overrides
 
     return math_overrides(tmp_path_factory.mktemp("lm"))
+
+
+#: the marks of tests that start a Ray on this machine
+RAY_MARKS = ("ray", "flwr_run", "scale_out")
+_RAY_LOCK = Path(tempfile.gettempdir()) / f"fedsim-tests-ray-{os.getuid()}"
+
+
+@contextmanager
+def ray_on_this_machine(alone: bool = False):
+    """Held while a test starts Ray (``make test`` runs two pytest-xdist workers, and other
+    test sessions may run beside them): any number share it, but ``alone=True`` (a case whose
+    outcome another Ray changes: Ray's ``address=auto`` attaches to any Ray it finds on the
+    machine) waits for them to end, and the ones asking after it wait for it (a gate, so that
+    it is not starved)."""
+    with open(f"{_RAY_LOCK}.gate", "a") as gate, open(f"{_RAY_LOCK}.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _ray_shares_the_machine(request):
+    if any(request.node.get_closest_marker(m) for m in RAY_MARKS):
+        with ray_on_this_machine():
+            yield
+    else:
+        yield

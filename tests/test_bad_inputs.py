@@ -3,7 +3,8 @@ command, run as a user runs it (a fresh process), that must end with one line on
 traceback, with its exit status (2: a configuration mistake or a damaged or edited file; 1: a
 run that failed), and with every file of an earlier run as it was (hashes before and after).
 
-The commands run two at a time, once per session, before the first row's check. Each runs in
+The commands run two at a time, once per session, before the first row's check (a case
+marked ``alone`` runs by itself, in its own test). Each runs in
 a child forked from a process that has imported fedsim (tests/zygote.py: the child
 has the command's working directory, environment, ``sys.path`` and file descriptors, so it is
 the command less the seconds of imports); the runs a case starts ``beside`` it, and the tests
@@ -29,6 +30,7 @@ import pytest
 
 import tests.bad_inputs as table
 from tests.bad_inputs import STOPPED_ARGS, Case
+from tests.conftest import ray_on_this_machine
 
 CASES: list[Case] = [
     case
@@ -206,7 +208,7 @@ def outcomes(request, prepared, tmp_path_factory) -> dict[str, dict]:
     for _ in range(2):
         zygotes.put(Zygote(_env(Case("zygote", (), ""))))
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ray_on_this_machine(), ThreadPoolExecutor(max_workers=2) as pool:
             futures = {
                 cid: pool.submit(_run_case, BY_ID[cid], base, prepared, zygotes) for cid in wanted
             }
@@ -223,9 +225,25 @@ def _result(future) -> dict:
         return {"harness": f"{type(e).__name__}: {e}"}
 
 
-@pytest.mark.parametrize("case_id", list(BY_ID))
+@pytest.mark.parametrize("case_id", [c.id for c in CASES if not c.alone])
 def test_a_bad_input_is_one_line_and_changes_nothing(case_id, outcomes):
-    case, out = BY_ID[case_id], outcomes[case_id]
+    _check(BY_ID[case_id], outcomes[case_id])
+
+
+@pytest.mark.parametrize("alone_id", [c.id for c in CASES if c.alone])
+def test_a_bad_input_that_must_run_alone(alone_id, tmp_path):
+    """The cases whose outcome another process could change, one at a time (see Case.alone)."""
+    zygotes: queue.Queue = queue.Queue()
+    zygotes.put(Zygote(_env(Case("zygote", (), ""))))
+    try:
+        with ray_on_this_machine(alone=True):
+            out = _run_case(BY_ID[alone_id], tmp_path, {}, zygotes)
+    finally:
+        zygotes.get().close()
+    _check(BY_ID[alone_id], out)
+
+
+def _check(case: Case, out: dict) -> None:
     assert "harness" not in out, out.get("harness")
     shown = f"exit {out['rc']}\nstdout:\n{out['stdout'][-2000:]}\nstderr:\n{out['stderr'][-4000:]}"
     assert out["rc"] == case.code, shown
@@ -244,6 +262,7 @@ def test_a_bad_input_is_one_line_and_changes_nothing(case_id, outcomes):
 
 def test_the_table_is_broad():
     assert len(CASES) >= 60, len(CASES)
+    assert sum(c.alone for c in CASES) <= 3  # each costs a fresh zygote
 
 
 def test_a_failed_run_is_one_line_and_its_traceback_is_in_the_log(tmp_path):

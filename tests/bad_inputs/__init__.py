@@ -56,6 +56,10 @@ class Case:
     #: runs: the case must not disturb it (its .hydra/ record and config.yaml unchanged, and it
     #: finishes ok)
     beside: tuple[str, ...] | None = None
+    #: the outcome depends on what else runs on the machine (Ray's ``auto`` attaches to any
+    #: Ray it finds here): run by its own test, never beside another case, and while no
+    #: other test starts a Ray (tests.conftest.ray_on_this_machine)
+    alone: bool = False
 
 
 def small(*extra: str) -> tuple[str, ...]:

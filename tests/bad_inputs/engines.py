@@ -63,7 +63,12 @@ CASES = [
     ),
     # clusters that are not there (auto: a ConnectionError traceback; an address nobody
     # serves: ray.init retried for more than 300 s)
-    Case("engine-address-auto-no-cluster", ray("engine.address=auto"), "engine.address=auto: "),
+    Case(
+        "engine-address-auto-no-cluster",
+        ray("engine.address=auto"),
+        "engine.address=auto: ",
+        alone=True,
+    ),
     Case(
         "engine-address-unreachable",
         ray("engine.address=127.0.0.1:1"),
