@@ -273,6 +273,24 @@ def test_tasks_apart_failed_and_incomplete_runs_listed_not_counted(tmp_path, mon
     assert {g["seeds"] for g in done["groups"]} == {2}
 
 
+def test_runs_that_differ_only_in_their_threads_are_one_configuration(tmp_path):
+    """engine.num_threads sets the machine's resources (two jobs of a sweep at a time run on
+    one thread each): the report groups such runs over seeds as one configuration."""
+    from fedsim.report import report
+
+    root = tmp_path / "runs"
+    write_run(root / "a", seed=0, acc=0.4, extra=["engine.num_threads=1"])
+    write_run(root / "b", seed=1, acc=0.6, extra=["engine.num_threads=auto"])
+    write_run(root / "c", seed=2, acc=0.8)
+    write_run(root / "d", seed=0, acc=0.9, extra=["sim.clients_per_round=2"])
+    report([root], tmp_path / "out", plots=False)
+    groups = read_csv(tmp_path / "out" / "groups.csv")
+    assert sorted(g["seeds"] for g in groups) == ["1", "3"]
+    assert all("engine.num_threads" not in g for g in groups)
+    three = next(g for g in groups if g["seeds"] == "3")
+    assert float(three["final_accuracy_mean"]) == pytest.approx(0.6)
+
+
 def test_aggregator_metrics_and_the_aggregation_error_are_columns(tmp_path):
     from fedsim.report import report
 

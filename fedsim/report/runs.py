@@ -90,8 +90,14 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: overrides that set the machine's resources, not the experiment (results on 1 and 2 torch
+#: threads agree to about 2e-8): runs that differ only in them are one configuration
+RESOURCES = ("engine.num_threads",)
+
+
 def _overrides(folder: Path) -> dict[str, str]:
-    """The command-line overrides of a Hydra job (``.hydra/overrides.yaml``), as key: value."""
+    """The command-line overrides of a Hydra job (``.hydra/overrides.yaml``), as key: value,
+    less :data:`RESOURCES`."""
     path = folder / ".hydra" / "overrides.yaml"
     try:
         items = yaml.safe_load(path.read_text()) or []
@@ -100,7 +106,8 @@ def _overrides(folder: Path) -> dict[str, str]:
     out = {}
     for item in items:
         key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = value
+        if key.lstrip("+~") not in RESOURCES:
+            out[key.lstrip("+~")] = value
     return out
 
 
