@@ -206,7 +206,7 @@ def outcomes(request, prepared, tmp_path_factory) -> dict[str, dict]:
     base = tmp_path_factory.mktemp("cases")
     zygotes: queue.Queue = queue.Queue()
     for _ in range(2):
-        zygotes.put(Zygote(_env(Case("zygote", (), ""))))
+        zygotes.put(_zygote())
     try:
         with ray_on_this_machine(), ThreadPoolExecutor(max_workers=2) as pool:
             futures = {
@@ -216,6 +216,11 @@ def outcomes(request, prepared, tmp_path_factory) -> dict[str, dict]:
     finally:
         while not zygotes.empty():
             zygotes.get().close()
+
+
+def _zygote() -> Zygote:
+    """A process that has imported fedsim, to fork the cases' commands from."""
+    return Zygote(_env(Case("zygote", (), "")))
 
 
 def _result(future) -> dict:
@@ -234,7 +239,7 @@ def test_a_bad_input_is_one_line_and_changes_nothing(case_id, outcomes):
 def test_a_bad_input_that_must_run_alone(alone_id, tmp_path):
     """The cases whose outcome another process could change, one at a time (see Case.alone)."""
     zygotes: queue.Queue = queue.Queue()
-    zygotes.put(Zygote(_env(Case("zygote", (), ""))))
+    zygotes.put(_zygote())
     try:
         with ray_on_this_machine(alone=True):
             out = _run_case(BY_ID[alone_id], tmp_path, {}, zygotes)

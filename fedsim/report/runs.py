@@ -106,8 +106,9 @@ def _overrides(folder: Path) -> dict[str, str]:
     out = {}
     for item in items:
         key, _, value = str(item).partition("=")
-        if key.lstrip("+~") not in RESOURCES:
-            out[key.lstrip("+~")] = value
+        key = key.lstrip("+~")
+        if key not in RESOURCES:
+            out[key] = value
     return out
 
 
