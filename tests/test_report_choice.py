@@ -34,15 +34,22 @@ def write_run(
     error=None,
     aggregator=None,
     extra=(),
+    config=None,
+    choices=None,
 ):
     """A run of ``rounds`` rounds whose test accuracy rises linearly to ``acc`` (validation:
     ``val``, none when None); ``aggregator``: the values of ``aggregator_trimmed`` by round;
-    ``error``: the aggregation errors by round (round 0 null). ``summary=False``: killed."""
+    ``error``: the aggregation errors by round (round 0 null). ``summary=False``: killed.
+    ``config``: more of ``config.yaml``; ``choices``: Hydra's record of the group choices."""
     folder.mkdir(parents=True)
-    config = {"sim": {"seed": seed, "lr": lr, "rounds": rounds, "num_clients": 4}}
-    config["adapter"] = {"r": 8}
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    resolved = {"sim": {"seed": seed, "lr": lr, "rounds": rounds, "num_clients": 4}}
+    resolved["adapter"] = {"r": 8}
+    resolved.update(config or {})
+    (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
     (folder / ".hydra").mkdir()
+    if choices is not None:
+        record = {"hydra": {"runtime": {"choices": {"hydra/launcher": "basic", **choices}}}}
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(record))
     overrides = [f"task={task}", f"strategy={strategy}", f"sim.lr={lr}", f"sim.seed={seed}"]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, *extra]))
     errors = error or [0.1 * r for r in range(rounds + 1)]
@@ -289,6 +296,64 @@ def test_runs_that_differ_only_in_their_threads_are_one_configuration(tmp_path):
     assert all("engine.num_threads" not in g for g in groups)
     three = next(g for g in groups if g["seeds"] == "3")
     assert float(three["final_accuracy_mean"]) == pytest.approx(0.6)
+
+
+def test_a_setting_is_one_value_whatever_way_the_command_line_wrote_it(tmp_path):
+    """A sweep records a bool override as 'False', a single run as 'false', a run that kept the
+    default not at all; '1e-2' is 0.01; a config group a run did not override is the option
+    Hydra chose ('none' beside another run's 'scaffold'), not ''."""
+    from fedsim.report import report
+
+    root = tmp_path / "runs"
+    plain = {"strategy": {"weighted": False}, "control": {"_target_": "NoControl"}}
+    write_run(root / "a", seed=0, acc=0.4, config=plain, choices={"control": "none"},
+              extra=["strategy.weighted=False", "sim.lr=1e-2"])  # fmt: skip
+    write_run(root / "b", seed=1, acc=0.6, config=plain, choices={"control": "none"},
+              extra=["strategy.weighted=false"])  # fmt: skip
+    write_run(root / "c", seed=2, acc=0.8, config=plain, choices={"control": "none"})
+    weighted = {**plain, "strategy": {"weighted": True}}
+    write_run(root / "d", seed=0, acc=0.9, config=weighted, choices={"control": "none"})
+    scaffold = {**weighted, "control": {"_target_": "Scaffold"}}
+    write_run(root / "e", seed=0, acc=0.7, config=scaffold, choices={"control": "scaffold"},
+              extra=["control=scaffold"])  # fmt: skip
+    report([root], tmp_path / "out", plots=False)
+    rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "report.csv")}
+    assert {k: r["strategy.weighted"] for k, r in rows.items()} == dict(
+        a="false", b="false", c="false", d="true", e="true"
+    )
+    assert {k: r["control"] for k, r in rows.items()} == dict(
+        a="none", b="none", c="none", d="none", e="scaffold"
+    )
+    assert "sim.lr" not in rows["a"]  # 1e-2 and 0.01 are one rate: nothing was swept
+    groups = read_csv(tmp_path / "out" / "groups.csv")
+    assert sorted(g["seeds"] for g in groups) == ["1", "1", "3"]
+    three = next(g for g in groups if g["seeds"] == "3")
+    assert float(three["final_accuracy_mean"]) == pytest.approx(0.6)
+
+
+def test_long_legend_labels_leave_the_overlay_its_axes(tmp_path, monkeypatch):
+    """The overlay's legend sits to the right of the axes; labels as long as a sweep of many
+    settings makes widen the figure rather than squeeze the axes."""
+    import matplotlib.figure
+
+    from fedsim.report import report
+    from fedsim.report.plots import AXES_WIDTH
+
+    root = tmp_path / "runs"
+    for i in range(3):
+        extra = [f"sim.setting_number_{k}=value_{i}" for k in range(4)]
+        write_run(root / str(i), acc=0.5 + i / 10, extra=extra)
+    widths = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        widths[path.name] = [ax.get_position().width * fig.get_figwidth() for ax in fig.axes]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    report([root], tmp_path / "out")
+    (axes,) = widths["accuracy_by_round_overlay.png"]
+    assert axes >= 0.9 * AXES_WIDTH, axes
 
 
 def test_aggregator_metrics_and_the_aggregation_error_are_columns(tmp_path):

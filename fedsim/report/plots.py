@@ -191,9 +191,23 @@ def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
         integer_axis(ax.xaxis)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
     fig.suptitle(_title("Test accuracy by round" + (f", {rates}" if rates else ""), lines))
+    _fit_legends(fig, axes[: len(tasks)])
     fig.tight_layout()
     save(fig, path)
     return True
+
+
+#: the overlay's axes width in inches, kept whatever the legend beside them needs
+AXES_WIDTH = 6.0
+
+
+def _fit_legends(fig, axes) -> None:
+    """Widen ``fig`` so the widest legend to the right of ``axes`` fits beside axes
+    :data:`AXES_WIDTH` wide (long labels would otherwise squeeze the axes to a sliver)."""
+    renderer = fig.canvas.get_renderer()
+    widest = max(ax.get_legend().get_window_extent(renderer).width for ax in axes) / fig.dpi
+    labels = 1.2  # the y label and tick labels, and the margins
+    fig.set_size_inches(max(fig.get_figwidth(), AXES_WIDTH + widest + labels), fig.get_figheight())
 
 
 class _TimeAxis:

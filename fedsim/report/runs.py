@@ -32,18 +32,28 @@ class Run:
     #: the run's resolved configuration (``config.yaml``)
     config: dict[str, Any] = field(default_factory=dict)
 
+    #: the run's config-group choices (Hydra's record), read when first asked for
+    group_choices: dict[str, str] | None = field(default=None, repr=False)
+
     def setting(self, key: str) -> str:
-        """An override's value for this run: the one on its command line, else the value its
-        configuration resolved to (a run that kept ``sim.lr``'s default ran at it), else ''."""
-        if key in self.overrides:
-            return self.overrides[key]
+        """An override's value for this run, written one way whatever way the command line
+        wrote it: the value its configuration resolved to (``false`` and ``0.001`` for a sweep's
+        ``False`` and ``1e-3``; a run that kept ``sim.lr``'s default ran at it); for a config
+        group, the option chosen (``control=none`` when only another run chose ``scaffold``);
+        else the command line's text, else ''."""
         node: Any = self.config
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                return ""
+                return self.overrides.get(key, "")
             node = node[part]
-        if isinstance(node, (dict, list)):
-            return ""
+        if isinstance(node, dict):
+            if key in self.overrides:
+                return self.overrides[key]
+            if self.group_choices is None:
+                self.group_choices = hydra_choices(self.path)
+            return self.group_choices.get(key, "")
+        if isinstance(node, list):
+            return self.overrides.get(key, "")
         return (
             "null" if node is None else str(node).lower() if isinstance(node, bool) else str(node)
         )
@@ -200,14 +210,26 @@ def _system(summary: dict[str, Any], cfg: Any, choice: dict[str, Any]) -> str:
 def _choices(folder: Path, cfg: Any) -> dict[str, Any]:
     """Config-group choices of a run without a summary: Hydra's record of them
     (``.hydra/hydra.yaml``), else the class each group built."""
-    try:
-        hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
-        choices = hydra_cfg["hydra"]["runtime"]["choices"]
-        return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        pass
+    choices = hydra_choices(folder)
+    if choices:
+        return choices
     out = {}
     for group, value in cfg.items() if isinstance(cfg, dict) else []:
         if isinstance(value, dict) and "_target_" in value:
             out[group] = str(value["_target_"]).rsplit(".", 1)[-1]
     return out
+
+
+def hydra_choices(folder: Path) -> dict[str, str]:
+    """The config-group choices Hydra recorded for a run (``.hydra/hydra.yaml``), less Hydra's
+    own; {} without that record."""
+    try:
+        hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+        choices = hydra_cfg["hydra"]["runtime"]["choices"]
+        return {
+            k: "null" if v is None else str(v)
+            for k, v in choices.items()
+            if not k.startswith("hydra/")
+        }
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return {}
