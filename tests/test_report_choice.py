@@ -126,6 +126,30 @@ def test_the_rate_is_chosen_on_validation_and_a_rate_at_the_edge_is_warned(grid,
     assert err.count("warning:") == 1 and "largest rate tried" in err
 
 
+def test_a_grid_tried_on_one_seed_is_compared_on_that_seed(tmp_path):
+    """Rates tried on seed 0, then seeds 1 and 2 run at one rate: the rates are compared on
+    seed 0 (0.6 at 0.01 beats 0.55 at 0.1; the mean over three seeds at 0.01, 0.467, would
+    lose to seed 0's 0.55 at 0.1), the test accuracy is over all three seeds at that rate."""
+    from fedsim.report import report
+
+    root = tmp_path / "runs"
+    for lr, val in ((0.001, 0.3), (0.01, 0.6), (0.1, 0.55)):
+        write_run(root / f"s0_{lr}", lr=lr, seed=0, acc=val + 0.05, val=val)
+    for seed in (1, 2):
+        write_run(root / f"s{seed}", lr=0.01, seed=seed, acc=0.5, val=0.4)
+    report([root], tmp_path / "out", plots=False)
+    (row,) = read_csv(tmp_path / "out" / "tuned.csv")
+    assert row["selected_lr"] == "0.01" and row["seeds"] == "3"
+    assert float(row["val_accuracy"]) == pytest.approx(0.6)  # what chose it: seed 0's
+    assert float(row["test_accuracy_mean"]) == pytest.approx((0.65 + 0.5 + 0.5) / 3)
+    assert row["note"] == "rate chosen on seed 0 (those every rate ran)"
+    write_run(root / "s1_0.1", lr=0.1, seed=1, acc=0.5, val=0.3)  # now 0.1 has seeds 0, 1
+    report([root], tmp_path / "out2", plots=False)
+    (row,) = read_csv(tmp_path / "out2" / "tuned.csv")
+    assert row["note"] == "rate chosen on seed 0 (those every rate ran)"
+    assert row["selected_lr"] == "0.01"
+
+
 def test_the_smallest_rate_is_warned_too(tmp_path):
     from fedsim.report import report
 

@@ -1,9 +1,9 @@
 """The learning rate chosen on the validation split: per configuration (everything but the rate
-and the seed), the rate with the best mean validation accuracy; the groups the plots draw by
-default (each configuration at its chosen rate); one warning line when a chosen rate is the
-smallest or largest of those tried, and one for the configurations without a validation split
-(no rate is chosen for them: choosing on test accuracy and reporting test accuracy would
-overstate them, so their plots keep every rate)."""
+and the seed), the rate with the best mean validation accuracy over the seeds every rate ran;
+the groups the plots draw by default (each configuration at its chosen rate); one warning line
+when a chosen rate is the smallest or largest of those tried, and one for the configurations
+without a validation split (no rate is chosen for them: choosing on test accuracy and
+reporting test accuracy would overstate them, so their plots keep every rate)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def tune(group_columns: Sequence[str], groups: Sequence[dict[str, Any]]) -> Tuni
         chosen += [g for g in members if g.get(lr_key) == row["selected_lr"]]
         edge = _edge(members, lr_key, row["selected_lr"])
         if edge:
-            row["note"] = f"{edge} rate tried"
+            row["note"] = "; ".join(x for x in (f"{edge} rate tried", row["note"]) if x)
             tried = f"{members[0].get(lr_key)} to {members[-1].get(lr_key)}"
             warnings.append(
                 f"warning: {name}: the chosen {lr_key}={row['selected_lr']} is the {edge} "
@@ -114,20 +114,40 @@ def _best(members: Sequence[dict[str, Any]], lr_key: str, extra: Sequence[str]) 
     if not scored:
         personal = all(g.get("final_accuracy_mean") is None for g in members)
         return {**row, "selected_lr": None, "note": NO_GLOBAL if personal else NO_VALIDATION}
-    best = max(scored, key=lambda g: g["final_val_accuracy_mean"])  # ties: the smaller rate
+    scores, on = _validation_scores(scored)
+    best_at = max(range(len(scored)), key=lambda i: scores[i])  # ties: the smaller rate
+    best = scored[best_at]
+    notes = [] if len(members) > 1 else ["one rate tried"]
+    if on:
+        notes.append(on)
     row.update(
         selected_lr=best.get(lr_key),
-        val_accuracy=best["final_val_accuracy_mean"],
+        val_accuracy=scores[best_at],
         test_accuracy_mean=best["final_accuracy_mean"],
         test_accuracy_ci95=best["final_accuracy_ci95"],
         test_loss_mean=best["final_loss_mean"],
         seeds=best["seeds"],
         bytes_up=best["bytes_up"],
         bytes_down=best["bytes_down"],
-        note="" if len(members) > 1 else "one rate tried",
+        note="; ".join(notes),
     )
     row.update({c: best.get(c) for c in extra})
     return row
+
+
+def _validation_scores(scored: Sequence[dict[str, Any]]) -> tuple[list[float], str]:
+    """Each rate's score: its mean validation accuracy over the seeds every rate ran, so that a
+    grid tried on seed 0 and then run on more seeds at one rate compares the rates on seed 0
+    (a mean over three seeds against one seed's value would favour the luckier count), with a
+    note naming those seeds; each rate's own mean, and no note, when all ran the same seeds
+    or they share none."""
+    by_seed = [_val_by_seed(g) for g in scored]
+    shared = set.intersection(*(set(seeds) for seeds in by_seed))
+    if not shared or all(set(seeds) == shared for seeds in by_seed):
+        return [g["final_val_accuracy_mean"] for g in scored], ""
+    scores = [sum(seeds[k] for k in shared) / len(shared) for seeds in by_seed]
+    names = ", ".join(sorted(shared, key=rate_order))
+    return scores, f"rate chosen on seed{'s' * (len(shared) > 1)} {names} (those every rate ran)"
 
 
 def _edge(members: Sequence[dict[str, Any]], lr_key: str, selected: Any) -> str:
@@ -145,3 +165,13 @@ def _name(config: dict[str, Any], keys: Sequence[str]) -> str:
     if "strategy" in keys:
         parts.insert(0, str(config["strategy"]))
     return ", ".join(parts) if parts else "the runs"
+
+
+def _val_by_seed(group: dict[str, Any]) -> dict[str, float]:
+    """A group's final validation accuracy by seed (its runs that have one)."""
+    rows = group["_rows"]
+    return {
+        str(r.get("seed")): r["final_val_accuracy"]
+        for r in rows
+        if r.get("final_val_accuracy") is not None
+    }
