@@ -1,13 +1,16 @@
-"""Time and memory of the Dirichlet label-skew partition: flwr-datasets' against fedsim's.
+"""Time and memory of a partition: flwr-datasets' partitioner against fedsim's.
 
     python benchmarks/partition.py                      # 1,000, 10,000 and 100,000 clients
     python benchmarks/partition.py --clients 1000 10000 --repeats 3
     python benchmarks/partition.py --flwr-max 100000    # flwr-datasets at 100,000 too (slow)
+    python benchmarks/partition.py --partition pathological --clients 1000 10000
 
 The dataset is what :class:`fedsim.data.FederatedData` gives a partitioner: an ``idx`` column
 (the row number) and a ``label`` column, here 256 rows per client with 10 classes drawn
-uniformly (seed 0). Both partitioners take ``conf/partition/dirichlet.yaml``'s settings
-(``alpha`` 0.5, ``min_partition_size`` 10, no self-balancing, shuffled), ``seed`` 42.
+uniformly (seed 0). Both partitioners take ``conf/partition/<--partition>.yaml``'s settings
+(``dirichlet``, the default: ``alpha`` 0.5, ``min_partition_size`` 10, no self-balancing,
+shuffled; ``pathological``: 2 classes a client, ``first-deterministic``, shuffled; ``iid``:
+none), ``seed`` 42.
 
 ``assign`` is the first call, which partitions everything (flwr-datasets: ``load_partition(0)``;
 fedsim: ``partition_sizes()``); ``read`` then gets every partition's row indices, as fedsim
@@ -39,15 +42,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PER_CLIENT, CLASSES, SEED = 256, 10, 42
-#: the settings taken from conf/partition/dirichlet.yaml (the others are set here)
-SETTINGS = ("partition_by", "alpha", "min_partition_size", "self_balancing", "shuffle")
+#: the partitions measured: their class (fedsim.partitioners and flwr_datasets.partitioner)
+PARTITIONS = {
+    "dirichlet": "DirichletPartitioner",
+    "iid": "IidPartitioner",
+    "pathological": "PathologicalPartitioner",
+}
+#: the keys of conf/partition/<name>.yaml set here rather than taken from it
+SET_HERE = ("_target_", "num_partitions", "seed")
 
 
-def settings() -> dict:
+def settings(partition: str) -> dict:
+    """conf/partition/<partition>.yaml's settings, ``seed`` :data:`SEED` when it has one."""
     import yaml
 
-    conf = yaml.safe_load((ROOT / "conf" / "partition" / "dirichlet.yaml").read_text())
-    return {key: conf[key] for key in SETTINGS}
+    conf = yaml.safe_load((ROOT / "conf" / "partition" / f"{partition}.yaml").read_text())
+    out = {key: value for key, value in conf.items() if key not in SET_HERE}
+    return out | ({"seed": SEED} if "seed" in conf else {})
 
 
 def dataset(clients: int):
@@ -58,14 +69,15 @@ def dataset(clients: int):
     return Dataset.from_dict({"idx": np.arange(n), "label": labels})
 
 
-def make(name: str, data, clients: int):
-    """The partitioner ``name`` with the dataset, nothing assigned yet."""
-    from flwr_datasets.partitioner import DirichletPartitioner as FlwrDirichlet
+def make(name: str, data, clients: int, partition: str):
+    """The partitioner ``name`` of ``partition`` with the dataset, nothing assigned yet."""
+    import flwr_datasets.partitioner
 
-    from fedsim.partitioners import DirichletPartitioner
+    import fedsim.partitioners
 
-    cls = FlwrDirichlet if name == "flwr-datasets" else DirichletPartitioner
-    partitioner = cls(num_partitions=clients, seed=SEED, **settings())
+    library = flwr_datasets.partitioner if name == "flwr-datasets" else fedsim.partitioners
+    cls = getattr(library, PARTITIONS[partition])
+    partitioner = cls(num_partitions=clients, **settings(partition))
     partitioner.dataset = data
     return partitioner
 
@@ -89,9 +101,9 @@ def read(name: str, partitioner, clients: int) -> list[np.ndarray]:
     ]
 
 
-def run(name: str, data, clients: int) -> tuple[float, float, list[np.ndarray]]:
+def run(name: str, data, clients: int, partition: str) -> tuple[float, float, list]:
     """(assign seconds, read seconds, every partition's row indices)."""
-    partitioner = make(name, data, clients)
+    partitioner = make(name, data, clients, partition)
     start = time.perf_counter()
     assign(name, partitioner)
     assigned = time.perf_counter()
@@ -99,9 +111,9 @@ def run(name: str, data, clients: int) -> tuple[float, float, list[np.ndarray]]:
     return assigned - start, time.perf_counter() - assigned, rows
 
 
-def memory(name: str, data, clients: int) -> tuple[float, float]:
+def memory(name: str, data, clients: int, partition: str) -> tuple[float, float]:
     """(peak MiB during the assignment, MiB the partitioner keeps) under tracemalloc."""
-    partitioner = make(name, data, clients)
+    partitioner = make(name, data, clients, partition)
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -112,7 +124,7 @@ def memory(name: str, data, clients: int) -> tuple[float, float]:
     return (peak - base) / 2**20, (kept - base) / 2**20
 
 
-def measure(clients: list[int], flwr_max: int, repeats: int) -> list[dict]:
+def measure(clients: list[int], flwr_max: int, repeats: int, partition: str) -> list[dict]:
     results = []
     for n in clients:
         data = dataset(n)
@@ -120,7 +132,7 @@ def measure(clients: list[int], flwr_max: int, repeats: int) -> list[dict]:
         names = ["flwr-datasets", "fedsim", "fedsim, via load_partition"] if both else ["fedsim"]
         reference = None
         for name in names:
-            times = [run(name, data, n) for _ in range(repeats)]
+            times = [run(name, data, n, partition) for _ in range(repeats)]
             assign, read = min(t[0] for t in times), min(t[1] for t in times)
             rows = times[-1][2]
             if reference is None:
@@ -128,7 +140,7 @@ def measure(clients: list[int], flwr_max: int, repeats: int) -> list[dict]:
             agree = len(rows) == len(reference) and all(
                 np.array_equal(a, b) for a, b in zip(rows, reference)
             )
-            peak, kept = memory(name, data, n)
+            peak, kept = memory(name, data, n, partition)
             sizes = [len(r) for r in rows]
             results.append(
                 dict(clients=n, examples=n * PER_CLIENT, partitioner=name, assign_s=assign)
@@ -141,9 +153,9 @@ def measure(clients: list[int], flwr_max: int, repeats: int) -> list[dict]:
     return results
 
 
-def table(results: list[dict], repeats: int) -> None:
+def table(results: list[dict], repeats: int, partition: str) -> None:
     print(
-        f"{PER_CLIENT} examples per client, {CLASSES} classes, conf/partition/dirichlet.yaml "
+        f"{PER_CLIENT} examples per client, {CLASSES} classes, conf/partition/{partition}.yaml "
         f"settings, seed {SEED}; seconds (lowest of {repeats}), tracemalloc MiB"
     )
     head = f"{'clients':>8} {'examples':>11} {'partitioner':27} {'assign':>7} {'read':>7}"
@@ -165,10 +177,11 @@ def main() -> None:
         "--flwr-max", type=int, default=10000, help="run flwr-datasets up to this many clients"
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of every case")
+    parser.add_argument("--partition", choices=sorted(PARTITIONS), default="dirichlet")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    results = measure(args.clients, args.flwr_max, args.repeats)
-    table(results, args.repeats)
+    results = measure(args.clients, args.flwr_max, args.repeats, args.partition)
+    table(results, args.repeats, args.partition)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

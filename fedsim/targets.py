@@ -12,10 +12,12 @@ import yaml
 from fedsim.errors import ConfigError
 
 #: targets that compute what another does (tested to the bit), compared as that one: a run
-#: started with flwr-datasets' Dirichlet partitioner (conf/partition/dirichlet.yaml's target
-#: before fedsim had its own, tests/test_partitioners_dirichlet.py) resumes with fedsim's
+#: started with flwr-datasets' Dirichlet, IID or pathological partitioner (conf/partition's
+#: targets before fedsim had its own: tests/test_partitioners_dirichlet.py,
+#: tests/test_partitioners_shards.py) resumes with fedsim's
 SAME_AS = {
-    "flwr_datasets.partitioner.DirichletPartitioner": "fedsim.partitioners.DirichletPartitioner"
+    f"flwr_datasets.partitioner.{name}": f"fedsim.partitioners.{name}"
+    for name in ("DirichletPartitioner", "IidPartitioner", "PathologicalPartitioner")
 }
 
 

@@ -631,8 +631,9 @@ def test_the_trusted_targets_are_fedsim_s_own_and_the_config_dir_s(tmp_path):
 
     shipped = resume.trusted_targets(None)
     assert {"fedsim.sinks.NoSink", "strategies.fedavg.FedAvg", "torch.optim.SGD"} <= shipped
-    # conf/partition/dirichlet.yaml's target before fedsim had its own: old runs resume
-    assert "flwr_datasets.partitioner.DirichletPartitioner" in shipped
+    # conf/partition's targets before fedsim had its own: old runs resume
+    for name in ("DirichletPartitioner", "IidPartitioner", "PathologicalPartitioner"):
+        assert f"flwr_datasets.partitioner.{name}" in shipped
     assert "joblib.load" not in shipped and "builtins.exec" not in shipped
     (tmp_path / "strategy").mkdir()
     (tmp_path / "strategy" / "median.yaml").write_text("_target_: my_plugins.Median\n")

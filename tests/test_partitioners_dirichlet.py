@@ -18,22 +18,9 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner as FlwrDirichlet
 
 from fedsim.partitioners import DirichletPartitioner
+from tests.partition_data import FREQUENCIES, labelled, rows
 
-ROWS = 3000
-FREQUENCIES = np.linspace(1.0, 3.0, 10) / np.linspace(1.0, 3.0, 10).sum()
-
-
-def _dataset(labels=None) -> Dataset:
-    if labels is None:
-        labels = np.random.default_rng(5).choice(10, ROWS, p=FREQUENCIES)
-    return Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
-
-
-DATASET = _dataset()
-
-
-def _rows(part: Dataset) -> list[int]:
-    return part.with_format("arrow")[:].column("idx").to_pylist()
+DATASET = labelled()
 
 
 def _partition(cls, dataset: Dataset, **kwargs):
@@ -60,10 +47,10 @@ def _same_assignment(dataset: Dataset, **kwargs) -> list:
     idx = np.asarray(dataset.with_format("arrow")[:].column("idx"))
     sizes = []
     for p in range(kwargs["num_partitions"]):
-        expected = _rows(flwr.load_partition(p))
+        expected = rows(flwr.load_partition(p))
         sizes.append(len(expected))
         assert idx[ours.partition_indices(p)].tolist() == expected, p
-        assert _rows(ours.load_partition(p)) == expected, p
+        assert rows(ours.load_partition(p)) == expected, p
     assert ours.partition_sizes().tolist() == sizes
     assert sum(sizes) == len(dataset)
     assert ours._rng.bit_generator.state == flwr._rng.bit_generator.state
@@ -125,25 +112,25 @@ def test_gives_up_after_ten_redraws_as_flwr_does():
     assert len(flwr_notes) == 11 and notes == flwr_notes
 
 
-def test_other_labels_and_a_mapped_dataset():
+def test_other_labels_and_a_mappeddataset():
     """String labels (sorted as strings), integer labels with gaps and negative values, uint8
     labels (the synthetic task's), and a dataset with an indices mapping (rows are positions in
     it, not in its table)."""
     rng = np.random.default_rng(8)
     names = np.array(["b", "a", "c10", "c9", "Z"])
-    _same_assignment(_dataset(names[rng.integers(0, 5, 800)].tolist()), num_partitions=7, alpha=1.0)
+    _same_assignment(labelled(names[rng.integers(0, 5, 800)].tolist()), num_partitions=7, alpha=1.0)
     gaps = np.array([-5, 3, 100, 7])[rng.integers(0, 4, 800)]
-    _same_assignment(_dataset(gaps), num_partitions=7, alpha=0.5, self_balancing=True)
+    _same_assignment(labelled(gaps), num_partitions=7, alpha=0.5, self_balancing=True)
     small = np.random.default_rng(5).choice(10, 1000, p=FREQUENCIES).astype(np.uint8)
-    _same_assignment(_dataset(small), num_partitions=10, alpha=0.5)
+    _same_assignment(labelled(small), num_partitions=10, alpha=0.5)
     _same_assignment(DATASET.shuffle(seed=4).select(range(1500)), num_partitions=10, alpha=0.5)
 
 
 def test_fast_accessors():
     ours = DirichletPartitioner(num_partitions=10, partition_by="label", alpha=0.5)
     ours.dataset = DATASET
-    rows = ours.partition_indices(3)
-    assert rows.dtype == np.int32 and not rows.flags.writeable
+    got = ours.partition_indices(3)
+    assert got.dtype == np.int32 and not got.flags.writeable
     assert ours.partition_sizes().dtype == np.int64 and ours.num_partitions == 10
     for bad in (-1, 10):
         with pytest.raises(KeyError):
@@ -153,7 +140,7 @@ def test_fast_accessors():
 def _error(cls, **kwargs):
     try:
         partitioner = cls(partition_by="label", **kwargs)
-        partitioner.dataset = _dataset(np.arange(5) % 2)
+        partitioner.dataset = labelled(np.arange(5) % 2)
         partitioner.load_partition(0)
     except Exception as e:  # noqa: BLE001 (compared below)
         return type(e), str(e)
