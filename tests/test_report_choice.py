@@ -150,6 +150,25 @@ def test_a_grid_tried_on_one_seed_is_compared_on_that_seed(tmp_path):
     assert row["selected_lr"] == "0.01"
 
 
+def test_rates_that_all_tie_on_validation_are_said_to_tie(tmp_path):
+    """A model that predicts one class at every rate scores that class's share at each: no
+    rate is better, and the report says so instead of calling the smallest a choice."""
+    from fedsim.report import report
+
+    root = tmp_path / "runs"
+    for lr, acc in ((0.001, 0.53), (0.01, 0.47), (0.1, 0.53)):
+        write_run(root / str(lr), lr=lr, acc=acc, val=0.592)
+    write_run(root / "other", "fedsb", lr=0.01, acc=0.7, val=0.6)
+    write_run(root / "other2", "fedsb", lr=0.1, acc=0.6, val=0.5)
+    done = report([root], tmp_path / "out", plots=False)
+    rows = {r["strategy"]: r for r in read_csv(tmp_path / "out" / "tuned.csv")}
+    assert rows["fedavg"]["selected_lr"] == "0.001"
+    assert rows["fedavg"]["note"] == "every rate tied on validation"
+    assert rows["fedsb"]["note"] == "smallest rate tried"
+    (tie,) = [w for w in done["warnings"] if "fedavg" in w]
+    assert "every sim.lr tried (0.001 to 0.1) gave the same validation accuracy (0.592)" in tie
+
+
 def test_the_smallest_rate_is_warned_too(tmp_path):
     from fedsim.report import report
 

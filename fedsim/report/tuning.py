@@ -30,6 +30,8 @@ TUNED_STATS = [
 NO_VALIDATION = "no validation split (set sim.validation_fraction): no rate selected"
 #: a personalised strategy (fedsa, local) has no global model, so no validation accuracy
 NO_GLOBAL = "no global model (personal adapters) to validate: no rate selected"
+#: the note of a configuration whose rates all scored the same on validation
+TIED = "every rate tied on validation"
 
 
 @dataclass
@@ -86,9 +88,16 @@ def tune(group_columns: Sequence[str], groups: Sequence[dict[str, Any]]) -> Tuni
             continue
         chosen += [g for g in members if g.get(lr_key) == row["selected_lr"]]
         edge = _edge(members, lr_key, row["selected_lr"])
-        if edge:
+        tried = f"{members[0].get(lr_key)} to {members[-1].get(lr_key)}"
+        if _tied(members):
+            row["note"] = "; ".join(x for x in (TIED, row["note"]) if x)
+            warnings.append(
+                f"warning: {name}: every {lr_key} tried ({tried}) gave the same validation "
+                f"accuracy ({row['val_accuracy']:.4g}), so none was chosen on merit: the "
+                "smallest is shown"
+            )
+        elif edge:
             row["note"] = "; ".join(x for x in (f"{edge} rate tried", row["note"]) if x)
-            tried = f"{members[0].get(lr_key)} to {members[-1].get(lr_key)}"
             warnings.append(
                 f"warning: {name}: the chosen {lr_key}={row['selected_lr']} is the {edge} "
                 f"rate tried ({tried}); the best rate may lie beyond the grid"
@@ -148,6 +157,16 @@ def _validation_scores(scored: Sequence[dict[str, Any]]) -> tuple[list[float], s
     scores = [sum(seeds[k] for k in shared) / len(shared) for seeds in by_seed]
     names = ", ".join(sorted(shared, key=rate_order))
     return scores, f"rate chosen on seed{'s' * (len(shared) > 1)} {names} (those every rate ran)"
+
+
+def _tied(members: Sequence[dict[str, Any]]) -> bool:
+    """Whether two or more rates were scored and all got the same validation score (a model
+    that predicts one class at every rate scores that class's share at each)."""
+    scored = [g for g in members if g.get("final_val_accuracy_mean") is not None]
+    if len(scored) < 2:
+        return False
+    scores, _ = _validation_scores(scored)
+    return max(scores) - min(scores) < 1e-12
 
 
 def _edge(members: Sequence[dict[str, Any]], lr_key: str, selected: Any) -> str:
