@@ -168,3 +168,22 @@ def test_points_that_would_hide_each_other_are_set_apart(tmp_path, monkeypatch):
     apart = abs(drawn["fedavg"][0] - drawn["plugin"][0])  # same bytes, same accuracy
     assert apart > 5 and drawn["fedavg"][1] == pytest.approx(drawn["plugin"][1])
     assert "2 points at the same cost drawn side by side" in cost.get_xlabel()
+
+
+def test_the_figure_title_clears_the_legend_above_a_panel(tmp_path, monkeypatch):
+    """accuracy_vs_bytes sets its legend (with a title line) above the cost panel; the figure's
+    title goes above it rather than through it, also when the side-by-side panel's long
+    upright names leave tight_layout no room (seen with seven sentiment configurations)."""
+    from fedsim.report import report
+    from fedsim.report.figures import overlaps
+
+    figures = _figures(monkeypatch)
+    root = tmp_path / "runs"
+    for i in range(7):
+        extra = [f"sim.a_long_setting_name_{k}=value_{i}" for k in range(4)]
+        strategy = "fedsb" if i == 6 else "fedavg"
+        lr = 0.001 if i % 2 else 0.01  # rates swept: the title names the choice, a long line
+        write_run(root / str(i), strategy, lr, 0, 0.5 + i / 20, val=0.5,
+                  up=66_500_000 // (i + 1), extra=extra)  # fmt: skip
+    report([root], tmp_path / "out")
+    assert overlaps(figures["accuracy_vs_bytes.png"]) == []

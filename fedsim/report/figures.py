@@ -84,6 +84,17 @@ def integer_axis(axis) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
+def title_above(fig, title) -> None:
+    """Move the figure's title ``title`` (``fig.suptitle``'s) above its panels' titles and the
+    legends set above them, which ``tight_layout`` leaves it to run into; the saved image
+    (``bbox_inches="tight"``) grows to hold it."""
+    renderer = fig.canvas.get_renderer()
+    top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)
+    if title.get_window_extent(renderer).y0 < top:
+        title.set_y(top / fig.bbox.height + 0.01)
+        title.set_verticalalignment("bottom")
+
+
 def save(fig, path: Path, note_ax=None) -> None:
     """Declutter (a note under ``note_ax``'s x label when labels had to go), save, close."""
     hidden = declutter(fig)
@@ -224,10 +235,20 @@ def _marker(ax, note, radius: float = 4.0):
 
 def overlaps(fig) -> list[tuple[str, str]]:
     """Pairs of texts that overlap, drawn at the figure's size: two tick labels of one axis,
-    two annotations of one axes, an annotation and a tick label of its axes (empty for a
-    readable figure)."""
+    two annotations of one axes, an annotation and a tick label of its axes, the figure's
+    title and a panel's title or legend (empty for a readable figure)."""
     renderer = _layout(fig)
     found = []
+    title = fig._suptitle  # matplotlib keeps fig.suptitle's Text here (None without one)
+    if title is not None and title.get_text():
+        box = title.get_window_extent(renderer)
+        for ax in fig.axes:
+            panel = [ax.title] if ax.title.get_text() else []
+            for other in (*panel, ax.get_legend()):
+                if other is not None and other.get_visible():
+                    if box.overlaps(other.get_window_extent(renderer)):
+                        name = other.get_text() if other is ax.title else "legend"
+                        found.append((title.get_text(), name))
     for ax in fig.axes:
         xs, ys, notes = tick_labels(ax.xaxis), tick_labels(ax.yaxis), annotations(ax)
         pairs = [

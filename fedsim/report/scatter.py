@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.progress import human_bytes
-from fedsim.report.figures import bytes_axis, label, name_every_tick, palette, pyplot, save
+from fedsim.report.figures import (
+    bytes_axis,
+    label,
+    name_every_tick,
+    palette,
+    pyplot,
+    save,
+    title_above,
+)
 from fedsim.report.stats import CI_SEEDS, band
 from fedsim.report.tables import SEED_KEYS, bound, varying
 
@@ -205,8 +213,11 @@ def plot_pareto(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> boo
         _cost_panel(ax, points, "total bytes sent, up + down, whole run", style, True, title)
         _side_by_side(side, points, style)
         side.sharey(ax)
-    fig.suptitle("Final test accuracy against communication" + (f", {rates}" if rates else ""))
+    title = fig.suptitle(
+        "Final test accuracy against communication" + (f", {rates}" if rates else "")
+    )
     fig.tight_layout()
+    title_above(fig, title)
     save(fig, path, note_ax=axes[-1][0])
     return True
 
@@ -224,8 +235,11 @@ def plot_privacy(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
         title = ("" if len(by_task) == 1 else f"task: {task}; ") + "dashed: frontier"
         x_label = "epsilon spent by the end of the run (smaller: more private)"
         _cost_panel(ax, points, x_label, style, False, title)
-    fig.suptitle("Final test accuracy against privacy budget" + (f", {rates}" if rates else ""))
+    title = fig.suptitle(
+        "Final test accuracy against privacy budget" + (f", {rates}" if rates else "")
+    )
     fig.tight_layout()
+    title_above(fig, title)
     save(fig, path, note_ax=axes[0][0])
     return True
 
