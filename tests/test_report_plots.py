@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 
@@ -185,5 +186,8 @@ def test_the_figure_title_clears_the_legend_above_a_panel(tmp_path, monkeypatch)
         lr = 0.001 if i % 2 else 0.01  # rates swept: the title names the choice, a long line
         write_run(root / str(i), strategy, lr, 0, 0.5 + i / 20, val=0.5,
                   up=66_500_000 // (i + 1), extra=extra)  # fmt: skip
-    report([root], tmp_path / "out")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report([root], tmp_path / "out")
     assert overlaps(figures["accuracy_vs_bytes.png"]) == []
+    assert not [w for w in caught if "layout" in str(w.message)]  # handled, so not shown

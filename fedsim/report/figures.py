@@ -85,9 +85,16 @@ def integer_axis(axis) -> None:
 
 
 def title_above(fig, title) -> None:
-    """Move the figure's title ``title`` (``fig.suptitle``'s) above its panels' titles and the
-    legends set above them, which ``tight_layout`` leaves it to run into; the saved image
-    (``bbox_inches="tight"``) grows to hold it."""
+    """Lay ``fig`` out tightly, then move its title ``title`` (``fig.suptitle``'s) above its
+    panels' titles and the legends set above them, which ``tight_layout`` leaves it to run
+    into (and cannot make room for when long upright tick names fill the height: its warning
+    saying so is not shown, this is the remedy); the saved image (``bbox_inches="tight"``)
+    grows to hold it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
     renderer = fig.canvas.get_renderer()
     top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)
     if title.get_window_extent(renderer).y0 < top:

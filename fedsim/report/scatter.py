@@ -216,7 +216,6 @@ def plot_pareto(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> boo
     title = fig.suptitle(
         "Final test accuracy against communication" + (f", {rates}" if rates else "")
     )
-    fig.tight_layout()
     title_above(fig, title)
     save(fig, path, note_ax=axes[-1][0])
     return True
@@ -238,7 +237,6 @@ def plot_privacy(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
     title = fig.suptitle(
         "Final test accuracy against privacy budget" + (f", {rates}" if rates else "")
     )
-    fig.tight_layout()
     title_above(fig, title)
     save(fig, path, note_ax=axes[0][0])
     return True
