@@ -20,3 +20,20 @@ def labelled(labels=None) -> Dataset:
 def rows(part: Dataset) -> list[int]:
     """A partition's ``idx`` values, in its order."""
     return part.with_format("arrow")[:].column("idx").to_pylist()
+
+
+def assign(cls, data: Dataset, **kwargs):
+    """``cls(**kwargs)`` given ``data``, all partitions assigned (``load_partition(0)``):
+    (the partitioner, the warnings it issued as (category, message), the ValueError or None)."""
+    import warnings
+
+    partitioner = cls(**kwargs)
+    partitioner.dataset = data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            partitioner.load_partition(0)
+            error = None
+        except ValueError as e:
+            error = e
+    return partitioner, [(w.category, str(w.message)) for w in caught], error

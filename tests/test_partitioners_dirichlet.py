@@ -10,32 +10,20 @@ the same state (the same numbers drawn, shuffle included).
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner as FlwrDirichlet
 
 from fedsim.partitioners import DirichletPartitioner
-from tests.partition_data import FREQUENCIES, labelled, rows
+from tests.partition_data import FREQUENCIES, assign, labelled, rows
 
 DATASET = labelled()
 
 
 def _partition(cls, dataset: Dataset, **kwargs):
     """The partitioner with the dataset, all partitions assigned; (it, warnings, error)."""
-    partitioner = cls(partition_by="label", **kwargs)
-    partitioner.dataset = dataset
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            partitioner.load_partition(0)
-            error = None
-        except ValueError as e:
-            error = e
-    notes = [(w.category, str(w.message)) for w in caught]
-    return partitioner, notes, error
+    return assign(cls, dataset, partition_by="label", **kwargs)
 
 
 def _same_assignment(dataset: Dataset, **kwargs) -> list:

@@ -18,7 +18,7 @@ from flwr_datasets.partitioner import IidPartitioner as FlwrIid
 from flwr_datasets.partitioner import PathologicalPartitioner as FlwrPathological
 
 from fedsim.partitioners import IidPartitioner, PathologicalPartitioner
-from tests.partition_data import FREQUENCIES, labelled, rows
+from tests.partition_data import FREQUENCIES, assign, labelled, rows
 
 DATASET = labelled()
 
@@ -34,16 +34,8 @@ def _flwr_rows(flwr, p: int) -> list[int]:
 
 def _partition(cls, dataset: Dataset, **kwargs):
     """The partitioner with the dataset, all partitions assigned; (it, warned, error)."""
-    partitioner = cls(**kwargs)
-    partitioner.dataset = dataset
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            partitioner.load_partition(0)
-            error = None
-        except ValueError as e:
-            error = e
-    return partitioner, bool(caught), error
+    partitioner, notes, error = assign(cls, dataset, **kwargs)
+    return partitioner, bool(notes), error
 
 
 def _same_assignment(cls, flwr_cls, dataset: Dataset, **kwargs) -> bool:
