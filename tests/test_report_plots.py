@@ -124,6 +124,24 @@ def test_the_overlay_puts_strategies_on_shared_axes(crowded, tmp_path, monkeypat
     assert all(label.endswith("(2 seeds, min-max)") for label in labels)
 
 
+def test_the_overlay_tells_apart_more_configurations_than_line_styles(tmp_path, monkeypatch):
+    from fedsim.report import plot_overlay, report
+    from fedsim.report.plots import DASHES
+
+    rates = [0.0001 * 2**k for k in range(len(DASHES) + 3)]  # 9 configurations of one strategy
+    for k, lr in enumerate(rates):
+        write_run(tmp_path / "runs" / str(k), "fedavg", lr, 0, 0.5 + 0.01 * k)
+    figures = _figures(monkeypatch)
+    done = report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    assert plot_overlay(done["groups"], tmp_path / "overlay.png", "every rate")
+    (ax,) = figures["overlay.png"].axes
+    drawn = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    # a custom dash pattern reads back as "--": compare the pattern matplotlib draws
+    styles = {(str(ln._unscaled_dash_pattern), ln.get_marker()) for ln in drawn}
+    assert len(drawn) == len(rates) and len(styles) == len(rates)
+    assert len({ln.get_color() for ln in drawn}) == 1  # one strategy, one colour
+
+
 def test_bands_are_t_intervals_from_three_seeds_and_ranges_below():
     from fedsim.report.stats import band, band_name
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsim.report.figures import integer_axis, label, palette, pyplot, save
+from fedsim.report.figures import MARKERS, integer_axis, label, palette, pyplot, save
 from fedsim.report.runs import Run
 from fedsim.report.stats import band, band_name
 from fedsim.report.tables import LR_KEYS, SEED_KEYS, bound, human_time, varying
@@ -157,6 +157,18 @@ BANDS = 6
 DASHES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
+def config_style(marker: str, k: int) -> tuple[Any, str]:
+    """The line style and marker of a strategy's ``k``-th configuration on the overlay: the
+    strategy's marker with each of :data:`DASHES`, then each dash again with the next of
+    :data:`MARKERS` (so 7 or more configurations of one strategy stay distinct)."""
+    dash = DASHES[k % len(DASHES)]
+    turn = k // len(DASHES)
+    if turn == 0:
+        return dash, marker
+    others = [m for m in MARKERS if m != marker]
+    return dash, others[(turn - 1) % len(others)]
+
+
 def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bool:
     """All strategies on shared axes, a panel (row) per task: test accuracy by round, the mean
     over seeds with its band (up to :data:`BANDS` lines), a colour and marker per strategy, a
@@ -177,7 +189,7 @@ def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
         for line in sorted(mine, key=lambda ln: label(ln.group, keys)):
             strategy = str(line.group.get("strategy"))
             color, marker = style[strategy]
-            dash = DASHES[seen[strategy] % len(DASHES)]
+            dash, marker = config_style(marker, seen[strategy])
             seen[strategy] += 1
             name = line.name(keys, strategy)
             _draw(ax, line, line.xs, name, color, marker, dash, band=len(mine) <= BANDS)
