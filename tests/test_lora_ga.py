@@ -215,6 +215,9 @@ def test_dpsgd_charges_the_set_up_as_lora_sb_does(run_tiny):
     ga, ga_rows, _ = run_tiny(*dp, GA, "adapter.init.source=clients")
     assert ga_rows[0]["epsilon"] > 0 and ga["adapter_init"]["epsilon"] == ga_rows[0]["epsilon"]
     assert ga_rows[0]["epsilon"] == sb_rows[0]["epsilon"]
+    dense = sum(ref.VALUE_BYTES * m * n for m, n in LAYERS)  # float32 G, noised as without DP
+    for summary, rows in ((sb, sb_rows), (ga, ga_rows)):
+        assert rows[0]["bytes_up"] == len(summary["adapter_init"]["clients"]) * dense
     assert ga["epsilon"] == pytest.approx(sb["epsilon"], rel=1e-12)
     assert "in the total" in ga["adapter_init"]["privacy"]
 
