@@ -75,6 +75,21 @@ def test_the_overlap_check_finds_overlaps_and_declutter_removes_them():
     plt.close(fig)
 
 
+def test_the_overlap_check_finds_the_figure_title_on_a_panel_title_or_legend():
+    from fedsim.report.figures import overlaps, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [0, 1], label="FedIT")
+    ax.set_title("panel")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.3))
+    fig.suptitle("figure title", y=1.0)  # onto the panel's title and legend
+    assert {("figure title", "panel"), ("figure title", "legend")} <= set(overlaps(fig))
+    fig.suptitle("figure title", y=1.5)  # well above both
+    assert overlaps(fig) == []
+    plt.close(fig)
+
+
 @pytest.fixture(scope="module")
 def crowded(tmp_path_factory):
     root = tmp_path_factory.mktemp("crowd") / "runs"
@@ -163,11 +178,11 @@ def test_one_seed_is_not_called_a_mean_over_seeds(tmp_path, monkeypatch):
             write_run(tmp_path / "three" / f"{job}{seed}", strategy, seed=seed, acc=0.5)
     figures = _figures(monkeypatch)
     report([tmp_path / "one"], tmp_path / "out1")
-    title = figures["accuracy_by_round.png"]._suptitle.get_text()
+    title = figures["accuracy_by_round.png"].get_suptitle()
     assert "seeds" not in title and "mean" not in title
     assert "one seed" in figures["accuracy_vs_bytes.png"].axes[0].get_ylabel()
     report([tmp_path / "three"], tmp_path / "out3")
-    assert figures["accuracy_by_round.png"]._suptitle.get_text().endswith("(mean over seeds)")
+    assert figures["accuracy_by_round.png"].get_suptitle().endswith("(mean over seeds)")
 
 
 def test_points_that_would_hide_each_other_are_set_apart(tmp_path, monkeypatch):

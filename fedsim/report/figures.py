@@ -243,11 +243,13 @@ def _marker(ax, note, radius: float = 4.0):
 def overlaps(fig) -> list[tuple[str, str]]:
     """Pairs of texts that overlap, drawn at the figure's size: two tick labels of one axis,
     two annotations of one axes, an annotation and a tick label of its axes, the figure's
-    title and a panel's title or legend (empty for a readable figure)."""
+    title (or another figure-level text) and a panel's title or legend (empty for a readable
+    figure)."""
     renderer = _layout(fig)
     found = []
-    title = fig._suptitle  # matplotlib keeps fig.suptitle's Text here (None without one)
-    if title is not None and title.get_text():
+    for title in fig.texts:  # the figure's own texts: fig.suptitle's among them
+        if not title.get_text() or not title.get_visible():
+            continue
         box = title.get_window_extent(renderer)
         for ax in fig.axes:
             panel = [ax.title] if ax.title.get_text() else []
