@@ -110,8 +110,8 @@ def private_base_gradients(
         for lin in bases.values():
             lin.weight.grad_sample = None
             lin.weight.grad = None
-    out = {}
-    for m, t in total.items():  # summed and noised in float64, sent in float32 like the
+    out = {}  # summed and noised in float64; sent in float32, as the plain G (4 m n bytes)
+    for m, t in total.items():
         noise = torch.normal(0.0, sigma * clip_norm, size=t.shape, generator=generator)
-        out[m] = (t.cpu() + noise.double()).float().numpy()  # plain G: half the bytes
+        out[m] = (t.cpu() + noise.double()).float().numpy()
     return out
