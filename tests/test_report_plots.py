@@ -157,6 +157,25 @@ def test_the_overlay_tells_apart_more_configurations_than_line_styles(tmp_path, 
     assert len({ln.get_color() for ln in drawn}) == 1  # one strategy, one colour
 
 
+def test_a_strategys_extra_markers_are_not_another_strategys(tmp_path, monkeypatch):
+    """A strategy's 7th configuration takes a marker that no strategy on the panel has: fedavg's
+    ("o") extra lines must not wear fedsb's marker ("s", the next in the palette)."""
+    from fedsim.report import plot_overlay, report
+    from fedsim.report.plots import DASHES
+
+    for k in range(len(DASHES) + 2):
+        write_run(tmp_path / "runs" / f"a{k}", "fedavg", 0.0001 * 2**k, 0, 0.5 + 0.01 * k)
+    write_run(tmp_path / "runs" / "b", "fedsb", 0.01, 0, 0.6)
+    figures = _figures(monkeypatch)
+    done = report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    assert plot_overlay(done["groups"], tmp_path / "overlay.png", "every rate")
+    (ax,) = figures["overlay.png"].axes
+    drawn = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    fedsb = {ln.get_marker() for ln in drawn if ln.get_label().startswith("fedsb")}
+    fedavg = {ln.get_marker() for ln in drawn if ln.get_label().startswith("fedavg")}
+    assert len(fedsb) == 1 and len(fedavg) == 2 and not fedsb & fedavg
+
+
 def test_bands_are_t_intervals_from_three_seeds_and_ranges_below():
     from fedsim.report.stats import band, band_name
 

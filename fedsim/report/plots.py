@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,15 +157,17 @@ BANDS = 6
 DASHES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
-def config_style(marker: str, k: int) -> tuple[Any, str]:
+def config_style(marker: str, k: int, taken: Collection[str] = ()) -> tuple[Any, str]:
     """The line style and marker of a strategy's ``k``-th configuration on the overlay: the
     strategy's marker with each of :data:`DASHES`, then each dash again with the next of
-    :data:`MARKERS` (so 7 or more configurations of one strategy stay distinct)."""
+    :data:`MARKERS` (so 7 or more configurations of one strategy stay distinct), first those
+    no strategy on the panel has (``taken``: the panel's strategies' markers)."""
     dash = DASHES[k % len(DASHES)]
     turn = k // len(DASHES)
     if turn == 0:
         return dash, marker
-    others = [m for m in MARKERS if m != marker]
+    free = [m for m in MARKERS if m not in taken and m != marker]
+    others = free + [m for m in MARKERS if m in taken and m != marker]
     return dash, others[(turn - 1) % len(others)]
 
 
@@ -186,10 +188,11 @@ def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
         mine = [ln for ln in lines if str(ln.group.get("task")) == task]
         keys = _label_keys(mine, ("task",))
         seen: dict[str, int] = defaultdict(int)
+        taken = {style[str(ln.group.get("strategy"))][1] for ln in mine}
         for line in sorted(mine, key=lambda ln: label(ln.group, keys)):
             strategy = str(line.group.get("strategy"))
             color, marker = style[strategy]
-            dash, marker = config_style(marker, seen[strategy])
+            dash, marker = config_style(marker, seen[strategy], taken)
             seen[strategy] += 1
             name = line.name(keys, strategy)
             _draw(ax, line, line.xs, name, color, marker, dash, band=len(mine) <= BANDS)
