@@ -40,11 +40,11 @@ from fedsim.strategy import (
     AdapterStrategy,
     ClientCall,
     ClientUpdate,
-    check_arrays,
     extend_record,
     split_prefix,
     weighted_mean,
 )
+from fedsim.strategy.folding import set_frozen_base
 
 A, B = "lora_A.weight", "lora_B.weight"
 BASE = "base/"
@@ -116,13 +116,7 @@ class FlexLoRA(AdapterStrategy):
         return extend_record(arrays, dense)
 
     def check_reply(self, client: int, arrays: ArrayRecord) -> str | None:
-        spec = self.context.spec
-        r = self.rank(client, spec)
-        shapes = {h: self.current[h].shape for h in spec.heads}
-        for module, (m, n) in spec.shapes.items():
-            shapes[spec.factors[module][A]] = (r, n)
-            shapes[spec.factors[module][B]] = (m, r)
-        return check_arrays(arrays, shapes)
+        return self.check_reply_at_rank(arrays, self.rank(client, self.context.spec))
 
     def aggregate(
         self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]
@@ -179,20 +173,11 @@ class FlexLoRA(AdapterStrategy):
     def _set_base(self, model: nn.Module, spec: AdapterSpec, delta: Mapping[str, Any]) -> None:
         """The base weights ``W0 + delta`` (``W0``: as this process built the model) and the
         adapters off (``B = 0``)."""
+        self._base0 = set_frozen_base(model, spec, self._base0, delta)
         params = spec.parameters_of(model)
-        if self._base0 is None:
-            self._base0 = {
-                m: params[spec.base_weight(m)].detach().clone() for m in spec.adapted_modules
-            }
         with torch.no_grad():
-            for module, w0 in self._base0.items():
-                target = params[spec.base_weight(module)]
-                if module in delta:
-                    change = torch.from_numpy(np.asarray(delta[module])).to(w0.device)
-                    target.copy_((w0.double() + change.double()).to(w0.dtype))
-                else:
-                    target.copy_(w0)
-                params[spec.factors[module][B]].zero_()
+            for names in spec.factors.values():
+                params[names[B]].zero_()
 
     def client_receive(self, model, spec, arrays, call: ClientCall) -> None:
         self._set_base(model, spec, {})

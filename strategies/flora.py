@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsim.adapters.base import AdapterSpec
-from fedsim.strategy import ClientCall, ClientUpdate, FoldingStrategy, check_arrays, weighted_mean
+from fedsim.strategy import ClientCall, ClientUpdate, FoldingStrategy, weighted_mean
 
 A, B = "lora_A.weight", "lora_B.weight"
 
@@ -42,13 +42,7 @@ class FLoRA(FoldingStrategy):
         return list(spec.heads)
 
     def check_reply(self, client: int, arrays: ArrayRecord) -> str | None:
-        spec = self.context.spec
-        r = self.rank(client, spec)
-        shapes = {h: self.current[h].shape for h in spec.heads}
-        for module, (m, n) in spec.shapes.items():
-            shapes[spec.factors[module][A]] = (r, n)
-            shapes[spec.factors[module][B]] = (m, r)
-        return check_arrays(arrays, shapes)
+        return self.check_reply_at_rank(arrays, self.rank(client, self.context.spec))
 
     def aggregate(
         self, server_round: int, current: dict[str, np.ndarray], updates: list[ClientUpdate]

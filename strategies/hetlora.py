@@ -39,7 +39,7 @@ from flwr.app import ArrayRecord
 
 from fedsim.adapters.base import AdapterSpec
 from fedsim.records import array_record, numpy_dict
-from fedsim.strategy import AdapterStrategy, ClientCall, ClientUpdate, check_arrays, weighted_mean
+from fedsim.strategy import AdapterStrategy, ClientCall, ClientUpdate, weighted_mean
 from fedsim.validate import boolean, number
 
 A, B = "lora_A.weight", "lora_B.weight"
@@ -109,11 +109,7 @@ class HetLoRA(AdapterStrategy):
         r = shape[0] if shape else 0
         if not 1 <= r <= self.rank(client, spec):
             return f"{first}: rank {r}; client {client} trains rank {self.rank(client, spec)}"
-        shapes = {h: self.current[h].shape for h in spec.heads}
-        for module, (m, n) in spec.shapes.items():
-            shapes[spec.factors[module][A]] = (r, n)
-            shapes[spec.factors[module][B]] = (m, r)
-        return check_arrays(arrays, shapes)
+        return self.check_reply_at_rank(arrays, r)
 
     def layer_weights(self, spec: AdapterSpec, module: str, updates: list[ClientUpdate]):
         """``w_i`` of one layer: ``||B_i A_i||_F`` normalised, or ``p_i``."""

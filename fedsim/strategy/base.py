@@ -257,6 +257,17 @@ class AdapterStrategy(StrategyTraits):
         """
         return check_arrays(arrays, {n: v.shape for n, v in self.current.items()})
 
+    def check_reply_at_rank(self, arrays: ArrayRecord, r: int) -> str | None:
+        """:meth:`check_reply` for a LoRA client training rank ``r`` (``adapter.client_ranks``):
+        the heads as the global arrays', each layer's ``lora_A`` ``r x n`` and ``lora_B``
+        ``m x r``, finite values."""
+        spec = self.context.spec
+        shapes = {h: self.current[h].shape for h in spec.heads}
+        for module, (m, n) in spec.shapes.items():
+            shapes[spec.factors[module]["lora_A.weight"]] = (r, n)
+            shapes[spec.factors[module]["lora_B.weight"]] = (m, r)
+        return check_arrays(arrays, shapes)
+
     def average(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
         """The mean of the arrays clients sent with weights :meth:`weights` (float64), or the
         run's robust rule in its place (``robust=median``...: docs/strategies.md). An averaging

@@ -173,19 +173,7 @@ class FoldingStrategy(AdapterStrategy):
         self, model: nn.Module, spec: AdapterSpec, delta: Mapping[str, np.ndarray]
     ) -> None:
         """Set each adapted layer's frozen base to the pristine ``W0`` plus ``delta``."""
-        params = spec.parameters_of(model)
-        if self._base0 is None:  # the first call sees the model as built
-            self._base0 = {
-                m: params[spec.base_weight(m)].detach().clone() for m in spec.adapted_modules
-            }
-        with torch.no_grad():
-            for module, w0 in self._base0.items():
-                target = params[spec.base_weight(module)]
-                if module in delta:
-                    change = torch.from_numpy(np.asarray(delta[module])).to(w0.device)
-                    target.copy_((w0.double() + change.double()).to(w0.dtype))
-                else:
-                    target.copy_(w0)
+        self._base0 = set_frozen_base(model, spec, self._base0, delta)
 
     def receive_folds(
         self, model: nn.Module, spec: AdapterSpec, arrays: dict[str, np.ndarray], call: ClientCall
@@ -231,6 +219,30 @@ class FoldingStrategy(AdapterStrategy):
         plain, dense = split_prefix(BASE, arrays)
         self.set_base(model, spec, dense)
         super().client_evaluate(model, spec, plain, call)
+
+
+def set_frozen_base(
+    model: nn.Module,
+    spec: AdapterSpec,
+    base0: dict[str, torch.Tensor] | None,
+    delta: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Set each adapted layer's frozen base weight to ``W0 + delta[layer]`` (summed in float64,
+    stored in the weight's dtype), or to ``W0`` for a layer ``delta`` lacks. ``base0``: the
+    pristine ``W0`` by layer, None on the first call (taken from the model as built); returns
+    it, for the caller to keep and pass again."""
+    params = spec.parameters_of(model)
+    if base0 is None:
+        base0 = {m: params[spec.base_weight(m)].detach().clone() for m in spec.adapted_modules}
+    with torch.no_grad():
+        for module, w0 in base0.items():
+            target = params[spec.base_weight(module)]
+            if module in delta:
+                change = torch.from_numpy(np.asarray(delta[module])).to(w0.device)
+                target.copy_((w0.double() + change.double()).to(w0.dtype))
+            else:
+                target.copy_(w0)
+    return base0
 
 
 def _parse(name: str) -> tuple[str, str, str]:
