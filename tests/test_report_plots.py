@@ -90,6 +90,27 @@ def test_the_overlap_check_finds_the_figure_title_on_a_panel_title_or_legend():
     plt.close(fig)
 
 
+def test_a_point_label_never_covers_another_point_even_one_whose_label_was_left_out():
+    from fedsim.report.figures import _layout, _marker, declutter, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    ax.plot([2], [5], "o")
+    mine = ax.annotate("a label long enough to cross", (2, 5), xytext=(4, 4),
+                       textcoords="offset points")  # fmt: skip
+    box = mine.get_window_extent(_layout(fig))
+    middle = ax.transData.inverted().transform(((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))
+    ax.plot(*middle, "o")  # a point under the label where it was first put ...
+    other = ax.annotate("x", tuple(middle), xytext=(4, 4), textcoords="offset points")
+    other.set_visible(False)  # ... whose own label was left out
+    declutter(fig)
+    assert mine.get_visible()
+    assert not mine.get_window_extent(_layout(fig)).overlaps(_marker(ax, other))
+    plt.close(fig)
+
+
 @pytest.fixture(scope="module")
 def crowded(tmp_path_factory):
     root = tmp_path_factory.mktemp("crowd") / "runs"
@@ -174,6 +195,41 @@ def test_a_strategys_extra_markers_are_not_another_strategys(tmp_path, monkeypat
     fedsb = {ln.get_marker() for ln in drawn if ln.get_label().startswith("fedsb")}
     fedavg = {ln.get_marker() for ln in drawn if ln.get_label().startswith("fedavg")}
     assert len(fedsb) == 1 and len(fedavg) == 2 and not fedsb & fedavg
+
+
+def test_labels_leave_out_settings_not_set_and_the_group_names():
+    from fedsim.report.figures import label
+
+    keys = ["strategy", "adapter.client_ranks", "adapter.init.method", "sim.lr", "compressor"]
+    fedit = {"strategy": "fedavg", "adapter.client_ranks": "null", "adapter.init.method": "eva",
+             "sim.lr": 0.01, "compressor": "topk"}  # fmt: skip
+    fedsb = {"strategy": "fedsb", "adapter.client_ranks": "", "adapter.init.method": "gradient",
+             "sim.lr": 0.01}  # fmt: skip
+    flora = {**fedit, "strategy": "flora", "adapter.client_ranks": "[2,4]"}
+    assert label(fedit, keys) == "fedavg, init.method=eva, lr=0.01, compressor=topk"
+    assert label(fedsb, keys) == "fedsb, init.method=gradient, lr=0.01"
+    assert label(flora, keys).startswith("flora, client_ranks=[2,4], init.method=eva")
+
+
+def test_one_seed_draws_no_bars_nor_overlay_band_note(tmp_path, monkeypatch):
+    """With one seed a point has no interval: no bar (nor a bar in the legend's handle), and
+    the overlay does not say bands were left off when there were none to draw."""
+    from fedsim.report import plot_overlay, plot_pareto, report
+    from fedsim.report.plots import BANDS
+
+    for k in range(BANDS + 1):  # more lines than BANDS, one seed each
+        write_run(tmp_path / "runs" / str(k), "fedavg", 0.0001 * 2**k, 0, 0.5 + 0.01 * k)
+    figures = _figures(monkeypatch)
+    done = report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    assert plot_pareto(done["groups"], tmp_path / "bytes.png", "every rate")
+    for ax in figures["bytes.png"].axes:
+        for container in ax.containers:
+            _, caps, bars = container.lines
+            assert not caps and not bars
+    assert plot_overlay(done["groups"], tmp_path / "overlay.png", "every rate")
+    (ax,) = figures["overlay.png"].axes
+    assert "band" not in ax.get_title()
+    assert ax.get_legend().handlelength >= 4  # long enough to show the dash patterns
 
 
 def test_bands_are_t_intervals_from_three_seeds_and_ranges_below():

@@ -39,15 +39,23 @@ def palette(strategies: Iterable[str]) -> dict[str, tuple[str, str]]:
     return {s: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, s in enumerate(names)}
 
 
+#: the config groups whose name a label leaves off its keys (``sim.lr`` reads ``lr``)
+SHORTENED = ("sim.", "task.", "adapter.")
+#: values that mean "not set": a label leaves such a key out (FedIT has no client ranks)
+UNSET = (None, "", "null", "None")
+
+
 def short(key: str) -> str:
-    return key.split(".", 1)[1] if key.startswith(("sim.", "task.")) else key
+    return key.split(".", 1)[1] if key.startswith(SHORTENED) else key
 
 
 def label(row: dict[str, Any], keys: Sequence[str]) -> str:
-    """``fedavg, lr=0.01, compressor=topk``: the values of ``keys`` (``sim.`` left off the
-    names; the strategy by its name alone)."""
+    """``fedavg, lr=0.01, compressor=topk``: the values of ``keys`` (``sim.``, ``task.`` and
+    ``adapter.`` left off the names; the strategy by its name alone; keys not set left out)."""
     return ", ".join(
-        str(row.get(k)) if k == "strategy" else f"{short(k)}={row.get(k)}" for k in keys
+        str(row.get(k)) if k == "strategy" else f"{short(k)}={row.get(k)}"
+        for k in keys
+        if k == "strategy" or row.get(k) not in UNSET
     )
 
 
@@ -198,10 +206,11 @@ def _thin(axis, renderer) -> bool:
     return True
 
 
-def annotations(ax) -> list:
+def annotations(ax, hidden: bool = False) -> list:
+    """The axes' visible annotations (``hidden``: all of them)."""
     from matplotlib.text import Annotation
 
-    return [t for t in ax.texts if isinstance(t, Annotation) and t.get_visible()]
+    return [t for t in ax.texts if isinstance(t, Annotation) and (hidden or t.get_visible())]
 
 
 def _place(ax, renderer) -> int:
@@ -209,19 +218,22 @@ def _place(ax, renderer) -> int:
     annotated point, no annotation placed before it, and stays in the axes; hide it when none
     does."""
     taken = _boxes([*tick_labels(ax.xaxis), *tick_labels(ax.yaxis)], renderer)
-    taken += [_marker(ax, note) for note in annotations(ax)]
+    notes = annotations(ax)
+    points = [_marker(ax, note) for note in notes]  # then the points whose label was left out
+    points += [_marker(ax, note) for note in annotations(ax, hidden=True) if note not in notes]
     frame = ax.get_window_extent(renderer)
     hidden = 0
-    for note in annotations(ax):
+    for i, note in enumerate(notes):
         first = (*note.get_position(), note.get_horizontalalignment())
         if not hasattr(note, "_fedsim_first"):
             note._fedsim_first = first  # where its plot put it: tried first
+        others = [*taken, *points[:i], *points[i + 1 :]]  # not its own: beside it by design
         for dx, dy, ha in (note._fedsim_first, *PLACES):
             note.set_position((dx, dy))
             note.set_horizontalalignment(ha)
             box = _boxes([note], renderer)[0]
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
-            if inside and box.y1 <= frame.y1 and not any(box.overlaps(b) for b in taken):
+            if inside and box.y1 <= frame.y1 and not any(box.overlaps(b) for b in others):
                 taken.append(box)
                 break
         else:
@@ -230,14 +242,16 @@ def _place(ax, renderer) -> int:
     return hidden
 
 
-def _marker(ax, note, radius: float = 4.0):
-    """The box of the point an annotation names (its marker), in pixels."""
+def _marker(ax, note, radius: float = 3.5):
+    """The box of the point an annotation names (its marker: ``radius`` points, half the
+    scatter plots' marker size and a little more), in pixels at the figure's dpi."""
     from matplotlib.transforms import Bbox, Transform
 
     coords = note.xycoords
     to_pixels = coords if isinstance(coords, Transform) else ax.transData
     x, y = to_pixels.transform(note.xy)
-    return Bbox.from_bounds(x - radius, y - radius, 2 * radius, 2 * radius)
+    r = radius * ax.figure.dpi / 72
+    return Bbox.from_bounds(x - r, y - r, 2 * r, 2 * r)
 
 
 def overlaps(fig) -> list[tuple[str, str]]:

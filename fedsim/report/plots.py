@@ -197,14 +197,15 @@ def plot_overlay(groups: Sequence[dict[str, Any]], path: Path, rates: str) -> bo
             name = line.name(keys, strategy)
             _draw(ax, line, line.xs, name, color, marker, dash, band=len(mine) <= BANDS)
         title = f"task: {task}" if len(tasks) > 1 else "strategies compared"
-        ax.set_title(
-            title + (f" (bands left off: over {BANDS} lines)" if len(mine) > BANDS else "")
-        )
+        crowded = len(mine) > BANDS and any(ln.seeds > 1 for ln in mine)
+        ax.set_title(title + (f" (no seed bands: over {BANDS} lines)" if crowded else ""))
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (global model)")
         ax.grid(alpha=0.3)
         integer_axis(ax.xaxis)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
+        ax.legend(  # handles long enough to show each line's dash pattern
+            fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol, handlelength=4
+        )
     fig.suptitle(_title("Test accuracy by round" + (f", {rates}" if rates else ""), lines))
     _fit_legends(fig, axes[: len(tasks)])
     fig.tight_layout()

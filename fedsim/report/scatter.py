@@ -99,13 +99,14 @@ def _hides(points: Sequence[Point], xs: Sequence[float], wx: float, i: int, j: i
 
 def _errorbar(ax, p: Point, x: float, style, name: str | None, shifted: bool = True) -> None:
     color, marker = style
+    bar = p.high > p.low  # no bar (nor one in the legend) for a single seed
     ax.errorbar(
         [x],
         [p.y],
-        yerr=[[p.y - p.low], [p.high - p.y]],
+        yerr=[[p.y - p.low], [p.high - p.y]] if bar else None,
         fmt=marker,
         color=color,
-        capsize=3,
+        capsize=3 if bar else 0,
         markersize=6,
         label=name,
         transform=ax.transData + _shift(ax, p) if shifted else ax.transData,
@@ -189,6 +190,7 @@ def _side_by_side(ax, points, style) -> None:
     name_every_tick(ax.xaxis)
     ax.set_xlim(-0.6, len(order) - 0.4)
     ax.set_title("side by side, with total bytes", fontsize=9)
+    ax.set_ylabel("final test accuracy", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
 
 
