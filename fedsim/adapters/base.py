@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -319,12 +320,14 @@ def check_rank(
     bound: str,
     why: str,
     key: str = "adapter.r",
+    setting: Any = None,
 ) -> None:
     """A ConfigError naming ``key`` if ``r`` exceeds the bound of the smallest layer.
 
     ``bound`` is ``"min(m, n)"`` (the rank a product ``B A`` of an ``m x r`` and an ``r x n``
     matrix can reach) or ``"n"`` (a layer's input width); ``why`` says what a larger rank
-    would (not) add.
+    would (not) add. ``setting``: ``key``'s whole value when ``r`` is one rank of several
+    (``adapter.client_ranks``), shown with the rank named.
     """
 
     def limit(shape: tuple[int, int]) -> int:
@@ -336,8 +339,9 @@ def check_rank(
     m, n = shapes[name]
     raise ConfigError(
         key,
-        r,
-        f"must be at most {bound} = {limit(shapes[name])} of the smallest adapted layer, "
+        r if setting is None else setting,
+        ("" if setting is None else f"its rank {r} ")
+        + f"must be at most {bound} = {limit(shapes[name])} of the smallest adapted layer, "
         f"{name} ({m} x {n}, m x n): {why}",
     )
 

@@ -159,7 +159,8 @@ class LoRA(Adapter):
             "but r (m + n) values per layer"
         )
         if self.client_ranks is not None:
-            check_rank(max(self.client_ranks), shapes, "min(m, n)", why, "adapter.client_ranks")
+            top = max(self.client_ranks)
+            check_rank(top, shapes, "min(m, n)", why, "adapter.client_ranks", self.client_ranks)
         check_rank(self.r, shapes, "min(m, n)", why)
         check = getattr(self.data_init, "check_layers", None)
         if check is not None:
@@ -205,7 +206,10 @@ def lora_data_init(adapter: LoRA, init: Mapping[str, Any] | None):
                 init[key],
                 f"unknown key; allowed: {', '.join(sorted(allowed))}",
             )
-    if INIT_METHODS[method] is None:
+    if INIT_METHODS[method] is None:  # no set-up; its keys are still checked, as for a method
+        from fedsim.adapters.data_init import DataInit
+
+        DataInit(**{k: init[k] for k in SETUP_KEYS if k in init}, key="adapter.init")
         return None
     cls = classes[method]
     return cls(adapter, **{k: v for k, v in init.items() if k in SETUP_KEYS or k in cls.keys})

@@ -10,6 +10,17 @@ CASES = [
         "lora-init-unknown-method", small("adapter.init.method=svd"), "must be default or lora_ga"
     ),
     Case("lora-init-unknown-key", small("+adapter.init.foo=1"), "adapter.init.foo=1: unknown key"),
+    # the set-up's keys are checked with method=default too (which has no set-up)
+    Case(
+        "lora-init-source-default",
+        small("adapter.init.source=elsewhere"),
+        "adapter.init.source=elsewhere: must be server or clients",
+    ),
+    Case(
+        "lora-init-examples-default",
+        small("adapter.init.examples=-5"),
+        "adapter.init.examples=-5: must be an integer >= 1",
+    ),
     Case(
         "lora-ga-rank-over-half",
         small(GA, "adapter.r=20"),

@@ -14,7 +14,12 @@ CASES = [
     Case(
         "ranks-above-layer",
         small("strategy=flora", "adapter.r=64", "adapter.client_ranks=[64]"),
-        "adapter.client_ranks=64: must be at most min(m, n)",
+        "adapter.client_ranks=[64]: its rank 64 must be at most min(m, n)",
+    ),
+    Case(
+        "ranks-tier-above-layer",
+        small("strategy=hetlora", "adapter.r=64", "adapter.client_ranks={2: 0.5, 64: 0.5}"),
+        "adapter.client_ranks={2: 0.5, 64: 0.5}: its rank 64 must be at most min(m, n)",
     ),
     Case("ranks-zero", small("strategy=hetlora", "adapter.client_ranks=[0,4]"), "at least 1"),
     Case(
