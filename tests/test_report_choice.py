@@ -424,9 +424,10 @@ def test_aggregator_metrics_and_the_aggregation_error_are_columns(tmp_path):
     assert row["aggregator_trimmed"] == 9.0 and row["aggregation_error_max"] == pytest.approx(0.3)
 
 
-def test_constant_columns_are_folded_and_bytes_read_one_way(grid, tmp_path, capsys):
+def test_constant_columns_are_folded_and_bytes_read_one_way(grid, tmp_path, capsys, monkeypatch):
     from fedsim.report import main
 
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal: the table keeps to 120 anyway
     main([str(grid), "--out", str(tmp_path), "--no-plots"])
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -483,3 +484,23 @@ def test_personal_strategies_are_named_as_such_not_as_lacking_validation(tmp_pat
     assert notes["local"] == "no global model (personal adapters) to validate: no rate selected"
     assert [w for w in done["warnings"] if "local train personal adapters" in w]
     assert not [w for w in done["warnings"] if "no validation split" in w]
+
+
+def test_the_terminal_table_uses_a_wider_terminal_and_short_headers(monkeypatch, capsys):
+    """Where the terminal is wider than 120 (``COLUMNS``), the table takes the room instead of
+    folding its cells; headers leave off ``sim.``, ``task.`` and ``adapter.``."""
+    from fedsim.report.writing import print_table, terminal_width
+
+    columns = ["adapter.client_ranks", "adapter.init.method", "run"]
+    settings = [("[2,4]", "default"), ("{4: 0.5}", "eva")]
+    rows = [
+        {"adapter.client_ranks": ranks, "adapter.init.method": method, "run": "x" * 110 + f"_{k}"}
+        for k, (ranks, method) in enumerate(settings)
+    ]
+    for cols, wide in (("80", False), ("200", True)):
+        monkeypatch.setenv("COLUMNS", cols)
+        assert terminal_width() == (200 if wide else 120)
+        print_table(columns, rows, "runs")
+        out = capsys.readouterr().out
+        assert "client_ranks" in out and "adapter.client_ranks" not in out
+        assert ("x" * 110 + "_1" in out) == wide  # else folded over two lines

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.progress import human_bytes
+from fedsim.report.tables import short
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 #: offsets tried for an annotation, in points from its point, with their alignment
@@ -39,14 +40,8 @@ def palette(strategies: Iterable[str]) -> dict[str, tuple[str, str]]:
     return {s: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, s in enumerate(names)}
 
 
-#: the config groups whose name a label leaves off its keys (``sim.lr`` reads ``lr``)
-SHORTENED = ("sim.", "task.", "adapter.")
 #: values that mean "not set": a label leaves such a key out (FedIT has no client ranks)
 UNSET = (None, "", "null", "None")
-
-
-def short(key: str) -> str:
-    return key.split(".", 1)[1] if key.startswith(SHORTENED) else key
 
 
 def label(row: dict[str, Any], keys: Sequence[str]) -> str:

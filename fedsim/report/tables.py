@@ -241,6 +241,15 @@ def _reached(mean: float | None, reached: int, seeds: int) -> str:
     return f"{human_time(mean)}: reached by {reached} of {seeds} seeds{mean_of}"
 
 
+#: the config groups whose name labels and terminal headers leave off (``sim.lr``: ``lr``)
+SHORTENED = ("sim.", "task.", "adapter.")
+
+
+def short(key: str) -> str:
+    """``key`` less its group when that is one of :data:`SHORTENED`."""
+    return key.split(".", 1)[1] if key.startswith(SHORTENED) else key
+
+
 def human_time(seconds: float) -> str:
     """Simulated seconds, readable to three significant digits: 2.5 ms, 42.1 s, 12.6 min,
     3.2 h, 2.1 d."""

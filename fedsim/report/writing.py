@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.progress import human_bytes
-from fedsim.report.tables import AGGREGATOR, human_time
+from fedsim.report.tables import AGGREGATOR, human_time, short
 
 #: the terminal's headers for the long column names (others: as named, less ``sim.``)
 SHORT = {
@@ -100,7 +100,7 @@ def header(column: str) -> str:
     """A column's terminal header."""
     if column.startswith(AGGREGATOR):
         return "aggr." + column[len(AGGREGATOR) :]
-    return SHORT.get(column, column.removeprefix("sim."))
+    return SHORT.get(column, short(column))
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
@@ -152,14 +152,21 @@ DROP_FIRST = (
 )
 
 
+def terminal_width() -> int:
+    """:data:`WIDTH`, or the terminal's width (``COLUMNS`` when set) where that is wider."""
+    import shutil
+
+    return max(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+
+
 def fit(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """The columns that fit :data:`WIDTH` on the terminal (each as wide as its widest cell
-    or header, plus 2) and those left off, in the order of :data:`DROP_FIRST`."""
+    """The columns that fit :func:`terminal_width` (each as wide as its widest cell or
+    header, plus 2) and those left off, in the order of :data:`DROP_FIRST`."""
     width = {c: 2 + max([len(header(c))] + [len(cell(r.get(c), c, "term")) for r in rows])
              for c in columns}  # fmt: skip
-    shown, dropped = list(columns), []
+    shown, dropped, room = list(columns), [], terminal_width()
     for c in DROP_FIRST:
-        if sum(width[k] for k in shown) <= WIDTH:
+        if sum(width[k] for k in shown) <= room:
             break
         if c in shown:
             shown.remove(c)
@@ -169,7 +176,7 @@ def fit(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> tuple[list[st
 
 def print_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], title: str) -> None:
     """The title, the values every row shares on one line, and the other columns, with short
-    headers, bytes in human units, at most :data:`WIDTH` characters wide when leaving off the
+    headers, bytes in human units, at most :func:`terminal_width` wide when leaving off the
     columns of :data:`DROP_FIRST` is enough (the line under the table names them)."""
     from rich import box
     from rich.console import Console
@@ -177,7 +184,7 @@ def print_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], title: s
 
     shown, same = fold(columns, rows, style="term")
     shown, dropped = fit(shown, rows)
-    console = Console(width=WIDTH, highlight=False, soft_wrap=False)
+    console = Console(width=terminal_width(), highlight=False, soft_wrap=False)
     console.print(f"{title}" + (f" (all with {', '.join(same)})" if same else ""), markup=False)
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
     for c in shown:
