@@ -111,6 +111,25 @@ def test_a_point_label_never_covers_another_point_even_one_whose_label_was_left_
     plt.close(fig)
 
 
+@pytest.mark.parametrize("length", [10, 20, 40])
+def test_long_upright_column_names_leave_the_panels_their_height(tmp_path, monkeypatch, length):
+    """The side-by-side panel's names stand upright under it; ``tight_layout`` squeezed both
+    panels into what they left of the figure's height (0.43 of 4.8 inches at length 20) or,
+    longer, gave up: the figure grows instead, the panels keep at least 3 inches."""
+    from fedsim.report import plot_pareto, report
+
+    for k in range(8):
+        method = f"adapter.init.method=m{k}_" + "x" * length
+        write_run(tmp_path / "runs" / str(k), "fedavg", 0.01, 0, 0.5 + 0.01 * k,
+                  up=1000 * (k + 1), extra=[method])  # fmt: skip
+    figures = _figures(monkeypatch)
+    done = report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    assert plot_pareto(done["groups"], tmp_path / "bytes.png", "every rate")
+    fig = figures["bytes.png"]
+    for ax in fig.axes:
+        assert ax.get_position().height * fig.get_figheight() >= 3.0
+
+
 @pytest.fixture(scope="module")
 def crowded(tmp_path_factory):
     root = tmp_path_factory.mktemp("crowd") / "runs"

@@ -95,6 +95,7 @@ def title_above(fig, title) -> None:
     grows to hold it."""
     import warnings
 
+    _room_for_ticks(fig)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Tight layout not applied")
         fig.tight_layout()
@@ -103,6 +104,22 @@ def title_above(fig, title) -> None:
     if title.get_window_extent(renderer).y0 < top:
         title.set_y(top / fig.bbox.height + 0.01)
         title.set_verticalalignment("bottom")
+
+
+def _room_for_ticks(fig, share: float = 0.25) -> None:
+    """Make ``fig`` taller by the height of its tallest x tick labels (upright names of the
+    side-by-side columns) where they would take more than ``share`` of a row: else
+    ``tight_layout`` squeezes the panels into what is left, or gives up when the labels do
+    not fit at all."""
+    renderer = _layout(fig)
+    rows = max((ax.get_subplotspec().get_gridspec().nrows for ax in fig.axes), default=1)
+    tallest = max(
+        (t.get_window_extent(renderer).height for ax in fig.axes for t in tick_labels(ax.xaxis)),
+        default=0.0,
+    )
+    extra = tallest / fig.dpi  # inches
+    if extra > share * fig.get_figheight() / rows:
+        fig.set_figheight(fig.get_figheight() + rows * extra)
 
 
 def save(fig, path: Path, note_ax=None) -> None:

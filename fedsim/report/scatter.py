@@ -157,9 +157,10 @@ def _cost_panel(ax, points, x_label: str, style, byte_axis: bool, title: str) ->
         _errorbar(ax, p, p.x, style[p.strategy], p.strategy if first else None)
         text = label(p.group, keys)
         if text:
-            ax.annotate(
+            ax.annotate(  # out of the layout: declutter keeps it inside the axes
                 text, (p.x, p.y), xycoords=ax.transData + _shift(ax, p), xytext=(4, 4),
                 textcoords="offset points", fontsize=6, color=style[p.strategy][0],
+                in_layout=False,
             )  # fmt: skip
     _frontier(ax, points)
     note = f"\n({moved} points at the same cost drawn side by side)" if moved else ""
