@@ -69,7 +69,9 @@ def test_bad_ranks_are_config_errors(value, says):
 
 
 def test_a_rank_above_a_layer_is_refused_naming_client_ranks():
-    with pytest.raises(ConfigError, match="adapter.client_ranks=32: must be at most min"):
+    with pytest.raises(
+        ConfigError, match=r"adapter.client_ranks=\[32\]: its rank 32 must be at most min"
+    ):
         adapted(LoRA(r=32, alpha=ALPHA, client_ranks=[32]))
 
 
