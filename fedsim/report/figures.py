@@ -230,16 +230,15 @@ def _place(ax, renderer) -> int:
     annotated point, no annotation placed before it, and stays in the axes; hide it when none
     does."""
     taken = _boxes([*tick_labels(ax.xaxis), *tick_labels(ax.yaxis)], renderer)
-    notes = annotations(ax)
-    points = [_marker(ax, note) for note in notes]  # then the points whose label was left out
-    points += [_marker(ax, note) for note in annotations(ax, hidden=True) if note not in notes]
+    # every annotated point, also those whose label was left out in an earlier pass
+    points = {note: _marker(ax, note) for note in annotations(ax, hidden=True)}
     frame = ax.get_window_extent(renderer)
     hidden = 0
-    for i, note in enumerate(notes):
+    for note in annotations(ax):
         first = (*note.get_position(), note.get_horizontalalignment())
         if not hasattr(note, "_fedsim_first"):
             note._fedsim_first = first  # where its plot put it: tried first
-        others = [*taken, *points[:i], *points[i + 1 :]]  # not its own: beside it by design
+        others = [*taken, *(b for n, b in points.items() if n is not note)]  # not its own point
         for dx, dy, ha in (note._fedsim_first, *PLACES):
             note.set_position((dx, dy))
             note.set_horizontalalignment(ha)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,6 @@ DROP_FIRST = (
 
 def terminal_width() -> int:
     """:data:`WIDTH`, or the terminal's width (``COLUMNS`` when set) where that is wider."""
-    import shutil
-
     return max(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
 
 
